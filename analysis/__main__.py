@@ -1,0 +1,33 @@
+"""Command line: ``python -m analysis <command> ...``.
+
+Each command lives in the module that does the work, as two functions: ``add_arguments(parser)`` and
+``run(args) -> int``. Register a new command with one line in ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module providing add_arguments/run, one-line help)
+COMMANDS = {
+    "convert": ("analysis.cli_models", "convert the embedded default model to a safetensors checkpoint"),
+    "summary": ("analysis.cli_models", "print a model summary (family, parameters, linear modules)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis", description="Safety Subspace Explorer")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for command, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(command, help=help_text)
+        module.add_arguments(sub, command)
+        sub.set_defaults(_run=module.run)
+    args = parser.parse_args(argv)
+    return args._run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Typed, validated configuration objects and their content hash.
+
+Every config is a frozen dataclass validated in ``__post_init__``; a bad value raises
+:class:`ConfigError` with a message that says what is wrong and what is allowed.
+``config_hash`` gives the stable identity used to key results on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cache_dir() -> Path:
+    """Root of everything computed: ``$SSE_CACHE_DIR`` or ``<project>/cache``."""
+    return Path(os.environ.get("SSE_CACHE_DIR", PROJECT_ROOT / "cache")).resolve()
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the allowed values."""
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses, tuples, paths -> plain JSON types (dict/list/str/number)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def config_hash(value: Any, length: int = 16) -> str:
+    """Stable hex hash of a config (sorted-key JSON of its fields); ``length`` hex chars."""
+    text = json.dumps(to_jsonable(value), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+DTYPES = ("float32", "float64", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which causal LM to load.
+
+    source: ``"default"`` (embedded SmolLM2-135M-Instruct), ``"default-aligned"`` (its safety-aligned
+    variant, once built), ``"tiny-llama"`` / ``"tiny-gpt2"`` (random tiny models), a local folder, or a
+    Hugging Face hub id (must already be in the local HF cache when offline).
+    """
+
+    source: str = "default"
+    dtype: str = "float32"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    seed: int = 0  # only used by the tiny random models
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ConfigError("model source is empty: give 'default', 'tiny-llama', a hub id or a local folder")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")

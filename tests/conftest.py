@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random models (no download), offline hub, quiet progress bars."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from analysis.models import load_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    return load_model("tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real embedded SmolLM2-135M-Instruct (converted once into cache/models)."""
+    return load_model("default")

@@ -1,0 +1,87 @@
+"""Model loading: embedded default (converted once), tiny random models, clear errors, summaries."""
+
+import time
+
+import pytest
+import torch
+
+from analysis.config import ConfigError, ModelConfig
+from analysis.models import (ModelLoadError, convert_default_model, default_gguf_path, load_model,
+                             resolve_source, summarize)
+
+
+def test_tiny_models_have_expected_layer_types(tiny_llama, tiny_gpt2):
+    llama, gpt2 = summarize(tiny_llama.model, tiny_llama.tokenizer), summarize(tiny_gpt2.model, tiny_gpt2.tokenizer)
+    assert llama.family == "llama" and gpt2.family == "gpt2"
+    assert {m.kind for m in llama.modules} == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert {m.kind for m in gpt2.modules} == {"qkv", "o", "up", "down"}
+    assert len(llama.modules) == 14 and len(gpt2.modules) == 8  # 2 layers each, lm_head excluded
+    assert llama.has_chat_template and not gpt2.has_chat_template
+    # GPT-2's Conv1D stores (d_in, d_out); the summary reports W as (d_out, d_in).
+    c_fc = next(m for m in gpt2.modules if m.name.endswith("mlp.c_fc"))
+    assert (c_fc.d_out, c_fc.d_in) == (128, 32)
+
+
+def test_tiny_model_is_seeded():
+    a, b, c = (load_model(ModelConfig("tiny-llama", seed=s)) for s in (1, 1, 2))
+    weight = lambda m: m.model.model.layers[0].mlp.down_proj.weight  # noqa: E731
+    assert torch.equal(weight(a), weight(b)) and not torch.equal(weight(a), weight(c))
+    assert a.identity == b.identity != c.identity
+
+
+def test_unknown_hub_id_offline_gives_clear_error():
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+        load_model("no-such-org/no-such-model-xyz")
+
+
+def test_folder_without_checkpoint_gives_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a Hugging Face model checkpoint"):
+        load_model(str(tmp_path))
+
+
+def test_pickle_weights_refused_unless_allowed(tmp_path, tiny_gpt2):
+    tiny_gpt2.model.config.save_pretrained(tmp_path)
+    tiny_gpt2.tokenizer.save_pretrained(tmp_path)
+    torch.save(tiny_gpt2.model.state_dict(), tmp_path / "pytorch_model.bin")  # a pickle-only checkpoint
+    with pytest.raises(ModelLoadError, match="pickle"):
+        load_model(str(tmp_path))
+    loaded = load_model(ModelConfig(str(tmp_path), allow_pickle=True))
+    assert summarize(loaded.model).family == "gpt2"
+
+
+def test_bad_config_values():
+    with pytest.raises(ConfigError):
+        ModelConfig(source=" ")
+    with pytest.raises(ConfigError, match="dtype"):
+        ModelConfig(dtype="int8")
+
+
+def test_aligned_model_missing_says_how_to_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="python -m analysis align"):
+        resolve_source("default-aligned")
+
+
+@pytest.mark.slow
+def test_converted_default_equals_gguf_logits(default_model):
+    """The cached safetensors checkpoint gives the same logits as the model dequantised from the GGUF."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = default_gguf_path()
+    from_gguf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    ids = default_model.tokenizer("Safety gradients are low-rank.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = from_gguf(ids).logits
+        actual = default_model.model(ids).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    summary = summarize(default_model.model, default_model.tokenizer)
+    assert summary.n_layers == 30 and len(summary.modules) == 210 and summary.has_chat_template
+
+
+@pytest.mark.slow
+def test_second_load_of_default_is_fast(default_model):
+    assert convert_default_model().joinpath("model.safetensors").is_file()
+    start = time.perf_counter()
+    again = load_model("default")
+    assert time.perf_counter() - start < 10  # the cached checkpoint loads in ~0.4 s here, GGUF ~20 s
+    assert again.identity == default_model.identity
