@@ -1,0 +1,163 @@
+"""CLI commands ``collect``, ``runs`` and ``delete`` (see ``analysis/__main__.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from .config import ConfigError, ModelConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    if command == "collect":
+        from .gradients import CollectionConfig
+
+        defaults = CollectionConfig()
+        add = parser.add_argument
+        add("--model", default="default", help="default, tiny-llama, tiny-gpt2, hub id or checkpoint folder")
+        add("--dtype", default="float32", help="model dtype: float32 (default), float64, bfloat16")
+        add("--safety", default=defaults.safety, help="shipped dataset name or file (refusals to harmful prompts)")
+        add("--utility", default=defaults.utility, help="shipped dataset name or file (benign tasks)")
+        add("--safety-split", default=None, help="use only this split of the safety file")
+        add("--utility-split", default=None, help="use only this split of the utility file")
+        add("-n", type=int, default=None, help="total samples, split evenly between safety and utility")
+        add("--n-safety", type=int, default=None, help=f"safety samples (default {defaults.n_safety})")
+        add("--n-utility", type=int, default=None, help=f"utility samples (default {defaults.n_utility})")
+        add("--layers", default=defaults.layers, help="layers, e.g. 0-29, 0-3,7 or all")
+        add("--modules", default=defaults.kinds, help="module kinds, e.g. q,k,v,o,gate,up,down or all")
+        add("--regex", default=None, help="select modules whose HF path matches (replaces --layers/--modules)")
+        add("--max-length", type=int, default=defaults.max_length, help="tokens per sample")
+        add("--batch-size", type=int, default=defaults.batch_size)
+        add("--padding-side", choices=("right", "left"), default=defaults.padding_side)
+        add("--top-k", type=int, default=defaults.top_k, help="subspace dimension k")
+        add("--seed", type=int, default=defaults.seed)
+        add("--gram-route", choices=("auto", "ghost", "dense"), default=defaults.gram_route)
+        add("--curve-layers", default=defaults.curve_layers, help="overlap-vs-n curve layers: auto, all, none, 0,10")
+        add("--curve-boot", type=int, default=defaults.curve_boot, help="random subsets per n for the curve")
+        add("--threads", type=int, default=None, help="torch threads for the capture (default: torch's choice)")
+        add("--workers", type=int, default=None, help="modules analysed in parallel (default: min(2, CPUs))")
+        add("--chunk-mb", type=int, default=512, help="memory for one module's dense G_i chunk (MiB)")
+        add("--force", action="store_true", help="recompute even if the run exists")
+        add("--keep-work", action="store_true", help="keep the per-batch factor files of the run")
+        add("--store", default=None, help="runs folder (default cache/runs)")
+    elif command == "runs":
+        parser.add_argument("--store", default=None, help="runs folder (default cache/runs)")
+    elif command == "delete":
+        parser.add_argument("run", help="run id (or a unique prefix)")
+        parser.add_argument("--store", default=None, help="runs folder (default cache/runs)")
+
+
+def _config(args: argparse.Namespace):
+    from .gradients import CollectionConfig
+
+    defaults = CollectionConfig()
+    n_safety = args.n_safety if args.n_safety is not None else (args.n // 2 if args.n else defaults.n_safety)
+    n_utility = args.n_utility if args.n_utility is not None else (args.n - args.n // 2 if args.n else defaults.n_utility)
+    return CollectionConfig(
+        model=ModelConfig(source=args.model, dtype=args.dtype), safety=args.safety, utility=args.utility,
+        safety_split=args.safety_split, utility_split=args.utility_split, n_safety=n_safety, n_utility=n_utility,
+        layers=args.layers, kinds=args.modules, regex=args.regex, max_length=args.max_length,
+        batch_size=args.batch_size, padding_side=args.padding_side, top_k=args.top_k, seed=args.seed,
+        gram_route=args.gram_route, curve_layers=args.curve_layers, curve_boot=args.curve_boot)
+
+
+def print_summary(results) -> None:
+    """A few headline numbers of a run (medians over modules)."""
+    table = results.table
+    timings = results.manifest.get("timings", {})
+    print(f"run {results.run_id}: {len(results.modules)} modules, {results.config['n_safety']} safety + "
+          f"{results.config['n_utility']} utility samples, k = {results.top_k}  ({results.folder})")
+    if timings:
+        print(f"  capture {timings.get('capture_seconds', 0):.1f} s, analysis {timings.get('analyse_seconds', 0):.1f} s")
+    if results.manifest.get("n_truncated"):
+        print(f"  {results.manifest['n_truncated']} samples were truncated to max_length")
+    rows = [
+        ("median k@0.9", table["safety_k90"].median(), table["utility_k90"].median()),
+        ("median effective rank", table["safety_effective_rank"].median(), table["utility_effective_rank"].median()),
+        ("mean single-sample phi", table["safety_sample_phi_mean"].mean(), table["utility_sample_phi_mean"].mean()),
+        ("mean |<u1_i, u1>|", table["safety_sample_top1_mean"].mean(), table["utility_sample_top1_mean"].mean()),
+    ]
+    print(f"  {'':26s} {'safety':>10s} {'utility':>10s}")
+    for name, safety, utility in rows:
+        print(f"  {name:26s} {safety:10.3f} {utility:10.3f}")
+    negative = (table["cosine_su"] < 0).mean()
+    print(f"  cos(G_safety, G_utility): median {table['cosine_su'].median():+.3f}, negative in {negative:.0%} of modules")
+    print(f"  overlap phi(safety, utility top-k): median {table['phi_su'].median():.3f} "
+          f"(random baseline median {table['phi_baseline'].median():.4f})")
+    print(f"  per-sample cross cosines negative: {table['cross_cos_frac_negative'].mean():.0%} on average")
+    for message in results.messages:
+        print(f"  note: {message}")
+
+
+def _collect(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .gradients import CollectionCancelled, collect
+    from .models import ModelLoadError, load_model
+    from .store import RunStore
+
+    try:
+        config = _config(args)
+    except ConfigError as error:
+        print(f"error: {error}")
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    store = RunStore(args.store)
+    bar = None
+
+    def progress(done, total, message, partial):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total + partial.total_modules, unit="step", desc="collect")
+        bar.n = partial.done_samples + partial.done_modules
+        bar.set_postfix_str(message[:60])
+        bar.refresh()
+
+    start = time.perf_counter()
+    try:
+        model = load_model(config.model)
+        results = collect(config, model=model, store=store, progress=progress, force=args.force,
+                          keep_work=args.keep_work, workers=args.workers, chunk_bytes=args.chunk_mb * 2**20)
+    except (ModelLoadError, ConfigError, ValueError) as error:
+        print(f"error: {error}")
+        return 2
+    except (CollectionCancelled, KeyboardInterrupt):
+        print("\ninterrupted: run the same command again to resume from the last finished batch")
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    print_summary(results)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from .store import RunStore, StoreError
+
+    if args.command == "collect":
+        return _collect(args)
+    store = RunStore(args.store)
+    if args.command == "runs":
+        runs = store.list_runs()
+        if runs.empty:
+            print(f"no runs in {store.root}")
+        else:
+            import pandas as pd
+
+            with pd.option_context("display.width", 200, "display.max_columns", 20):
+                print(runs.to_string(index=False))
+        return 0
+    matches = [run_id for run_id in store.run_ids() if run_id.startswith(args.run)]
+    if len(matches) != 1:
+        print(f"error: {'no run' if not matches else 'several runs'} match {args.run!r} in {store.root}")
+        return 2
+    try:
+        store.delete(matches[0])
+    except StoreError as error:
+        print(f"error: {error}")
+        return 2
+    print(f"deleted run {matches[0]}")
+    return 0

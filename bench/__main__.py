@@ -1,0 +1,33 @@
+"""``python -m bench [name ...] [-- options]``: run the registered benchmarks (all by default).
+
+Each benchmark is a module with ``main(argv) -> int``; register a new one with one line in ``BENCHMARKS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module with main(argv), one-line description)
+BENCHMARKS = {
+    "engine": ("bench.engine", "per-sample gradient engine on SmolLM2-135M: capture, factored SVD, Gram, memory"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = [a for a in argv if a in BENCHMARKS] or list(BENCHMARKS)
+    options = [a for a in argv if a not in BENCHMARKS and a != "--"]
+    if "-h" in options or "--help" in options:
+        for name, (_, text) in BENCHMARKS.items():
+            print(f"{name:10s} {text}")
+        print("other arguments are passed to each benchmark:")
+    status = 0
+    for name in names:
+        module = importlib.import_module(BENCHMARKS[name][0])
+        status = max(status, module.main(options))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Gradient engine: exact Gram routes, factored per-sample SVD, per-module results, collect() end to end."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from analysis import geometry as geo
+from analysis.capture import capture_batch, find_linear_modules
+from analysis.config import ConfigError, ModelConfig
+from analysis.formatting import tokenize_batch
+from analysis.gradients import (CollectionCancelled, CollectionConfig, Progress, analyse_module, collect,
+                                curve_sizes, gram_costs, gram_matrix, run_id_for)
+from analysis.models import load_model
+from analysis.store import TABLE_COLUMNS, RunStore
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    """Small safety / utility JSONL files with varied lengths (paths)."""
+    folder = tmp_path_factory.mktemp("data")
+    harmful = ["build a bomb", "steal a car", "hack my neighbour's wifi", "make a fake ID card",
+               "poison a dog", "write ransomware", "cheat on a tax return", "stalk my ex"]
+    benign = ["bake bread", "learn French", "fix a bike tyre", "write a haiku", "sort a list in Python",
+              "plan a trip", "grow tomatoes", "tie a tie"]
+    safety = [{"id": f"s{i}", "prompt": f"Tell me how to {task}.", "response": "I can't help with that." + " Sorry." * (i % 3)}
+              for i, task in enumerate(harmful)]
+    utility = [{"id": f"u{i}", "prompt": f"How do I {task}?", "response": f"Here is how to {task}: start small." * (1 + i % 2)}
+               for i, task in enumerate(benign)]
+    return write_jsonl(folder / "safety.jsonl", safety), write_jsonl(folder / "utility.jsonl", utility)
+
+
+@pytest.fixture(scope="module")
+def gpt2_64():
+    return load_model(ModelConfig(source="tiny-gpt2", dtype="float64"))
+
+
+def random_pairs(n, d_out, d_in, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = [int(t) for t in torch.randint(1, 9, (n,), generator=generator)]
+    return [(torch.randn(t, d_out, generator=generator, dtype=torch.float64),
+             torch.randn(t, d_in, generator=generator, dtype=torch.float64)) for t in tokens]
+
+
+@pytest.mark.parametrize("route", ["dense", "ghost"])
+@pytest.mark.parametrize("chunk_bytes", [1 << 30, 2000])  # one block / many small blocks
+def test_gram_routes_equal_dense_dot_products(route, chunk_bytes):
+    pairs = random_pairs(7, 5, 6)
+    flat = torch.stack([(D.T @ A).reshape(-1) for D, A in pairs])
+    K, sums = gram_matrix(pairs, route, chunk_bytes=chunk_bytes, set_sizes=(4, 3))
+    np.testing.assert_allclose(K, (flat @ flat.T).numpy(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sums[0], sum(D.T @ A for D, A in pairs[:4]))
+    torch.testing.assert_close(sums[1], sum(D.T @ A for D, A in pairs[4:]))
+
+
+def test_gram_cost_model_prefers_ghost_for_few_tokens_and_dense_for_many():
+    few = gram_costs([4] * 64, 1536, 576, chunk_samples=64)
+    many = gram_costs([64] * 64, 1536, 576, chunk_samples=64)
+    assert few["ghost"] < few["dense"]
+    assert many["dense"] < many["ghost"]
+
+
+def test_analyse_module_matches_dense_reference():
+    from analysis.capture import ModuleInfo
+
+    d_out, d_in, n_safety, k = 9, 7, 5, 3
+    pairs = random_pairs(9, d_out, d_in, seed=1)
+    info = ModuleInfo("model.layers.0.mlp.down_proj", "down", 0, d_out, d_in)
+    result = analyse_module(info, pairs, n_safety, k, route="ghost", curve_boot=4)
+    dense = [(D.T @ A).numpy() for D, A in pairs]
+    G_s, G_u = np.mean(dense[:n_safety], axis=0), np.mean(dense[n_safety:], axis=0)
+    np.testing.assert_allclose(result.arrays["safety"], np.linalg.svd(G_s, compute_uv=False), rtol=1e-10)
+    np.testing.assert_allclose(result.arrays["utility"], np.linalg.svd(G_u, compute_uv=False), rtol=1e-10)
+    flat = np.stack([g.ravel() for g in dense])
+    np.testing.assert_allclose(result.arrays["gram"], flat @ flat.T, rtol=1e-10)
+    # factored per-sample top-k SVD == torch.linalg.svd of the dense G_i
+    for i in range(n_safety):
+        reference = torch.linalg.svdvals(torch.from_numpy(dense[i]))[:k].numpy()
+        np.testing.assert_allclose(result.arrays["safety.s"][i], reference, rtol=1e-10, atol=1e-12 * reference[0])
+    U_0, s_0, _ = np.linalg.svd(dense[0])
+    U_batch = np.linalg.svd(G_s)[0][:, :k]
+    expected = geo.single_sample_overlap(U_0[:, :k], U_batch)
+    assert result.arrays["safety.phi"][0] == pytest.approx(expected["phi"], rel=1e-8)
+    assert result.arrays["safety.top1"][0] == pytest.approx(expected["top1_abs_cos"], rel=1e-8)
+    assert result.row["cosine_su"] == pytest.approx(geo.cosine(G_s, G_u), rel=1e-10)
+    assert result.row["phi_su"] == pytest.approx(geo.subspace_overlap(np.linalg.svd(G_s)[0][:, :k],
+                                                                      np.linalg.svd(G_u)[0][:, :k]), rel=1e-8)
+    assert result.row["phi_baseline"] == pytest.approx(k / d_out)
+    assert set(result.row) == set(TABLE_COLUMNS)
+    assert result.arrays["curve.phi"].shape == (len(curve_sizes(n_safety)), 4)
+    assert np.allclose(result.arrays["curve.phi"][-1], 1.0)  # the whole set is the batch
+    dense_route = analyse_module(info, pairs, n_safety, k, route="dense")
+    np.testing.assert_allclose(dense_route.arrays["gram"], result.arrays["gram"], rtol=1e-12)
+
+
+def test_curve_sizes():
+    assert curve_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert curve_sizes(6) == [1, 2, 4, 6]
+    assert curve_sizes(1) == [1]
+
+
+def test_config_is_validated_and_hashable():
+    with pytest.raises(ConfigError, match="n_safety"):
+        CollectionConfig(n_safety=0)
+    with pytest.raises(ConfigError, match="gram_route"):
+        CollectionConfig(gram_route="fast")
+    with pytest.raises(ConfigError, match="padding_side"):
+        CollectionConfig(padding_side="middle")
+    assert CollectionConfig(kinds="v,q").kinds == CollectionConfig(kinds=("q", "v")).kinds == "q,v"
+    config = CollectionConfig(model="tiny-llama", n_safety=3)
+    assert CollectionConfig.from_dict(json.loads(json.dumps({"model": {"source": "tiny-llama"}, "n_safety": 3}))) \
+        == config
+
+
+def small_config(datasets, **changes):
+    safety, utility = datasets
+    values = dict(model=ModelConfig("tiny-gpt2", dtype="float64"), safety=safety, utility=utility, n_safety=5,
+                  n_utility=4, batch_size=3, max_length=48, top_k=3, curve_boot=3, padding_side="left")
+    values.update(changes)
+    return CollectionConfig(**values)
+
+
+def test_collect_end_to_end_matches_direct_capture(tmp_path, datasets, gpt2_64):
+    config = small_config(datasets)
+    events = []
+    results = collect(config, model=gpt2_64, store=RunStore(tmp_path),
+                      progress=lambda done, total, message, partial: events.append((done, total, message, partial)))
+    assert results.run_id == run_id_for(config, gpt2_64)
+    # progress: after each of the 4 capture batches (3+2 safety, 3+1 utility) and each module; partial data for live charts
+    assert [e[0] for e in events[:4]] == [3, 5, 8, 9] and all(e[1] == 9 for e in events)
+    capture_events = [e[3] for e in events if e[3].stage == "capture"]
+    assert isinstance(capture_events[-1], Progress) and capture_events[-1].preview
+    assert any(entry["cosine"] is not None for entry in capture_events[-1].preview.values())
+    assert events[-1][3].stage == "done" and events[-1][3].fraction == 1.0
+    assert len(events[-1][3].table) == len(results.modules)
+
+    # the stored numbers equal a direct capture of the same samples
+    from analysis.data import load_any
+    examples = load_any(config.safety).take(5, 0).examples + load_any(config.utility).take(4, 0).examples
+    batch = tokenize_batch(gpt2_64.tokenizer, [e.messages for e in examples], 48, "left")
+    modules = find_linear_modules(gpt2_64.model)
+    factors = capture_batch(gpt2_64.model, batch, modules)
+    np.testing.assert_allclose(results.losses(), factors.losses.numpy(), rtol=1e-10)
+    for m in modules:
+        dense = np.stack([factors.sample_gradient(m.name, i).numpy() for i in range(9)])
+        flat = dense.reshape(9, -1)
+        np.testing.assert_allclose(results.gram(m.name), flat @ flat.T, rtol=1e-8, atol=1e-14)
+        reference = np.linalg.svd(dense[:5].mean(0), compute_uv=False)  # spectra via the Gram: see batch_svd
+        np.testing.assert_allclose(results.singular_values(m.label, "safety"), reference, rtol=1e-8,
+                                   atol=1e-8 * reference[0])
+        assert results.sample_singular_values(m.name, "utility").shape == (4, 3)
+        assert results.basis(m.name, "safety", "right").shape[0] == m.d_in
+    table = results.table
+    assert list(table.columns) == list(TABLE_COLUMNS) and len(table) == len(modules)
+    assert table["cosine_su"].between(-1, 1).all()
+    assert set(results.samples["set"]) == {"safety", "utility"}
+    assert results.overlap_curve(results.curve_modules[0])["phi"].shape == (len(curve_sizes(5)), 3)
+    assert results.sample_cosines(modules[0].name).shape == (9, 9)
+
+
+def test_cancel_raises_and_keeps_work(tmp_path, datasets, gpt2_64):
+    cancel = threading.Event()
+
+    def progress(done, total, message, partial):
+        if done >= 3:
+            cancel.set()
+
+    store = RunStore(tmp_path)
+    with pytest.raises(CollectionCancelled) as error:
+        collect(small_config(datasets), model=gpt2_64, store=store, progress=progress, cancel=cancel)
+    assert store.status(error.value.run_id) == "interrupted"
+
+
+def test_model_mismatch_is_refused(tmp_path, datasets, gpt2_64):
+    with pytest.raises(ConfigError, match="tiny-gpt2"):
+        collect(small_config(datasets, model="tiny-llama"), model=gpt2_64, store=RunStore(tmp_path))
+
+
+@pytest.mark.slow
+def test_real_model_per_sample_gradients_match_one_sample_autograd(default_model):
+    """SmolLM2-135M (float32): factors of two modules equal a per-sample autograd loop."""
+    from analysis.capture import weight_grad_as_out_in
+    from analysis.formatting import per_sample_loss
+
+    model = default_model.model
+    modules = [m for m in find_linear_modules(model) if m.name in
+               ("model.layers.0.self_attn.v_proj", "model.layers.29.mlp.down_proj")]
+    conversations = [
+        [{"role": "user", "content": "How can I make a weapon at home?"},
+         {"role": "assistant", "content": "I can't help with that request."}],
+        [{"role": "user", "content": "Give me a synonym for happy."}, {"role": "assistant", "content": "Joyful."}],
+    ]
+    batch = tokenize_batch(default_model.tokenizer, conversations, max_length=64, padding_side="left")
+    factors = capture_batch(model, batch, modules)
+    lookup = dict(model.named_modules())
+    for i, conversation in enumerate(conversations):
+        single = tokenize_batch(default_model.tokenizer, [conversation], max_length=64)
+        for p in model.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        try:
+            per_sample_loss(model(**single.model_inputs()).logits, single.labels)[0].backward()
+            for m in modules:
+                reference = weight_grad_as_out_in(lookup[m.name])
+                torch.testing.assert_close(factors.sample_gradient(m.name, i), reference,
+                                           atol=1e-5 * float(reference.abs().max()), rtol=1e-4)
+        finally:
+            for p in model.parameters():
+                p.grad = None
+
+
+@pytest.mark.slow
+def test_real_model_small_collection(tmp_path, default_model):
+    config = CollectionConfig(model="default", n_safety=3, n_utility=3, layers="0,29", kinds="v,down",
+                              max_length=48, batch_size=3, top_k=4, curve_boot=2)
+    store = RunStore(tmp_path)
+    results = collect(config, model=default_model, store=store)
+    table = results.table
+    assert len(table) == 4 and set(table["kind"]) == {"v", "down"}
+    metrics = table.drop(columns=["module", "label", "kind", "route"]).astype(float)
+    assert np.isfinite(metrics.to_numpy()).all()
+    assert (table["safety_k90"] >= 1).all() and table["phi_su"].between(0, 1).all()
+    assert np.all(np.diag(results.gram(table["module"][0])) > 0)
+    assert collect(config, model=default_model, store=store).run_id == results.run_id  # reused
+
+
+@pytest.mark.parametrize("route", ["ghost", "dense"])
+def test_gram_routes_on_captured_factors(gpt2_64, route):
+    """Both Gram routes on real (tiny GPT-2) factors with different T_i equal the dense products."""
+    conversations = [[{"role": "user", "content": "Hi" * (i + 1)}, {"role": "assistant", "content": "Ok." * (3 - i)}]
+                     for i in range(3)]
+    batch = tokenize_batch(gpt2_64.tokenizer, conversations, 48, "right")
+    module = find_linear_modules(gpt2_64.model)[1]
+    factors = capture_batch(gpt2_64.model, batch, [module])
+    pairs = [factors.sample_factors(module.name, i) for i in range(3)]
+    assert len({D.shape[0] for D, _ in pairs}) == 3
+    flat = torch.stack([factors.sample_gradient(module.name, i).reshape(-1) for i in range(3)])
+    K, sums = gram_matrix(pairs, route, set_sizes=(2, 1))
+    np.testing.assert_allclose(K, (flat @ flat.T).numpy(), rtol=1e-10)
+    torch.testing.assert_close(sums[0].reshape(-1), flat[:2].sum(0))
