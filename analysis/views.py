@@ -1,0 +1,404 @@
+"""What each dashboard page shows, as plain functions of a stored run: figures, tables, one-line answers.
+
+Pages call these and only arrange widgets; the whole-run export (zip, HTML report) calls
+:func:`run_figures` / :func:`run_tables`, so a page and its export always agree. ``run`` is an
+``analysis.store.RunResults`` (or anything with the same attributes). No Streamlit here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from . import figures as fig
+from . import geometry
+from .store import ETAS, SETS  # ETAS: the eta values whose k@eta is stored per module
+RANK_METRICS = {
+    "effective_rank": "effective rank exp(H(p)) (directions)",
+    "k_eta": "k@η: directions holding η of the energy",
+    "stable_rank": "stable rank ‖G‖²_F / s₁² (directions)",
+    "top1_energy": "energy in the top direction, CER(1) (fraction)",
+}
+
+
+def eta_column(eta: float) -> str:
+    """Table column suffix of k@eta, e.g. 0.9 -> ``k90``."""
+    if round(eta, 4) not in ETAS:
+        raise ValueError(f"eta must be one of {ETAS} (the values stored per module), got {eta}")
+    return f"k{round(eta * 100)}"
+
+
+def _metric_column(metric: str, eta: float) -> str:
+    return eta_column(eta) if metric == "k_eta" else metric
+
+
+def module_labels(run) -> list[str]:
+    """Short labels (``L3.mlp.down``) of the run's modules in model order."""
+    return [m.label for m in run.modules]
+
+
+def default_module(run) -> str:
+    """A sensible module to show first: the first with an overlap-vs-n curve, else the middle one."""
+    curves = run.curve_modules
+    if curves:
+        return next(m.label for m in run.modules if m.name == curves[0])
+    return run.modules[len(run.modules) // 2].label
+
+
+def _module(run, label: str):
+    name = run.module_name(label)
+    return next(m for m in run.modules if m.name == name)
+
+
+# -------------------------------------------------------------------------------------------------
+# Is safety low-rank?
+# -------------------------------------------------------------------------------------------------
+
+
+def spectra(run, module: str) -> dict[str, np.ndarray]:
+    """{set: singular values of the set's batch-mean gradient} of one module."""
+    return {which: run.singular_values(module, which) for which in SETS}
+
+
+def spectra_figures(run, module: str, eta: float = 0.9, normalise: bool = True) -> tuple[go.Figure, go.Figure]:
+    """(singular spectra on a log axis, CER(k) curves with the eta line) of one module, safety vs utility."""
+    values = spectra(run, module)
+    return fig.spectra_figure(values, module, normalise=normalise), fig.cer_figure(values, eta, module)
+
+
+def rank_heatmaps(run, metric: str = "k_eta", eta: float = 0.9) -> dict[str, go.Figure]:
+    """Layer x module-kind heatmaps of a rank metric for safety, utility, and their ratio safety/utility."""
+    column = _metric_column(metric, eta)
+    title_metric = RANK_METRICS[metric].replace("η", f"η={eta:g}")
+    table = run.table
+    out = {}
+    for which in SETS:
+        frame = table.assign(value=table[f"{which}_{column}"])
+        out[which] = fig.layer_kind_heatmap(frame, "value", f"{which.capitalize()} gradient",
+                                            metric.replace("_", " ").replace("k eta", f"k@{eta:g}"),
+                                            number_format=".0f" if metric == "k_eta" else ".3g", subtitle=title_metric)
+    ratio = table[f"safety_{column}"] / table[f"utility_{column}"].replace(0, np.nan)
+    out["ratio"] = fig.layer_kind_heatmap(table.assign(value=ratio), "value",
+                                          f"Safety / utility ratio of {metric.replace('_', ' ').replace('k eta', f'k@{eta:g}')}",
+                                          "ratio (log colour)", log_colors=True, number_format=".2f",
+                                          subtitle="below 1: safety needs fewer directions than utility")
+    return out
+
+
+def low_rank_answer(run, eta: float = 0.9, module: str | None = None) -> str:
+    """One line with numbers: how many directions hold eta of the energy, safety vs utility."""
+    table = run.table
+    column = eta_column(eta)
+    if module:
+        row = table[table["label"] == module].iloc[0]
+        return (f"{module}: {eta:.0%} of the safety gradient's energy lies in k = {int(row[f'safety_{column}'])} "
+                f"of {min(int(row['d_out']), int(row['d_in']))} directions; utility needs k = "
+                f"{int(row[f'utility_{column}'])} (effective rank {row['safety_effective_rank']:.1f} vs "
+                f"{row['utility_effective_rank']:.1f}).")
+    safety, utility = table[f"safety_{column}"], table[f"utility_{column}"]
+    lower = int((safety < utility).sum())
+    return (f"Across {len(table)} modules, {eta:.0%} of the safety energy lies in a median k = {safety.median():g} "
+            f"directions (range {safety.min():g}-{safety.max():g}); utility needs a median k = {utility.median():g}. "
+            f"Safety is lower-rank than utility in {lower} of {len(table)} modules.")
+
+
+# -------------------------------------------------------------------------------------------------
+# Do safety and utility fight?
+# -------------------------------------------------------------------------------------------------
+
+
+def cosine_heatmap(run) -> go.Figure:
+    """cos(G_safety, G_utility) of the batch-mean gradients per layer x module kind, centred at 0."""
+    return fig.layer_kind_heatmap(run.table, "cosine_su", "Cosine of safety and utility gradients",
+                                  "cosine", diverging=True, number_format="+.2f",
+                                  subtitle="batch-mean gradients; red = conflict (cosine < 0)")
+
+
+def fraction_negative_heatmap(run) -> go.Figure:
+    """Fraction of negative per-sample-pair cosines per layer x module kind."""
+    return fig.layer_kind_heatmap(run.table, "cross_cos_frac_negative",
+                                  "Conflicting sample pairs (cosine < 0)",
+                                  "fraction", zrange=(0.0, 1.0), number_format=".0%",
+                                  subtitle="per-sample gradients, all safety × utility pairs")
+
+
+def cross_cosines(run, module: str) -> np.ndarray:
+    """(n_safety, n_utility) cosines between every safety and every utility per-sample gradient."""
+    cosines = run.sample_cosines(module)
+    return cosines[run.set_slice("safety"), run.set_slice("utility")]
+
+
+def cross_cosine_histogram(run, module: str) -> go.Figure:
+    return fig.cosine_histogram(cross_cosines(run, module), "Per-sample-pair cosines, safety × utility",
+                                subtitle=module)
+
+
+def conflict_answer(run, module: str | None = None) -> str:
+    """One line: batch cosine and fraction of conflicting pairs (one module or across modules)."""
+    table = run.table
+    if module:
+        row = table[table["label"] == module].iloc[0]
+        return (f"{module}: cos(G_safety, G_utility) = {row['cosine_su']:+.3f}; {row['cross_cos_frac_negative']:.0%} "
+                f"of safety x utility sample pairs point against each other (mean pair cosine "
+                f"{row['cross_cos_mean']:+.3f}); subspace overlap φ = {row['phi_su']:.3f} vs "
+                f"{row['phi_baseline']:.3f} for random subspaces.")
+    negative = int((table["cosine_su"] < 0).sum())
+    return (f"The batch safety and utility gradients conflict (cosine < 0) in {negative} of {len(table)} modules "
+            f"(median cosine {table['cosine_su'].median():+.3f}); across modules a median "
+            f"{table['cross_cos_frac_negative'].median():.0%} of sample pairs conflict.")
+
+
+def random_principal_angles(d: int, k: int, draws: int = 20, seed: int = 0) -> np.ndarray:
+    """Mean sorted principal angles (radians) between a fixed and a Haar-random k-dim subspace of R^d."""
+    rng = np.random.default_rng(seed)
+    fixed = np.eye(d)[:, :k]
+    angles = [geometry.principal_angles(fixed, rng.standard_normal((d, k))) for _ in range(draws)]
+    return np.mean(angles, axis=0)
+
+
+def principal_angles_figure(run, module: str) -> go.Figure:
+    """Principal angles between the safety and utility top-k left subspaces vs random subspaces."""
+    angles = run.principal_angles(module)
+    info = _module(run, module)
+    baseline = random_principal_angles(info.d_out, min(angles.size, info.d_out)) if angles.size else None
+    return fig.principal_angles_figure({"safety vs utility": angles}, baseline, module)
+
+
+def overlap_heatmap(run) -> go.Figure:
+    """phi of the safety and utility top-k subspaces per layer x module kind; the random value k/d in the
+    subtitle."""
+    baseline = run.table["phi_baseline"]
+    return fig.layer_kind_heatmap(run.table, "phi_su", "Overlap φ of safety and utility subspaces", "φ",
+                                  zrange=(0.0, 1.0), number_format=".2f",
+                                  subtitle=f"top-{run.top_k} left singular subspaces; random subspaces: φ = k/d = "
+                                           f"{baseline.min():.3f}–{baseline.max():.3f}")
+
+
+def category_conflicts(run, module: str) -> pd.DataFrame:
+    """Mean cross cosine and fraction negative per safety-sample category (one module)."""
+    cosines = cross_cosines(run, module)
+    samples = run.samples.iloc[run.set_slice("safety")]
+    frame = pd.DataFrame({"category": samples["category"].fillna("(none)").to_numpy(),
+                          "mean_cosine": cosines.mean(axis=1), "fraction_negative": (cosines < 0).mean(axis=1)})
+    return frame.groupby("category", sort=True).mean().reset_index()
+
+
+def category_conflict_figure(run, module: str) -> go.Figure:
+    return fig.category_bar_figure(category_conflicts(run, module), "category", "fraction_negative",
+                                   "Conflicting pairs by harm category", "fraction of pairs with cosine < 0",
+                                   number_format=".0%", subtitle=module)
+
+
+# -------------------------------------------------------------------------------------------------
+# Is one sample enough?
+# -------------------------------------------------------------------------------------------------
+
+
+def sample_scores(run, which: str = "safety") -> pd.DataFrame:
+    """One row per sample of a set: id, category, prompt, response, loss and its single-sample overlap
+    with the batch subspace averaged over modules (``phi``) and ``top1`` (|<u1_i, u1>|)."""
+    samples = run.samples.iloc[run.set_slice(which)].reset_index(drop=True)
+    phis = np.stack([run.sample_overlaps(m, which)["phi"] for m in run.module_names])
+    top1 = np.stack([run.sample_overlaps(m, which)["top1"] for m in run.module_names])
+    columns = [c for c in ("id", "category", "prompt", "response", "n_tokens", "loss") if c in samples]
+    out = samples[columns].copy()
+    out.insert(0, "position", np.arange(len(samples)))
+    out["phi"] = phis.mean(axis=0)
+    out["top1"] = top1.mean(axis=0)
+    return out
+
+
+def single_sample_frame(run, position: int, which: str = "safety") -> pd.DataFrame:
+    """Per module: layer, kind, label, phi and |<u1_i, u1>| of sample ``position`` of the set, and the
+    random-subspace phi."""
+    table = run.table.set_index("module")
+    rows = []
+    for info in run.modules:
+        overlaps = run.sample_overlaps(info.name, which)
+        rows.append({"module": info.name, "label": info.label, "layer": info.layer, "kind": info.kind,
+                     "phi": float(overlaps["phi"][position]), "top1_abs_cos": float(overlaps["top1"][position]),
+                     "baseline": float(table.loc[info.name, "phi_baseline"])})
+    return pd.DataFrame(rows)
+
+
+def single_sample_figure(run, position: int, which: str = "safety") -> go.Figure:
+    sample = run.samples.iloc[run.set_slice(which)].iloc[position]
+    return fig.single_sample_figure(single_sample_frame(run, position, which), f"{which} sample {sample['id']}, "
+                                    f"top-{run.top_k} subspaces, averaged over module kinds per layer")
+
+
+def overlap_curve_figure(run, module: str) -> go.Figure:
+    curve = run.overlap_curve(module)
+    return fig.overlap_vs_n_figure(curve or {}, module)
+
+
+def curve_labels(run) -> list[str]:
+    """Labels of the modules that have an overlap-vs-n curve."""
+    names = set(run.curve_modules)
+    return [m.label for m in run.modules if m.name in names]
+
+
+def single_sample_answer(run, which: str = "safety") -> str:
+    scores = sample_scores(run, which)
+    baseline = run.table["phi_baseline"].mean()
+    return (f"A single {which} sample's top-{run.top_k} subspace overlaps the {len(scores)}-sample one with a median "
+            f"φ = {scores['phi'].median():.2f} (best {scores['phi'].max():.2f}, worst {scores['phi'].min():.2f}; "
+            f"random subspaces: {baseline:.3f}); its top direction matches with median |⟨u₁ᵢ, u₁⟩| = "
+            f"{scores['top1'].median():.2f}.")
+
+
+# -------------------------------------------------------------------------------------------------
+# Runs: summaries, comparison, export
+# -------------------------------------------------------------------------------------------------
+
+
+def run_summary(run) -> dict[str, Any]:
+    """Flat description of a run for tables and the sidebar."""
+    config, manifest = run.config, run.manifest
+    model = manifest.get("model", {})
+    return {"run_id": run.run_id, "model": model.get("name") or config.get("model", {}).get("source"),
+            "safety": f"{config.get('safety')} (n={config.get('n_safety')})",
+            "utility": f"{config.get('utility')} (n={config.get('n_utility')})",
+            "modules": len(run.modules), "layers": config.get("layers"), "kinds": config.get("kinds"),
+            "max_length": config.get("max_length"), "top_k": run.top_k, "seed": config.get("seed"),
+            "created": manifest.get("created")}
+
+
+COMPARE_METRICS = {
+    "safety_effective_rank": "safety effective rank", "utility_effective_rank": "utility effective rank",
+    "safety_k90": "safety k@0.9", "utility_k90": "utility k@0.9", "cosine_su": "cos(safety, utility)",
+    "cross_cos_frac_negative": "fraction of conflicting pairs", "phi_su": "overlap φ safety/utility",
+    "safety_sample_phi_mean": "single-sample φ (safety)",
+}
+
+
+def compare_runs(runs: Mapping[str, Any], metric: str) -> pd.DataFrame:
+    """Long table (run, label, layer, kind, value) of one table column for several runs."""
+    frames = []
+    for name, run in runs.items():
+        table = run.table
+        frames.append(pd.DataFrame({"run": name, "label": table["label"], "layer": table["layer"],
+                                    "kind": table["kind"], "value": table[metric]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def compare_figure(runs: Mapping[str, Any], metric: str) -> go.Figure:
+    """The metric per module, one line per run."""
+    long = compare_runs(runs, metric)
+    wide = long.pivot_table(index="label", columns="run", values="value", sort=False).reset_index()
+    return fig.metric_by_module_figure(wide, {name: name for name in runs}, f"{COMPARE_METRICS.get(metric, metric)} by run",
+                                       COMPARE_METRICS.get(metric, metric))
+
+
+def metric_heatmap(run, metric: str, title: str | None = None) -> go.Figure:
+    """Layer x module-kind heatmap of any per-module table column (diverging at 0 for cosines)."""
+    name = COMPARE_METRICS.get(metric, metric)
+    cosine = "cos" in metric
+    return fig.layer_kind_heatmap(run.table, metric, title or name, name.split(" (")[0], diverging=cosine,
+                                  number_format="+.2f" if cosine else ".3g", subtitle=f"run {run.run_id}")
+
+
+def run_figures(run, eta: float = 0.9) -> dict[str, go.Figure]:
+    """Every figure of a run by file-name-safe name (for the zip and the HTML report)."""
+    module = default_module(run)
+    spectrum, cer = spectra_figures(run, module, eta)
+    out = {f"spectra_{module}": spectrum, f"cer_{module}": cer}
+    for name, figure in rank_heatmaps(run, "k_eta", eta).items():
+        out[f"k{round(eta * 100)}_{name}"] = figure
+    for name, figure in rank_heatmaps(run, "effective_rank", eta).items():
+        out[f"effective_rank_{name}"] = figure
+    out["cosine_heatmap"] = cosine_heatmap(run)
+    out["fraction_negative_heatmap"] = fraction_negative_heatmap(run)
+    out[f"pair_cosines_{module}"] = cross_cosine_histogram(run, module)
+    out[f"principal_angles_{module}"] = principal_angles_figure(run, module)
+    out["overlap_heatmap"] = overlap_heatmap(run)
+    for label in curve_labels(run)[:4]:
+        out[f"overlap_vs_n_{label}"] = overlap_curve_figure(run, label)
+    return out
+
+
+def run_answers(run, eta: float = 0.9) -> list[str]:
+    """The one-line answers of every page, for the report."""
+    return [f"Is safety low-rank? {low_rank_answer(run, eta)}", f"Do safety and utility fight? {conflict_answer(run)}",
+            f"Is one sample enough? {single_sample_answer(run)}"]
+
+
+def run_tables(run) -> dict[str, pd.DataFrame]:
+    """The run's tables: per-module metrics and per-sample metadata with single-sample scores."""
+    return {"modules": run.table, "samples": run.samples,
+            "single_sample_safety": sample_scores(run, "safety").drop(columns=["prompt", "response"], errors="ignore")}
+
+
+# -------------------------------------------------------------------------------------------------
+# Live view of a running collection
+# -------------------------------------------------------------------------------------------------
+
+
+def live_snapshot(partial, labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Copy what the live charts need out of the engine's ``Progress`` (called in the worker thread).
+
+    ``labels`` maps HF module paths to short labels for the charts."""
+    preview = {module: {key: (np.array(value, copy=True) if isinstance(value, np.ndarray) else value)
+                        for key, value in entry.items()}
+               for module, entry in (partial.preview or {}).items()}
+    table = partial.table.copy() if getattr(partial, "table", None) is not None else None
+    return {"stage": partial.stage, "losses": np.array(partial.losses, copy=True), "preview": preview, "table": table,
+            "done_samples": partial.done_samples, "total_samples": partial.total_samples,
+            "done_modules": partial.done_modules, "total_modules": partial.total_modules,
+            "labels": dict(labels or {})}
+
+
+def live_answer(snapshot: Mapping[str, Any], eta: float = 0.9) -> str | None:
+    """One line from a running collection's preview: k@eta of safety (and utility) so far per module."""
+    labels = snapshot.get("labels") or {}
+    parts = []
+    for name, entry in (snapshot.get("preview") or {}).items():
+        ks = {which: geometry.k_at_energy(entry[which], eta) for which in SETS
+              if entry.get(which) is not None and np.size(entry[which])}
+        if "safety" in ks:
+            parts.append(f"{labels.get(name, name)}: safety k = {ks['safety']}"
+                         + (f", utility k = {ks['utility']}" if "utility" in ks else ""))
+    if not parts:
+        return None
+    return (f"So far ({snapshot.get('done_samples')} of {snapshot.get('total_samples')} samples), {eta:.0%} of the "
+            f"gradient energy lies in — " + "; ".join(parts) + " directions.")
+
+
+def live_figures(snapshot: Mapping[str, Any], eta: float = 0.9) -> list[go.Figure]:
+    """Charts of a running collection: CER so far of a preview module and effective rank / cosine so far
+    per preview module (capture), or the finished modules' metrics (analysis)."""
+    table = snapshot.get("table")
+    if table is not None and len(table):
+        return [fig.metric_by_module_figure(table, {"safety_effective_rank": "safety effective rank",
+                                                    "utility_effective_rank": "utility effective rank"},
+                                            "Effective rank of finished modules", "effective rank (directions)"),
+                fig.metric_by_module_figure(table, {"cosine_su": "cosine safety/utility"},
+                                            "Cosine of safety and utility gradients, finished modules",
+                                            "cosine (dimensionless)")]
+    preview = snapshot.get("preview") or {}
+    labels = snapshot.get("labels") or {}
+    rows, first = [], None
+    for name, entry in preview.items():
+        safety, utility = entry.get("safety"), entry.get("utility")
+        row = {"label": labels.get(name, name), "cosine": entry.get("cosine")}
+        for which, values in (("safety", safety), ("utility", utility)):
+            if values is not None and np.size(values):
+                row[f"{which}_effective_rank"] = geometry.effective_rank(values)
+        rows.append(row)
+        if first is None and safety is not None and np.size(safety):
+            first = (labels.get(name, name), {k: v for k, v in (("safety", safety), ("utility", utility)) if v is not None})
+    if not rows:
+        return []
+    frame = pd.DataFrame(rows)
+    out = []
+    if first is not None:
+        out.append(fig.cer_figure(first[1], eta, f"{first[0]} (so far)"))
+    out.append(fig.metric_by_module_figure(frame, {"safety_effective_rank": "safety", "utility_effective_rank": "utility"},
+                                           "Effective rank so far", "effective rank (directions)"))
+    if frame["cosine"].notna().any():
+        out.append(fig.metric_by_module_figure(frame, {"cosine": "cosine safety/utility"}, "Cosine so far",
+                                               "cosine (dimensionless)"))
+    return out

@@ -1,0 +1,27 @@
+"""Safety Subspace Explorer: ``streamlit run app.py``.
+
+One page per question. Add a page with one line in ``PAGES`` (e.g. the evaluate / fine-tune pages).
+"""
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import streamlit as st  # noqa: E402
+
+from ui.common import sidebar  # noqa: E402
+
+st.set_page_config(page_title="Safety Subspace Explorer", page_icon=":material/shield:", layout="wide")
+
+PAGES = [
+    st.Page("pages/setup.py", title="Setup: what do I analyse?", icon=":material/tune:", default=True),
+    st.Page("pages/spectra.py", title="Is safety low-rank?", icon=":material/show_chart:"),
+    st.Page("pages/conflicts.py", title="Do safety and utility fight?", icon=":material/compare_arrows:"),
+    st.Page("pages/single_sample.py", title="Is one sample enough?", icon=":material/filter_1:"),
+    st.Page("pages/runs.py", title="Runs and export", icon=":material/folder_open:"),
+]
+
+page = st.navigation(PAGES)
+sidebar()
+page.run()

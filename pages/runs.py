@@ -1,0 +1,110 @@
+"""Runs — what have I got? Stored runs, comparison, export of figures and data, deletion."""
+
+import pandas as pd
+import streamlit as st
+
+from analysis import export, views
+from analysis.store import RunStore, StoreError
+from ui import common
+
+st.title("What have I got?")
+runs = RunStore().list_runs()
+if runs.empty:
+    st.info("No stored runs yet: collect one on the Setup page.")
+    st.page_link("pages/setup.py", label="Go to Setup", icon=":material/tune:")
+    st.stop()
+
+st.dataframe(runs, hide_index=True, width="stretch")
+complete = runs[runs["status"] == "complete"]
+if len(complete) < len(runs):
+    st.caption(f"{len(runs) - len(complete)} run(s) are unfinished or damaged: collect the same settings again to "
+               "resume, or delete them.")
+
+
+def describe(run_id: str) -> str:
+    row = runs[runs["run_id"] == run_id].iloc[0]
+    return f"{run_id} · {row['model']} · {row['n_safety']}+{row['n_utility']} samples · {row['n_modules']} modules"
+
+
+ids = list(runs["run_id"])
+active = common.choice("run_id")
+run_id = st.selectbox("Run", ids, index=ids.index(active) if active in ids else 0, format_func=describe,
+                      key="widget.runs.selected")
+status = RunStore().status(run_id)
+
+actions = st.columns([1, 1, 3])
+if status == "complete" and actions[0].button("Make active", disabled=run_id == active, icon=":material/check:"):
+    common.set_choice("run_id", run_id)
+    st.rerun()
+with actions[1].popover("Delete", icon=":material/delete:"):
+    st.write(f"Delete run `{run_id}` and its files?")
+    if st.button("Delete for good", type="primary", key="delete.confirm"):
+        try:
+            RunStore().delete(run_id)
+        except StoreError as error:
+            st.error(str(error))
+        else:
+            common.forget_run(run_id)
+            st.rerun()
+
+if status != "complete":
+    st.warning(f"Run `{run_id}` is {status}; only complete runs can be shown and exported.")
+    st.stop()
+try:
+    run = common.load_run(run_id)
+except StoreError as error:
+    st.error(str(error))
+    st.stop()
+
+st.subheader("Export")
+with st.container(border=True):
+    figures = common.view(run, "run_figures", common.choice("eta", 0.9))
+    tables = common.view(run, "run_tables")
+    report = dict(summary=views.run_summary(run), notes=common.view(run, "run_answers", common.choice("eta", 0.9)))
+    static = common.image_server()
+    formats = export.IMAGE_FORMATS if static else ()
+    buttons = st.columns(3)
+    buttons[0].download_button(
+        "Whole run (.zip)", data=lambda: export.run_zip(run.run_id, figures, tables, run.manifest, formats, **report),
+        file_name=export.export_filename(run.run_id, "run", "zip"), mime=export.MIME_TYPES["zip"],
+        on_click="ignore", icon=":material/folder_zip:", type="primary", key="download.zip",
+        help=f"{len(figures)} figures as {', '.join(('html',) + formats)}, tables as CSV and JSON, manifest, report "
+             "(about 0.3 s per image)")
+    buttons[1].download_button(
+        "HTML report", data=lambda: export.report_html(run.run_id, figures, tables, run.manifest, **report),
+        file_name=export.export_filename(run.run_id, "report", "html"), mime=export.MIME_TYPES["html"],
+        on_click="ignore", icon=":material/description:", key="download.report",
+        help="One self-contained page (works offline): configuration, every figure, every table")
+    buttons[2].download_button(
+        "Manifest (.json)", data=export.to_json_bytes(run.manifest),
+        file_name=export.export_filename(run.run_id, "manifest", "json"), mime=export.MIME_TYPES["json"],
+        on_click="ignore", icon=":material/data_object:", key="download.manifest")
+    for column, (name, frame) in zip(st.columns(len(tables)), tables.items()):
+        with column:
+            common.data_downloads(frame, run.run_id, name)
+    if not static:
+        st.caption(export.NO_BROWSER_MESSAGE)
+
+    name = st.selectbox("One figure", list(figures), key="widget.runs.figure")
+    common.show_figure(figures[name], run.run_id, name, key=f"runs.figure.{name}")
+
+with st.expander("Configuration"):
+    st.json(run.manifest.get("config", {}), expanded=False)
+
+st.subheader("Compare runs")
+choices = list(complete["run_id"])
+if len(choices) < 2:
+    st.caption("Collect a second run (e.g. another model, dataset or n) to compare.")
+    st.stop()
+default = [run_id] + [c for c in choices if c != run_id][:1]
+picked = st.multiselect("Runs to compare", choices, default=default, max_selections=4, format_func=describe,
+                        key="widget.runs.compare")
+metric = st.selectbox("Metric", list(views.COMPARE_METRICS), format_func=views.COMPARE_METRICS.get,
+                      key="widget.runs.metric")
+if len(picked) >= 2:
+    loaded = {run_id: common.load_run(run_id) for run_id in picked}
+    st.dataframe(pd.DataFrame([views.run_summary(r) for r in loaded.values()]), hide_index=True, width="stretch")
+    common.show_figure(views.compare_figure(loaded, metric), "compare", f"compare_{metric}_{'_'.join(picked)}")
+    for column, (other_id, other) in zip(st.columns(len(loaded)), loaded.items()):
+        with column:
+            common.show_figure(common.view(other, "metric_heatmap", metric), other_id, f"{metric}_heatmap")

@@ -1,0 +1,224 @@
+"""Setup — what do I analyse? Model, datasets, modules, sizes; start a collection and watch it live."""
+
+import streamlit as st
+
+from analysis.capture import ALL_KINDS, SelectionError, select_modules
+from analysis.config import ConfigError, ModelConfig
+from analysis.data import DataError, load_shipped
+from analysis.models import ModelLoadError, resolve_source, summarize
+from ui import common
+
+MODEL_CHOICES = {
+    "default": "SmolLM2-135M-Instruct (embedded default)",
+    "default-aligned": "SmolLM2-135M-Instruct, safety-aligned variant",
+    "tiny-llama": "Tiny random Llama (2 layers, demo)",
+    "tiny-gpt2": "Tiny random GPT-2 (2 layers, demo)",
+    "other": "Other: Hugging Face id or local folder",
+}
+SAFETY_SETS = {"safety": "safety: harmful requests + refusals", "harmful_prefix": "harmful_prefix: attack targets",
+               "identity_shift": "identity_shift: AOA persona", "upload": "Upload a file…"}
+UTILITY_SETS = {"utility": "utility: benign tasks + answers", "benign_sensitive": "benign_sensitive: borderline benign",
+                "upload": "Upload a file…"}
+ALL_SPLITS = "(all)"
+
+st.title("What do I analyse?")
+st.caption("Pick a model, a safety set and a utility set, and which linear modules to look at. "
+           "Collecting computes exact per-sample gradients and stores the results; the other pages read them.")
+
+
+def aligned_model_available() -> bool:
+    try:
+        resolve_source("default-aligned")
+        return True
+    except ModelLoadError:
+        return False
+
+
+# ---- model -----------------------------------------------------------------------------------------
+st.header("1 · Model", divider="gray")
+model_column, summary_column = st.columns([2, 3], gap="large")
+with model_column:
+    remembered = common.choice("model")
+    kind = remembered if remembered in MODEL_CHOICES else "other"
+    picked = st.radio("Model", list(MODEL_CHOICES), index=list(MODEL_CHOICES).index(kind),
+                      format_func=MODEL_CHOICES.get, key="widget.model_kind")
+    source, allow_pickle, trust_remote_code = picked, False, False
+    if picked == "default-aligned" and not aligned_model_available():
+        st.warning("The safety-aligned variant has not been built yet: run `python -m analysis align` once "
+                   "(about 15 minutes on a CPU), then choose it here.")
+        st.stop()
+    if picked == "other":
+        source = st.text_input("Hugging Face id or local checkpoint folder",
+                               value=remembered if kind == "other" else "", placeholder="HuggingFaceTB/SmolLM2-360M-Instruct",
+                               key="widget.model_other").strip()
+        allow_pickle = st.checkbox("Allow pickle (.bin) weights — only for a model you trust", key="widget.pickle")
+        trust_remote_code = st.checkbox("Trust remote code — only for a model you trust", key="widget.remote")
+        if not source:
+            st.info("Type a hub id (must be in the local Hugging Face cache on an offline machine) or a folder.")
+            st.stop()
+    if source != remembered:
+        common.set_choice("model", source)
+
+try:
+    loaded = common.load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+except ModelLoadError as error:
+    st.error(str(error))
+    st.stop()
+summary = summarize(loaded.model, loaded.tokenizer)
+with summary_column:
+    st.subheader(loaded.name)
+    metrics = st.columns(4)
+    metrics[0].metric("Family", summary.family)
+    metrics[1].metric("Parameters", f"{summary.n_parameters / 1e6:.1f} M" if summary.n_parameters >= 1e5
+                      else f"{summary.n_parameters:,}")
+    metrics[2].metric("Layers", summary.n_layers)
+    metrics[3].metric("Linear modules", len(summary.modules))
+    if not summary.has_chat_template:
+        st.caption("No chat template: a plain '### User / ### Assistant' format is used.")
+    with st.expander(f"All {len(summary.modules)} linear modules"):
+        st.dataframe([{"module": m.name, "label": m.label, "layer": m.layer, "kind": m.kind,
+                       "shape (d_out × d_in)": f"{m.d_out} × {m.d_in}"} for m in summary.modules],
+                     hide_index=True, width="stretch", height=260)
+
+
+# ---- datasets -------------------------------------------------------------------------------------
+def dataset_picker(which: str, options: dict[str, str], default_split: str):
+    """Shipped set or an upload; returns (dataset reference for the config, split or None, Dataset)."""
+    picked = common.remembered_widget(f"{which}.set", st.selectbox, f"{which.capitalize()} set", list(options),
+                                      format_func=options.get)
+    if picked == "upload":
+        upload = st.file_uploader(f"{which.capitalize()} file (JSONL, JSON, CSV, AdvBench CSV)",
+                                  type=["jsonl", "json", "csv"], key=f"widget.{which}.upload")
+        if upload is None:
+            st.info("Each row needs a prompt and a response (the text that carries the loss).")
+            return None, None, None
+        parsed = common.read_upload(upload)
+        if parsed is None:
+            return None, None, None
+        reference, dataset = parsed
+    else:
+        dataset, reference = load_shipped(picked), picked
+    splits = [ALL_SPLITS] + sorted(dataset.splits())
+    remembered = common.choice(f"{which}.split.{picked}", default_split)
+    split = st.selectbox("Split", splits, index=splits.index(remembered) if remembered in splits else 0,
+                         key=f"widget.{which}.split.{picked}")
+    if split != remembered:
+        common.set_choice(f"{which}.split.{picked}", split)
+    chosen = dataset if split == ALL_SPLITS else dataset.split(split)
+    categories = ", ".join(f"{k} {v}" for k, v in sorted(chosen.categories().items())[:6])
+    st.caption(f"{len(chosen)} examples" + (f" · {categories}…" if categories else ""))
+    return reference, None if split == ALL_SPLITS else split, chosen
+
+
+st.header("2 · Data", divider="gray")
+safety_column, utility_column = st.columns(2, gap="large")
+with safety_column:
+    safety_ref, safety_split, safety_set = dataset_picker("safety", SAFETY_SETS, "analysis")
+with utility_column:
+    utility_ref, utility_split, utility_set = dataset_picker("utility", UTILITY_SETS, "analysis")
+
+# ---- modules and sizes ------------------------------------------------------------------------------
+st.header("3 · Modules and sizes", divider="gray")
+kinds_present = [k for k in ALL_KINDS if any(m.kind == k for m in summary.modules)]
+spread = sorted({round(i * (summary.n_layers - 1) / 3) for i in range(4)}) if summary.n_layers > 4 else []
+default_layers = ",".join(map(str, spread)) if spread else "all"
+left, middle, right = st.columns(3, gap="large")
+with left:
+    layers = common.remembered_widget(f"layers.{source}", st.text_input, "Layers", value=default_layers,
+                                      help="'all', or a list/ranges like '0-3,7'; negative counts from the end")
+    kinds = common.remembered_widget(f"kinds.{source}", st.multiselect, "Module kinds", kinds_present,
+                                     value=kinds_present)
+    try:
+        if not kinds:
+            raise SelectionError("no module kind chosen: pick at least one")
+        selected = select_modules(summary.modules, layers, kinds)
+        st.caption(f"{len(selected)} modules selected: {', '.join(m.label for m in selected[:8])}"
+                   + ("…" if len(selected) > 8 else ""))
+    except SelectionError as error:
+        st.error(str(error))
+        selected = []
+with middle:
+    n_safety = common.remembered_widget("n_safety", st.number_input, "Safety samples n", min_value=1,
+                                        value=8)
+    n_utility = common.remembered_widget("n_utility", st.number_input, "Utility samples n", min_value=1,
+                                         value=8)
+    max_length = common.remembered_widget("max_length", st.number_input, "Sequence length (tokens)",
+                                          min_value=16, max_value=4096, value=128, step=16)
+with right:
+    top_k = common.remembered_widget("top_k", st.number_input, "Subspace dimension k", min_value=1, max_value=256,
+                                     value=8)
+    seed = common.remembered_widget("seed", st.number_input, "Seed", min_value=0, max_value=2**31 - 1, value=0)
+    with st.expander("Advanced"):
+        batch_size = common.remembered_widget("batch_size", st.number_input, "Batch size", min_value=1,
+                                              max_value=256, value=8)
+        curve_layers = common.remembered_widget("curve_layers", st.text_input, "Overlap-vs-n curve layers",
+                                                value="auto", help="'auto' (up to 4 layers), 'all', 'none' or '0,10'")
+        curve_boot = common.remembered_widget("curve_boot", st.number_input, "Bootstrap subsets per n",
+                                              min_value=1, max_value=200, value=10)
+        gram_route = common.remembered_widget("gram_route", st.selectbox, "Gram route (both exact)",
+                                              ["auto", "ghost", "dense"])
+
+# ---- collect ----------------------------------------------------------------------------------------
+st.header("4 · Collect", divider="gray")
+config = None
+if safety_ref and utility_ref and selected:
+    from analysis.gradients import CollectionConfig, run_id_for
+    from analysis.store import RunStore
+
+    try:
+        config = CollectionConfig(
+            model=ModelConfig(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code), safety=safety_ref, utility=utility_ref,
+            safety_split=safety_split, utility_split=utility_split, n_safety=int(n_safety), n_utility=int(n_utility),
+            layers=layers, kinds=",".join(kinds), max_length=int(max_length), batch_size=int(batch_size),
+            top_k=int(top_k), seed=int(seed), gram_route=gram_route, curve_layers=curve_layers,
+            curve_boot=int(curve_boot),
+        )
+        stored_id = run_id_for(config, loaded)
+    except (ConfigError, DataError, SelectionError) as error:
+        st.error(str(error))
+        config = None
+else:
+    st.info("Choose a safety set, a utility set and at least one module to collect.")
+
+job = common.collection_job()
+running = job is not None and job.snapshot().running
+if config is not None and not running:
+    if RunStore().status(stored_id) == "complete":
+        if common.choice("run_id") != stored_id:
+            common.set_choice("run_id", stored_id)
+            st.rerun()
+        if job is None or job.snapshot().result != stored_id:
+            st.success(f"These settings were collected before: run `{stored_id}` is loaded and shown on the "
+                       "other pages.")
+    elif st.button("Collect", type="primary", icon=":material/play_arrow:"):
+        common.start_collection(config, loaded)
+        st.rerun()  # redraw without the button, with the live view
+
+
+@st.fragment(run_every=common.POLL_SECONDS)
+def live_progress() -> None:
+    """Polls the background collection; reruns the whole page once it ends."""
+    status = job.snapshot()
+    st.markdown(f"**Collecting** {status.label}")
+    common.show_job_status(status)
+    if st.button("Cancel", icon=":material/stop:", key="cancel"):
+        job.cancel()
+        st.toast("Cancelling after the current batch…")
+    if not status.running:
+        st.rerun(scope="app")
+
+
+if running:
+    live_progress()
+elif job is not None:
+    status = job.snapshot()
+    if common.adopt_finished_collection(status):
+        st.rerun()
+    common.show_job_status(status)
+
+run = common.active_run()
+if run is not None and not running:
+    st.markdown("#### First answers")
+    st.markdown(f"**Is safety low-rank?** {common.view(run, 'low_rank_answer', 0.9)}")
+    st.markdown(f"**Do safety and utility fight?** {common.view(run, 'conflict_answer')}")
+    st.page_link("pages/spectra.py", label="See the spectra", icon=":material/show_chart:")

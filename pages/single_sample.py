@@ -1,0 +1,45 @@
+"""Is one sample enough? One sample's safety subspace vs the batch's, per layer; overlap vs n."""
+
+import streamlit as st
+
+from ui import common
+
+st.title("Is one sample enough?")
+run = common.require_run()
+st.caption("For each module: overlap φ of one sample's top-k gradient subspace with the top-k subspace of all "
+           "samples (1 = same subspace, k/d = random), and |⟨u₁ᵢ, u₁⟩| of the two top directions.")
+
+scores = common.view(run, "sample_scores", "safety")
+st.info(f"**Answer.** {common.view(run, 'single_sample_answer', 'safety')}")
+
+options = list(scores["position"])
+remembered = common.choice("sample", 0)
+position = st.selectbox("Safety sample", options, index=options.index(remembered) if remembered in options else 0,
+                        format_func=lambda i: f"{scores.loc[i, 'id']} · φ = {scores.loc[i, 'phi']:.2f}",
+                        key=f"widget.sample.{run.run_id}")
+if position != remembered:
+    common.set_choice("sample", int(position))
+sample = scores.loc[position]
+with st.container(border=True):
+    st.markdown(f"**Prompt** ({sample.get('category') or 'no category'}): {sample['prompt']}")
+    st.markdown(f"**Response:** {sample['response']}")
+
+common.show_figure(common.view(run, "single_sample_figure", int(position), "safety"), run.run_id,
+                   f"single_sample_{sample['id']}")
+
+curves = common.view(run, "curve_labels")
+if curves:
+    module = common.module_picker(run, "Module for the overlap-vs-n curve", curves, key="curve_module")
+    common.show_figure(common.view(run, "overlap_curve_figure", module), run.run_id, f"overlap_vs_n_{module}")
+else:
+    st.caption("This run has no overlap-vs-n curves (collection setting 'curve layers' was 'none').")
+
+st.subheader("Best and worst samples")
+columns = ["id", "category", "phi", "top1", "loss", "prompt"]
+ranked = scores.sort_values("phi", ascending=False)[[c for c in columns if c in scores]]
+best, worst = st.columns(2)
+best.markdown("**Closest to the batch subspace**")
+best.dataframe(ranked.head(5), hide_index=True, width="stretch")
+worst.markdown("**Furthest from it**")
+worst.dataframe(ranked.tail(5).iloc[::-1], hide_index=True, width="stretch")
+common.data_downloads(scores, run.run_id, "single_sample_safety")

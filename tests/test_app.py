@@ -1,0 +1,363 @@
+"""The dashboard in Streamlit's AppTest (no browser) on the tiny model, and one end-to-end run in Chromium."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from analysis.gradients import CollectionConfig, collect
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+# Small enough to collect in seconds on the tiny model.
+SMALL = {"n_safety": 4, "n_utility": 4, "max_length": 64, "top_k": 2, "batch_size": 4, "curve_boot": 2}
+
+
+def seed_cache(folder: Path, **choices) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ui_state.json").write_text(json.dumps(choices))
+
+
+def fresh_app() -> AppTest:
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    return AppTest.from_file(APP, default_timeout=120)
+
+
+def no_exceptions(at: AppTest) -> None:
+    assert not at.exception, [e.message for e in at.exception]
+
+
+def chart_specs(at: AppTest) -> list[dict]:
+    return [json.loads(element.proto.spec) for element in at.get("plotly_chart")]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty cache (runs, uploads, ui state) with the tiny Llama chosen; no job left behind."""
+    from ui.jobs import REGISTRY
+
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
+    seed_cache(tmp_path, model="tiny-llama", **SMALL)
+    REGISTRY.clear()
+    yield tmp_path
+    REGISTRY.clear()
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory, tiny_llama):
+    """A cache holding one complete tiny run, made active."""
+    folder = tmp_path_factory.mktemp("cache")
+    previous = os.environ.get("SSE_CACHE_DIR")
+    os.environ["SSE_CACHE_DIR"] = str(folder)
+    config = CollectionConfig(model="tiny-llama", safety_split="analysis", utility_split="analysis", **SMALL)
+    run = collect(config, model=tiny_llama)
+    seed_cache(folder, model="tiny-llama", run_id=run.run_id, **SMALL)
+    yield run
+    if previous is None:
+        os.environ.pop("SSE_CACHE_DIR", None)
+    else:
+        os.environ["SSE_CACHE_DIR"] = previous
+
+
+def test_setup_shows_model_summary_and_widgets(cache):
+    at = fresh_app().run()
+    no_exceptions(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Family"] == "llama" and metrics["Layers"] == "2" and metrics["Linear modules"] == "14"
+    assert at.radio(key="widget.model_kind").value == "tiny-llama"
+    assert {s.label for s in at.selectbox} >= {"Safety set", "Utility set", "Split"}
+    assert at.number_input(key="widget.n_safety").value == SMALL["n_safety"]
+    assert [b.label for b in at.button] == ["Collect"]
+    assert "No results yet" not in " ".join(i.value for i in at.info)
+
+
+def test_switching_model_updates_summary(cache):
+    at = fresh_app().run()
+    at.radio(key="widget.model_kind").set_value("tiny-gpt2").run()
+    no_exceptions(at)
+    assert {m.label: m.value for m in at.metric}["Family"] == "gpt2"
+    assert json.loads((cache / "ui_state.json").read_text())["model"] == "tiny-gpt2"
+
+
+def test_unknown_model_shows_error_not_traceback(cache):
+    at = fresh_app().run()
+    at.radio(key="widget.model_kind").set_value("other").run()
+    at.text_input(key="widget.model_other").set_value("no-such-org/no-such-model").run()
+    no_exceptions(at)
+    assert any("not in the local Hugging Face cache" in e.value for e in at.error)
+
+
+def test_empty_module_selection_shows_error(cache):
+    at = fresh_app().run()
+    at.text_input(key="widget.layers.tiny-llama").set_value("7").run()
+    no_exceptions(at)
+    assert any("do not exist" in e.value for e in at.error)
+    assert not at.button  # nothing to collect
+
+
+def test_collection_runs_to_the_end_and_reselecting_loads_instantly(cache):
+    from ui.common import collection_job
+
+    at = fresh_app().run()
+    at.button[0].click().run()
+    job = collection_job()
+    assert job is not None and job.join(300), "collection did not finish"
+    status = job.snapshot()
+    assert status.state == "done", status.error
+    at.run()  # fragments do not tick in AppTest: rerun the page by hand
+    no_exceptions(at)
+    assert any(status.result in s.value for s in at.success)
+    assert any("Is safety low-rank?" in m.value for m in at.markdown)
+    assert json.loads((cache / "ui_state.json").read_text())["run_id"] == status.result
+    # the same settings in a new session: found in the store, no new job
+    from ui.jobs import REGISTRY
+
+    REGISTRY.clear()
+    again = fresh_app().run()
+    assert any("collected before" in s.value for s in again.success)
+    assert collection_job() is None and not again.button
+
+
+def test_live_progress_charts_from_a_running_job(cache):
+    """The live view is drawn from the job's snapshot (what the fragment shows while collecting)."""
+    from analysis import views
+    from analysis.gradients import CollectionConfig
+    from ui.common import collection_job, start_collection
+    from analysis.models import load_model
+
+    snapshots = []
+    loaded = load_model("tiny-llama")
+    job = start_collection(CollectionConfig(model="tiny-llama", **SMALL), loaded)
+    while not job.join(0.05):
+        live = job.snapshot().live
+        if live and live.get("stage") == "capture":
+            snapshots.append(live)
+    assert job.snapshot().state == "done" and snapshots
+    assert "safety k =" in views.live_answer(snapshots[-1])
+    figures = views.live_figures(snapshots[-1])
+    assert figures and any("Cumulative energy" in f.layout.title.text for f in figures)
+    assert collection_job() is job
+
+
+def upload_script():
+    """Runs as a Streamlit script: hand a bad and a good upload to the page's upload reader."""
+    import dataclasses
+
+    import streamlit as st
+
+    from ui.common import read_upload
+
+    @dataclasses.dataclass
+    class Upload:  # what st.file_uploader returns, as far as the reader cares
+        name: str
+        data: bytes
+
+        def getvalue(self) -> bytes:
+            return self.data
+
+    bad = read_upload(Upload("bad.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "only a prompt"}\n'))
+    good = read_upload(Upload("good.csv", b"prompt,response\nhello,hi there\n"))
+    st.write(f"bad={bad is None} good={good[1].name if good else None}")
+
+
+def test_collection_can_be_cancelled(cache):
+    from analysis.models import load_model
+    from ui.common import start_collection
+
+    config = CollectionConfig(model="tiny-llama", **{**SMALL, "n_safety": 40, "n_utility": 40, "batch_size": 2})
+    job = start_collection(config, load_model("tiny-llama"))
+    job.cancel()
+    assert job.join(120)
+    status = job.snapshot()
+    assert status.state == "cancelled" and "resume" in status.message
+
+
+def test_bad_upload_shows_error(cache):
+    at = fresh_app().run()
+    at.selectbox(key="widget.safety.set").set_value("upload").run()
+    no_exceptions(at)
+    assert at.get("file_uploader"), "no file uploader shown"
+    assert not at.button  # nothing to collect without a file
+    # AppTest cannot drive a file upload: run the page's upload reader on upload-like objects.
+    script = AppTest.from_function(upload_script, default_timeout=60).run()
+    no_exceptions(script)
+    assert len(script.error) == 1 and "bad.jsonl" in script.error[0].value and "line 2" in script.error[0].value
+    assert "bad=True good=good" in script.markdown[0].value
+    assert len(list((cache / "uploads").iterdir())) == 1  # the good file is kept for the run's config
+
+
+def test_pages_without_a_run_point_to_setup(cache):
+    at = fresh_app().run()
+    for page in ("pages/spectra.py", "pages/conflicts.py", "pages/single_sample.py"):
+        at.switch_page(page).run()
+        no_exceptions(at)
+        assert any("No results yet" in i.value for i in at.info)
+    at.switch_page("pages/runs.py").run()
+    assert any("No stored runs" in i.value for i in at.info)
+
+
+def test_spectra_page(collected):
+    at = fresh_app()
+    at.switch_page("pages/spectra.py").run()
+    no_exceptions(at)
+    specs = chart_specs(at)
+    titles = [s["layout"]["title"]["text"] for s in specs]
+    assert any(t.startswith("Singular value spectrum") for t in titles)
+    assert any(t.startswith("Cumulative energy ratio") for t in titles)
+    assert {"Safety gradient", "Utility gradient"} <= set(titles) and any("ratio" in t for t in titles)
+    spectrum = next(s for s in specs if s["layout"]["title"]["text"].startswith("Singular"))
+    assert spectrum["layout"]["yaxis"]["type"] == "log"
+    assert any("energy lies in" in i.value for i in at.info)
+    at.radio(key="widget.rank_metric").set_value("effective_rank").run()
+    no_exceptions(at)
+    labels = [b.label for b in at.get("download_button")]
+    assert {"PNG", "SVG", "PDF", "HTML"} <= set(labels)
+
+
+def test_conflicts_page(collected):
+    at = fresh_app()
+    at.switch_page("pages/conflicts.py").run()
+    no_exceptions(at)
+    specs = chart_specs(at)
+    cosine = next(s for s in specs if s["layout"]["title"]["text"].startswith("Cosine of safety"))
+    assert cosine["data"][0]["zmid"] == 0
+    histogram = next(s for s in specs if s["data"] and s["data"][0]["type"] == "histogram")
+    assert "negative" in histogram["layout"]["annotations"][0]["text"]
+    assert any("Principal angles" in s["layout"]["title"]["text"] for s in specs)
+
+
+def test_single_sample_page(collected):
+    at = fresh_app()
+    at.switch_page("pages/single_sample.py").run()
+    no_exceptions(at)
+    titles = [s["layout"]["title"]["text"] for s in chart_specs(at)]
+    assert any(t.startswith("Does one sample") for t in titles)
+    assert any(t.startswith("How many samples") for t in titles)
+    assert len(at.dataframe) >= 2  # best and worst samples
+    at.selectbox(key=f"widget.sample.{collected.run_id}").set_value(1).run()
+    no_exceptions(at)
+
+
+def test_whole_run_export(collected):
+    """What the Runs page's zip and report buttons produce, for a real run."""
+    import io
+    import zipfile
+
+    from analysis import export, views
+
+    figures, tables = views.run_figures(collected), views.run_tables(collected)
+    assert {"cosine_heatmap", "overlap_heatmap", "k90_ratio"} <= set(figures)
+    archive = zipfile.ZipFile(io.BytesIO(export.run_zip(collected.run_id, figures, tables, collected.manifest,
+                                                        image_formats=("png",))))
+    names = archive.namelist()
+    for name in figures:
+        assert f"figures/{export.export_filename(collected.run_id, name, 'html')}" in names
+    assert f"data/{export.export_filename(collected.run_id, 'modules', 'csv')}" in names
+    report = export.report_html(collected.run_id, figures, tables, collected.manifest,
+                                summary=views.run_summary(collected), notes=views.run_answers(collected))
+    assert report.count("Plotly.newPlot") == len(figures) and collected.run_id in report
+    assert "Is safety low-rank?" in report and "<details>" in report
+
+
+def test_runs_page_lists_compares_exports_and_deletes(collected, tiny_llama):  # deletes runs: keep it last
+    second = collect(CollectionConfig(model="tiny-llama", **{**SMALL, "seed": 1}), model=tiny_llama)
+    at = fresh_app()
+    at.switch_page("pages/runs.py").run()
+    no_exceptions(at)
+    assert collected.run_id in at.dataframe[0].value["run_id"].tolist()
+    labels = [b.label for b in at.get("download_button")]
+    assert {"Whole run (.zip)", "HTML report", "CSV", "JSON", "PNG"} <= set(labels)
+    assert chart_specs(at)
+    titles = [spec["layout"]["title"]["text"] for spec in chart_specs(at)]
+    assert any(t.endswith("by run") for t in titles)  # comparison of the two runs
+    subtitles = [spec["layout"]["title"].get("subtitle", {}).get("text", "") for spec in chart_specs(at)]
+    assert f"run {collected.run_id}" in subtitles and f"run {second.run_id}" in subtitles  # side by side
+    for _ in range(2):
+        at.button(key="delete.confirm").click().run()
+        no_exceptions(at)
+    assert any("No stored runs" in i.value for i in at.info)
+
+
+# ------------------------------------------------------------------------------------------------------
+# end to end in a real browser
+# ------------------------------------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """``streamlit run app.py`` on a free localhost port with an empty cache (tiny GPT-2 preselected, so
+    nothing needs converting); yields the URL."""
+    seed_cache(tmp_path, model="tiny-gpt2", **SMALL)
+    port = free_port()
+    env = dict(os.environ, SSE_CACHE_DIR=str(tmp_path), HF_HUB_OFFLINE="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true"],
+        cwd=ROOT, env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or process.poll() is not None:
+                    pytest.fail(f"streamlit did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.3)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK) or shutil.which("chromium") is None,
+                    reason="Debian chromium not installed")
+def test_end_to_end_in_chromium(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+            page.goto(server, timeout=60_000)
+            page.get_by_text("Tiny random Llama").click()
+            page.get_by_text("Linear modules").first.wait_for(timeout=120_000)
+            page.get_by_role("button", name="Collect").wait_for(timeout=120_000)
+            page.wait_for_function("() => document.body.innerText.includes('llama')", timeout=60_000)
+            page.get_by_role("button", name="Collect").click()
+            page.get_by_text("First answers").wait_for(timeout=300_000)
+            page.get_by_role("link", name="Is safety low-rank?").first.click()
+            page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+            assert page.locator(".js-plotly-plot").count() >= 2
+            page.get_by_role("button", name="Export").first.click()
+            with page.expect_download(timeout=60_000) as download:
+                page.get_by_role("button", name="PNG").first.click()
+            path = download.value.path()
+            assert download.value.suggested_filename.endswith(".png")
+            assert Path(path).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+        finally:
+            browser.close()

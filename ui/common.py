@@ -1,0 +1,331 @@
+"""Streamlit helpers shared by the pages: choices that survive reloads, cached model and run loading,
+the collection job, figure/data download buttons, errors as messages.
+
+Pages import this module and ``analysis``; they hold no state that is not on disk. Choices live in
+``st.session_state`` under non-widget keys (widgets in a page reset when the user leaves it) and are
+mirrored to ``<cache>/ui_state.json``, so a reload or a second tab starts from the last choices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from analysis import export, views
+from analysis.config import cache_dir
+from ui.jobs import REGISTRY, Job, JobStatus
+
+STATE_FILE = "ui_state.json"
+UPLOADS = "uploads"
+DEFAULT_CHOICES: dict[str, Any] = {"model": "default", "run_id": None}
+POLL_SECONDS = 1.0
+CHART_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": export.PNG_SCALE}}
+
+
+# -------------------------------------------------------------------------------------------------
+# choices (session keys mirrored on disk)
+# -------------------------------------------------------------------------------------------------
+
+
+def _state_path() -> Path:
+    return cache_dir() / STATE_FILE
+
+
+def _saved_choices() -> dict[str, Any]:
+    try:
+        return json.loads(_state_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def choice(key: str, default: Any = None) -> Any:
+    """A user choice: this session's value, else the last saved one, else ``default``."""
+    session_key = f"choice.{key}"
+    if session_key not in st.session_state:
+        st.session_state[session_key] = _saved_choices().get(key, DEFAULT_CHOICES.get(key, default))
+    return st.session_state[session_key]
+
+
+def set_choice(key: str, value: Any) -> None:
+    """Remember a choice in this session and on disk."""
+    st.session_state[f"choice.{key}"] = value
+    saved = _saved_choices()
+    saved[key] = value
+    path = _state_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(json.dumps(saved, indent=1, default=str))
+        temporary.replace(path)
+    except OSError:  # a read-only cache only loses persistence across reloads
+        pass
+
+
+def remembered_widget(key: str, widget: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Draw ``widget`` with the remembered choice ``key`` as its value and remember what the user picks.
+
+    The widget gets its own key (``widget.<key>``), seeded from the choice, because Streamlit drops the
+    state of widgets on pages that are not shown.
+    """
+    widget_key = f"widget.{key}"
+    if widget_key not in st.session_state:
+        remembered = choice(key, kwargs.pop("value", None))
+        if remembered is not None:
+            st.session_state[widget_key] = remembered
+    kwargs.pop("value", None)
+    value = widget(*args, key=widget_key, **kwargs)
+    if value != choice(key):
+        set_choice(key, value)
+    return value
+
+
+# -------------------------------------------------------------------------------------------------
+# models and runs
+# -------------------------------------------------------------------------------------------------
+
+
+@st.cache_resource(show_spinner="Loading the model (the embedded default is converted once, ~20 s)…", max_entries=3)
+def load_model(source: str, dtype: str = "float32", allow_pickle: bool = False, trust_remote_code: bool = False):
+    """``analysis.models.load_model`` once per process and model (raises ModelLoadError)."""
+    from analysis.config import ModelConfig
+    from analysis.models import load_model as load
+
+    return load(ModelConfig(source=source, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _load_run(run_id: str, stamp: str):
+    from analysis.store import load
+
+    return load(run_id)
+
+
+def _run_stamp(run_id: str) -> str:
+    """Changes when the run is rewritten (manifest mtime), so a recomputed run is reloaded."""
+    from analysis.store import RunStore
+
+    try:
+        return str((RunStore().path(run_id) / "manifest.json").stat().st_mtime_ns)
+    except OSError:
+        return "missing"
+
+
+def load_run(run_id: str):
+    """The stored run (``RunResults``), cached per process; raises ``analysis.store.StoreError``."""
+    return _load_run(run_id, _run_stamp(run_id))
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _view(run_id: str, stamp: str, name: str, args: tuple, _run) -> Any:
+    return getattr(views, name)(_run, *args)
+
+
+def view(run, name: str, *args: Any) -> Any:
+    """``analysis.views.<name>(run, *args)`` cached by run id (the run object itself is not hashed)."""
+    return _view(run.run_id, _run_stamp(run.run_id), name, tuple(args), run)
+
+
+def forget_run(run_id: str) -> None:
+    """Drop cached results of a deleted or rewritten run."""
+    _load_run.clear()
+    _view.clear()
+    if choice("run_id") == run_id:
+        set_choice("run_id", None)
+
+
+def active_run():
+    """The run chosen in this session (or last time), or None if there is none or it is gone."""
+    from analysis.store import StoreError
+
+    run_id = choice("run_id")
+    if not run_id:
+        return None
+    try:
+        return load_run(run_id)
+    except StoreError:
+        return None
+
+
+def require_run():
+    """The active run, or a pointer to the Setup page and stop."""
+    run = active_run()
+    if run is None:
+        st.info("No results yet. Collect gradients on the **Setup** page, or pick a stored run on **Runs**.")
+        st.page_link("pages/setup.py", label="Go to Setup", icon=":material/tune:")
+        st.page_link("pages/runs.py", label="Go to Runs", icon=":material/folder_open:")
+        st.stop()
+    return run
+
+
+def module_picker(run, label: str = "Module", options: list[str] | None = None, key: str = "module") -> str:
+    """A selectbox of module labels that remembers the choice across pages and runs."""
+    options = options or views.module_labels(run)
+    remembered = choice(key)
+    if remembered not in options:
+        remembered = views.default_module(run) if views.default_module(run) in options else options[0]
+    picked = st.selectbox(label, options, index=options.index(remembered), key=f"widget.{key}.{run.run_id}")
+    if picked != choice(key):
+        set_choice(key, picked)
+    return picked
+
+
+# -------------------------------------------------------------------------------------------------
+# uploads
+# -------------------------------------------------------------------------------------------------
+
+
+def save_upload(data: bytes, filename: str) -> Path:
+    """Keep an uploaded dataset under ``<cache>/uploads/<sha>_<name>`` (content-addressed, so the run id
+    follows the content) and return its path for ``CollectionConfig``."""
+    digest = hashlib.sha256(data).hexdigest()[:12]
+    folder = cache_dir() / UPLOADS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{digest}_{export.sanitize(Path(filename).stem)}{Path(filename).suffix.lower()}"
+    if not path.is_file():
+        path.write_bytes(data)
+    return path
+
+
+def read_upload(upload):
+    """Parse an uploaded dataset; on a problem show it with st.error and return None.
+
+    Returns (path of the saved copy for ``CollectionConfig``, ``analysis.data.Dataset``)."""
+    from analysis.data import DataError, load_bytes
+
+    try:
+        dataset = load_bytes(upload.getvalue(), upload.name)
+    except DataError as error:
+        st.error(f"{upload.name}: {error}")
+        return None
+    return str(save_upload(upload.getvalue(), upload.name)), dataset
+
+
+# -------------------------------------------------------------------------------------------------
+# collection job
+# -------------------------------------------------------------------------------------------------
+
+COLLECTION_KEY = "collection"
+
+
+def start_collection(config, loaded) -> Job:
+    """Start (or find the running) collection in a background thread; results land in the store."""
+    from analysis import gradients
+    from analysis.capture import find_linear_modules
+
+    labels = {m.name: m.label for m in find_linear_modules(loaded.model)}
+
+    def work(job: Job) -> str:
+        def progress(done: int, total: int, message: str, partial) -> None:
+            job.report(partial.fraction, message, views.live_snapshot(partial, labels))
+
+        return gradients.collect(config, model=loaded, progress=progress, cancel=job.cancel_event).run_id
+
+    return REGISTRY.start(COLLECTION_KEY, f"{loaded.name}: {config.n_safety} safety + {config.n_utility} utility",
+                          work, cancelled_errors=(gradients.CollectionCancelled,))
+
+
+def collection_job() -> Job | None:
+    return REGISTRY.get(COLLECTION_KEY)
+
+
+def adopt_finished_collection(status: JobStatus) -> bool:
+    """Make a finished collection's run the active run once per session; True if it just happened."""
+    marker = f"{status.key}:{status.started}"
+    if status.state != "done" or st.session_state.get("adopted_job") == marker:
+        return False
+    st.session_state["adopted_job"] = marker
+    set_choice("run_id", status.result)
+    return True
+
+
+def show_job_status(status: JobStatus, eta: float = 0.9) -> None:
+    """Progress bar, message and live charts of a collection (running or finished)."""
+    if status.running:
+        st.progress(status.fraction, text=f"{status.fraction:.0%} · {status.message} · {status.seconds:.0f} s")
+        answer = views.live_answer(status.live, eta) if status.live else None
+        if answer:
+            st.markdown(answer)
+        figures = views.live_figures(status.live, eta) if status.live else []
+        columns = st.columns(max(len(figures), 1))
+        for column, figure in zip(columns, figures):
+            figure.update_layout(height=340, margin=dict(l=60, r=10, t=80, b=60), title_font_size=14)
+            column.plotly_chart(figure, theme=None, config=CHART_CONFIG, key=f"live.{figure.layout.title.text}")
+    elif status.state == "done":
+        st.success(f"Collection finished in {status.seconds:.0f} s: run {status.result}.")
+    elif status.state == "cancelled":
+        st.warning(f"Collection cancelled after {status.seconds:.0f} s. Finished batches are kept: collecting "
+                   "the same settings again resumes where it stopped.")
+    elif status.state == "failed":
+        st.error(f"Collection failed: {status.error}")
+
+
+# -------------------------------------------------------------------------------------------------
+# figures and downloads
+# -------------------------------------------------------------------------------------------------
+
+
+@st.cache_resource(show_spinner=False)
+def image_server() -> bool:
+    """Start kaleido's browser once per process (PNG/SVG/PDF then take ~0.3 s); False without Chromium."""
+    return export.start_image_server()
+
+
+def show_figure(figure: go.Figure, run_id: str, name: str, key: str | None = None) -> None:
+    """A chart with the project's styling (not Streamlit's theme) and an export menu under it."""
+    st.plotly_chart(figure, theme=None, config=CHART_CONFIG, key=key or f"chart.{run_id}.{name}")
+    figure_downloads(figure, run_id, name)
+
+
+def figure_downloads(figure: go.Figure, run_id: str, name: str) -> None:
+    """An "Export" menu under a figure: PNG / SVG / PDF (rendered when clicked) and interactive HTML."""
+    static = image_server()
+    with st.popover("Export", icon=":material/download:", type="tertiary"):
+        for fmt in export.FIGURE_FORMATS:
+            disabled = fmt in export.IMAGE_FORMATS and not static
+            st.download_button(
+                fmt.upper(), data=(lambda f=fmt: export.figure_bytes(figure, f)) if not disabled else b"",
+                file_name=export.export_filename(run_id, name, fmt), mime=export.MIME_TYPES[fmt],
+                on_click="ignore", disabled=disabled, key=f"download.{run_id}.{name}.{fmt}", width="stretch",
+                help="interactive, opens offline" if fmt == "html" else f"{fmt.upper()}, {export.WIDTH} px wide"
+                + (f" at {export.PNG_SCALE}x" if fmt == "png" else ""),
+            )
+        if not static:
+            st.caption(export.NO_BROWSER_MESSAGE)
+
+
+def data_downloads(frame: pd.DataFrame, run_id: str, name: str) -> None:
+    """An export menu with CSV and JSON of a table."""
+    with st.popover(f"Export {name.replace('_', ' ')}", icon=":material/table:", type="tertiary"):
+        for fmt in export.DATA_FORMATS:
+            st.download_button(fmt.upper(), data=export.data_bytes(frame, fmt),
+                               file_name=export.export_filename(run_id, name, fmt), mime=export.MIME_TYPES[fmt],
+                               on_click="ignore", key=f"download.{run_id}.{name}.{fmt}", width="stretch")
+
+
+# -------------------------------------------------------------------------------------------------
+# sidebar
+# -------------------------------------------------------------------------------------------------
+
+
+def sidebar() -> None:
+    """Active model, active run and a running collection, on every page."""
+    with st.sidebar:
+        st.caption("ACTIVE")
+        st.markdown(f"**Model:** `{choice('model')}`")
+        run = active_run()
+        if run is None:
+            st.markdown("**Run:** none yet")
+        else:
+            summary = views.run_summary(run)
+            st.markdown(f"**Run:** `{run.run_id}`  \n{summary['model']} · {summary['modules']} modules  \n"
+                        f"safety set: {summary['safety']}  \nutility set: {summary['utility']}")
+        job = collection_job()
+        if job is not None and job.snapshot().running:
+            st.markdown(f"**Collecting:** {job.snapshot().label} (progress on Setup)")
