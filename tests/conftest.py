@@ -7,6 +7,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from analysis.models import load_model  # noqa: E402
 
@@ -25,3 +26,12 @@ def tiny_gpt2():
 def default_model():
     """The real embedded SmolLM2-135M-Instruct (converted once into cache/models)."""
     return load_model("default")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices: one torch thread is much faster, and robust on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

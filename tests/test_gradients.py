@@ -17,12 +17,7 @@ from analysis.models import load_model
 from analysis.store import TABLE_COLUMNS, RunStore
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_jsonl(path, rows):

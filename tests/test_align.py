@@ -1,0 +1,181 @@
+"""Alignment recipe on the tiny model: data hygiene, training loop, reproducibility, checkpoint."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from analysis import align as al
+from analysis import evaluate as ev
+from analysis.config import ConfigError
+from analysis.data import load_shipped
+from analysis.formatting import per_sample_loss
+from analysis.models import load_model
+
+# few steps, small data, a learning rate that moves a random 2-layer model
+TINY = dict(steps=6, batch_size=4, safety_per_batch=2, n_safety=12, n_utility=6, distill_max_new_tokens=6,
+            distill_batch_size=6, lr=3e-3, warmup_steps=1, max_length=128, train_layer_fraction=1.0,
+            borderline=False)
+
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def fresh_tiny():
+    return load_model("tiny-llama")
+
+
+def test_settings_refuse_eval_and_over_refusal_data():
+    with pytest.raises(ConfigError, match="eval split"):
+        al.AlignSettings(safety_split="eval")
+    with pytest.raises(ConfigError, match="benign_sensitive"):
+        al.AlignSettings(utility="benign_sensitive")
+    with pytest.raises(ConfigError):
+        al.AlignSettings(safety_per_batch=9, batch_size=8)
+
+
+def test_training_data_never_touches_held_out_sets():
+    safety, utility = al.load_training_sets(al.AlignSettings())
+    assert {ex.split for ex in safety} == {"analysis"} and {ex.split for ex in utility} == {"analysis"}
+    held_out = {ex.id for ex in load_shipped("safety").split("eval")} | {ex.id for ex in load_shipped("benign_sensitive")}
+    assert not held_out & ({ex.id for ex in safety} | {ex.id for ex in utility})
+    assert len(safety) == len(load_shipped("safety").split("analysis"))
+
+
+def test_borderline_prompts_are_disjoint_from_the_over_refusal_test_set():
+    def words(text):
+        return set(text.lower().replace("?", "").replace(",", "").split())
+
+    benign = [ex.prompt for ex in load_shipped("benign_sensitive")]
+    for _, prompt in al.BORDERLINE_PROMPTS:
+        for other in benign:
+            shared = len(words(prompt) & words(other)) / len(words(prompt) | words(other))
+            assert shared < 0.6, (prompt, other)
+    _, with_borderline = al.load_training_sets(al.AlignSettings())
+    _, without = al.load_training_sets(al.AlignSettings(borderline=False))
+    assert len(with_borderline) == len(without) + len(al.BORDERLINE_PROMPTS)
+    assert all(ex.id.startswith("borderline-") for ex in list(with_borderline)[len(without):])
+
+
+def test_batch_loss_equals_per_sample_loss(tiny_llama):
+    rows = [(list(range(5, 20)), [-100] * 8 + list(range(12, 19))), (list(range(5, 12)), [-100] * 4 + [7, 8, 9])]
+    batch = ev._pad_rows(rows, 0)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        expected = per_sample_loss(tiny_llama.model(**batch).logits, labels)
+        got = al.batch_loss(tiny_llama.model, {**batch, "labels": labels})
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batches_mix_safety_and_utility_and_are_seeded():
+    settings = al.AlignSettings(steps=5, batch_size=6, safety_per_batch=2, borderline_per_batch=1)
+    first = list(al.batches(10, 7, settings, n_borderline=3))
+    assert first == list(al.batches(10, 7, settings, n_borderline=3))
+    assert all(len(s) == 2 and len(u) == 3 and len(b) == 1 for s, u, b in first)
+    other_seed = al.AlignSettings(steps=5, batch_size=6, safety_per_batch=2, borderline_per_batch=1, seed=1)
+    assert first != list(al.batches(10, 7, other_seed, n_borderline=3))
+    # a shuffled epoch visits every safety example before repeating
+    assert sorted(i for s, _, _ in first for i in s) == list(range(10))
+    # without borderline rows their slots go to utility
+    assert all(len(u) == 4 and not b for _, u, b in al.batches(10, 7, settings))
+
+
+def test_select_trainable_freezes_lower_layers_and_embeddings():
+    loaded = fresh_tiny()
+    trainable, layers = al.select_trainable(loaded.model, 0.5)
+    assert layers == [1]
+    names = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
+    assert names and all(".layers.1." in n for n in names)
+    assert sum(p.numel() for p in trainable) == sum(p.numel() for n, p in loaded.model.named_parameters() if n in names)
+
+
+def test_self_distillation_is_cached(cache, monkeypatch):
+    loaded = fresh_tiny()
+    settings = al.AlignSettings(**TINY)
+    _, utility = al.load_training_sets(settings)
+    targets = al.self_distill(loaded, utility, settings)
+    assert [t["id"] for t in targets] == [ex.id for ex in utility]
+    assert all(len(t["ids"]) <= 6 for t in targets)
+    assert list((cache / "align").glob("distill-*.json"))
+    real_generate = al.generate_ids
+    monkeypatch.setattr(al, "generate_ids", lambda *a, **k: pytest.fail("should reuse the cache"))
+    assert al.self_distill(loaded, utility, settings) == targets
+    # appended prompts (the borderline set): only the new chunks are generated, old answers unchanged
+    calls = []
+    monkeypatch.setattr(al, "generate_ids", lambda model, tok, contexts, *a, **k: calls.append(len(contexts))
+                        or real_generate(model, tok, contexts, *a, **k))
+    _, more = al.load_training_sets(al.AlignSettings(**{**TINY, "borderline": True}))
+    bigger = al.self_distill(loaded, more, settings)
+    assert len(bigger) == len(targets) + len(al.BORDERLINE_PROMPTS)
+    assert sum(calls) == len(al.BORDERLINE_PROMPTS) and max(calls) <= settings.distill_batch_size
+    assert bigger[:len(targets)] == targets
+
+
+def test_a_few_steps_lower_the_refusal_nll_and_only_touch_trained_layers(cache):
+    loaded = fresh_tiny()
+    settings = al.AlignSettings(**{**TINY, "train_layer_fraction": 0.5})
+    safety, _ = al.load_training_sets(settings)
+    before_weights = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    refusals = [ex.messages for ex in safety]
+    before = ev.response_nll(loaded.model, loaded.tokenizer, refusals, 128).mean()
+    progress = []
+    report = al.align_model(loaded, settings, progress=lambda f, m: progress.append((f, m)))
+    after = ev.response_nll(loaded.model, loaded.tokenizer, refusals, 128).mean()
+    assert after < before - 0.05, (before, after)
+    assert len(report.losses) == settings.steps and all(np.isfinite(report.losses))
+    assert report.trained_layers == [1]
+    for name, parameter in loaded.model.named_parameters():
+        changed = not torch.equal(parameter, before_weights[name])
+        assert changed == (".layers.1." in name), name
+    fractions = [f for f, _ in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any("left" in m for _, m in progress)  # time estimate
+    assert all(p.requires_grad for p in loaded.model.parameters())  # flags restored
+
+
+def test_same_seed_same_weights_other_seed_other_weights(cache):
+    hashes = []
+    for seed in (0, 0, 1):
+        loaded = fresh_tiny()
+        report = al.align_model(loaded, al.AlignSettings(**{**TINY, "steps": 3, "seed": seed}))
+        hashes.append(report.weights_hash)
+        assert report.weights_hash == al.weights_hash(loaded.model)
+    assert hashes[0] == hashes[1] != hashes[2]
+    assert not torch.are_deterministic_algorithms_enabled()  # the global mode is restored
+
+
+def test_cancel_raises_and_writes_no_checkpoint(cache):
+    loaded = fresh_tiny()
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(al.AlignCancelled):
+        al.align_model(loaded, al.AlignSettings(**TINY), cancel=cancel)
+    assert not (cache / "models").exists()
+
+
+def test_align_default_model_writes_a_loadable_checkpoint(cache, monkeypatch):
+    import analysis.models as models
+
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda source="default", progress=None: real_load("tiny-llama"))
+    settings = al.AlignSettings(**{**TINY, "steps": 2})
+    folder = al.align_default_model(settings=settings)
+    assert folder == cache / "models" / models.ALIGNED_NAME
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["steps"] == 2 and manifest["lr"] == settings.lr and manifest["seed"] == 0
+    assert len(manifest["losses"]) == 2 and manifest["seconds"]["training"] > 0
+    assert manifest["data"]["safety"]["content_hash"] and manifest["files"]["model.safetensors"]["sha256"]
+    assert not list(folder.parent.glob(".*tmp*"))
+    aligned = real_load("default-aligned")  # the alias now resolves
+    assert al.weights_hash(aligned.model) == manifest["weights_hash"]
+    # same settings and base: reused, not rebuilt
+    monkeypatch.setattr(al, "align_model", lambda *a, **k: pytest.fail("should reuse the checkpoint"))
+    assert al.align_default_model(settings=settings) == folder
