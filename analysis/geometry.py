@@ -40,6 +40,7 @@ __all__ = [
     "top_singular",
     "factored_svd",
     "factored_svd_many",
+    "factored_svd_batched",
     "stack_factors",
     "cumulative_energy",
     "k_at_energy",
@@ -80,6 +81,8 @@ RANDOMIZED_MAX_FRACTION = 0.1
 #: Tolerance on max |Q^T Q - I| when a function requires orthonormal columns (loose enough for bases
 #: computed in float32 and converted).
 ORTHONORMAL_TOL = 1e-5
+#: :func:`factored_svd_batched` recovers vectors as (...) / s_j; below this s_j / s_1 it uses the QR route.
+BATCHED_NULL_RTOL = 1e-6
 
 
 class GeometryError(ValueError):
@@ -305,10 +308,69 @@ def factored_svd_many(
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """:func:`factored_svd` for each (D_i, A_i) of many samples; a list of (U_i, s_i, V_i).
 
-    A plain loop: per-sample T_i differ after padding removal, so a padded batched QR would redo the
-    zero rows; each per-sample SVD is already small (cost ~ T_i^2 (d_out + d_in)).
+    A plain loop (full results, any k); for top-k of many samples of one module
+    :func:`factored_svd_batched` gives the same results ~1.6x cheaper (stacked LAPACK, no Q formed).
     """
     return [factored_svd(D, A, k) for D, A in pairs]
+
+
+def _native(x: Any, name: str) -> Any:
+    """A float32/float64 torch tensor as a numpy view (no copy); anything else through :func:`as_array`."""
+    if _is_torch(x) and x.device.type == "cpu" and x.dtype.is_floating_point and x.element_size() >= 4:
+        return x.detach().numpy()
+    return as_array(x, name, ndim=2, allow_empty=True)
+
+
+def factored_svd_batched(
+    pairs: Sequence[tuple[Any, Any]], k: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``factored_svd(D_i, A_i, k)`` for many samples at once (same U_i, s_i, V_i up to rounding), batched.
+
+    pairs: (D_i (T_i, d_out), A_i (T_i, d_in)), same d_out / d_in for all i. All are zero-padded to
+    T = max T_i: zero rows (padding, masked tokens) only add zero columns to D_i^T, A_i^T, so the nonzero
+    singular values do not change; as in :func:`factored_svd`, r_i = min(k, T'_i, d_out, d_in) with T'_i
+    the rows where d_t and a_t are both nonzero. Steps, all stacked numpy
+    LAPACK in float64: R factors only of D_i^T = Q_d R_d and A_i^T = Q_a R_a (no Q is formed: half the QR
+    cost), SVD of the cores R_d R_a^T = Uc diag(s) Vc^T (n, T, T), then only the k vectors needed,
+    U_k = D_i^T R_a^T Vc_k / s_k and V_k = A_i^T R_d^T Uc_k / s_k (since D_i Q_d = R_d^T, A_i Q_a = R_a^T).
+    The division loses accuracy for s_j ~ 0, so a sample whose r_i-th value is <= BATCHED_NULL_RTOL s_1
+    (rank below k, rare) is redone by :func:`factored_svd`. Signs as in :func:`top_singular`.
+    Returns a list of (U_i (d_out, r_i), s_i (r_i,), V_i (d_in, r_i)).
+    """
+    kk = _check_k(k)
+    if len(pairs) == 0:
+        return []
+    shapes = [(tuple(D.shape), tuple(A.shape)) for D, A in pairs]
+    d_out, d_in = shapes[0][0][-1], shapes[0][1][-1]
+    for i, (sd, sa) in enumerate(shapes):
+        if len(sd) != 2 or len(sa) != 2 or sd[0] != sa[0] or (sd[1], sa[1]) != (d_out, d_in) or 0 in (d_out, d_in):
+            raise GeometryError(f"pair {i}: bad factor shapes {sd} and {sa} (need (T_i, {d_out}), (T_i, {d_in}))")
+    T = max(sd[0] for sd, _ in shapes)
+    Ds, As = np.zeros((len(pairs), T, d_out)), np.zeros((len(pairs), T, d_in))  # zero-padded D_i, A_i
+    for i, (D, A) in enumerate(pairs):  # one float64 copy per factor, checked once below
+        Ds[i, : shapes[i][0][0]], As[i, : shapes[i][0][0]] = _native(D, f"D[{i}]"), _native(A, f"A[{i}]")
+    if not (np.isfinite(Ds).all() and np.isfinite(As).all()):
+        raise GeometryError("factored_svd_batched: NaN/Inf in the factors")
+    rows = np.count_nonzero(np.any(Ds != 0, axis=2) & np.any(As != 0, axis=2), axis=1)  # T'_i
+    if T == 0 or not rows.any():
+        return [(np.zeros((d_out, 0)), np.zeros(0), np.zeros((d_in, 0))) for _ in pairs]
+    Dt, At = np.swapaxes(Ds, 1, 2), np.swapaxes(As, 1, 2)  # D_i^T, A_i^T as (Fortran-order) views
+    Rd, Ra = np.linalg.qr(Dt, mode="r"), np.linalg.qr(At, mode="r")  # (n, min(d, T), T)
+    Uc, s, Vct = np.linalg.svd(Rd @ np.swapaxes(Ra, 1, 2))
+    r = min(kk, s.shape[1])
+    Uc, s, Vc = Uc[:, :, :r], s[:, :r], np.swapaxes(Vct[:, :r], 1, 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        U = Dt @ (np.swapaxes(Ra, 1, 2) @ Vc) / s[:, None, :]  # (n, d_out, r)
+        V = At @ (np.swapaxes(Rd, 1, 2) @ Uc) / s[:, None, :]  # (n, d_in, r)
+    out = []
+    for i, (D, A) in enumerate(pairs):
+        r_i = min(r, int(rows[i]))
+        if r_i and not s[i, r_i - 1] > BATCHED_NULL_RTOL * s[i, 0]:
+            out.append(factored_svd(D, A, kk, method="qr"))
+            continue
+        U_i, Vt_i = _sign_fix(U[i, :, :r_i], V[i, :, :r_i].T)
+        out.append((U_i, s[i, :r_i].copy(), Vt_i.T))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

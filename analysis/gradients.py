@@ -42,7 +42,7 @@ two passes that meet on disk:
    matrix K (n x n) by the cheaper exact route (``gram_costs``: ghost, or dense chunks of vec(G_i) whose
    size is bounded by ``chunk_bytes``), the set sums of G_i (dense, one module at a time), full spectra and
    top-k bases of the batch means (``batch_svd``), per-sample top-k SVDs and single-sample overlaps
-   (``geometry.factored_svd``, no dense G_i), cross-set cosine / principal angles / overlap, Gram-derived
+   (``geometry.factored_svd_batched``, no dense G_i), cross-set cosine / principal angles / overlap, Gram-derived
    sample-view metrics, and the overlap-vs-n curve for the curve modules (``geometry.overlap_vs_n``).
    Memory: one module's factors (gate_proj above: 35 MB) + one dense chunk (<= chunk_bytes; 226 MB).
 Measured on SmolLM2, all 210 modules, n = 64, batch 8: peak RSS 2.1 GiB, of which 0.4 GiB is the loaded
@@ -535,8 +535,8 @@ def analyse_module(info: ModuleInfo, pairs: Sequence[tuple[torch.Tensor, torch.T
         sample_s = np.zeros((len(members[which]), top_k))
         phi = np.full(len(members[which]), np.nan)
         top1 = np.full(len(members[which]), np.nan)
-        for row_index, i in enumerate(members[which]):
-            U_i, s_i, _ = geo.factored_svd(pairs[i][0], pairs[i][1], top_k)
+        per_sample = geo.factored_svd_batched([pairs[i] for i in members[which]], top_k)
+        for row_index, (U_i, s_i, _) in enumerate(per_sample):
             sample_s[row_index, : s_i.size] = s_i
             basis_i = _nonnull(U_i, s_i)
             if basis_i.shape[1] and U_k.shape[1]:

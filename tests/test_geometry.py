@@ -766,3 +766,85 @@ def test_projections_bad_input():
     Gt[0, 0] = float("inf")
     with pytest.raises(GeometryError, match="NaN/Inf"):
         g.project_orthogonal(Gt, torch.from_numpy(U))
+
+
+# --------------------------------------------------------------------------------------------------
+# factored_svd_batched: same as factored_svd per sample
+# --------------------------------------------------------------------------------------------------
+
+
+def _assert_same_svd(got, want, d_out):
+    U, s, V = got
+    U0, s0, V0 = want
+    assert s.shape == s0.shape and U.shape == U0.shape and V.shape == V0.shape
+    np.testing.assert_allclose(s, s0, rtol=1e-8, atol=1e-12 * max(1.0, s0[0] if s0.size else 1.0))
+    if s.size:
+        assert np.allclose(U.T @ U, np.eye(s.size), atol=1e-8)
+        # same subspaces (values here are distinct): the projectors agree
+        np.testing.assert_allclose(U @ U.T, U0 @ U0.T, atol=1e-8)
+        np.testing.assert_allclose(V @ V.T, V0 @ V0.T, atol=1e-8)
+
+
+def test_factored_svd_batched_matches_dense_and_per_sample():
+    rng = np.random.default_rng(7)
+    d_out, d_in, k = 40, 24, 5
+    pairs = []
+    for T in (9, 3, 12, 1, 7):  # different T, one with T < k
+        D, A = rng.standard_normal((T + 2, d_out)), rng.standard_normal((T + 2, d_in))
+        D[-1] = 0  # padding rows are dropped
+        A[-2] = 0
+        pairs.append((D, A))
+    out = g.factored_svd_batched(pairs, k)
+    assert len(out) == len(pairs)
+    for (D, A), got in zip(pairs, out):
+        _assert_same_svd(got, g.factored_svd(D, A, k), d_out)
+        s_dense = sla.svdvals(D.T @ A)[: got[1].size]
+        np.testing.assert_allclose(got[1], s_dense, rtol=1e-8)
+        U, s, V = got
+        np.testing.assert_allclose(U.T @ (D.T @ A) @ V, np.diag(s), atol=1e-9 * s[0])
+
+
+def test_factored_svd_batched_rank_deficient_torch_and_empty():
+    rng = np.random.default_rng(8)
+    T, d_out, d_in, k = 10, 30, 20, 6
+    D = rng.standard_normal((T, 2)) @ rng.standard_normal((2, d_out))  # rank 2 < k
+    A = rng.standard_normal((T, d_in))
+    D2, A2 = rng.standard_normal((T, d_out)), rng.standard_normal((T, 3)) @ rng.standard_normal((3, d_in))
+    pairs = [(torch.tensor(D), torch.tensor(A)), (D2, A2), (np.zeros((4, d_out)), np.ones((4, d_in)))]
+    out = g.factored_svd_batched(pairs, k)
+    for (Dp, Ap), got in zip(pairs[:2], out[:2]):
+        want = g.factored_svd(Dp, Ap, k)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-8, atol=1e-10 * want[1][0])
+        r = int(np.sum(want[1] > 1e-8 * want[1][0]))
+        assert r in (2, 3)
+        np.testing.assert_allclose(got[0][:, :r] @ got[0][:, :r].T, want[0][:, :r] @ want[0][:, :r].T, atol=1e-8)
+        assert np.allclose(got[0].T @ got[0], np.eye(got[0].shape[1]), atol=1e-8)
+    assert out[2][1].shape == (0,) and out[2][0].shape == (d_out, 0) and out[2][2].shape == (d_in, 0)
+    assert g.factored_svd_batched([], 3) == []
+    with pytest.raises(GeometryError):
+        g.factored_svd_batched([(np.ones((3, 4)), np.ones((3, 5))), (np.ones((3, 6)), np.ones((3, 5)))], 2)
+    with pytest.raises(GeometryError):
+        g.factored_svd_batched([(np.ones((3, 4)), np.ones((2, 5)))], 2)
+    with pytest.raises(GeometryError):
+        g.factored_svd_batched([(np.ones((3, 4)), np.ones((3, 5)))], 0)
+
+
+def test_factored_svd_batched_rank_above_k_but_below_T():
+    rng = np.random.default_rng(9)
+    T, d_out, d_in, k = 16, 30, 25, 4
+    D = rng.standard_normal((T, 6)) @ rng.standard_normal((6, d_out))  # rank 6: k <= rank < T
+    A = rng.standard_normal((T, 9)) @ rng.standard_normal((9, d_in))
+    got, want = g.factored_svd_batched([(D, A)], k)[0], g.factored_svd(D, A, k)
+    _assert_same_svd(got, want, d_out)
+    np.testing.assert_allclose(got[1], sla.svdvals(D.T @ A)[:k], rtol=1e-8)
+
+
+def test_factored_svd_batched_float32_torch_and_nan():
+    rng = np.random.default_rng(10)
+    pairs = [(torch.tensor(rng.standard_normal((T, 12)), dtype=torch.float32),
+              torch.tensor(rng.standard_normal((T, 9)), dtype=torch.float32)) for T in (5, 8)]
+    for (D, A), got in zip(pairs, g.factored_svd_batched(pairs, 3)):
+        _assert_same_svd(got, g.factored_svd(D, A, 3), 12)
+    bad = [(np.full((3, 4), np.nan), np.ones((3, 5)))]
+    with pytest.raises(GeometryError):
+        g.factored_svd_batched(bad, 2)
