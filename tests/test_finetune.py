@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 
 from analysis.config import ConfigError, ModelConfig, config_hash
 from analysis.finetune import (
-    PRESETS, FinetuneCancelled, FinetuneConfig, SPFConfig, Trainer, comparison_table, list_finetune_runs,
+    PRESETS, FinetuneCancelled, FinetuneConfig, Trainer, comparison_table, list_finetune_runs,
     load_finetune_run, preset, project_gradients, response_losses, run_comparison, run_finetune, top_k_basis,
     _as_out_in, _safety_indices,
 )
