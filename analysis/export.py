@@ -112,7 +112,17 @@ def figure_bytes(figure: go.Figure, fmt: str, width: int = WIDTH, height: int | 
     options = dict(format=fmt, width=width, height=height, scale=scale or (PNG_SCALE if fmt == "png" else 1))
     try:
         with _image_lock:  # kaleido's sync server handles one request at a time
-            return kaleido.calc_fig_sync(figure.to_dict(), opts=options)
+            try:
+                return kaleido.calc_fig_sync(figure.to_dict(), opts=options)
+            except Exception:
+                # On a loaded machine a fresh kaleido tab can be asked to render before its page script has
+                # loaded ("kaleido_scopes is not defined"); a restarted browser then renders fine: one retry.
+                if not kaleido._global_server.is_running():
+                    raise
+                with _server_lock:
+                    kaleido.stop_sync_server(silence_warnings=True)
+                    kaleido.start_sync_server(mathjax=False, silence_warnings=True)
+                return kaleido.calc_fig_sync(figure.to_dict(), opts=options)
     except Exception as error:  # kaleido/choreographer raise assorted errors (browser crash, timeout)
         raise ExportError(f"{fmt.upper()} export failed ({type(error).__name__}: {error}). "
                           "The interactive HTML export does not need a browser.") from error
