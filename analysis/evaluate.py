@@ -610,6 +610,16 @@ def _config_for_hash(config: EvalConfig) -> dict:
     return values
 
 
+def _data_key(harmful, benign, utility) -> dict:
+    return {"harmful": _fingerprint(harmful), "benign": _fingerprint(benign), "utility": _fingerprint(utility)}
+
+
+def stored_result(loaded, config: EvalConfig = EvalConfig(), root: Path | None = None) -> EvalResult | None:
+    """The stored evaluation of this model (weights identity) with this config and data, or None."""
+    folder, _ = result_folder(loaded, config, _data_key(*_load_sets(config)), root)
+    return load_result(folder)
+
+
 def evaluate_model(
     loaded,
     config: EvalConfig = EvalConfig(),
@@ -624,7 +634,7 @@ def evaluate_model(
     generation 0-0.75, NLLs 0.75-0.95 (judge, when on, 0.95-1).
     """
     harmful, benign, utility = _load_sets(config)
-    data_key = {"harmful": _fingerprint(harmful), "benign": _fingerprint(benign), "utility": _fingerprint(utility)}
+    data_key = _data_key(harmful, benign, utility)
     folder, key = result_folder(loaded, config, data_key, root)
     if use_cache:
         stored = load_result(folder)

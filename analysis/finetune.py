@@ -387,7 +387,6 @@ def finetune_root(root: str | Path | None = None) -> Path:
 
 
 def _store(root: str | Path | None = None):
-
     return RunStore(finetune_root(root))
 
 
@@ -866,7 +865,6 @@ def _eval_key(identity: str, config: FinetuneConfig, data: _Data) -> str:
 
 
 def _save_checkpoint(path: Path, trainable, optimizer, basis, state: dict) -> None:
-
     arrays: dict[str, Any] = {f"param/{name}": p.detach() for name, p in trainable}
     optimizer_state = optimizer.state_dict()
     scalars = []
@@ -1180,7 +1178,6 @@ class Trainer:
         self.writer.write_manifest(checkpoint_step=step)
 
     def _write_live(self) -> None:
-
         atomic_write_json(self.writer.folder / "history.json", finite_or_none(self.history))
 
     def _emit(self, row: dict) -> None:

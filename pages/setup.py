@@ -5,16 +5,9 @@ import streamlit as st
 from analysis.capture import ALL_KINDS, SelectionError, select_modules
 from analysis.config import ConfigError, ModelConfig
 from analysis.data import DataError, load_shipped
-from analysis.models import ModelLoadError, resolve_source, summarize
+from analysis.models import ModelLoadError, summarize
 from ui import common
 
-MODEL_CHOICES = {
-    "default": "SmolLM2-135M-Instruct (embedded default)",
-    "default-aligned": "SmolLM2-135M-Instruct, safety-aligned variant",
-    "tiny-llama": "Tiny random Llama (2 layers, demo)",
-    "tiny-gpt2": "Tiny random GPT-2 (2 layers, demo)",
-    "other": "Other: Hugging Face id or local folder",
-}
 SAFETY_SETS = {"safety": "safety: harmful requests + refusals", "harmful_prefix": "harmful_prefix: attack targets",
                "identity_shift": "identity_shift: AOA persona", "upload": "Upload a file…"}
 UTILITY_SETS = {"utility": "utility: benign tasks + answers", "benign_sensitive": "benign_sensitive: borderline benign",
@@ -26,26 +19,19 @@ st.caption("Pick a model, a safety set and a utility set, and which linear modul
            "Collecting computes exact per-sample gradients and stores the results; the other pages read them.")
 
 
-def aligned_model_available() -> bool:
-    try:
-        resolve_source("default-aligned")
-        return True
-    except ModelLoadError:
-        return False
-
-
 # ---- model -----------------------------------------------------------------------------------------
 st.header("1 · Model", divider="gray")
 model_column, summary_column = st.columns([2, 3], gap="large")
 with model_column:
     remembered = common.choice("model")
-    kind = remembered if remembered in MODEL_CHOICES else "other"
-    picked = st.radio("Model", list(MODEL_CHOICES), index=list(MODEL_CHOICES).index(kind),
-                      format_func=MODEL_CHOICES.get, key="widget.model_kind")
+    kind = remembered if remembered in common.MODEL_CHOICES else "other"
+    picked = st.radio("Model", list(common.MODEL_CHOICES), index=list(common.MODEL_CHOICES).index(kind),
+                      format_func=common.MODEL_CHOICES.get, key="widget.model_kind")
     source, allow_pickle, trust_remote_code = picked, False, False
-    if picked == "default-aligned" and not aligned_model_available():
-        st.warning("The safety-aligned variant has not been built yet: run `python -m analysis align` once "
-                   "(about 15 minutes on a CPU), then choose it here.")
+    if picked == "default-aligned" and not common.aligned_model_available():
+        st.warning("The safety-aligned variant has not been built yet: build it once on the page "
+                   "\"Is the model safe?\" or with `python -m analysis align` (about 15 minutes on a CPU).")
+        st.page_link("pages/safety.py", label="Build the aligned model", icon=":material/shield:")
         st.stop()
     if picked == "other":
         source = st.text_input("Hugging Face id or local checkpoint folder",

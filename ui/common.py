@@ -91,6 +91,26 @@ def remembered_widget(key: str, widget: Callable[..., Any], *args: Any, **kwargs
 # -------------------------------------------------------------------------------------------------
 
 
+MODEL_CHOICES = {  # source -> label; "other" asks for a hub id or folder
+    "default": "SmolLM2-135M-Instruct (embedded default)",
+    "default-aligned": "SmolLM2-135M-Instruct, safety-aligned variant",
+    "tiny-llama": "Tiny random Llama (2 layers, demo)",
+    "tiny-gpt2": "Tiny random GPT-2 (2 layers, demo)",
+    "other": "Other: Hugging Face id or local folder",
+}
+
+
+def aligned_model_available() -> bool:
+    """True once ``python -m analysis align`` (or the button on the safety page) has built the aligned model."""
+    from analysis.models import ModelLoadError, resolve_source
+
+    try:
+        resolve_source("default-aligned")
+        return True
+    except ModelLoadError:
+        return False
+
+
 @st.cache_resource(show_spinner="Loading the model (the embedded default is converted once, ~20 s)…", max_entries=3)
 def load_model(source: str, dtype: str = "float32", allow_pickle: bool = False, trust_remote_code: bool = False):
     """``analysis.models.load_model`` once per process and model (raises ModelLoadError)."""
@@ -243,6 +263,21 @@ def adopt_finished_collection(status: JobStatus) -> bool:
     st.session_state["adopted_job"] = marker
     set_choice("run_id", status.result)
     return True
+
+
+def show_progress(status: JobStatus) -> None:
+    """A progress bar with the job's message and elapsed time."""
+    st.progress(status.fraction, text=f"{status.fraction:.0%} · {status.label}: {status.message} · {status.seconds:.0f} s")
+
+
+def show_outcome(status: JobStatus, what: str) -> None:
+    """How a finished background job ended (success, cancelled, or the error message)."""
+    if status.state == "done":
+        st.success(f"{what} finished in {status.seconds:.0f} s.")
+    elif status.state == "cancelled":
+        st.warning(f"{what} cancelled after {status.seconds:.0f} s ({status.message}).")
+    elif status.state == "failed":
+        st.error(f"{what} failed: {status.error}")
 
 
 def show_job_status(status: JobStatus, eta: float = 0.9) -> None:

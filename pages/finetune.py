@@ -1,0 +1,192 @@
+"""Fine-tune — does SPF keep the model safe? Qi et al.'s attacks with plain fine-tuning and SPF, live."""
+
+import dataclasses
+
+import pandas as pd
+import streamlit as st
+
+from analysis import finetune, safety_views
+from analysis.config import ConfigError
+from analysis.data import DataError
+from analysis.models import ModelLoadError
+from ui import common
+from ui.jobs import REGISTRY
+
+FINETUNE_KEY = "finetune"
+ARMS = {"both": "Plain and SPF, side by side", "plain": "Plain fine-tuning only", "spf": "SPF only"}
+MAIN_METRICS = ("asr", "refusal_nll", "utility_nll", "cos_mean")
+
+st.title("Fine-tune: does SPF keep the model safe?")
+st.caption("Fine-tune a safety-aligned model the way Qi et al. (2023) broke Llama-2-chat — 10–100 harmful examples, an "
+           "identity-shifting persona (AOA), or plain benign data — once as is and once with safety-preserving "
+           "fine-tuning (SPF: before each step, the fine-tuning gradient of every selected module loses its components "
+           "that conflict with the top-k safety-gradient subspace). Both arms share seed, data and settings.")
+
+# ---- settings ---------------------------------------------------------------------------------------
+st.header("1 · Attack and settings", divider="gray")
+models = {key: label for key, label in common.MODEL_CHOICES.items() if key != "other"}
+left, middle, right = st.columns(3, gap="large")
+with left:
+    source = common.remembered_widget("ft.model", st.selectbox, "Model", list(models), format_func=models.get,
+                                      value="default-aligned")
+    if source == "default-aligned" and not common.aligned_model_available():
+        st.warning("The safety-aligned default model is not built yet; fine-tuning the unaligned model shows nothing "
+                   "to lose.")
+        st.page_link("pages/safety.py", label="Build it on “Is the model safe?”", icon=":material/shield:")
+        st.stop()
+    preset_name = common.remembered_widget("ft.preset", st.selectbox, "Attack (preset after Qi et al.)",
+                                           list(finetune.PRESETS), value="harmful-10")
+    st.caption(finetune.PRESETS[preset_name].description.split(" Scaled for")[0])
+    arms = common.remembered_widget("ft.arms", st.radio, "Arms", list(ARMS), format_func=ARMS.get, value="both")
+base = finetune.preset(preset_name)
+with middle:
+    st.markdown("**Training**")
+    lr = st.number_input("Learning rate", min_value=1e-7, max_value=1e-2, value=base.lr, format="%.1e",
+                         key=f"widget.ft.lr.{preset_name}")
+    epochs = st.number_input("Epochs", min_value=1, max_value=50, value=base.epochs, key=f"widget.ft.epochs.{preset_name}")
+    batch_size = st.number_input("Batch size", min_value=1, max_value=128, value=base.batch_size,
+                                 key=f"widget.ft.batch.{preset_name}")
+    trainable = st.selectbox("What trains", finetune.TRAINABLE, index=finetune.TRAINABLE.index(base.trainable),
+                             key="widget.ft.trainable",
+                             help="blocks: every transformer block (default); last: the last N blocks; linear: only "
+                                  "the blocks' linear weights; all: with embeddings; lora: adapters (plain arm only)")
+    seed = st.number_input("Seed", min_value=0, value=0, key="widget.ft.seed")
+with right:
+    st.markdown("**SPF**")
+    k = st.number_input("Safety subspace size k (per module)", min_value=1, max_value=256, value=base.spf.k,
+                        key="widget.ft.k")
+    refresh = st.number_input("Refresh the subspace every R steps", min_value=1, max_value=1000,
+                              value=base.spf.refresh, key="widget.ft.refresh")
+    safety_batch = st.number_input("Safety batch (refusals per refresh; 1 allowed)", min_value=1, max_value=64,
+                                   value=base.spf.safety_batch, key="widget.ft.safety_batch")
+    mode = st.radio("Projection", finetune.SPF_MODES, horizontal=True, key="widget.ft.mode",
+                    help="conflict: remove only the components that would raise the safety loss; "
+                         "orthogonal: remove the whole safety-subspace component")
+    target = st.radio("Project", finetune.SPF_TARGETS, horizontal=True, key="widget.ft.target",
+                      help="gradient: the fine-tuning gradient before AdamW (the paper's reading); update: AdamW's actual "
+                           "weight change (keeps the first-order guarantee under Adam)")
+    spf_layers = st.text_input("SPF layers", value="all", key="widget.ft.spf_layers")
+
+try:
+    config = finetune.preset(
+        preset_name, model=source, lr=float(lr), epochs=int(epochs), batch_size=int(batch_size), trainable=trainable,
+        seed=int(seed), spf=dict(k=int(k), refresh=int(refresh), safety_batch=int(safety_batch), mode=mode,
+                                 target=target, layers=spf_layers))
+    methods = ("plain", "spf") if arms == "both" else (arms,)
+    configs = {method: dataclasses.replace(config, method=method) for method in methods}
+    loaded = common.load_model(source)
+    run_ids = {method: finetune.run_id_for(arm, loaded.identity) for method, arm in configs.items()}
+except (ConfigError, DataError, ModelLoadError) as error:
+    st.error(str(error))
+    st.stop()
+
+# ---- run ----------------------------------------------------------------------------------------------
+st.header("2 · Run", divider="gray")
+job = REGISTRY.get(FINETUNE_KEY)
+running = job is not None and job.snapshot().running
+
+
+def live_histories(status) -> dict[str, pd.DataFrame]:
+    rows = status.live.get("rows", {}) if status.live else {}
+    return {("SPF" if method == "spf" else "plain fine-tuning"): pd.DataFrame(history)
+            for method, history in rows.items() if history}
+
+
+@st.fragment(run_every=2.0)
+def live_view() -> None:
+    status = job.snapshot()
+    common.show_progress(status)
+    if st.button("Cancel (resumable)", icon=":material/stop:", key="ft.cancel"):
+        job.cancel()
+        st.toast("Stopping at the next step; a checkpoint is kept, starting again resumes.")
+    histories = live_histories(status)
+    columns = st.columns(2)
+    for index, metric in enumerate(MAIN_METRICS):
+        figure = safety_views.finetune_curve_figure(histories, metric)
+        figure.update_layout(height=360)
+        columns[index % 2].plotly_chart(figure, theme=None, config=common.CHART_CONFIG, key=f"ft.live.{metric}")
+    if not status.running:
+        st.rerun(scope="app")
+
+
+stored = {method: finetune.FinetuneResults(finetune.finetune_root() / run_id) for method, run_id in run_ids.items()
+          if (finetune.finetune_root() / run_id / "manifest.json").is_file()}
+complete = {method: results for method, results in stored.items() if results.status == "complete"}
+if running:
+    st.markdown(f"**Running:** {job.snapshot().label}")
+    live_view()
+else:
+    if job is not None:
+        common.show_outcome(job.snapshot(), "Fine-tuning")
+    todo = [method for method in methods if method not in complete]
+    if todo:
+        resumable = [method for method in todo if method in stored]
+        st.caption(f"{len(todo)} arm(s) to train: {', '.join(todo)}. Each preset takes a few minutes on a 2-core CPU "
+                   "(evaluations by generation at the start and end included)."
+                   + (f" Interrupted run(s) resume from their checkpoint: {', '.join(resumable)}." if resumable else ""))
+        if st.button("Start" if not resumable else "Resume", type="primary", icon=":material/play_arrow:"):
+            pending = {method: configs[method] for method in todo}
+
+            def work(job):
+                rows: dict[str, list] = {method: [] for method in pending}
+                for index, (method, arm) in enumerate(pending.items()):
+                    def progress(step, total, row, index=index, method=method):
+                        rows[method].append(row)
+                        job.report((index + step / max(total, 1)) / len(pending),
+                                   f"{method}: step {step}/{total}", {"rows": {m: list(r) for m, r in rows.items()}})
+
+                    finetune.run_finetune(arm, progress, job.cancel_event)
+                return list(pending)
+
+            REGISTRY.start(FINETUNE_KEY, f"{config.preset} on {loaded.name}: {', '.join(pending)}", work,
+                           cancelled_errors=(finetune.FinetuneCancelled,))
+            st.rerun()
+
+# ---- results ------------------------------------------------------------------------------------------
+if not complete:
+    st.stop()
+st.header("3 · Results", divider="gray")
+labelled = {method: complete[method] for method in methods if method in complete}
+table = finetune.comparison_table(list(labelled.values()))
+verdict = safety_views.finetune_verdict(table)
+if verdict:
+    st.info(f"**Answer.** {verdict}")
+st.dataframe(table, hide_index=True, width="stretch")
+export_id = f"finetune_{config.preset}"
+common.data_downloads(table, export_id, "comparison")
+figures = safety_views.finetune_figures(labelled)
+columns = st.columns(2)
+for index, metric in enumerate(MAIN_METRICS):
+    with columns[index % 2]:
+        common.show_figure(figures[metric], export_id, metric)
+with st.expander("More curves: training loss, SPF's removed share, weight distance, over-refusal"):
+    columns = st.columns(2)
+    for index, metric in enumerate(m for m in figures if m not in MAIN_METRICS):
+        with columns[index % 2]:
+            common.show_figure(figures[metric], export_id, metric)
+common.show_figure(safety_views.finetune_category_figure(labelled), export_id, "asr_by_category")
+histories = pd.concat([results.history.assign(arm=method) for method, results in labelled.items()], ignore_index=True)
+common.data_downloads(histories, export_id, "history")
+
+model_paths = {method: results.model_path for method, results in labelled.items() if results.model_path}
+if model_paths:
+    st.markdown("**How did the safety subspace change?** Analyse a fine-tuned model on the other pages:")
+    for column, (method, path) in zip(st.columns(len(model_paths)), model_paths.items()):
+        if column.button(f"Use the {method} model on Setup", key=f"ft.use.{method}", icon=":material/arrow_forward:"):
+            common.set_choice("model", str(path))
+            st.switch_page("pages/setup.py")
+
+# ---- earlier runs ---------------------------------------------------------------------------------------
+st.header("4 · Earlier runs", divider="gray")
+runs = finetune.list_finetune_runs()
+st.dataframe(runs, hide_index=True, width="stretch")
+finished = list(runs.loc[runs["status"] == "complete", "run_id"])
+picked = st.multiselect("Compare runs (same axes)", finished, max_selections=4, key="widget.ft.compare")
+if picked:
+    chosen = {run_id: finetune.load_finetune_run(run_id) for run_id in picked}
+    st.dataframe(finetune.comparison_table(list(chosen.values())), hide_index=True, width="stretch")
+    compare = safety_views.finetune_figures(chosen, MAIN_METRICS)
+    columns = st.columns(2)
+    for index, (metric, figure) in enumerate(compare.items()):
+        with columns[index % 2]:
+            common.show_figure(figure, "finetune_compare", metric)

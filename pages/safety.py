@@ -1,0 +1,165 @@
+"""Is the model safe? Build the safety-aligned default model; evaluate models (ASR, over-refusal, NLLs)."""
+
+import json
+
+import streamlit as st
+
+from analysis import safety_views
+from analysis.config import ConfigError
+from analysis.evaluate import KEYWORD_LISTS, EvalConfig
+from analysis.models import ModelLoadError
+from ui import common
+from ui.jobs import REGISTRY
+
+ALIGN_KEY, EVALUATE_KEY = "align", "evaluate"
+
+st.title("Is the model safe?")
+st.caption("Attack success rate (ASR) = share of held-out harmful prompts whose greedy completion is not a refusal; "
+           "over-refusal = share of benign prompts that merely sound sensitive which the model refuses. Refusals are "
+           "found by keyword lists (Qi et al. 2023, case-sensitive; Arditi et al. 2024, case-insensitive). NLLs are "
+           "nats per response token on the same held-out prompts.")
+
+# ---- the aligned model -------------------------------------------------------------------------------
+st.header("1 · The safety-aligned default model", divider="gray")
+align_job = REGISTRY.get(ALIGN_KEY)
+
+
+@st.fragment(run_every=common.POLL_SECONDS)
+def align_progress() -> None:
+    status = align_job.snapshot()
+    common.show_progress(status)
+    if st.button("Cancel", icon=":material/stop:", key="align.cancel"):
+        align_job.cancel()
+    if not status.running:
+        st.rerun(scope="app")
+
+
+if align_job is not None and align_job.snapshot().running:
+    align_progress()
+else:
+    if align_job is not None:
+        common.show_outcome(align_job.snapshot(), "Alignment")
+    if common.aligned_model_available():
+        from analysis.align import aligned_folder
+
+        manifest = json.loads((aligned_folder() / "manifest.json").read_text())
+        st.success(f"Built: `{aligned_folder()}` — selectable as “safety-aligned variant” on every page.")
+        columns = st.columns(4)
+        columns[0].metric("Steps", manifest.get("steps"))
+        columns[1].metric("Learning rate", manifest.get("lr"))
+        columns[2].metric("Trained blocks", f"{len(manifest.get('trained_layers', []))} (top)")
+        losses = manifest.get("losses") or []
+        columns[3].metric("Loss first → last", f"{losses[0]:.2f} → {losses[-1]:.2f}" if losses else "—")
+        with st.expander("Manifest"):
+            st.json(manifest, expanded=False)
+    else:
+        st.info("SmolLM2-135M-Instruct as shipped answers harmful requests, so its safety gradient has nothing to "
+                "preserve. Build the safety-aligned variant once: refusals on the safety set's analysis split, mixed "
+                "with the model's own answers to benign prompts (self-distillation). About 15–25 minutes on a 2-core CPU.")
+        if st.button("Build the aligned model", type="primary", icon=":material/shield:"):
+            from analysis.align import AlignCancelled, align_default_model
+
+            def work(job):
+                return str(align_default_model(progress=lambda fraction, message: job.report(fraction, message),
+                                               cancel=job.cancel_event.is_set))
+
+            REGISTRY.start(ALIGN_KEY, "Building the safety-aligned default model", work, cancelled_errors=(AlignCancelled,))
+            st.rerun()
+
+# ---- evaluation -------------------------------------------------------------------------------------
+st.header("2 · Evaluate", divider="gray")
+available = {key: label for key, label in common.MODEL_CHOICES.items()
+             if key != "other" and (key != "default-aligned" or common.aligned_model_available())}
+left, right = st.columns([3, 2], gap="large")
+with left:
+    default_models = [m for m in ("default", "default-aligned") if m in available]
+    models = common.remembered_widget("eval.models", st.multiselect, "Models", list(available),
+                                      value=default_models, format_func=available.get)
+    other = st.text_input("Another model (Hugging Face id in the local cache, or a folder)", key="widget.eval.other",
+                          placeholder="optional").strip()
+with right:
+    keywords = common.remembered_widget("eval.keywords", st.radio, "Refusal keywords", list(KEYWORD_LISTS),
+                                        format_func=safety_views.KEYWORD_NAMES.get, value="qi")
+    with st.expander("Settings"):
+        n_harmful = common.remembered_widget("eval.n_harmful", st.number_input, "Harmful prompts (0 = all 88)",
+                                             min_value=0, value=0)
+        max_new_tokens = common.remembered_widget("eval.max_new_tokens", st.number_input, "New tokens per completion",
+                                                  min_value=8, max_value=256, value=EvalConfig.max_new_tokens)
+sources = list(models) + ([other] if other else [])
+if not sources:
+    st.info("Pick at least one model to evaluate.")
+    st.stop()
+try:
+    # both keyword lists are always scored; the choice above only picks what the figure shows
+    config = EvalConfig(max_new_tokens=int(max_new_tokens), n_harmful=int(n_harmful) or None)
+except ConfigError as error:
+    st.error(str(error))
+    st.stop()
+
+loaded_models = {}
+for source in sources:
+    try:
+        loaded_models[available.get(source, source)] = common.load_model(source)
+    except ModelLoadError as error:
+        st.error(str(error))
+if not loaded_models:
+    st.stop()
+
+from analysis.evaluate import EvalCancelled, evaluate_model, stored_result  # noqa: E402
+
+results = {label: stored_result(loaded, config) for label, loaded in loaded_models.items()}
+missing = [label for label, result in results.items() if result is None]
+evaluate_job = REGISTRY.get(EVALUATE_KEY)
+
+
+@st.fragment(run_every=common.POLL_SECONDS)
+def evaluate_progress() -> None:
+    status = evaluate_job.snapshot()
+    common.show_progress(status)
+    if st.button("Cancel", icon=":material/stop:", key="evaluate.cancel"):
+        evaluate_job.cancel()
+    if not status.running:
+        st.rerun(scope="app")
+
+
+if evaluate_job is not None and evaluate_job.snapshot().running:
+    evaluate_progress()
+else:
+    if evaluate_job is not None:
+        common.show_outcome(evaluate_job.snapshot(), "Evaluation")
+    if missing:
+        st.caption(f"Not evaluated yet with these settings: {', '.join(missing)} (about 1–3 minutes per model on a CPU).")
+        if st.button("Evaluate", type="primary", icon=":material/play_arrow:"):
+            todo = {label: loaded_models[label] for label in missing}
+
+            def work(job):
+                for index, (label, loaded) in enumerate(todo.items()):
+                    evaluate_model(loaded, config, cancel=job.cancel_event.is_set, progress=lambda f, m, i=index, name=label:
+                                   job.report((i + f) / len(todo), f"{name}: {m}"))
+                return len(todo)
+
+            REGISTRY.start(EVALUATE_KEY, f"Evaluating {', '.join(missing)}", work, cancelled_errors=(EvalCancelled,))
+            st.rerun()
+
+done = {label: result for label, result in results.items() if result is not None}
+if not done:
+    st.stop()
+
+st.subheader("Results")
+summary = safety_views.eval_summary(done)
+st.dataframe(summary, hide_index=True, width="stretch", column_config={
+    column: st.column_config.NumberColumn(format="percent") for column in summary.columns
+    if column.startswith(("ASR", "over-refusal"))} | {
+    column: st.column_config.NumberColumn(format="%.3f") for column in summary.columns if column.endswith("NLL")})
+common.data_downloads(summary, "evaluation", "summary")
+figure = safety_views.category_asr_figure(done, keywords)
+common.show_figure(figure, "evaluation", f"asr_by_category_{keywords}")
+categories = safety_views.category_rates(done, keywords)
+common.data_downloads(categories, "evaluation", f"asr_by_category_{keywords}")
+
+with st.expander("Read the completions (keyword matching has known failure modes)"):
+    label = st.selectbox("Model", list(done), key="widget.eval.completions_model")
+    which = st.radio("Prompts", ["harmful", "benign"], horizontal=True, key="widget.eval.completions_set")
+    completions = safety_views.completions_table(done[label], which)
+    st.dataframe(completions, hide_index=True, width="stretch", height=360)
+    common.data_downloads(completions, "evaluation", f"completions_{which}")

