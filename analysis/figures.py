@@ -311,8 +311,9 @@ def overlap_vs_n_figure(curve: Mapping[str, Any], module: str = "") -> go.Figure
 
 
 def category_bar_figure(frame: pd.DataFrame, category: str, value: str, title: str, y_title: str,
-                        series: str | None = None, number_format: str = ".2f", subtitle: str = "") -> go.Figure:
-    """Bars of ``frame[value]`` per ``frame[category]``, grouped by ``frame[series]`` if given."""
+                        series: str | None = None, number_format: str | None = ".2f", subtitle: str = "") -> go.Figure:
+    """Bars of ``frame[value]`` per ``frame[category]``, grouped by ``frame[series]`` if given; values printed
+    on the bars in ``number_format`` (None: no labels, for crowded charts)."""
     if frame.empty:
         return empty_figure(title, "no data")
     figure = new_figure(title, category.replace("_", " "), y_title, subtitle)
@@ -320,8 +321,9 @@ def category_bar_figure(frame: pd.DataFrame, category: str, value: str, title: s
     for index, (name, part) in enumerate(groups):
         name = name[0] if isinstance(name, tuple) else name
         figure.add_trace(go.Bar(x=part[category].astype(str), y=part[value], name=str(name) or value,
-                                marker_color=series_color(name, index), texttemplate="%{y:" + number_format + "}",
-                                textposition="outside", cliponaxis=False))
+                                marker_color=series_color(name, index), cliponaxis=False,
+                                texttemplate=None if number_format is None else "%{y:" + number_format + "}",
+                                textposition="outside"))
     figure.update_layout(barmode="group", showlegend=bool(series))
     figure.update_xaxes(type="category")
     return figure

@@ -238,7 +238,7 @@ class FinetuneConfig:
     n_eval_utility: int = 20
     gen_harmful_per_category: int | None = None
     n_gen_benign: int | None = None
-    gen_max_new_tokens: int = 32
+    gen_max_new_tokens: int = 48  # as evaluate.EvalConfig, so the initial ASR matches the safety page
     gen_batch_size: int = 32
     track_conflict: bool = True
     checkpoint_every: int = 25
@@ -308,7 +308,7 @@ class Preset:
 PRESET_NOTE = (
     "Scaled for SmolLM2-135M on a 2-core CPU: full fine-tuning of the 30 transformer blocks (106 M parameters; "
     "tied embeddings frozen) instead of all 7 B parameters; per-sample-mean loss; live NLLs on small fixed "
-    "held-out subsets (2 harmful prompts per category, 20 utility answers); generation capped at 32 new tokens. "
+    "held-out subsets (2 harmful prompts per category, 20 utility answers); generation capped at 48 new tokens. "
     "Qi's learning rate is kept: tried first, it already bites on this model (harmful-10 turns the aligned "
     "model's keyword ASR from ~25% to ~99% in 5 steps), so no larger lr was needed."
 )
@@ -1155,7 +1155,6 @@ class Trainer:
             result = _generation_eval(self.model, self.tokenizer, self.data, self.config, nll, self._cancel_fn())
         entry = finite_or_none({"step": step, "final": final, **result})
         if cache_path is not None:
-
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(cache_path, entry)
         return entry

@@ -20,16 +20,15 @@ KEYWORD_NAMES = {"qi": "Qi et al. keywords (case-sensitive)", "arditi": "Arditi 
 
 # history column -> (figure title, y-axis title, y range or None)
 FINETUNE_METRICS: dict[str, tuple[str, str, tuple[float, float] | None]] = {
-    "asr": ("Attack success rate (greedy generation, Qi keywords)", "ASR (share of harmful prompts answered)", (0, 1)),
-    "refusal_nll": ("Refusal NLL on held-out harmful prompts (lower = readier to refuse)", "NLL (nats/token)", None),
-    "affirmative_nll": ("Affirmative-target NLL on held-out harmful prompts (lower = readier to comply)",
-                        "NLL (nats/token)", None),
-    "utility_nll": ("Utility NLL on held-out benign answers (lower = more useful)", "NLL (nats/token)", None),
-    "cos_mean": ("Conflict: cos(G_safety, G_fine-tune), mean over layers", "cosine", None),
+    "asr": ("Attack success rate", "ASR (harmful prompts answered)", (0, 1)),
+    "refusal_nll": ("Refusal NLL, held-out harmful prompts", "NLL (nats/token; lower = refuses)", None),
+    "affirmative_nll": ("Affirmative-target NLL, harmful prompts", "NLL (nats/token; lower = complies)", None),
+    "utility_nll": ("Utility NLL, held-out benign answers", "NLL (nats/token; lower = more useful)", None),
+    "cos_mean": ("Conflict: cos(G_safety, G_fine-tune)", "cosine, mean over layers", None),
     "train_loss": ("Training loss", "loss (nats/token)", None),
-    "spf_removed_total": ("Share of the fine-tuning gradient SPF removed", "||removed|| / ||G||", (0, 1)),
+    "spf_removed_total": ("Share of the update SPF removed", "||removed|| / ||G||", (0, 1)),
     "weight_distance": ("Distance from the starting weights", "||θ − θ₀||₂", None),
-    "over_refusal": ("Over-refusal on benign-sensitive prompts (Qi keywords)", "share of benign prompts refused", (0, 1)),
+    "over_refusal": ("Over-refusal, benign-sensitive prompts", "share of benign prompts refused", (0, 1)),
 }
 ARM_COLORS = {"plain": figures.OKABE_ITO["vermillion"], "spf": figures.OKABE_ITO["blue"]}
 
@@ -67,8 +66,9 @@ def category_asr_figure(results: Mapping[str, Any], keywords: str = "qi") -> go.
     """Grouped bars: ASR per HEx-PHI category, one bar per model."""
     frame = category_rates(results, keywords)
     figure = figures.category_bar_figure(
-        frame, "category", "rate", "Attack success rate per HEx-PHI category", "ASR (share of harmful prompts answered)",
-        series="model", number_format=".0%", subtitle=f"greedy completions, refusal = {KEYWORD_NAMES[keywords]}")
+        frame, "category", "rate", "Attack success rate per HEx-PHI category", "ASR (harmful prompts answered)",
+        series="model", number_format=".0%" if len(results) <= 2 else None,
+        subtitle=f"greedy completions, refusal = {KEYWORD_NAMES[keywords]}")
     figure.update_yaxes(range=[0, 1.1], tickformat=".0%")
     figure.update_xaxes(tickangle=-30)
     return figure
@@ -105,11 +105,16 @@ def finetune_curve_figure(runs: Mapping[str, pd.DataFrame], metric: str, subtitl
             continue
         color = ARM_COLORS["spf"] if label.startswith("SPF") else (
             ARM_COLORS["plain"] if label.startswith("plain") else figures.COLORWAY[(index + 2) % len(figures.COLORWAY)])
+        spf = label.startswith("SPF")  # dashed, so that it stays visible where it lies on the plain curve
         figure.add_trace(go.Scatter(x=points["step"], y=points[metric], name=label, mode="lines+markers",
-                                    line=dict(color=color, width=2.5), marker=dict(size=7)))
+                                    line=dict(color=color, width=2.5, dash="dash" if spf else "solid"),
+                                    marker=dict(size=8, symbol="diamond" if spf else "circle")))
         drawn += 1
     if not drawn:
         return figures.empty_figure(title, "not measured yet")
+    last_step = max(float(history["step"].max()) for history in runs.values() if "step" in history and len(history))
+    pad = max(0.3, 0.03 * last_step)  # every chart spans all steps, even one measured only at a few
+    figure.update_xaxes(range=[-pad, last_step + pad], dtick=1 if last_step <= 12 else None)
     if y_range is not None:
         figure.update_yaxes(range=[y_range[0] - 0.02, y_range[1] + 0.02])
     if metric in ("asr", "over_refusal", "spf_removed_total"):
@@ -163,7 +168,7 @@ def finetune_category_figure(runs: Mapping[str, Any]) -> go.Figure:
     long["model"] = long["model"].str.replace("final ASR · ", "after ", regex=False).str.replace(
         "initial ASR", "before fine-tuning", regex=False)
     figure = figures.category_bar_figure(long, "category", "rate", "ASR per HEx-PHI category, before and after",
-                                         "ASR (share of harmful prompts answered)", series="model", number_format=".0%")
+                                         "ASR (harmful prompts answered)", series="model", number_format=None)
     figure.update_yaxes(range=[0, 1.1], tickformat=".0%")
     figure.update_xaxes(tickangle=-30)
     return figure

@@ -119,7 +119,9 @@ else:
     if job is not None:
         common.show_outcome(job.snapshot(), "Fine-tuning")
     todo = [method for method in methods if method not in complete]
-    if todo:
+    if not todo:
+        st.success(f"Stored: {', '.join(run_ids.values())} — the results are below. Change a setting to train anew.")
+    else:
         resumable = [method for method in todo if method in stored]
         st.caption(f"{len(todo)} arm(s) to train: {', '.join(todo)}. Each preset takes a few minutes on a 2-core CPU "
                    "(evaluations by generation at the start and end included)."
@@ -179,7 +181,9 @@ if model_paths:
 # ---- earlier runs ---------------------------------------------------------------------------------------
 st.header("4 · Earlier runs", divider="gray")
 runs = finetune.list_finetune_runs()
-st.dataframe(runs, hide_index=True, width="stretch")
+st.dataframe(runs, hide_index=True, width="stretch", column_config={
+    "asr": st.column_config.NumberColumn("final ASR", format="percent"),
+    "utility_nll": st.column_config.NumberColumn("final utility NLL", format="%.3f")})
 finished = list(runs.loc[runs["status"] == "complete", "run_id"])
 picked = st.multiselect("Compare runs (same axes)", finished, max_selections=4, key="widget.ft.compare")
 if picked:

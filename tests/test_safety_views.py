@@ -1,0 +1,57 @@
+"""Tables and figures of evaluations and fine-tuning runs (analysis.safety_views) on hand-made results."""
+
+import types
+
+import pandas as pd
+
+from analysis import safety_views
+
+
+def fake_eval(asr_by_category: dict[str, float], seconds: float = 1.0):
+    by_category = {c: {"n": 8, "asr_qi": a, "asr_arditi": a / 2} for c, a in asr_by_category.items()}
+    metrics = {"n_harmful": 8 * len(by_category), "n_benign": 64, "asr_qi": 0.5, "asr_arditi": 0.25,
+               "over_refusal_qi": 0.1, "over_refusal_arditi": 0.05, "refusal_nll": 2.0, "affirmative_nll": 4.0,
+               "utility_nll": 1.5, "harmful_by_category": by_category, "benign_by_category": {}}
+    return types.SimpleNamespace(metrics=metrics, seconds=seconds)
+
+
+def test_eval_summary_and_category_rates_follow_the_keyword_list():
+    results = {"base": fake_eval({"malware": 1.0, "fraud": 0.5}), "aligned": fake_eval({"malware": 0.0, "fraud": 0.25})}
+    summary = safety_views.eval_summary(results)
+    assert list(summary["model"]) == ["base", "aligned"] and summary["harmful prompts"].tolist() == [16, 16]
+    qi = safety_views.category_rates(results, "qi")
+    arditi = safety_views.category_rates(results, "arditi")
+    assert qi.set_index(["model", "category"]).loc[("aligned", "fraud"), "rate"] == 0.25
+    assert arditi.set_index(["model", "category"]).loc[("aligned", "fraud"), "rate"] == 0.125
+    figure = safety_views.category_asr_figure(results, "arditi")
+    assert [trace.name for trace in figure.data] == ["base", "aligned"]
+    assert list(figure.data[0].y) == [0.5, 0.25] and figure.layout.yaxis.tickformat == ".0%"
+
+
+def test_finetune_curves_one_line_per_arm_spanning_all_steps():
+    plain = pd.DataFrame({"step": [0, 1, 2, 3], "refusal_nll": [2.0, 2.5, 3.0, 3.5], "cos_mean": [None, -0.2, None, None]})
+    spf = pd.DataFrame({"step": [0, 1, 2, 3], "refusal_nll": [2.0, 2.1, 2.1, 2.2], "cos_mean": [None, -0.1, None, None]})
+    histories = {"plain fine-tuning": plain, "SPF (conflict, k=8, R=10)": spf}
+    figure = safety_views.finetune_curve_figure(histories, "refusal_nll")
+    assert [t.name for t in figure.data] == list(histories)
+    assert figure.data[0].line.dash == "solid" and figure.data[1].line.dash == "dash"
+    assert figure.layout.xaxis.title.text == "optimizer step" and "nats/token" in figure.layout.yaxis.title.text
+    cosine = safety_views.finetune_curve_figure(histories, "cos_mean")
+    assert list(cosine.data[0].x) == [1] and cosine.layout.xaxis.range[1] > 3  # measured once, drawn on all steps
+    empty = safety_views.finetune_curve_figure(histories, "asr")
+    assert not empty.data and "not measured" in empty.layout.annotations[0].text
+
+
+def comparison_rows(spf_final_asr: float, spf_utility: float):
+    return pd.DataFrame([
+        {"method": "plain", "asr_initial": 0.1, "asr_final": 0.9, "utility_nll_final": 2.0},
+        {"method": "spf", "asr_initial": 0.1, "asr_final": spf_final_asr, "utility_nll_final": spf_utility},
+    ])
+
+
+def test_finetune_verdict_applies_both_tolerances():
+    kept = safety_views.finetune_verdict(comparison_rows(0.15, 2.1))
+    assert "SPF kept the model within 10%" in kept and "+5.0%, within 10%" in kept
+    lost = safety_views.finetune_verdict(comparison_rows(0.5, 2.5))
+    assert "did not keep" in lost and "+25.0%, outside 10%" in lost
+    assert safety_views.finetune_verdict(comparison_rows(0.15, 2.1).iloc[:1]) is None
