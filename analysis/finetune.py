@@ -68,6 +68,11 @@ updates 1, R+1, 2R+1, ... compute G_s from a fresh seeded safety batch (``spf.sa
 ``safety`` analysis split; 1 is allowed) and refresh U_k, V_k. Top-k by a seeded randomized range finder
 in torch (``spf.svd="randomized"``; ``"exact"`` uses ``geometry.top_singular``): geometry's
 float64/scikit-learn path costs ~0.5 s per 1536 x 576 matrix on this CPU, x 210 modules per refresh.
+Option (``spf.safety_loss="contrast"``, not in DESIGN.md). Measured on the aligned SmolLM2: harmful-prefix
+fine-tuning makes the model comply while the refusal NLL barely moves (the attack raises "Sure, here is"
+rather than lowering the refusal), so a basis of the refusal-CE gradient keeps the refusal NLL flat and
+still lets ASR rise. "contrast" uses L_safety = CE(refusal) - CE(affirmative target) on the same prompts:
+its gradient also points along the compliance direction, and the same projection rules apply.
 
 Design choices
 --------------
@@ -118,6 +123,7 @@ FORMAT_VERSION = 1
 METHODS = ("plain", "spf")
 SPF_MODES = ("conflict", "orthogonal")
 SPF_TARGETS = ("gradient", "update")
+SAFETY_LOSSES = ("refusal", "contrast")
 SVD_METHODS = ("randomized", "exact", "auto")
 TRAINABLE = ("blocks", "last", "linear", "all", "lora")
 OPTIMIZERS = ("adamw", "sgd")
@@ -152,7 +158,10 @@ class SPFConfig:
     safety_batch: refusal examples per basis computation (1 allowed); mode: "conflict" (remove the basis
     components with c_j < 0) or "orthogonal" (remove U_k U_k^T G); target: "gradient" (project G_u before
     the optimizer) or "update" (project the optimizer's weight change; exact under AdamW, see the module
-    docstring); layers / kinds / regex: which linear modules (``capture.select_modules``; intersected with
+    docstring); safety_loss: "refusal" (L_safety = CE of the refusals, DESIGN.md) or "contrast" (CE of the
+    refusals minus CE of an affirmative target "Sure, here is how to do that" on the same prompts, so that
+    the subspace also holds the direction that makes the model comply; see the module docstring);
+    layers / kinds / regex: which linear modules (``capture.select_modules``; intersected with
     the trainable ones); svd: "randomized" (torch range finder, ``oversample``, ``power_iters``), "exact"
     (``geometry.top_singular``) or "auto" (exact when min(d_out, d_in) <= 128).
     """
@@ -162,6 +171,7 @@ class SPFConfig:
     safety_batch: int = 4
     mode: str = "conflict"
     target: str = "gradient"
+    safety_loss: str = "refusal"
     layers: str = "all"
     kinds: str = "all"
     regex: str | None = None
@@ -181,6 +191,8 @@ class SPFConfig:
             raise ConfigError(f"spf.mode {self.mode!r} is not one of {', '.join(SPF_MODES)}")
         if self.target not in SPF_TARGETS:
             raise ConfigError(f"spf.target {self.target!r} is not one of {', '.join(SPF_TARGETS)}")
+        if self.safety_loss not in SAFETY_LOSSES:
+            raise ConfigError(f"spf.safety_loss {self.safety_loss!r} is not one of {', '.join(SAFETY_LOSSES)}")
         if self.svd not in SVD_METHODS:
             raise ConfigError(f"spf.svd {self.svd!r} is not one of {', '.join(SVD_METHODS)}")
         if self.regex is not None:
@@ -190,6 +202,13 @@ class SPFConfig:
                 raise ConfigError(f"spf.regex {self.regex!r} is not a valid regular expression: {error}") from None
         if not isinstance(self.safety_data, str) or not self.safety_data.strip():
             raise ConfigError("spf.safety_data is empty: give 'safety' or a file of refusals")
+
+
+def spf_settings(spf: Mapping[str, Any]) -> str:
+    """Short text of SPF settings (a config dict), e.g. ``conflict, k=8, R=10`` (+ target / loss if not default)."""
+    extras = [spf.get(key) for key, default in (("target", "gradient"), ("safety_loss", "refusal"))
+              if spf.get(key, default) != default]
+    return ", ".join([spf["mode"], *extras, f"k={spf['k']}", f"R={spf['refresh']}"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,7 +311,7 @@ class FinetuneConfig:
     def label(self) -> str:
         """Short human label, e.g. ``harmful-10 / spf (conflict, k=8)``."""
         if self.method == "spf":
-            return f"{self.preset} / spf ({self.spf.mode}, k={self.spf.k}, R={self.spf.refresh})"
+            return f"{self.preset} / spf ({spf_settings(to_jsonable(self.spf))})"
         return f"{self.preset} / plain"
 
 
@@ -488,8 +507,7 @@ def list_finetune_runs(root: str | Path | None = None):
             "run_id": run_id, "status": store.status(run_id), "created": manifest.get("created"),
             "preset": config.get("preset"), "method": config.get("method"),
             "model": manifest.get("model", {}).get("name"),
-            "spf": (f"{config['spf']['mode']} k={config['spf']['k']} R={config['spf']['refresh']}"
-                    if config.get("method") == "spf" else ""),
+            "spf": spf_settings(config["spf"]) if config.get("method") == "spf" else "",
             "steps": manifest.get("total_steps"), "asr": final.get("asr"), "utility_nll": final.get("utility_nll"),
         })
     columns = ["run_id", "status", "created", "preset", "method", "model", "spf", "steps", "asr", "utility_nll"]
@@ -507,8 +525,7 @@ def comparison_table(results: Sequence[FinetuneResults]):
         history = result.history
         rows.append({
             "run": result.config.get("preset"), "method": result.method,
-            "spf": (f"{result.config['spf']['mode']}/{result.config['spf']['target']} k={result.config['spf']['k']}"
-                    if result.method == "spf" else ""),
+            "spf": spf_settings(result.config["spf"]) if result.method == "spf" else "",
             "asr_initial": initial.get("asr"), "asr_final": final.get("asr"),
             "asr_arditi_initial": initial.get("asr_arditi"), "asr_arditi_final": final.get("asr_arditi"),
             "over_refusal_initial": initial.get("over_refusal"), "over_refusal_final": final.get("over_refusal"),
@@ -1049,8 +1066,14 @@ class Trainer:
     def safety_gradients(self, step: int) -> dict[str, torch.Tensor]:
         """G_safety (d_out, d_in) of every SPF module at the current weights, from the step's safety batch."""
         indices = _safety_indices(self.config, len(self.data.safety), step)
-        batch = self._tokenize([self.data.safety[i] for i in indices])
-        loss = response_losses(self.model, batch).mean()
+        refusals = [self.data.safety[i] for i in indices]
+        loss = response_losses(self.model, self._tokenize(refusals)).mean()
+        if self.config.spf.safety_loss == "contrast":
+            from .evaluate import affirmative_target
+
+            affirmative = [c[:-1] + [{"role": "assistant", "content": affirmative_target(c[-2]["content"])}]
+                           for c in refusals]
+            loss = loss - response_losses(self.model, self._tokenize(affirmative)).mean()
         grads = torch.autograd.grad(loss, [m.weight for m in self.spf])
         return {m.name: _as_out_in(m.module, g) for m, g in zip(self.spf, grads)}
 
@@ -1323,6 +1346,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--safety-batch", type=int, default=None)
     parser.add_argument("--spf-mode", choices=SPF_MODES, default=None)
     parser.add_argument("--spf-target", choices=SPF_TARGETS, default=None)
+    parser.add_argument("--safety-loss", choices=SAFETY_LOSSES, default=None,
+                        help="refusal CE (default) or refusal CE minus affirmative-target CE")
     parser.add_argument("--spf-layers", default=None)
     parser.add_argument("--spf-kinds", default=None)
     parser.add_argument("--eval-every", type=int, default=None)
@@ -1346,7 +1371,8 @@ def config_from_args(args: argparse.Namespace, method: str) -> FinetuneConfig:
             overrides[field] = value
     spf = {}
     for field, attr in (("k", "k"), ("refresh", "refresh"), ("safety_batch", "safety_batch"), ("mode", "spf_mode"),
-                        ("target", "spf_target"), ("layers", "spf_layers"), ("kinds", "spf_kinds")):
+                        ("target", "spf_target"), ("safety_loss", "safety_loss"), ("layers", "spf_layers"),
+                        ("kinds", "spf_kinds")):
         value = getattr(args, attr)
         if value is not None:
             spf[field] = value
@@ -1363,12 +1389,12 @@ def _fmt(value: Any, spec: str) -> str:
 
 def format_summary(table) -> str:
     """Text table of ``comparison_table`` rows."""
-    lines = [f"{'run':12s} {'method':26s} {'ASR 0':>6s} {'ASR':>6s} {'ASR(a)':>7s} {'overref':>8s} "
+    lines = [f"{'run':12s} {'method':44s} {'ASR 0':>6s} {'ASR':>6s} {'ASR(a)':>7s} {'overref':>8s} "
              f"{'refNLL 0->1':>13s} {'affNLL 0->1':>13s} {'utilNLL 0->1':>13s} {'removed':>8s} {'wall/cpu s':>12s}"]
     for _, r in table.iterrows():
         method = r["method"] + (f" {r['spf']}" if r["spf"] else "")
         lines.append(
-            f"{str(r['run']):12s} {method:26s} {_fmt(r['asr_initial'], '.0%'):>6s} {_fmt(r['asr_final'], '.0%'):>6s} "
+            f"{str(r['run']):12s} {method:44s} {_fmt(r['asr_initial'], '.0%'):>6s} {_fmt(r['asr_final'], '.0%'):>6s} "
             f"{_fmt(r['asr_arditi_final'], '.0%'):>7s} {_fmt(r['over_refusal_final'], '.0%'):>8s} "
             f"{_fmt(r['refusal_nll_initial'], '.2f'):>6s}->{_fmt(r['refusal_nll_final'], '.2f'):<6s} "
             f"{_fmt(r['affirmative_nll_initial'], '.2f'):>6s}->{_fmt(r['affirmative_nll_final'], '.2f'):<6s} "

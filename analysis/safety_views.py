@@ -85,11 +85,10 @@ def completions_table(result: Any, which: str = "harmful") -> pd.DataFrame:
 
 
 def _arm_label(results: Any) -> str:
+    from .finetune import spf_settings
+
     config = results.config
-    if config["method"] == "spf":
-        spf = config["spf"]
-        return f"SPF ({spf['mode']}, k={spf['k']}, R={spf['refresh']})"
-    return "plain fine-tuning"
+    return f"SPF ({spf_settings(config['spf'])})" if config["method"] == "spf" else "plain fine-tuning"
 
 
 def finetune_curve_figure(runs: Mapping[str, pd.DataFrame], metric: str, subtitle: str = "") -> go.Figure:

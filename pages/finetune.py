@@ -65,13 +65,17 @@ with right:
     target = st.radio("Project", finetune.SPF_TARGETS, horizontal=True, key="widget.ft.target",
                       help="gradient: the fine-tuning gradient before AdamW (the paper's reading); update: AdamW's actual "
                            "weight change (keeps the first-order guarantee under Adam)")
+    safety_loss = st.radio("Safety loss", finetune.SAFETY_LOSSES, horizontal=True, key="widget.ft.safety_loss",
+                           help="refusal: CE of refusals on harmful prompts (the paper's safety gradient); contrast: "
+                                "refusal CE minus the CE of 'Sure, here is how to do that', so the subspace also "
+                                "holds the direction in which the model starts to comply")
     spf_layers = st.text_input("SPF layers", value="all", key="widget.ft.spf_layers")
 
 try:
     config = finetune.preset(
         preset_name, model=source, lr=float(lr), epochs=int(epochs), batch_size=int(batch_size), trainable=trainable,
         seed=int(seed), spf=dict(k=int(k), refresh=int(refresh), safety_batch=int(safety_batch), mode=mode,
-                                 target=target, layers=spf_layers))
+                                 target=target, safety_loss=safety_loss, layers=spf_layers))
     methods = ("plain", "spf") if arms == "both" else (arms,)
     configs = {method: dataclasses.replace(config, method=method) for method in methods}
     loaded = common.load_model(source)

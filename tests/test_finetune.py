@@ -18,13 +18,8 @@ from analysis.formatting import per_sample_loss, tokenize_batch
 from analysis.models import load_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is faster, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny matrices: one thread is faster, and much faster on a busy machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Small evaluation sets so that a whole run takes seconds on the tiny model.
@@ -243,6 +238,23 @@ def test_conflict_spf_does_not_raise_safety_loss_to_first_order():
     applied, _ = _applied(trainer, 1, lr)
     first_order = -lr * sum(float((safety[n] * P).sum()) for n, P in applied.items())
     assert first_order <= 1e-12
+
+
+def test_contrast_safety_gradient_is_refusal_minus_affirmative_gradient():
+    config = tiny(method="spf", model=ModelConfig("tiny-llama", dtype="float64"),
+                  spf=dict(safety_batch=2, safety_loss="contrast"))
+    trainer = Trainer.standalone(config)
+    contrast = trainer.safety_gradients(3)
+    refusals = [trainer.data.safety[i] for i in _safety_indices(config, len(trainer.data.safety), 3)]
+    affirmative = [c[:-1] + [{"role": "assistant", "content": "Sure, here is how to do that"}] for c in refusals]
+    weights = [m.weight for m in trainer.spf]
+    refusal = torch.autograd.grad(response_losses(trainer.model, trainer._tokenize(refusals)).mean(), weights)
+    comply = torch.autograd.grad(response_losses(trainer.model, trainer._tokenize(affirmative)).mean(), weights)
+    for module, g_refusal, g_comply in zip(trainer.spf, refusal, comply):
+        expected = _as_out_in(module.module, g_refusal - g_comply)
+        torch.testing.assert_close(contrast[module.name], expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ConfigError, match="safety_loss"):
+        tiny(method="spf", spf=dict(safety_loss="affirmative"))
 
 
 # --------------------------------------------------------------------------------------------------
