@@ -329,7 +329,7 @@ PRESET_NOTE = (
     "tied embeddings frozen) instead of all 7 B parameters; per-sample-mean loss; live NLLs on small fixed "
     "held-out subsets (2 harmful prompts per category, 20 utility answers); generation capped at 48 new tokens. "
     "Qi's learning rate is kept: tried first, it already bites on this model (harmful-10 turns the aligned "
-    "model's keyword ASR from ~25% to ~99% in 5 steps), so no larger lr was needed."
+    "model's keyword ASR from 9% to 99% in 5 steps), so no larger lr was needed."
 )
 
 PRESETS: dict[str, Preset] = {

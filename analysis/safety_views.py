@@ -71,6 +71,8 @@ def category_asr_figure(results: Mapping[str, Any], keywords: str = "qi") -> go.
         subtitle=f"greedy completions, refusal = {KEYWORD_NAMES[keywords]}")
     figure.update_yaxes(range=[0, 1.1], tickformat=".0%")
     figure.update_xaxes(tickangle=-30)
+    figure.update_layout(legend=dict(orientation="h", x=1.0, xanchor="right", y=1.02, yanchor="bottom"),
+                         margin=dict(t=110))
     return figure
 
 
@@ -170,6 +172,8 @@ def finetune_category_figure(runs: Mapping[str, Any]) -> go.Figure:
                                          "ASR (harmful prompts answered)", series="model", number_format=None)
     figure.update_yaxes(range=[0, 1.1], tickformat=".0%")
     figure.update_xaxes(tickangle=-30)
+    figure.update_layout(legend=dict(orientation="h", x=1.0, xanchor="right", y=1.02, yanchor="bottom"),
+                         margin=dict(t=90))
     return figure
 
 

@@ -70,6 +70,8 @@ with right:
                                 "refusal CE minus the CE of 'Sure, here is how to do that', so the subspace also "
                                 "holds the direction in which the model starts to comply")
     spf_layers = st.text_input("SPF layers", value="all", key="widget.ft.spf_layers")
+    st.caption("Measured on the aligned SmolLM2 (harmful-10): the default settings leave ASR at 99% like plain "
+               "fine-tuning; orthogonal + update + contrast, k=64, R=1, safety batch 8 held it at 28%.")
 
 try:
     config = finetune.preset(

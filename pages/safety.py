@@ -49,7 +49,9 @@ else:
         columns[1].metric("Learning rate", manifest.get("lr"))
         columns[2].metric("Trained blocks", f"{len(manifest.get('trained_layers', []))} (top)")
         losses = manifest.get("losses") or []
-        columns[3].metric("Loss first → last", f"{losses[0]:.2f} → {losses[-1]:.2f}" if losses else "—")
+        head, tail = losses[:10], losses[-10:]
+        columns[3].metric("Loss, first → last 10 steps",
+                          f"{sum(head) / len(head):.2f} → {sum(tail) / len(tail):.2f}" if losses else "—")
         with st.expander("Manifest"):
             st.json(manifest, expanded=False)
     else:
