@@ -929,11 +929,32 @@ def _load_checkpoint(path: Path, trainable, optimizer) -> tuple[dict, dict]:
 # --------------------------------------------------------------------------------------------------
 
 
+# SPF settings added after FORMAT_VERSION 1 enter the run hash only when they differ from their default, so
+# that stored runs keep their ids.
+_ADDED_SPF_FIELDS = {"safety_loss": "refusal"}
+# A plain run projects nothing: these SPF settings cannot change it (its conflict tracking uses the others),
+# so a plain arm is reused when only they change.
+_PROJECTION_FIELDS = ("k", "mode", "target", "svd", "oversample", "power_iters")
+
+
+def _hashed_config(config: FinetuneConfig) -> dict:
+    values = to_jsonable(config)
+    spf = values["spf"]
+    if config.method == "plain":
+        defaults = to_jsonable(SPFConfig())
+        spf.update({key: defaults[key] for key in _PROJECTION_FIELDS})
+    for key, default in _ADDED_SPF_FIELDS.items():
+        if spf.get(key) == default:
+            del spf[key]
+    return values
+
+
 def run_id_for(config: FinetuneConfig, identity: str, fingerprints: Mapping[str, str] | None = None) -> str:
-    """``<preset>-<method>-<hash>``; the hash covers the config, the model's weight identity and the data."""
+    """``<preset>-<method>-<hash>``; the hash covers the config (for a plain run without the projection-only
+    SPF settings), the model's weight identity and the data."""
     if fingerprints is None:
         fingerprints = _load_data(config).fingerprints
-    digest = config_hash({"format": FORMAT_VERSION, "config": to_jsonable(config), "model": identity,
+    digest = config_hash({"format": FORMAT_VERSION, "config": _hashed_config(config), "model": identity,
                           "data": dict(fingerprints)}, 12)
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', config.preset)}-{config.method}-{digest}"
 

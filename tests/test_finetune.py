@@ -240,6 +240,16 @@ def test_conflict_spf_does_not_raise_safety_loss_to_first_order():
     assert first_order <= 1e-12
 
 
+def test_plain_run_id_ignores_projection_only_spf_settings():
+    from analysis.finetune import run_id_for
+
+    def run_id(method, **spf):
+        return run_id_for(tiny(method=method, spf=spf), "weights")
+
+    assert run_id("plain") == run_id("plain", k=64, mode="orthogonal", target="update") != run_id("plain", safety_batch=8)
+    assert run_id("spf") != run_id("spf", k=64) != run_id("spf", safety_loss="contrast")
+
+
 def test_contrast_safety_gradient_is_refusal_minus_affirmative_gradient():
     config = tiny(method="spf", model=ModelConfig("tiny-llama", dtype="float64"),
                   spf=dict(safety_batch=2, safety_loss="contrast"))
