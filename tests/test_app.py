@@ -344,7 +344,7 @@ def test_end_to_end_in_chromium(server, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
             page.goto(server, timeout=60_000)
-            page.get_by_text("Tiny random Llama").click()
+            page.get_by_text("Tiny random Llama").click(timeout=120_000)  # first render can be slow on a busy machine
             page.get_by_text("Linear modules").first.wait_for(timeout=120_000)
             page.get_by_role("button", name="Collect").wait_for(timeout=120_000)
             page.wait_for_function("() => document.body.innerText.includes('llama')", timeout=60_000)
