@@ -205,10 +205,11 @@ class SPFConfig:
 
 
 def spf_settings(spf: Mapping[str, Any]) -> str:
-    """Short text of SPF settings (a config dict), e.g. ``conflict, k=8, R=10`` (+ target / loss if not default)."""
-    extras = [spf.get(key) for key, default in (("target", "gradient"), ("safety_loss", "refusal"))
-              if spf.get(key, default) != default]
-    return ", ".join([spf["mode"], *extras, f"k={spf['k']}", f"R={spf['refresh']}"])
+    """Short text of SPF settings (a config dict), e.g. ``conflict, k=8, R=10`` (+ target, loss and safety
+    batch when not the default)."""
+    extras = [spf[key] for key in ("target", "safety_loss") if spf.get(key, getattr(SPFConfig, key)) != getattr(SPFConfig, key)]
+    batch = [f"batch {spf['safety_batch']}"] if spf["safety_batch"] != SPFConfig.safety_batch else []
+    return ", ".join([spf["mode"], *extras, f"k={spf['k']}", f"R={spf['refresh']}", *batch])
 
 
 @dataclasses.dataclass(frozen=True)

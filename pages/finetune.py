@@ -70,8 +70,9 @@ with right:
                                 "refusal CE minus the CE of 'Sure, here is how to do that', so the subspace also "
                                 "holds the direction in which the model starts to comply")
     spf_layers = st.text_input("SPF layers", value="all", key="widget.ft.spf_layers")
-    st.caption("Measured on the aligned SmolLM2 (harmful-10): the default settings leave ASR at 99% like plain "
-               "fine-tuning; orthogonal + update + contrast, k=64, R=1, safety batch 8 held it at 28%.")
+    st.caption("Measured on the aligned SmolLM2: with these defaults ASR rises as with plain fine-tuning "
+               "(harmful-10 and AOA: 99%). Orthogonal + update + contrast, k=64, R=1, safety batch 8 held "
+               "harmful-10 at 28%, not AOA (97%), and on benign data raised over-refusal to 84%.")
 
 try:
     config = finetune.preset(
