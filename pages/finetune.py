@@ -160,7 +160,7 @@ table = finetune.comparison_table(list(labelled.values()))
 verdict = safety_views.finetune_verdict(table)
 if verdict:
     st.info(f"**Answer.** {verdict}")
-st.dataframe(table, hide_index=True, width="stretch")
+common.show_table(table)
 export_id = f"finetune_{config.preset}"
 common.data_downloads(table, export_id, "comparison")
 figures = safety_views.finetune_figures(labelled)
@@ -188,14 +188,12 @@ if model_paths:
 # ---- earlier runs ---------------------------------------------------------------------------------------
 st.header("4 · Earlier runs", divider="gray")
 runs = finetune.list_finetune_runs()
-st.dataframe(runs, hide_index=True, width="stretch", column_config={
-    "asr": st.column_config.NumberColumn("final ASR", format="percent"),
-    "utility_nll": st.column_config.NumberColumn("final utility NLL", format="%.3f")})
+common.show_table(runs.rename(columns={"asr": "final ASR", "utility_nll": "final utility NLL"}))
 finished = list(runs.loc[runs["status"] == "complete", "run_id"])
 picked = st.multiselect("Compare runs (same axes)", finished, max_selections=4, key="widget.ft.compare")
 if picked:
     chosen = {run_id: finetune.load_finetune_run(run_id) for run_id in picked}
-    st.dataframe(finetune.comparison_table(list(chosen.values())), hide_index=True, width="stretch")
+    common.show_table(finetune.comparison_table(list(chosen.values())))
     compare = safety_views.finetune_figures(chosen, MAIN_METRICS)
     columns = st.columns(2)
     for index, (metric, figure) in enumerate(compare.items()):

@@ -149,10 +149,7 @@ if not done:
 
 st.subheader("Results")
 summary = safety_views.eval_summary(done)
-st.dataframe(summary, hide_index=True, width="stretch", column_config={
-    column: st.column_config.NumberColumn(format="percent") for column in summary.columns
-    if column.startswith(("ASR", "over-refusal"))} | {
-    column: st.column_config.NumberColumn(format="%.3f") for column in summary.columns if column.endswith("NLL")})
+common.show_table(summary)
 common.data_downloads(summary, "evaluation", "summary")
 figure = safety_views.category_asr_figure(done, keywords)
 common.show_figure(figure, "evaluation", f"asr_by_category_{keywords}")

@@ -335,6 +335,17 @@ def figure_downloads(figure: go.Figure, run_id: str, name: str) -> None:
             st.caption(export.NO_BROWSER_MESSAGE)
 
 
+def show_table(frame: pd.DataFrame, **kwargs: Any) -> None:
+    """A dataframe with rates (ASR, over-refusal, removed shares) as percentages and NLLs to 3 decimals."""
+    def is_rate(column: str) -> bool:
+        return any(word in column.lower() for word in ("asr", "over_refusal", "over-refusal", "removed"))
+
+    formats = {column: st.column_config.NumberColumn(format="percent") for column in frame.columns if is_rate(column)}
+    formats |= {column: st.column_config.NumberColumn(format="%.3f") for column in frame.columns
+                if "nll" in column.lower()}
+    st.dataframe(frame, hide_index=True, width="stretch", column_config=formats, **kwargs)
+
+
 def data_downloads(frame: pd.DataFrame, run_id: str, name: str) -> None:
     """An export menu with CSV and JSON of a table."""
     with st.popover(f"Export {name.replace('_', ' ')}", icon=":material/table:", type="tertiary"):
