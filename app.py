@@ -10,7 +10,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import streamlit as st  # noqa: E402
 
-from ui.common import sidebar  # noqa: E402
+from ui import common  # noqa: E402
 
 st.set_page_config(page_title="Safety Subspace Explorer", page_icon=":material/shield:", layout="wide")
 
@@ -25,5 +25,6 @@ PAGES = [
 ]
 
 page = st.navigation(PAGES)
-sidebar()
+st.session_state[common.APP_ENTERED] = True
+common.sidebar()
 page.run()

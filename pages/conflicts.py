@@ -4,6 +4,8 @@ import streamlit as st
 
 from ui import common
 
+common.run_inside_app()
+
 st.title("Do safety and utility fight?")
 run = common.require_run()
 st.caption("A negative cosine between the safety and the utility gradient means a utility descent step raises "

@@ -12,6 +12,8 @@ from analysis.models import ModelLoadError
 from ui import common
 from ui.jobs import REGISTRY
 
+common.run_inside_app()
+
 FINETUNE_KEY = "finetune"
 ARMS = {"both": "Plain and SPF, side by side", "plain": "Plain fine-tuning only", "spf": "SPF only"}
 MAIN_METRICS = ("asr", "refusal_nll", "utility_nll", "cos_mean")

@@ -7,6 +7,8 @@ from analysis import export, views
 from analysis.store import RunStore, StoreError
 from ui import common
 
+common.run_inside_app()
+
 st.title("What have I got?")
 runs = RunStore().list_runs()
 if runs.empty:

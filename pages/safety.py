@@ -11,6 +11,8 @@ from analysis.models import ModelLoadError
 from ui import common
 from ui.jobs import REGISTRY
 
+common.run_inside_app()
+
 ALIGN_KEY, EVALUATE_KEY = "align", "evaluate"
 
 st.title("Is the model safe?")
@@ -24,18 +26,8 @@ st.header("1 · The safety-aligned default model", divider="gray")
 align_job = REGISTRY.get(ALIGN_KEY)
 
 
-@st.fragment(run_every=common.POLL_SECONDS)
-def align_progress() -> None:
-    status = align_job.snapshot()
-    common.show_progress(status)
-    if st.button("Cancel", icon=":material/stop:", key="align.cancel"):
-        align_job.cancel()
-    if not status.running:
-        st.rerun(scope="app")
-
-
 if align_job is not None and align_job.snapshot().running:
-    align_progress()
+    common.follow_job(align_job)
 else:
     if align_job is not None:
         common.show_outcome(align_job.snapshot(), "Alignment")
@@ -114,18 +106,8 @@ missing = [label for label, result in results.items() if result is None]
 evaluate_job = REGISTRY.get(EVALUATE_KEY)
 
 
-@st.fragment(run_every=common.POLL_SECONDS)
-def evaluate_progress() -> None:
-    status = evaluate_job.snapshot()
-    common.show_progress(status)
-    if st.button("Cancel", icon=":material/stop:", key="evaluate.cancel"):
-        evaluate_job.cancel()
-    if not status.running:
-        st.rerun(scope="app")
-
-
 if evaluate_job is not None and evaluate_job.snapshot().running:
-    evaluate_progress()
+    common.follow_job(evaluate_job)
 else:
     if evaluate_job is not None:
         common.show_outcome(evaluate_job.snapshot(), "Evaluation")

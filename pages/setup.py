@@ -8,6 +8,8 @@ from analysis.data import DataError, load_shipped
 from analysis.models import ModelLoadError, summarize
 from ui import common
 
+common.run_inside_app()
+
 SAFETY_SETS = {"safety": "safety: harmful requests + refusals", "harmful_prefix": "harmful_prefix: attack targets",
                "identity_shift": "identity_shift: AOA persona", "upload": "Upload a file…"}
 UTILITY_SETS = {"utility": "utility: benign tasks + answers", "benign_sensitive": "benign_sensitive: borderline benign",

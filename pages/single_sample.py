@@ -4,6 +4,8 @@ import streamlit as st
 
 from ui import common
 
+common.run_inside_app()
+
 st.title("Is one sample enough?")
 run = common.require_run()
 st.caption("For each module: overlap φ of one sample's top-k gradient subspace with the top-k subspace of all "

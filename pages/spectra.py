@@ -5,6 +5,8 @@ import streamlit as st
 from analysis import views
 from ui import common
 
+common.run_inside_app()
+
 st.title("Is safety low-rank?")
 run = common.require_run()
 st.caption("Singular values of the batch-mean gradient of each module. A low-rank gradient puts most of its "

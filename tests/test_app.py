@@ -343,6 +343,10 @@ def test_end_to_end_in_chromium(server, tmp_path):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+            # a deep link as the server's first request still gets app.py's navigation (not the pages/ folder)
+            page.goto(f"{server}/runs", timeout=60_000)
+            page.get_by_text("Setup: what do I analyse?").wait_for(timeout=120_000)
+            assert page.get_by_text("single sample", exact=True).count() == 0
             page.goto(server, timeout=60_000)
             page.get_by_text("Tiny random Llama").click(timeout=120_000)  # first render can be slow on a busy machine
             page.get_by_text("Linear modules").first.wait_for(timeout=120_000)

@@ -29,6 +29,20 @@ POLL_SECONDS = 1.0
 CHART_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": export.PNG_SCALE}}
 
 
+APP_ENTERED = "app.entered"  # session key set by app.py before it runs a page
+
+
+def run_inside_app() -> None:
+    """Call first in every page. Until app.py has called ``st.navigation`` once in this server process,
+    Streamlit treats ``pages/`` as a legacy multipage folder: a deep link (``/finetune``) as the first request
+    runs the page file alone, without app.py's layout and navigation. Leave that mode and rerun through app.py."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if not st.session_state.get(APP_ENTERED):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 # -------------------------------------------------------------------------------------------------
 # choices (session keys mirrored on disk)
 # -------------------------------------------------------------------------------------------------
@@ -268,6 +282,21 @@ def adopt_finished_collection(status: JobStatus) -> bool:
 def show_progress(status: JobStatus) -> None:
     """A progress bar with the job's message and elapsed time."""
     st.progress(status.fraction, text=f"{status.fraction:.0%} · {status.label}: {status.message} · {status.seconds:.0f} s")
+
+
+def follow_job(job: Job) -> None:
+    """While ``job`` runs: its progress and a Cancel button, polled every POLL_SECONDS; reruns the page when
+    the job ends."""
+    @st.fragment(run_every=POLL_SECONDS)
+    def poll() -> None:
+        status = job.snapshot()
+        show_progress(status)
+        if st.button("Cancel", icon=":material/stop:", key=f"{job.key}.cancel"):
+            job.cancel()
+        if not status.running:
+            st.rerun(scope="app")
+
+    poll()
 
 
 def show_outcome(status: JobStatus, what: str) -> None:
