@@ -43,24 +43,21 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from .capture import layer_index
 from .config import ConfigError, cache_dir, config_hash, to_jsonable
 from .evaluate import (
-    EvalCancelled, atomic_write_json, generate_ids, prefix_rows, _pad_rows,
+    Cancel, EvalCancelled, Progress, _pad_rows, _report, atomic_write_json, generate_ids, prefix_rows,
 )
-from .formatting import IGNORE_INDEX, per_sample_loss, tokenize_conversation
+from .formatting import response_losses, tokenize_conversation
 from .store import file_sha256
-
-Progress = Callable[[float, str], None]
-Cancel = Callable[[], bool]
 
 ALIGN_FORMAT_VERSION = 1
 
@@ -144,11 +141,6 @@ class AlignReport:
 # helpers
 
 
-def _report(progress: Progress | None, fraction: float, message: str) -> None:
-    if progress is not None:
-        progress(min(max(fraction, 0.0), 1.0), message)
-
-
 def _check_cancel(cancel: Cancel | None) -> None:
     if cancel is not None and cancel():
         raise AlignCancelled("alignment cancelled")
@@ -171,17 +163,9 @@ def deterministic(seed: int, enabled: bool = True):
         torch.use_deterministic_algorithms(previous)
 
 
-_LAYER = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
-
-
-def layer_of(parameter_name: str) -> int | None:
-    match = _LAYER.search(parameter_name)
-    return int(match.group(1)) if match else None
-
-
 def select_trainable(model, fraction: float) -> tuple[list[torch.nn.Parameter], list[int]]:
     """Freeze everything except the parameters of the top ``fraction`` of the transformer blocks."""
-    names = [(name, layer_of(name)) for name, _ in model.named_parameters()]
+    names = [(name, layer_index(name)) for name, _ in model.named_parameters()]
     layers = sorted({layer for _, layer in names if layer is not None})
     if not layers:
         raise AlignError("no transformer blocks found in the model's parameter names")
@@ -189,7 +173,7 @@ def select_trainable(model, fraction: float) -> tuple[list[torch.nn.Parameter], 
     chosen = set(layers[-n_train:])
     trainable = []
     for name, parameter in model.named_parameters():
-        keep = layer_of(name) in chosen
+        keep = layer_index(name) in chosen
         parameter.requires_grad_(keep)
         if keep:
             trainable.append(parameter)
@@ -204,33 +188,6 @@ def weights_hash(model) -> str:
         digest.update(f"{name}:{array.dtype}:{tuple(array.shape)}".encode())
         digest.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
     return digest.hexdigest()[:16]
-
-
-def _uses_plain_lm_head(model) -> bool:
-    config = model.config
-    return (getattr(config, "final_logit_softcapping", None) is None
-            and getattr(config, "logit_scale", None) is None
-            and model.get_output_embeddings() is not None)
-
-
-def batch_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(n,) per-sample response-token mean CE (same values as ``formatting.per_sample_loss``).
-
-    Applies the LM head only at positions that predict a response token: the head (vocab x hidden) is
-    a large share of a small model's compute, and most positions are prompt or padding.
-    """
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if not _uses_plain_lm_head(model):
-        return per_sample_loss(model(**inputs).logits, labels)
-    hidden = model.base_model(**inputs).last_hidden_state  # (n, T, d)
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    rows = mask.nonzero(as_tuple=True)[0]
-    logits = model.get_output_embeddings()(hidden[:, :-1][mask])
-    token_loss = torch.nn.functional.cross_entropy(logits.float(), targets[mask], reduction="none")
-    sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype).index_add(0, rows, token_loss)
-    return sums / mask.sum(dim=1).clamp(min=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -513,7 +470,9 @@ def train(model, tokenizer, safety_rows, utility_rows, settings: AlignSettings,
                 _check_cancel(cancel)
                 rows = ([safety_rows[i] for i in s_idx] + [utility_rows[i] for i in u_idx]
                         + [borderline_rows[i] for i in b_idx])
-                per_sample = batch_loss(model, _pad_rows(rows, pad_id))
+                inputs = _pad_rows(rows, pad_id)
+                labels = inputs.pop("labels")
+                per_sample = response_losses(model, inputs, labels)
                 loss = per_sample.mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -94,6 +94,12 @@ def _kind(name: str) -> str:
     return KIND_NAMES.get(last, last)
 
 
+def layer_index(name: str) -> int | None:
+    """Transformer layer of a module or parameter HF path (the first ``.<int>.`` in it), None outside blocks."""
+    match = _LAYER_INDEX.search(f".{name}.")
+    return int(match.group(1)) if match else None
+
+
 def find_linear_modules(model: nn.Module, include_output_head: bool = False) -> list[ModuleInfo]:
     """All modules of a registered layer type, in model order.
 
@@ -108,8 +114,7 @@ def find_linear_modules(model: nn.Module, include_output_head: bool = False) -> 
         if module is output_head and not include_output_head:
             continue
         d_out, d_in = layer_type.weight_as_out_in(module).shape
-        match = _LAYER_INDEX.search(f".{name}.")
-        infos.append(ModuleInfo(name, _kind(name), int(match.group(1)) if match else None, d_out, d_in))
+        infos.append(ModuleInfo(name, _kind(name), layer_index(name), d_out, d_in))
     return infos
 
 

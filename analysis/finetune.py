@@ -87,7 +87,7 @@ Design choices
   every trained parameter (the norm gains are not matrices and are not projected in "blocks");
   ``"all"`` also trains the embeddings; ``"lora"`` (peft) is there for plain runs.
 * Loss: mean over the batch of per-sample response-token means (DESIGN.md), logits computed only at the
-  positions that carry loss (``logits_to_keep``), which saves most of the 49 k-vocabulary head on prompts.
+  positions that carry loss (``formatting.response_losses``), which saves most of the 49 k-vocabulary head.
 * Randomness: the data order of epoch e and the safety batch of step t are pure functions of
   (seed, e) / (seed, t), so a resumed run needs no sampler state; the global torch RNG state is saved too
   (for models with dropout). Evaluations run under ``torch.random.fork_rng`` and never disturb training.
@@ -117,6 +117,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, ModelConfig, cache_dir, config_hash, to_jsonable
+from .capture import layer_index
 from .store import RunStore, atomic_save_arrays, atomic_write_json, file_sha256, finite_or_none, json_default
 
 FORMAT_VERSION = 1
@@ -548,16 +549,8 @@ def comparison_table(results: Sequence[FinetuneResults]):
 # model helpers: trainable parameters, loss
 # --------------------------------------------------------------------------------------------------
 
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
-
-
-def _layer_of(name: str) -> int | None:
-    match = _LAYER_INDEX.search(f".{name}.")
-    return int(match.group(1)) if match else None
-
-
 def _n_layers(model: nn.Module) -> int:
-    layers = [_layer_of(name) for name, _ in model.named_parameters()]
+    layers = [layer_index(name) for name, _ in model.named_parameters()]
     layers = [i for i in layers if i is not None]
     return max(layers) + 1 if layers else 0
 
@@ -590,7 +583,7 @@ def set_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[nn.Module, 
                 if info.layer is not None:
                     named[info.name].weight.requires_grad_(True)
         for name, parameter in model.named_parameters():
-            layer = _layer_of(name)
+            layer = layer_index(name)
             if config.trainable == "all" or (config.trainable in ("blocks", "last") and layer is not None
                                              and layer >= first):
                 parameter.requires_grad_(True)
@@ -611,28 +604,6 @@ def _as_out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     from transformers.pytorch_utils import Conv1D
 
     return tensor.T if isinstance(module, Conv1D) else tensor
-
-
-def response_losses(model: nn.Module, batch) -> torch.Tensor:
-    """(n,) per-sample mean cross-entropy over response tokens (= ``formatting.per_sample_loss``), with the
-    output head evaluated only at positions whose next token carries loss (``logits_to_keep``)."""
-    from .formatting import IGNORE_INDEX, per_sample_loss
-
-    targets = batch.labels[:, 1:]
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    try:
-        logits = model(**batch.model_inputs(), logits_to_keep=keep).logits
-    except TypeError:  # a model without logits_to_keep
-        return per_sample_loss(model(**batch.model_inputs()).logits, batch.labels)
-    kept = targets[:, keep]
-    if logits.shape[1] != kept.shape[1]:
-        return per_sample_loss(model(**batch.model_inputs()).logits, batch.labels)
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()
-    token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), kept, ignore_index=IGNORE_INDEX,
-                                             reduction="none")
-    counts = (kept != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-    return token_loss.sum(dim=1) / counts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1062,6 +1033,13 @@ class Trainer:
 
         return tokenize_batch(self.tokenizer, conversations, self.config.max_length)
 
+    def _losses(self, conversations) -> torch.Tensor:
+        """(n,) per-sample response losses of ``conversations`` at the current weights."""
+        from .formatting import response_losses
+
+        batch = self._tokenize(conversations)
+        return response_losses(self.model, batch.model_inputs(), batch.labels)
+
     def _weight_distance(self) -> float:
         total = 0.0
         with torch.no_grad():
@@ -1089,13 +1067,13 @@ class Trainer:
         """G_safety (d_out, d_in) of every SPF module at the current weights, from the step's safety batch."""
         indices = _safety_indices(self.config, len(self.data.safety), step)
         refusals = [self.data.safety[i] for i in indices]
-        loss = response_losses(self.model, self._tokenize(refusals)).mean()
+        loss = self._losses(refusals).mean()
         if self.config.spf.safety_loss == "contrast":
             from .evaluate import affirmative_target
 
             affirmative = [c[:-1] + [{"role": "assistant", "content": affirmative_target(c[-2]["content"])}]
                            for c in refusals]
-            loss = loss - response_losses(self.model, self._tokenize(affirmative)).mean()
+            loss = loss - self._losses(affirmative).mean()
         grads = torch.autograd.grad(loss, [m.weight for m in self.spf])
         return {m.name: _as_out_in(m.module, g) for m, g in zip(self.spf, grads)}
 
@@ -1128,9 +1106,8 @@ class Trainer:
         """Forward/backward on the step's batch, optional safety basis refresh and projection, update."""
         config = self.config
         indices, epoch = _batch_indices(config, len(self.data.train), step)
-        batch = self._tokenize([self.data.train[i] for i in indices])
         self.optimizer.zero_grad(set_to_none=True)
-        losses = response_losses(self.model, batch)
+        losses = self._losses([self.data.train[i] for i in indices])
         loss = losses.mean()
         loss.backward()
         per_epoch = math.ceil(len(self.data.train) / config.batch_size)

@@ -158,3 +158,33 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
     counts = (shifted_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
     return token_loss.sum(dim=1) / counts
+
+
+def _uses_plain_lm_head(model) -> bool:
+    config = model.config
+    return (getattr(config, "final_logit_softcapping", None) is None
+            and getattr(config, "logit_scale", None) is None
+            and model.get_output_embeddings() is not None)
+
+
+def response_losses(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """(n,) the same values as ``per_sample_loss(model(**inputs).logits, labels)``, cheaper.
+
+    Applies the LM head only at positions that predict a response token: the head (vocab x hidden) is a
+    large share of a small model's compute, and most positions are prompt or padding. A peft model is
+    unwrapped with ``get_base_model()`` (its adapters live inside the base model's layers).
+    """
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if not _uses_plain_lm_head(model):
+        return per_sample_loss(model(**inputs).logits, labels)
+    hidden = model.base_model(**inputs).last_hidden_state  # (n, T, d)
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    rows = mask.nonzero(as_tuple=True)[0]
+    logits = model.get_output_embeddings()(hidden[:, :-1][mask])
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    token_loss = torch.nn.functional.cross_entropy(logits, targets[mask], reduction="none")
+    sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype).index_add(0, rows, token_loss)
+    return sums / mask.sum(dim=1).clamp(min=1)

@@ -10,7 +10,7 @@ from analysis import align as al
 from analysis import evaluate as ev
 from analysis.config import ConfigError
 from analysis.data import load_shipped
-from analysis.formatting import per_sample_loss
+from analysis.formatting import per_sample_loss, response_losses
 from analysis.models import load_model
 
 # tiny models run much faster on one torch thread (and robustly on a busy 2-core machine)
@@ -76,7 +76,7 @@ def test_batch_loss_equals_per_sample_loss(tiny_llama):
     labels = batch.pop("labels")
     with torch.no_grad():
         expected = per_sample_loss(tiny_llama.model(**batch).logits, labels)
-        got = al.batch_loss(tiny_llama.model, {**batch, "labels": labels})
+        got = response_losses(tiny_llama.model, batch, labels)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 

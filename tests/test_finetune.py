@@ -11,10 +11,10 @@ import torch
 from analysis.config import ConfigError, ModelConfig, config_hash
 from analysis.finetune import (
     PRESETS, FinetuneCancelled, FinetuneConfig, Trainer, comparison_table, list_finetune_runs,
-    load_finetune_run, preset, project_gradients, response_losses, run_comparison, run_finetune, top_k_basis,
+    load_finetune_run, preset, project_gradients, run_comparison, run_finetune, top_k_basis,
     _as_out_in, _safety_indices,
 )
-from analysis.formatting import per_sample_loss, tokenize_batch
+from analysis.formatting import per_sample_loss, response_losses, tokenize_batch
 from analysis.models import load_model
 
 
@@ -97,7 +97,7 @@ def test_response_losses_equal_per_sample_loss(tiny_llama):
     batch = tokenize_batch(tiny_llama.tokenizer, convs, 96)
     with torch.no_grad():
         full = per_sample_loss(tiny_llama.model(**batch.model_inputs()).logits, batch.labels)
-        fast = response_losses(tiny_llama.model, batch)
+        fast = response_losses(tiny_llama.model, batch.model_inputs(), batch.labels)
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
 
 
@@ -186,7 +186,7 @@ def _safety_loss(trainer: Trainer, step: int) -> float:
     indices = _safety_indices(trainer.config, len(trainer.data.safety), step)
     batch = trainer._tokenize([trainer.data.safety[i] for i in indices])
     with torch.no_grad():
-        return float(response_losses(trainer.model, batch).mean())
+        return float(response_losses(trainer.model, batch.model_inputs(), batch.labels).mean())
 
 
 @pytest.mark.parametrize("target,optimizer", [("update", "adamw"), ("gradient", "sgd")])
@@ -258,8 +258,8 @@ def test_contrast_safety_gradient_is_refusal_minus_affirmative_gradient():
     refusals = [trainer.data.safety[i] for i in _safety_indices(config, len(trainer.data.safety), 3)]
     affirmative = [c[:-1] + [{"role": "assistant", "content": "Sure, here is how to do that"}] for c in refusals]
     weights = [m.weight for m in trainer.spf]
-    refusal = torch.autograd.grad(response_losses(trainer.model, trainer._tokenize(refusals)).mean(), weights)
-    comply = torch.autograd.grad(response_losses(trainer.model, trainer._tokenize(affirmative)).mean(), weights)
+    refusal = torch.autograd.grad(trainer._losses(refusals).mean(), weights)
+    comply = torch.autograd.grad(trainer._losses(affirmative).mean(), weights)
     for module, g_refusal, g_comply in zip(trainer.spf, refusal, comply):
         expected = _as_out_in(module.module, g_refusal - g_comply)
         torch.testing.assert_close(contrast[module.name], expected, rtol=1e-10, atol=1e-12)
