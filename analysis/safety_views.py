@@ -54,12 +54,11 @@ def eval_summary(results: Mapping[str, Any]) -> pd.DataFrame:
 
 def category_rates(results: Mapping[str, Any], keywords: str = "qi", which: str = "harmful") -> pd.DataFrame:
     """Long table: category, model, n, rate (ASR for ``which="harmful"``, over-refusal for "benign")."""
-    key = "asr" if which == "harmful" else "over_refusal"
-    rows = []
-    for label, result in results.items():
-        for category, entry in result.metrics[f"{which}_by_category"].items():
-            rows.append({"category": category, "model": label, "n": entry["n"], "rate": entry[f"{key}_{keywords}"]})
-    return pd.DataFrame(rows, columns=["category", "model", "n", "rate"])
+    column = f"{'asr' if which == 'harmful' else 'over_refusal'}_{keywords}"
+    columns = ["category", "model", "n", "rate"]
+    frames = [result.category_table(which).rename(columns={column: "rate"}).assign(model=label)[columns]
+              for label, result in results.items()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 def category_asr_figure(results: Mapping[str, Any], keywords: str = "qi") -> go.Figure:
