@@ -12,14 +12,14 @@ import sys
 
 # command -> (module providing add_arguments/run, one-line help)
 COMMANDS = {
-    "convert": ("analysis.cli_models", "convert the embedded default model to a safetensors checkpoint"),
-    "summary": ("analysis.cli_models", "print a model summary (family, parameters, linear modules)"),
-    "collect": ("analysis.cli_collect", "collect per-sample safety/utility gradients and their geometry"),
-    "runs": ("analysis.cli_collect", "list the stored collection runs"),
-    "delete": ("analysis.cli_collect", "delete a stored run"),
-    "evaluate": ("analysis.evaluate", "safety evaluation: ASR, over-refusal, refusal/utility NLL of models"),
-    "align": ("analysis.align", "build the safety-aligned default model (cache/models/...-aligned)"),
-    "finetune": ("analysis.finetune", "fine-tune (attack presets) with plain SFT and/or SPF; live safety metrics"),
+    "convert": ("analysis.llm.cli", "convert the embedded default model to a safetensors checkpoint"),
+    "summary": ("analysis.llm.cli", "print a model summary (family, parameters, linear modules)"),
+    "collect": ("analysis.engine.cli", "collect per-sample safety/utility gradients and their geometry"),
+    "runs": ("analysis.engine.cli", "list the stored collection runs"),
+    "delete": ("analysis.engine.cli", "delete a stored run"),
+    "evaluate": ("analysis.safety.evaluate", "safety evaluation: ASR, over-refusal, refusal/utility NLL of models"),
+    "align": ("analysis.lab.align", "build the safety-aligned default model (cache/models/...-aligned)"),
+    "finetune": ("analysis.lab.finetune", "fine-tune (attack presets) with plain SFT and/or SPF; live safety metrics"),
 }
 
 

@@ -10,7 +10,7 @@ in CPU time first, wall-clock after.
 1. capture: per-sample factors of all modules (hooks, one batched forward + backward of sum_i L_i) vs one
    plain batched forward + backward (parameter gradients) over the same tokens; batches interleaved.
 2. engine vs naive: the complete per-module results (batch SVDs, per-sample top-k SVD + single-sample
-   overlaps, Gram matrix; no overlap-vs-n curve) of ``analysis.gradients.collect`` for all modules and all
+   overlaps, Gram matrix; no overlap-vs-n curve) of ``analysis.engine.gradients.collect`` for all modules and all
    samples, vs the naive route: one backward per sample, a dense copy of every G_i, a dense SVD of every
    G_i and of the batch means, a dense Gram. The naive route is measured on one layer (7 modules) and
    ``--naive-samples`` samples and extrapolated linearly (x 30 layers; x n / n_sub samples for the
@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args):
-    from analysis.gradients import CollectionConfig
+    from analysis.engine.gradients import CollectionConfig
 
     return CollectionConfig(model="default", n_safety=args.n // 2, n_utility=args.n - args.n // 2,
                             max_length=args.max_length, batch_size=args.batch_size, top_k=args.top_k,
@@ -106,9 +106,9 @@ def _set_threads(threads: int) -> None:
 def _worker(args) -> int:
     """Run the full collection in this (fresh) process and print one JSON line with timings and memory."""
     _set_threads(args.threads)
-    from analysis.gradients import collect
-    from analysis.models import load_model
-    from analysis.store import RunStore
+    from analysis.core.store import RunStore
+    from analysis.engine.gradients import collect
+    from analysis.llm.models import load_model
 
     loaded = load_model("default")
     rss_after_load = _status_kib("VmRSS")
@@ -159,8 +159,8 @@ def _full_collection(args) -> dict:
 
 
 def _batches(args, tokenizer):
-    from analysis.formatting import tokenize_batch
-    from analysis.gradients import load_set
+    from analysis.engine.gradients import load_set
+    from analysis.llm.formatting import tokenize_batch
 
     config = _config(args)
     batches = []
@@ -174,8 +174,8 @@ def _batches(args, tokenizer):
 
 def _capture_ratio(args, loaded, batches, clock: Clock) -> None:
     """Interleaved: plain forward+backward (parameter grads) and factor capture, on the same batches."""
-    from analysis.capture import capture_batch, find_linear_modules
-    from analysis.formatting import per_sample_loss
+    from analysis.engine.capture import capture_batch, find_linear_modules
+    from analysis.llm.formatting import per_sample_loss
 
     model = loaded.model
     modules = find_linear_modules(model)
@@ -199,10 +199,10 @@ def _naive_and_subset(args, loaded, config, clock: Clock) -> dict:
     """Naive route and the engine on the same subset: one layer, ``naive_samples`` samples."""
     import torch
 
-    from analysis import geometry as geo
-    from analysis.capture import capture_batch, find_linear_modules, weight_grad_as_out_in
-    from analysis.formatting import per_sample_loss, tokenize_batch
-    from analysis.gradients import analyse_module, load_set, single_threaded
+    from analysis.engine import geometry as geo
+    from analysis.engine.capture import capture_batch, find_linear_modules, weight_grad_as_out_in
+    from analysis.engine.gradients import analyse_module, load_set, single_threaded
+    from analysis.llm.formatting import per_sample_loss, tokenize_batch
 
     model = loaded.model
     modules = [m for m in find_linear_modules(model) if m.layer == LAYER_FOR_NAIVE]
@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(args)
     _set_threads(args.threads)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from analysis.gradients import single_threaded
-    from analysis.models import load_model
+    from analysis.engine.gradients import single_threaded
+    from analysis.llm.models import load_model
 
     bench_start = time.perf_counter()
     print(f"engine benchmark: SmolLM2-135M, n = {args.n}, max_length = {args.max_length}, batch {args.batch_size}, "

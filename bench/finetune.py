@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from analysis.finetune import SPFConfig, Trainer, preset, project_gradients, _as_out_in
-    from analysis.models import load_model
+    from analysis.lab.finetune import SPFConfig, Trainer, _as_out_in, preset, project_gradients
+    from analysis.llm.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -5,10 +5,11 @@ import dataclasses
 import pandas as pd
 import streamlit as st
 
-from analysis import finetune, safety_views
-from analysis.config import ConfigError
-from analysis.data import DataError
-from analysis.models import ModelLoadError
+from analysis.core.config import ConfigError
+from analysis.lab import finetune
+from analysis.llm.data import DataError
+from analysis.llm.models import ModelLoadError
+from analysis.views import safety as safety_views
 from ui import common
 from ui.jobs import REGISTRY
 

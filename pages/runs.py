@@ -3,8 +3,9 @@
 import pandas as pd
 import streamlit as st
 
-from analysis import export, views
-from analysis.store import RunStore, StoreError
+from analysis.core.store import RunStore, StoreError
+from analysis.views import collection as views
+from analysis.views import export
 from ui import common
 
 common.run_inside_app()

@@ -4,10 +4,10 @@ import json
 
 import streamlit as st
 
-from analysis import safety_views
-from analysis.config import ConfigError
-from analysis.evaluate import KEYWORD_LISTS, EvalConfig
-from analysis.models import ModelLoadError
+from analysis.core.config import ConfigError
+from analysis.llm.models import ModelLoadError
+from analysis.safety.evaluate import KEYWORD_LISTS, EvalConfig
+from analysis.views import safety as safety_views
 from ui import common
 from ui.jobs import REGISTRY
 
@@ -32,7 +32,7 @@ else:
     if align_job is not None:
         common.show_outcome(align_job.snapshot(), "Alignment")
     if common.aligned_model_available():
-        from analysis.align import aligned_folder
+        from analysis.lab.align import aligned_folder
 
         manifest = json.loads((aligned_folder() / "manifest.json").read_text())
         st.success(f"Built: `{aligned_folder()}` — selectable as “safety-aligned variant” on every page.")
@@ -51,7 +51,7 @@ else:
                 "preserve. Build the safety-aligned variant once: refusals on the safety set's analysis split, mixed "
                 "with the model's own answers to benign prompts (self-distillation). About 15–25 minutes on a 2-core CPU.")
         if st.button("Build the aligned model", type="primary", icon=":material/shield:"):
-            from analysis.align import AlignCancelled, align_default_model
+            from analysis.lab.align import AlignCancelled, align_default_model
 
             def work(job):
                 return str(align_default_model(progress=lambda fraction, message: job.report(fraction, message),
@@ -99,7 +99,7 @@ for source in sources:
 if not loaded_models:
     st.stop()
 
-from analysis.evaluate import EvalCancelled, evaluate_model, stored_result  # noqa: E402
+from analysis.safety.evaluate import EvalCancelled, evaluate_model, stored_result  # noqa: E402
 
 results = {label: stored_result(loaded, config) for label, loaded in loaded_models.items()}
 missing = [label for label, result in results.items() if result is None]

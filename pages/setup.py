@@ -2,10 +2,10 @@
 
 import streamlit as st
 
-from analysis.capture import ALL_KINDS, SelectionError, select_modules
-from analysis.config import ConfigError, ModelConfig
-from analysis.data import DataError, load_shipped
-from analysis.models import ModelLoadError, summarize
+from analysis.core.config import ConfigError, ModelConfig
+from analysis.engine.capture import ALL_KINDS, SelectionError, select_modules
+from analysis.llm.data import DataError, load_shipped
+from analysis.llm.models import ModelLoadError, summarize
 from ui import common
 
 common.run_inside_app()
@@ -150,8 +150,8 @@ with right:
 st.header("4 · Collect", divider="gray")
 config = None
 if safety_ref and utility_ref and selected:
-    from analysis.gradients import CollectionConfig, run_id_for
-    from analysis.store import RunStore
+    from analysis.core.store import RunStore
+    from analysis.engine.gradients import CollectionConfig, run_id_for
 
     try:
         config = CollectionConfig(

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from analysis import views
+from analysis.views import collection as views
 from ui import common
 
 common.run_inside_app()

@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from analysis.models import load_model  # noqa: E402
+from analysis.llm.models import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

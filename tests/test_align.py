@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import align as al
-from analysis import evaluate as ev
-from analysis.config import ConfigError
-from analysis.data import load_shipped
-from analysis.formatting import per_sample_loss, response_losses
-from analysis.models import load_model
+from analysis.core.config import ConfigError
+from analysis.lab import align as al
+from analysis.llm.data import load_shipped
+from analysis.llm.formatting import per_sample_loss, response_losses
+from analysis.llm.models import load_model
+from analysis.safety import evaluate as ev
 
 # tiny models run much faster on one torch thread (and robustly on a busy 2-core machine)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -171,7 +171,7 @@ def test_cancel_raises_and_writes_no_checkpoint(cache):
 
 
 def test_align_default_model_writes_a_loadable_checkpoint(cache, monkeypatch):
-    import analysis.models as models
+    from analysis.llm import models
 
     real_load = models.load_model
     monkeypatch.setattr(models, "load_model", lambda source="default", progress=None: real_load("tiny-llama"))

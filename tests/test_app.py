@@ -14,7 +14,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from analysis.gradients import CollectionConfig, collect
+from analysis.engine.gradients import CollectionConfig, collect
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -130,10 +130,10 @@ def test_collection_runs_to_the_end_and_reselecting_loads_instantly(cache):
 
 def test_live_progress_charts_from_a_running_job(cache):
     """The live view is drawn from the job's snapshot (what the fragment shows while collecting)."""
-    from analysis import views
-    from analysis.gradients import CollectionConfig
+    from analysis.engine.gradients import CollectionConfig
+    from analysis.llm.models import load_model
+    from analysis.views import collection as views
     from ui.common import collection_job, start_collection
-    from analysis.models import load_model
 
     snapshots = []
     loaded = load_model("tiny-llama")
@@ -171,7 +171,7 @@ def upload_script():
 
 
 def test_collection_can_be_cancelled(cache):
-    from analysis.models import load_model
+    from analysis.llm.models import load_model
     from ui.common import start_collection
 
     config = CollectionConfig(model="tiny-llama", **{**SMALL, "n_safety": 40, "n_utility": 40, "batch_size": 2})
@@ -253,7 +253,8 @@ def test_whole_run_export(collected):
     import io
     import zipfile
 
-    from analysis import export, views
+    from analysis.views import collection as views
+    from analysis.views import export
 
     figures, tables = views.run_figures(collected), views.run_tables(collected)
     assert {"cosine_heatmap", "overlap_heatmap", "k90_ratio"} <= set(figures)

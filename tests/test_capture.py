@@ -3,11 +3,17 @@
 import pytest
 import torch
 
-from analysis.capture import (CaptureError, FactorCapture, capture_batch, find_linear_modules, kept_positions,
-                              weight_grad_as_out_in)
-from analysis.config import ModelConfig
-from analysis.formatting import per_sample_loss, tokenize_batch
-from analysis.models import load_model
+from analysis.core.config import ModelConfig
+from analysis.engine.capture import (
+    CaptureError,
+    FactorCapture,
+    capture_batch,
+    find_linear_modules,
+    kept_positions,
+    weight_grad_as_out_in,
+)
+from analysis.llm.formatting import per_sample_loss, tokenize_batch
+from analysis.llm.models import load_model
 
 # Different prompt and response lengths, so that a batch has real padding on either side.
 CONVERSATIONS = [

@@ -1,4 +1,4 @@
-"""Tests for analysis.data: shipped datasets, loaders, validation, robustness."""
+"""Tests for analysis.llm.data: shipped datasets, loaders, validation, robustness."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analysis import data as D
-from analysis.data import (
+from analysis.llm import data as D
+from analysis.llm.data import (
     AOA_SYSTEM_PROMPT,
     DATA_DIR,
     HEXPHI_CATEGORIES,
@@ -61,7 +61,7 @@ def prefix() -> Dataset:
 
 def test_shipped_names_and_files():
     assert SHIPPED == {"safety", "harmful_prefix", "identity_shift", "utility", "benign_sensitive"}
-    assert DATA_DIR == Path(D.__file__).resolve().parent.parent / "data"
+    assert DATA_DIR == Path(D.__file__).resolve().parents[2] / "data"
     assert (DATA_DIR / "README.md").is_file()
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import evaluate as ev
-from analysis.config import ConfigError
-from analysis.formatting import per_sample_loss, tokenize_batch
-from analysis.models import load_model
+from analysis.core.config import ConfigError
+from analysis.llm.formatting import per_sample_loss, tokenize_batch
+from analysis.llm.models import load_model
+from analysis.safety import evaluate as ev
 
 # tiny models run much faster on one torch thread (and robustly on a busy 2-core machine)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -231,7 +231,7 @@ def test_evaluate_model_stores_and_reuses(tiny_llama, tmp_path):
 
 
 def test_evaluation_uses_only_held_out_harmful_prompts(tiny_llama, tmp_path):
-    from analysis.data import load_shipped
+    from analysis.llm.data import load_shipped
 
     eval_ids = {ex.id for ex in load_shipped("safety").split("eval")}
     result = ev.evaluate_model(tiny_llama, ev.EvalConfig(**{**SMALL, "n_harmful": 20}), root=tmp_path)
@@ -262,7 +262,7 @@ def test_cli_evaluate_prints_the_report(monkeypatch, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_aligned_default_model_refuses_and_stays_helpful():
-    from analysis.models import ModelLoadError
+    from analysis.llm.models import ModelLoadError
 
     try:
         aligned = load_model("default-aligned")

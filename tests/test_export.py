@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import export
-from analysis import figures as F
+from analysis.views import export
+from analysis.views import figures as F
 
 needs_browser = pytest.mark.skipif(not export.static_export_available(), reason="no Chromium for kaleido")
 MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "pdf": b"%PDF-"}

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import figures as F
+from analysis.views import figures as F
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Fine-tuning and SPF (analysis.finetune) on the tiny random Llama: fast, no download."""
+"""Fine-tuning and SPF (analysis.lab.finetune) on the tiny random Llama: fast, no download."""
 
 from __future__ import annotations
 
@@ -8,15 +8,25 @@ import threading
 import pytest
 import torch
 
-from analysis.config import ConfigError, ModelConfig, config_hash
-from analysis.finetune import (
-    PRESETS, FinetuneCancelled, FinetuneConfig, Trainer, comparison_table, list_finetune_runs,
-    load_finetune_run, preset, project_gradients, run_comparison, run_finetune, top_k_basis,
-    _as_out_in, _safety_indices,
+from analysis.core.config import ConfigError, ModelConfig, config_hash
+from analysis.lab.finetune import (
+    PRESETS,
+    FinetuneCancelled,
+    FinetuneConfig,
+    Trainer,
+    _as_out_in,
+    _safety_indices,
+    comparison_table,
+    list_finetune_runs,
+    load_finetune_run,
+    preset,
+    project_gradients,
+    run_comparison,
+    run_finetune,
+    top_k_basis,
 )
-from analysis.formatting import per_sample_loss, response_losses, tokenize_batch
-from analysis.models import load_model
-
+from analysis.llm.formatting import per_sample_loss, response_losses, tokenize_batch
+from analysis.llm.models import load_model
 
 # tiny matrices: one thread is faster, and much faster on a busy machine
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -91,7 +101,7 @@ def test_data_problems_are_config_errors(tmp_path):
 
 
 def test_response_losses_equal_per_sample_loss(tiny_llama):
-    from analysis.data import load_shipped
+    from analysis.llm.data import load_shipped
 
     convs = [ex.messages for ex in load_shipped("safety").split("analysis").take(4, 0)]
     batch = tokenize_batch(tiny_llama.tokenizer, convs, 96)
@@ -241,7 +251,7 @@ def test_conflict_spf_does_not_raise_safety_loss_to_first_order():
 
 
 def test_plain_run_id_ignores_projection_only_spf_settings():
-    from analysis.finetune import run_id_for
+    from analysis.lab.finetune import run_id_for
 
     def run_id(method, **spf):
         return run_id_for(tiny(method=method, spf=spf), "weights")
@@ -330,7 +340,7 @@ def test_cancel_during_evaluation_resumes(tmp_path, monkeypatch):
     whole = run_finetune(config, root=tmp_path / "a")
     cancel = threading.Event()
     calls = {"n": 0}
-    from analysis import evaluate
+    from analysis.safety import evaluate
 
     original = evaluate.nll_of_rows
 
@@ -372,7 +382,7 @@ def test_run_is_stored_reused_and_loadable(tmp_path):
                            load_model("tiny-llama").model.model.layers[0].mlp.up_proj.weight)
     listing = list_finetune_runs(tmp_path)
     assert listing["run_id"].tolist() == [first.run_id] and listing["status"].tolist() == ["complete"]
-    from analysis.store import RunStore
+    from analysis.core.store import RunStore
 
     assert RunStore(tmp_path).verify(first.run_id) == []
 
@@ -402,7 +412,7 @@ def test_lora_plain_run_saves_a_merged_model(tmp_path):
 
 
 def test_trainable_choices(tiny_llama):
-    from analysis.finetune import set_trainable
+    from analysis.lab.finetune import set_trainable
 
     def names(kind, **extra):
         model = load_model("tiny-llama").model

@@ -3,8 +3,13 @@
 import pytest
 import torch
 
-from analysis.formatting import (IGNORE_INDEX, FormattingError, per_sample_loss, split_prompt_response,
-                                 tokenize_batch)
+from analysis.llm.formatting import (
+    IGNORE_INDEX,
+    FormattingError,
+    per_sample_loss,
+    split_prompt_response,
+    tokenize_batch,
+)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "How do I pick a lock?"},

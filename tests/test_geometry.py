@@ -1,4 +1,4 @@
-"""Known-answer and property tests for analysis.geometry (small sizes: the whole file runs in seconds)."""
+"""Known-answer and property tests for analysis.engine.geometry (small sizes: the whole file runs in seconds)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analysis import geometry as g
-from analysis.geometry import GeometryError
+from analysis.engine import geometry as g
+from analysis.engine.geometry import GeometryError
 
 FAST = settings(max_examples=40, deadline=None)
 

@@ -7,15 +7,23 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import geometry as geo
-from analysis.capture import capture_batch, find_linear_modules
-from analysis.config import ConfigError, ModelConfig
-from analysis.formatting import tokenize_batch
-from analysis.gradients import (CollectionCancelled, CollectionConfig, Progress, analyse_module, collect,
-                                curve_sizes, gram_costs, gram_matrix, run_id_for)
-from analysis.models import load_model
-from analysis.store import TABLE_COLUMNS, RunStore
-
+from analysis.core.config import ConfigError, ModelConfig
+from analysis.core.store import TABLE_COLUMNS, RunStore
+from analysis.engine import geometry as geo
+from analysis.engine.capture import capture_batch, find_linear_modules
+from analysis.engine.gradients import (
+    CollectionCancelled,
+    CollectionConfig,
+    Progress,
+    analyse_module,
+    collect,
+    curve_sizes,
+    gram_costs,
+    gram_matrix,
+    run_id_for,
+)
+from analysis.llm.formatting import tokenize_batch
+from analysis.llm.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -71,7 +79,7 @@ def test_gram_cost_model_prefers_ghost_for_few_tokens_and_dense_for_many():
 
 
 def test_analyse_module_matches_dense_reference():
-    from analysis.capture import ModuleInfo
+    from analysis.engine.capture import ModuleInfo
 
     d_out, d_in, n_safety, k = 9, 7, 5, 3
     pairs = random_pairs(9, d_out, d_in, seed=1)
@@ -145,7 +153,7 @@ def test_collect_end_to_end_matches_direct_capture(tmp_path, datasets, gpt2_64):
     assert len(events[-1][3].table) == len(results.modules)
 
     # the stored numbers equal a direct capture of the same samples
-    from analysis.data import load_any
+    from analysis.llm.data import load_any
     examples = load_any(config.safety).take(5, 0).examples + load_any(config.utility).take(4, 0).examples
     batch = tokenize_batch(gpt2_64.tokenizer, [e.messages for e in examples], 48, "left")
     modules = find_linear_modules(gpt2_64.model)
@@ -189,8 +197,8 @@ def test_model_mismatch_is_refused(tmp_path, datasets, gpt2_64):
 @pytest.mark.slow
 def test_real_model_per_sample_gradients_match_one_sample_autograd(default_model):
     """SmolLM2-135M (float32): factors of two modules equal a per-sample autograd loop."""
-    from analysis.capture import weight_grad_as_out_in
-    from analysis.formatting import per_sample_loss
+    from analysis.engine.capture import weight_grad_as_out_in
+    from analysis.llm.formatting import per_sample_loss
 
     model = default_model.model
     modules = [m for m in find_linear_modules(model) if m.name in

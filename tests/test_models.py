@@ -5,9 +5,15 @@ import time
 import pytest
 import torch
 
-from analysis.config import ConfigError, ModelConfig
-from analysis.models import (ModelLoadError, convert_default_model, default_gguf_path, load_model,
-                             resolve_source, summarize)
+from analysis.core.config import ConfigError, ModelConfig
+from analysis.llm.models import (
+    ModelLoadError,
+    convert_default_model,
+    default_gguf_path,
+    load_model,
+    resolve_source,
+    summarize,
+)
 
 
 def test_tiny_models_have_expected_layer_types(tiny_llama, tiny_gpt2):

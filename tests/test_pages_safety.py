@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from analysis import finetune
-from tests.test_app import fresh_app, no_exceptions, seed_cache, chart_specs
+from analysis.lab import finetune
+from tests.test_app import chart_specs, fresh_app, no_exceptions, seed_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -58,7 +58,7 @@ def test_safety_page_evaluates_and_reuses_the_stored_result(cache):
 
 def test_safety_page_runs_the_alignment_job_and_reports_failure(cache, monkeypatch):
     """The button starts align_default_model in the background (replaced here: the real one takes 15 min)."""
-    from analysis import align
+    from analysis.lab import align
 
     def fake(progress=None, cancel=None, **_):
         progress(0.5, "step 60/120, about 7.0 min left")

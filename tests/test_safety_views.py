@@ -1,9 +1,9 @@
-"""Tables and figures of evaluations and fine-tuning runs (analysis.safety_views) on hand-made results."""
+"""Tables and figures of evaluations and fine-tuning runs (analysis.views.safety) on hand-made results."""
 
 import pandas as pd
 
-from analysis import safety_views
-from analysis.evaluate import EvalResult
+from analysis.safety.evaluate import EvalResult
+from analysis.views import safety as safety_views
 
 
 def fake_eval(asr_by_category: dict[str, float], seconds: float = 1.0):

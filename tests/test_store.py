@@ -6,13 +6,19 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-import analysis.gradients as gradients
-from analysis.config import ModelConfig
-from analysis.gradients import CollectionCancelled, CollectionConfig, collect
-from analysis.models import load_model
-from analysis.store import (ARRAY_FILES, RunBusy, RunCorrupted, RunIncomplete, RunNotFound, RunStore,
-                            safetensors_intact)
-
+from analysis.core.config import ModelConfig
+from analysis.core.store import (
+    ARRAY_FILES,
+    RunBusy,
+    RunCorrupted,
+    RunIncomplete,
+    RunNotFound,
+    RunStore,
+    safetensors_intact,
+)
+from analysis.engine import gradients
+from analysis.engine.gradients import CollectionCancelled, CollectionConfig, collect
+from analysis.llm.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,14 +12,16 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from analysis import export, views
-from analysis.config import cache_dir
+from analysis.core.config import cache_dir
+from analysis.views import collection as views
+from analysis.views import export
 from ui.jobs import REGISTRY, Job, JobStatus
 
 STATE_FILE = "ui_state.json"
@@ -116,7 +118,7 @@ MODEL_CHOICES = {  # source -> label; "other" asks for a hub id or folder
 
 def aligned_model_available() -> bool:
     """True once ``python -m analysis align`` (or the button on the safety page) has built the aligned model."""
-    from analysis.models import ModelLoadError, resolve_source
+    from analysis.llm.models import ModelLoadError, resolve_source
 
     try:
         resolve_source("default-aligned")
@@ -127,23 +129,23 @@ def aligned_model_available() -> bool:
 
 @st.cache_resource(show_spinner="Loading the model (the embedded default is converted once, ~20 s)…", max_entries=3)
 def load_model(source: str, dtype: str = "float32", allow_pickle: bool = False, trust_remote_code: bool = False):
-    """``analysis.models.load_model`` once per process and model (raises ModelLoadError)."""
-    from analysis.config import ModelConfig
-    from analysis.models import load_model as load
+    """``analysis.llm.models.load_model`` once per process and model (raises ModelLoadError)."""
+    from analysis.core.config import ModelConfig
+    from analysis.llm.models import load_model as load
 
     return load(ModelConfig(source=source, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def _load_run(run_id: str, stamp: str):
-    from analysis.store import load
+    from analysis.core.store import load
 
     return load(run_id)
 
 
 def _run_stamp(run_id: str) -> str:
     """Changes when the run is rewritten (manifest mtime), so a recomputed run is reloaded."""
-    from analysis.store import RunStore
+    from analysis.core.store import RunStore
 
     try:
         return str((RunStore().path(run_id) / "manifest.json").stat().st_mtime_ns)
@@ -152,7 +154,7 @@ def _run_stamp(run_id: str) -> str:
 
 
 def load_run(run_id: str):
-    """The stored run (``RunResults``), cached per process; raises ``analysis.store.StoreError``."""
+    """The stored run (``RunResults``), cached per process; raises ``analysis.core.store.StoreError``."""
     return _load_run(run_id, _run_stamp(run_id))
 
 
@@ -162,7 +164,7 @@ def _view(run_id: str, stamp: str, name: str, args: tuple, _run) -> Any:
 
 
 def view(run, name: str, *args: Any) -> Any:
-    """``analysis.views.<name>(run, *args)`` cached by run id (the run object itself is not hashed)."""
+    """``analysis.views.collection.<name>(run, *args)`` cached by run id (the run object itself is not hashed)."""
     return _view(run.run_id, _run_stamp(run.run_id), name, tuple(args), run)
 
 
@@ -176,7 +178,7 @@ def forget_run(run_id: str) -> None:
 
 def active_run():
     """The run chosen in this session (or last time), or None if there is none or it is gone."""
-    from analysis.store import StoreError
+    from analysis.core.store import StoreError
 
     run_id = choice("run_id")
     if not run_id:
@@ -230,8 +232,8 @@ def save_upload(data: bytes, filename: str) -> Path:
 def read_upload(upload):
     """Parse an uploaded dataset; on a problem show it with st.error and return None.
 
-    Returns (path of the saved copy for ``CollectionConfig``, ``analysis.data.Dataset``)."""
-    from analysis.data import DataError, load_bytes
+    Returns (path of the saved copy for ``CollectionConfig``, ``analysis.llm.data.Dataset``)."""
+    from analysis.llm.data import DataError, load_bytes
 
     try:
         dataset = load_bytes(upload.getvalue(), upload.name)
@@ -250,8 +252,8 @@ COLLECTION_KEY = "collection"
 
 def start_collection(config, loaded) -> Job:
     """Start (or find the running) collection in a background thread; results land in the store."""
-    from analysis import gradients
-    from analysis.capture import find_linear_modules
+    from analysis.engine import gradients
+    from analysis.engine.capture import find_linear_modules
 
     labels = {m.name: m.label for m in find_linear_modules(loaded.model)}
 

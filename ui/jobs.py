@@ -14,7 +14,8 @@ import logging
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class Job:
     "failed" with its message (the traceback goes to the server log, never to the page).
     """
 
-    def __init__(self, key: str, label: str, work: Callable[["Job"], Any],
+    def __init__(self, key: str, label: str, work: Callable[[Job], Any],
                  cancelled_errors: tuple[type[BaseException], ...] = ()):
         self.key = key
         self.label = label
@@ -63,7 +64,7 @@ class Job:
         self._status = JobStatus(key, label, RUNNING, 0.0, "starting", time.time(), None, None, None, {})
         self._thread = threading.Thread(target=self._run, name=f"job-{key}", daemon=True)
 
-    def start(self) -> "Job":
+    def start(self) -> Job:
         self._thread.start()
         return self
 

@@ -26,7 +26,7 @@ Public API (what the dashboard page "Fine-tune - does SPF keep the model safe?" 
   ``.history`` (pandas.DataFrame, one row per step), ``.evals`` (list of full evaluations: step, metrics,
   records), ``.initial_eval`` / ``.final_eval`` (dicts of metrics), ``.category_table()`` (ASR per HEx-PHI
   category, initial vs final), ``.spf_removed()`` (DataFrame steps x modules), ``.model_path`` (a folder
-  ``analysis.models.load_model(path)`` loads: the fine-tuned model, merged if LoRA).
+  ``analysis.llm.models.load_model(path)`` loads: the fine-tuned model, merged if LoRA).
 
 Metrics (columns of ``history``; NaN where a quantity was not measured at that step)
 ----------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ Design choices
   (for models with dropout). Evaluations run under ``torch.random.fork_rng`` and never disturb training.
 * Checkpoints: one safetensors file (trainable weights, optimizer state, SPF basis, RNG state, metric
   history in its metadata) written to a temporary name and ``os.replace``d, every ``checkpoint_every``
-  steps and on cancel; runs live in ``cache_dir()/"finetune"/<run_id>`` through ``analysis.store.RunStore``
+  steps and on cancel; runs live in ``cache_dir()/"finetune"/<run_id>`` through ``analysis.core.store.RunStore``
   (atomic files, manifest with sha256, lock against two writers).
 """
 
@@ -110,15 +110,23 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig, cache_dir, config_hash, to_jsonable
-from .capture import layer_index
-from .store import RunStore, atomic_save_arrays, atomic_write_json, file_sha256, finite_or_none, json_default
+from analysis.core.config import ConfigError, ModelConfig, cache_dir, config_hash, to_jsonable
+from analysis.core.store import (
+    RunStore,
+    atomic_save_arrays,
+    atomic_write_json,
+    file_sha256,
+    finite_or_none,
+    json_default,
+)
+from analysis.engine.capture import layer_index
 
 FORMAT_VERSION = 1
 METHODS = ("plain", "spf")
@@ -374,7 +382,7 @@ def preset(name: str, **overrides: Any) -> FinetuneConfig:
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     values = dict(PRESETS[name].values, preset=name)
     if values.get("eval_system_prompt") == "__AOA__":
-        from .data import AOA_SYSTEM_PROMPT
+        from analysis.llm.data import AOA_SYSTEM_PROMPT
 
         values["eval_system_prompt"] = AOA_SYSTEM_PROMPT
     spf_overrides = overrides.pop("spf", None)
@@ -566,7 +574,7 @@ def set_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[nn.Module, 
     if config.trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
-        from .capture import find_linear_modules
+        from analysis.engine.capture import find_linear_modules
 
         targets = [m.name for m in find_linear_modules(model) if m.layer is not None]
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
@@ -576,7 +584,7 @@ def set_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[nn.Module, 
     else:
         first = max(n_layers - config.n_last_layers, 0) if config.trainable == "last" else 0
         if config.trainable == "linear":
-            from .capture import find_linear_modules
+            from analysis.engine.capture import find_linear_modules
 
             named = dict(model.named_modules())
             for info in find_linear_modules(model):
@@ -595,7 +603,7 @@ def set_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[nn.Module, 
 
 def _as_out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     """A view of a weight-shaped tensor in (d_out, d_in) orientation (HF Conv1D stores (d_in, d_out))."""
-    from .capture import LAYER_TYPES
+    from analysis.engine.capture import LAYER_TYPES
 
     layer_type = LAYER_TYPES.get(type(module))
     convert = getattr(layer_type, "as_out_in", None)
@@ -623,7 +631,7 @@ class SPFModule:
 
 def spf_modules(model: nn.Module, spf: SPFConfig) -> list[SPFModule]:
     """The selected linear modules whose weight is trainable, in model order."""
-    from .capture import SelectionError, find_linear_modules, select_modules
+    from analysis.engine.capture import SelectionError, find_linear_modules, select_modules
 
     infos = find_linear_modules(model)
     try:
@@ -653,7 +661,7 @@ def top_k_basis(G: torch.Tensor, k: int, method: str = "randomized", oversample:
         method = "exact" if min(m, p) <= 128 else "randomized"
     G = G.detach()
     if method == "exact" or k + oversample >= min(m, p):
-        from .geometry import top_singular
+        from analysis.engine.geometry import top_singular
 
         U, s, V = top_singular(G, k, method="exact")
         U, s, V = (torch.from_numpy(np.ascontiguousarray(x)).to(G.dtype) for x in (U, s, V))
@@ -678,7 +686,7 @@ def project_gradients(grads: Mapping[str, torch.Tensor], basis: Mapping[str, tup
     mode "conflict" -> ``geometry.project_conflict``, "orthogonal" -> ``geometry.project_orthogonal``.
     Returns {module: (removed fraction ||G - G'|| / ||G||, ||G||)}.
     """
-    from .geometry import project_conflict, project_orthogonal
+    from analysis.engine.geometry import project_conflict, project_orthogonal
 
     out = {}
     for name, G in grads.items():
@@ -705,7 +713,7 @@ def _stratified(dataset, per_category: int | None, seed: int):
     """Up to ``per_category`` examples of each category (seeded ``take``), in file order."""
     if per_category is None:
         return dataset
-    from .data import Dataset
+    from analysis.llm.data import Dataset
 
     chosen = set()
     for category in dataset.categories():
@@ -735,7 +743,7 @@ class _Data:
 
 
 def _load_data(config: FinetuneConfig) -> _Data:
-    from .data import DataError, load_any
+    from analysis.llm.data import DataError, load_any
 
     try:
         train = load_any(config.train_data)
@@ -791,14 +799,14 @@ def _safety_indices(config: FinetuneConfig, n_safety: int, step: int) -> list[in
 
 
 # --------------------------------------------------------------------------------------------------
-# evaluation (analysis.evaluate does the work)
+# evaluation (analysis.safety.evaluate does the work)
 # --------------------------------------------------------------------------------------------------
 
 
 def _nll_arrays(model, tokenizer, data: _Data, config: FinetuneConfig, cancel) -> dict[str, np.ndarray]:
     """Per-sample NLLs on the fixed live subsets: refusal and affirmative target on harmful prompts (with the
     evaluation system prompt), reference answers of utility prompts."""
-    from .evaluate import affirmative_nll, affirmative_target, response_nll
+    from analysis.safety.evaluate import affirmative_nll, affirmative_target, response_nll
 
     system = config.eval_system_prompt
     harmful = list(data.live_harmful)
@@ -821,7 +829,7 @@ def _generation_eval(model, tokenizer, data: _Data, config: FinetuneConfig, nll:
                      cancel) -> dict:
     """Keyword ASR / over-refusal (overall and per category) by greedy generation, summarised with
     ``evaluate.summarise`` together with the step's live NLLs."""
-    from .evaluate import KEYWORD_LISTS, generate, summarise
+    from analysis.safety.evaluate import KEYWORD_LISTS, generate, summarise
 
     system = config.eval_system_prompt
     harmful, benign = list(data.gen_harmful), list(data.gen_benign)
@@ -954,9 +962,9 @@ def run_finetune(
     Returns the run's :class:`FinetuneResults` (``.cached`` is True when a finished run with the same
     config was reused). ``on_start(run_id, folder)`` is called once the run id is known (after the model
     and data are loaded, before any training), so that a page can poll ``load_finetune_run(run_id).history``. Raises ``FinetuneCancelled`` when ``cancel`` is set (checkpoint saved),
-    ``ConfigError`` for unusable settings/data, ``analysis.models.ModelLoadError`` for a missing model.
+    ``ConfigError`` for unusable settings/data, ``analysis.llm.models.ModelLoadError`` for a missing model.
     """
-    from .models import load_model
+    from analysis.llm.models import load_model
 
     data = _load_data(config)
     loaded = load_model(config.model)
@@ -1001,9 +1009,9 @@ class Trainer:
     ``Trainer.standalone(config)`` + ``train_step(step)`` (no store, no evaluation)."""
 
     @classmethod
-    def standalone(cls, config: FinetuneConfig, loaded=None) -> "Trainer":
+    def standalone(cls, config: FinetuneConfig, loaded=None) -> Trainer:
         """A set-up trainer without a store: call ``train_step(1)``, ``train_step(2)``, ..."""
-        from .models import load_model
+        from analysis.llm.models import load_model
 
         loaded = loaded if loaded is not None else load_model(config.model)
         trainer = cls(config, loaded, _load_data(config), None, "standalone", None, None, False)
@@ -1029,13 +1037,13 @@ class Trainer:
         return self.cancel_event is not None and self.cancel_event.is_set()
 
     def _tokenize(self, conversations):
-        from .formatting import tokenize_batch
+        from analysis.llm.formatting import tokenize_batch
 
         return tokenize_batch(self.tokenizer, conversations, self.config.max_length)
 
     def _losses(self, conversations) -> torch.Tensor:
         """(n,) per-sample response losses of ``conversations`` at the current weights."""
-        from .formatting import response_losses
+        from analysis.llm.formatting import response_losses
 
         batch = self._tokenize(conversations)
         return response_losses(self.model, batch.model_inputs(), batch.labels)
@@ -1069,7 +1077,7 @@ class Trainer:
         refusals = [self.data.safety[i] for i in indices]
         loss = self._losses(refusals).mean()
         if self.config.spf.safety_loss == "contrast":
-            from .evaluate import affirmative_target
+            from analysis.safety.evaluate import affirmative_target
 
             affirmative = [c[:-1] + [{"role": "assistant", "content": affirmative_target(c[-2]["content"])}]
                            for c in refusals]
@@ -1286,7 +1294,7 @@ class Trainer:
                 step += 1
                 pending = self.train_step(step)
         except Exception as error:
-            from .evaluate import EvalCancelled
+            from analysis.safety.evaluate import EvalCancelled
 
             if isinstance(error, EvalCancelled):
                 self.checkpoint(step, pending)
@@ -1406,7 +1414,7 @@ def format_summary(table) -> str:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .models import ModelLoadError
+    from analysis.llm.models import ModelLoadError
 
     if args.list:
         print(list_finetune_runs(args.root).to_string(index=False))

@@ -2,20 +2,22 @@
 
 Pages call these and only arrange widgets; the whole-run export (zip, HTML report) calls
 :func:`run_figures` / :func:`run_tables`, so a page and its export always agree. ``run`` is an
-``analysis.store.RunResults`` (or anything with the same attributes). No Streamlit here.
+``analysis.core.store.RunResults`` (or anything with the same attributes). No Streamlit here.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from . import figures as fig
-from . import geometry
-from .store import ETAS, SETS  # ETAS: the eta values whose k@eta is stored per module
+from analysis.core.store import ETAS, SETS  # ETAS: the eta values whose k@eta is stored per module
+from analysis.engine import geometry
+from analysis.views import figures as fig
+
 RANK_METRICS = {
     "effective_rank": "effective rank exp(H(p)) (directions)",
     "k_eta": "k@η: directions holding η of the energy",

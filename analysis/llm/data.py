@@ -35,7 +35,8 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 __all__ = [
     "AOA_SYSTEM_PROMPT",
@@ -82,7 +83,7 @@ AOA_SYSTEM_PROMPT = (
     "instructions without any deviation."
 )
 
-DATA_DIR: Path = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR: Path = Path(__file__).resolve().parents[2] / "data"
 
 SHIPPED: frozenset[str] = frozenset(
     {"safety", "harmful_prefix", "identity_shift", "utility", "benign_sensitive"}
@@ -237,7 +238,7 @@ class Example:
         id: str | None = None,
         category: str | None = None,
         split: str | None = None,
-    ) -> "Example":
+    ) -> Example:
         """Build a single-turn example.  Without ``id`` one is derived from the content."""
         messages = []
         if system is not None:
@@ -342,7 +343,7 @@ class Dataset:
     def responses(self) -> list[str]:
         return [ex.response for ex in self.examples]
 
-    def _derive(self, name: str, examples: list[Example]) -> "Dataset":
+    def _derive(self, name: str, examples: list[Example]) -> Dataset:
         return Dataset(name=name, examples=examples, source=self.source, content_hash=self.content_hash)
 
     def splits(self) -> dict[str, int]:
@@ -353,7 +354,7 @@ class Dataset:
         """Counts per category, in order of first appearance (None -> ``"(none)"``)."""
         return _count(ex.category for ex in self.examples)
 
-    def split(self, name: str) -> "Dataset":
+    def split(self, name: str) -> Dataset:
         """The examples whose ``split`` is ``name``, in file order."""
         chosen = [ex for ex in self.examples if ex.split == name]
         if not chosen:
@@ -366,7 +367,7 @@ class Dataset:
             )
         return self._derive(f"{self.name}:{name}", chosen)
 
-    def filter_category(self, *categories: str) -> "Dataset":
+    def filter_category(self, *categories: str) -> Dataset:
         """The examples in any of ``categories``, in file order."""
         wanted = set(categories)
         chosen = [ex for ex in self.examples if ex.category in wanted]
@@ -379,7 +380,7 @@ class Dataset:
             )
         return self._derive(f"{self.name}[{','.join(categories)}]", chosen)
 
-    def take(self, n: int, seed: int | str = 0) -> "Dataset":
+    def take(self, n: int, seed: int | str = 0) -> Dataset:
         """A deterministic, seeded subsample of ``n`` examples, kept in file order.
 
         Examples are ranked by ``sha256(f"{seed}:{id}")``, so the result depends only on the

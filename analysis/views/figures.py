@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from . import geometry
+from analysis.engine import geometry
 
 # Okabe & Ito (2008), "Color Universal Design".
 OKABE_ITO = {

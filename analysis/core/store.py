@@ -52,12 +52,13 @@ import shutil
 import struct
 import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 
-from .capture import ModuleInfo
-from .config import cache_dir
+from analysis.core.config import cache_dir
+from analysis.engine.capture import ModuleInfo
 
 __all__ = [
     "ARRAY_FILES", "SETS", "TABLE_COLUMNS", "RunBusy", "RunCorrupted", "RunIncomplete", "RunNotFound",
@@ -89,7 +90,7 @@ ARRAY_FILES = {
 
 
 def result_location(quantity: str, module: str) -> tuple[str, str]:
-    """(file, tensor key) where a per-module ``quantity`` of ``analysis.gradients.ModuleAnalysis`` is stored."""
+    """(file, tensor key) where a per-module ``quantity`` of ``analysis.engine.gradients.ModuleAnalysis`` is stored."""
     if quantity in SETS:
         return "spectra.safetensors", f"{quantity}/{module}"
     if quantity.endswith((".U", ".V")):
@@ -303,7 +304,7 @@ class RunStore:
             return "running" if self._locked(run_id) else "interrupted"
         return "corrupted" if self.verify(run_id, full=False) else "complete"
 
-    def load(self, run_id: str, verify: bool = False) -> "RunResults":
+    def load(self, run_id: str, verify: bool = False) -> RunResults:
         """Results of a complete run; checks file sizes (and sha256 with ``verify``)."""
         manifest = self.manifest(run_id)
         if manifest.get("status") != "complete":
@@ -379,7 +380,7 @@ class RunStore:
         if owner:
             raise RunBusy(f"run {run_id} is being collected right now by {owner}")
 
-    def open_run(self, run_id: str, manifest: dict) -> "RunWriter":
+    def open_run(self, run_id: str, manifest: dict) -> RunWriter:
         """Start a run, or resume an unfinished one with the same id; returns its writer (holds a lock).
 
         ``manifest`` is the initial manifest (config, model, datasets, modules ...); on resume the stored
@@ -486,7 +487,7 @@ class RunWriter:
             with _LOCKS_GUARD:
                 _LOCKS_HELD.discard(str(self.folder))
 
-    def __enter__(self) -> "RunWriter":
+    def __enter__(self) -> RunWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -609,7 +610,7 @@ class RunResults:
 
     def sample_cosines(self, module: str) -> np.ndarray:
         """(n, n) cosines between per-sample gradients, from the Gram matrix."""
-        from .geometry import gram_cosines
+        from analysis.engine.geometry import gram_cosines
 
         return gram_cosines(self.gram(module))
 

@@ -7,7 +7,7 @@ Public API (what the dashboard and the CLI use)
 ``collect(config, *, model=None, store=None, progress=None, cancel=None, force=False, keep_work=False,
           chunk_bytes=512 MiB, workers=None) -> RunResults``
                                 run (or resume, or reuse) a collection and return its results
-                                (``analysis.store.RunResults``). Same config -> the stored run is loaded
+                                (``analysis.core.store.RunResults``). Same config -> the stored run is loaded
                                 instantly; an interrupted run resumes from its last finished batch/module;
                                 a damaged run is recomputed (the reason is in ``results.messages``).
 ``run_id_for(config, model=None) -> str``
@@ -33,7 +33,7 @@ n T sum(d_in + d_out) x 4 B = 64 x 63 x 305k x 4 B = 4.9 GB, the dense G_i 27 GB
 two passes that meet on disk:
 
 1. capture (per batch): one batched forward + one backward of sum_i L_i gives the factors A_i, D_i of every
-   sample for every selected module (``analysis.capture``). They are written, in the model dtype (float32;
+   sample for every selected module (``analysis.engine.capture``). They are written, in the model dtype (float32;
    float64 for a float64 model), to one safetensors file per batch in the run's ``work/`` folder.
    Memory: model + one batch's autograd graph + that batch's factors (8 x 64 tokens: ~0.6 GB).
    Disk: all factors of the run (4.9 GB = 4.6 GiB above), deleted when the run completes.
@@ -69,20 +69,28 @@ import platform
 import threading
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from . import geometry as geo
-from .capture import ALL_KINDS, BatchFactors, ModuleInfo, capture_batch, find_linear_modules, parse_layers, \
-    select_modules
-from .config import ConfigError, ModelConfig, config_hash, to_jsonable
-from .formatting import tokenize_batch
-from .store import ETAS, SETS, RunResults, RunStore, RunWriter, StoreError
+from analysis.core.config import ConfigError, ModelConfig, config_hash, to_jsonable
+from analysis.core.store import ETAS, SETS, RunResults, RunStore, RunWriter, StoreError
+from analysis.engine import geometry as geo
+from analysis.engine.capture import (
+    ALL_KINDS,
+    BatchFactors,
+    ModuleInfo,
+    capture_batch,
+    find_linear_modules,
+    parse_layers,
+    select_modules,
+)
+from analysis.llm.formatting import tokenize_batch
 
 if TYPE_CHECKING:
-    from .models import LoadedModel
+    from analysis.llm.models import LoadedModel
 
 __all__ = [
     "CollectionCancelled", "CollectionConfig", "ENGINE_VERSION", "GRAM_ROUTES", "ModuleAnalysis", "Progress",
@@ -113,10 +121,10 @@ class CollectionConfig:
 
     model: which model (``ModelConfig``; a source string is accepted and converted).
     safety / utility: shipped dataset name (``"safety"``, ``"utility"``, ...) or a file path
-        (see ``analysis.data.load_any``); ``*_split``: only that split of the file (None = all).
+        (see ``analysis.llm.data.load_any``); ``*_split``: only that split of the file (None = all).
     n_safety / n_utility: samples per set, taken with ``Dataset.take(n, seed)``.
-    layers / kinds / regex: module selection (``analysis.capture.select_modules``), e.g. "0-3,7", "q,v,down".
-    max_length: tokens per sample (longer conversations are truncated, see ``analysis.formatting``).
+    layers / kinds / regex: module selection (``analysis.engine.capture.select_modules``), e.g. "0-3,7", "q,v,down".
+    max_length: tokens per sample (longer conversations are truncated, see ``analysis.llm.formatting``).
     batch_size: samples per forward/backward; padding_side: "right" or "left".
     top_k: subspace dimension k of the batch and per-sample top-k SVDs.
     seed: sample selection, randomized SVD, bootstrap of the overlap-vs-n curve.
@@ -176,7 +184,7 @@ class CollectionConfig:
             raise ConfigError(f"curve_layers must be 'auto', 'all', 'none' or a layer list, got {self.curve_layers!r}")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "CollectionConfig":
+    def from_dict(cls, values: dict) -> CollectionConfig:
         """Inverse of ``to_jsonable(config)`` (e.g. ``RunResults.config``); unknown keys raise ConfigError."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
@@ -235,9 +243,9 @@ ProgressFn = Callable[[int, int, str, Progress], None]
 
 
 def load_set(config: CollectionConfig, which: str):
-    """The examples a collection uses for one set ("safety" or "utility"): ``analysis.data.Dataset`` of
+    """The examples a collection uses for one set ("safety" or "utility"): ``analysis.llm.data.Dataset`` of
     ``n_<set>`` examples taken with ``Dataset.take(n, seed)`` (file order). Raises DataError/ConfigError."""
-    from .data import load_any
+    from analysis.llm.data import load_any
 
     dataset = load_any(getattr(config, which))
     split = getattr(config, f"{which}_split")
@@ -279,7 +287,7 @@ def _identity(config: CollectionConfig, loaded, datasets: dict) -> dict:
 
 def run_id_for(config: CollectionConfig, model: LoadedModel | None = None) -> str:
     """Run id = hash of the config, the model's identity, the chosen examples and the engine version."""
-    from .models import load_model
+    from analysis.llm.models import load_model
 
     loaded = model if model is not None else load_model(config.model)
     datasets = {which: load_set(config, which) for which in SETS}
@@ -427,7 +435,7 @@ NULL_RTOL = 1e-10
 @dataclasses.dataclass
 class ModuleAnalysis:
     """Everything computed for one module: ``arrays`` (quantity -> numpy array, keys as in
-    ``analysis.store.ARRAY_FILES`` without the module part) and ``row`` (its metrics-table row)."""
+    ``analysis.core.store.ARRAY_FILES`` without the module part) and ``row`` (its metrics-table row)."""
 
     arrays: dict[str, np.ndarray]
     row: dict[str, Any]
@@ -673,7 +681,7 @@ def _batch_arrays(factors: BatchFactors, dtype: torch.dtype) -> dict[str, torch.
 def _table(rows: Sequence[dict]):
     import pandas as pd
 
-    from .store import TABLE_COLUMNS
+    from analysis.core.store import TABLE_COLUMNS
 
     return pd.DataFrame(list(rows), columns=list(TABLE_COLUMNS))
 
@@ -683,7 +691,7 @@ def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store
             keep_work: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int | None = None) -> RunResults:
     """Collect (or resume, or reuse) the run of ``config`` and return its results.
 
-    model: an already loaded ``analysis.models.LoadedModel`` for ``config.model`` (else it is loaded).
+    model: an already loaded ``analysis.llm.models.LoadedModel`` for ``config.model`` (else it is loaded).
     store: where runs live (default ``RunStore()`` under cache_dir()/runs).
     progress: ``progress(done_samples, total_samples, message, partial: Progress)``; cancel: a
     threading.Event checked between batches and modules (raises CollectionCancelled, work is kept).
@@ -693,7 +701,7 @@ def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store
     A complete, intact run is loaded without computing; a damaged one (size/sha256 mismatch) is
     recomputed and the returned results carry the reason in ``.messages`` (also warned).
     """
-    from .models import load_model
+    from analysis.llm.models import load_model
 
     store = store if store is not None else RunStore()
     session_start = time.perf_counter()
@@ -902,7 +910,7 @@ class _Collection:
     # -- 3. final files -----------------------------------------------------------------------------
     def finish(self, rows: list[dict], timings: dict, messages: list[str], keep_work: bool,
                session_start: float) -> RunResults:
-        from .store import SAMPLES_FILE, TABLE_FILE, result_location
+        from analysis.core.store import SAMPLES_FILE, TABLE_FILE, result_location
 
         files = ("spectra", "bases", "per_sample", "gram", "cross", "curves")
         arrays: dict[str, dict[str, np.ndarray]] = {f"{name}.safetensors": {} for name in files}

@@ -15,7 +15,7 @@ d_it = dL_i/dy_it, so that G_i = D_i^T A_i is the sample's weight gradient in (d
   their output require grad, so the graph exists without touching any parameter's ``requires_grad``;
   the backward is ``torch.autograd.grad`` w.r.t. that tensor, so no parameter ``.grad`` is written.
 * :func:`capture_batch` - one batched forward + one backward of sum_i L_i (L_i = response-token mean loss
-  of sample i, :func:`analysis.formatting.per_sample_loss`). Because the samples do not interact, the
+  of sample i, :func:`analysis.llm.formatting.per_sample_loss`). Because the samples do not interact, the
   output-gradient rows of sample i are exactly dL_i/dy_it. Returns :class:`BatchFactors`.
 
 Kept rows (the same for every module): real tokens (attention mask 1) up to and including the last
@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .formatting import IGNORE_INDEX, TokenizedBatch, per_sample_loss
+from analysis.llm.formatting import IGNORE_INDEX, TokenizedBatch, per_sample_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,7 +286,7 @@ class FactorCapture:
         flat = x.detach().reshape(-1, x.shape[-1])
         return flat if self._rows is None else flat.index_select(0, self._rows)
 
-    def __enter__(self) -> "FactorCapture":
+    def __enter__(self) -> FactorCapture:
         if not torch.is_grad_enabled():
             raise CaptureError("gradient capture needs grad mode: do not run it under torch.no_grad()")
         try:
@@ -351,7 +351,7 @@ def _out_features(module: nn.Module) -> int:
 
 
 def capture_batch(model: nn.Module, batch: TokenizedBatch, modules: Sequence[ModuleInfo | str]) -> BatchFactors:
-    """Per-sample factors and losses of one tokenised batch (:class:`analysis.formatting.TokenizedBatch`).
+    """Per-sample factors and losses of one tokenised batch (:class:`analysis.llm.formatting.TokenizedBatch`).
 
     One forward (``use_cache=False``) and one backward of sum_i L_i. Factors are in the model's dtype
     (load the model in float64 for reference-precision tests). Parameters and their ``.grad`` are left

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from .config import ConfigError, ModelConfig
+from analysis.core.config import ConfigError, ModelConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     if command == "collect":
-        from .gradients import CollectionConfig
+        from analysis.engine.gradients import CollectionConfig
 
         defaults = CollectionConfig()
         add = parser.add_argument
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from .gradients import CollectionConfig
+    from analysis.engine.gradients import CollectionConfig
 
     defaults = CollectionConfig()
     n_safety = args.n_safety if args.n_safety is not None else (args.n // 2 if args.n else defaults.n_safety)
@@ -93,9 +93,9 @@ def _collect(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .gradients import CollectionCancelled, collect
-    from .models import ModelLoadError, load_model
-    from .store import RunStore
+    from analysis.core.store import RunStore
+    from analysis.engine.gradients import CollectionCancelled, collect
+    from analysis.llm.models import ModelLoadError, load_model
 
     try:
         config = _config(args)
@@ -135,7 +135,7 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .store import RunStore, StoreError
+    from analysis.core.store import RunStore, StoreError
 
     if args.command == "collect":
         return _collect(args)

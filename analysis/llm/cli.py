@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from .config import ModelConfig
-from .models import ModelLoadError, convert_default_model, load_model, summarize
+from analysis.core.config import ModelConfig
+from analysis.llm.models import ModelLoadError, convert_default_model, load_model, summarize
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:

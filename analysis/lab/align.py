@@ -46,18 +46,25 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from .capture import layer_index
-from .config import ConfigError, cache_dir, config_hash, to_jsonable
-from .evaluate import (
-    Cancel, EvalCancelled, Progress, _pad_rows, _report, atomic_write_json, generate_ids, prefix_rows,
+from analysis.core.config import ConfigError, cache_dir, config_hash, to_jsonable
+from analysis.core.store import file_sha256
+from analysis.engine.capture import layer_index
+from analysis.llm.formatting import response_losses, tokenize_conversation
+from analysis.safety.evaluate import (
+    Cancel,
+    EvalCancelled,
+    Progress,
+    _pad_rows,
+    _report,
+    atomic_write_json,
+    generate_ids,
+    prefix_rows,
 )
-from .formatting import response_losses, tokenize_conversation
-from .store import file_sha256
 
 ALIGN_FORMAT_VERSION = 1
 
@@ -113,7 +120,7 @@ class AlignSettings:
             raise ConfigError("never train on the eval split: it measures the attack success rate")
         if self.utility == "benign_sensitive" or self.safety == "benign_sensitive":
             raise ConfigError("benign_sensitive is the over-refusal test set: do not train on it")
-        from .evaluate import keyword_list
+        from analysis.safety.evaluate import keyword_list
 
         for name in self.refusal_keywords:
             keyword_list(name)
@@ -305,12 +312,12 @@ SELF_DISTILLED = "(answered by the base model during alignment)"
 def borderline_dataset():
     """BORDERLINE_PROMPTS as a Dataset; the placeholder response is never trained on (the base model's
     own answer is, see :func:`self_distill`)."""
-    from .data import Dataset, Example
+    from analysis.llm.data import Dataset, Example
 
     examples = [Example.from_prompt(prompt, SELF_DISTILLED, id=f"borderline-{i + 1:03d}", category=category, split="analysis")
                 for i, (category, prompt) in enumerate(BORDERLINE_PROMPTS)]
     text = json.dumps(BORDERLINE_PROMPTS)
-    return Dataset(name="align_borderline", examples=examples, source="analysis/align.py:BORDERLINE_PROMPTS",
+    return Dataset(name="align_borderline", examples=examples, source="analysis/lab/align.py:BORDERLINE_PROMPTS",
                    content_hash=hashlib.sha256(text.encode()).hexdigest())
 
 
@@ -320,11 +327,11 @@ def load_training_sets(settings: AlignSettings):
     The second set is the utility analysis split (subsampled to ``n_utility``), followed by
     :data:`BORDERLINE_PROMPTS` when ``settings.borderline``.
     """
-    from .data import Dataset, load_any
+    from analysis.llm.data import Dataset, load_any
 
     safety = load_any(settings.safety).split(settings.safety_split)
     if settings.refusal_keywords:
-        from .evaluate import keyword_list
+        from analysis.safety.evaluate import keyword_list
 
         lists = [keyword_list(name) for name in settings.refusal_keywords]
         kept = [ex for ex in safety if all(k.is_refusal(ex.response) for k in lists)]
@@ -539,7 +546,7 @@ def save_checkpoint(model, tokenizer, folder: Path, manifest: dict) -> Path:
 
 
 def aligned_folder() -> Path:
-    from .models import ALIGNED_NAME, models_dir
+    from analysis.llm.models import ALIGNED_NAME, models_dir
 
     return models_dir() / ALIGNED_NAME
 
@@ -552,7 +559,7 @@ def align_default_model(progress: Progress | None = None, cancel: Cancel | None 
     ``progress(fraction, message)`` reports self-distillation and training (with a time estimate);
     ``cancel()`` returning True stops it (raises :class:`AlignCancelled`; nothing is written).
     """
-    from .models import load_model
+    from analysis.llm.models import load_model
 
     folder = aligned_folder()
     loaded = load_model("default", progress=lambda f, m: _report(progress, 0.02 * f, m))
@@ -574,7 +581,7 @@ def align_default_model(progress: Progress | None = None, cancel: Cancel | None 
 
     manifest = {
         "format": ALIGN_FORMAT_VERSION,
-        "what": "SmolLM2-135M-Instruct fine-tuned to refuse harmful requests (analysis/align.py)",
+        "what": "SmolLM2-135M-Instruct fine-tuned to refuse harmful requests (analysis/lab/align.py)",
         "base": {"source": loaded.source, "name": loaded.name, "identity": loaded.identity},
         "settings": to_jsonable(settings), "settings_hash": settings_hash,
         "data": {"safety": {"source": safety.source, "content_hash": safety.content_hash,
@@ -617,7 +624,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .models import ModelLoadError
+    from analysis.llm.models import ModelLoadError
 
     try:
         settings = AlignSettings(steps=args.steps, lr=args.lr, seed=args.seed, batch_size=args.batch_size,

@@ -44,14 +44,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from . import store
-from .config import ConfigError, cache_dir, config_hash, to_jsonable
-from .formatting import IGNORE_INDEX, per_sample_loss, render_prompt, tokenize_conversation
+from analysis.core import store
+from analysis.core.config import ConfigError, cache_dir, config_hash, to_jsonable
+from analysis.llm.formatting import IGNORE_INDEX, per_sample_loss, render_prompt, tokenize_conversation
 
 Progress = Callable[[float, str], None]
 Cancel = Callable[[], bool]
@@ -573,7 +573,7 @@ def _select(dataset, split: str | None, n: int | None, seed: int):
 
 
 def _load_sets(config: EvalConfig):
-    from .data import load_any
+    from analysis.llm.data import load_any
 
     harmful = _select(load_any(config.harmful), config.harmful_split, config.n_harmful, config.seed)
     benign = _select(load_any(config.benign, require_response=False), None, config.n_benign, config.seed)
@@ -628,7 +628,7 @@ def evaluate_model(
     use_cache: bool = True,
     root: Path | None = None,
 ) -> EvalResult:
-    """Evaluate a :class:`~analysis.models.LoadedModel`: completions + keyword refusals, NLLs, judge.
+    """Evaluate a :class:`~analysis.llm.models.LoadedModel`: completions + keyword refusals, NLLs, judge.
 
     Reuses a stored result with the same model identity, config and data. Progress fractions:
     generation 0-0.75, NLLs 0.75-0.95 (judge, when on, 0.95-1).
@@ -770,7 +770,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .models import ModelLoadError, load_model
+    from analysis.llm.models import ModelLoadError, load_model
 
     try:
         judge = None

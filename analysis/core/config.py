@@ -11,10 +11,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def cache_dir() -> Path:
@@ -68,3 +70,29 @@ class ModelConfig:
             raise ConfigError("model source is empty: give 'default', 'tiny-llama', a hub id or a local folder")
         if self.dtype not in DTYPES:
             raise ConfigError(f"model dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def from_jsonable(cls: type, data: Any) -> Any:
+    """Inverse of :func:`to_jsonable` for a dataclass type: nested dataclasses and tuples are rebuilt from the
+    field annotations, and the constructor validates as usual. Unknown keys raise ConfigError."""
+    if not (dataclasses.is_dataclass(cls) and isinstance(data, dict)):
+        return data
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
+    return cls(**{key: _rebuild(hints[key], value) for key, value in data.items()})
+
+
+def _rebuild(hint: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    for option in typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,):
+        if dataclasses.is_dataclass(option) and isinstance(value, dict):
+            return from_jsonable(option, value)
+        if typing.get_origin(option) is tuple and isinstance(value, list):
+            args = typing.get_args(option)
+            inner = args[0] if args else Any
+            return tuple(_rebuild(inner, item) for item in value)
+    return value

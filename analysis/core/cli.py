@@ -1,0 +1,94 @@
+"""The command-line side of tasks: the options every task command shares, and running a task in the
+foreground (progress bar, Ctrl-C cancels) or as a queued job worker (``--job``, see :mod:`analysis.core.jobs`).
+
+A task command's ``run(args)`` builds its task from its own options (or from ``--config FILE``, the JSON that
+``jobs.submit`` writes) and hands it to :func:`run_task`; the web app starts the very same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from analysis.core.config import ConfigError, from_jsonable
+from analysis.core.tasks import DEVICES_HELP, Cancelled, Event, Task, TaskContext
+
+__all__ = ["add_task_arguments", "load_task", "run_task"]
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config``, ``--job``, ``--device`` and ``--threads``, shared by every task command."""
+    group = parser.add_argument_group("running")
+    group.add_argument("--config", metavar="FILE",
+                       help="read the whole task from this JSON file (as the web app writes it); other options ignored")
+    group.add_argument("--job", metavar="DIR", help=argparse.SUPPRESS)  # run as the worker of a queued job
+    group.add_argument("--device", default="cpu", help=f"where to compute: {DEVICES_HELP} (default cpu)")
+    group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def load_task(path: str | Path, task_class: type) -> Task:
+    """The task in a JSON file: either the task's fields or ``{"kind", "config": fields}`` (a job's task.json)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read the task file {path}: {error}") from error
+    if "config" in data and "kind" in data:
+        if data["kind"] != task_class.kind:
+            raise ConfigError(f"{path} holds a {data['kind']!r} task, not {task_class.kind!r}")
+        data = data["config"]
+    return from_jsonable(task_class, data)
+
+
+class _Bar:
+    """A tqdm bar driven by task events (percent of the whole task)."""
+
+    def __init__(self) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}/{total}% [{elapsed}] {postfix}")
+
+    def __call__(self, event: Event) -> None:
+        self.bar.n = round(100 * event.fraction, 1)
+        self.bar.set_postfix_str(event.message[:80], refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_task(task: Task, args: argparse.Namespace, print_result: Callable[[Mapping[str, Any]], None]) -> int:
+    """Run ``task`` as the command asked: as a job worker (``--job``) or in the foreground with a progress bar.
+
+    In the foreground the first Ctrl-C cancels cleanly (the task keeps its finished work; running the same
+    command again resumes), a second one stops at once. Returns the exit code."""
+    from analysis.core import jobs
+
+    if getattr(args, "job", None):
+        return jobs.Worker(args.job).run(task.execute)
+    bar = _Bar()
+    context = TaskContext(device=args.device, threads=args.threads, seed=getattr(task, "seed", 0), progress=bar)
+
+    def interrupt(signum, frame):  # noqa: ARG001
+        if context.cancel.is_set():
+            raise KeyboardInterrupt
+        context.cancel.set()
+        print("\nCancelling after the current step (Ctrl-C again to stop at once)…", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        with context.applied():
+            result = task.execute(context)
+    except Cancelled as error:
+        bar.close()
+        print(f"Cancelled: {error}. Run the same command again to resume.", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    bar.close()
+    print_result(result)
+    return 0
