@@ -26,5 +26,9 @@ PAGES = [
 
 page = st.navigation(PAGES)
 st.session_state[common.APP_ENTERED] = True
-common.sidebar()
-page.run()
+sidebar = st.sidebar.container()
+try:
+    page.run()
+finally:  # drawn after the page, so that it shows what the page has just chosen (also when the page stops early)
+    with sidebar:
+        common.sidebar()

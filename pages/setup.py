@@ -3,10 +3,12 @@
 import streamlit as st
 
 from analysis.core.config import ConfigError, ModelConfig
+from analysis.core.store import RunStore
 from analysis.engine.capture import ALL_KINDS, SelectionError, select_modules
 from analysis.llm.data import DataError, load_shipped
 from analysis.llm.models import ModelLoadError, summarize
 from ui import common
+from ui import jobs as ui_jobs
 
 common.run_inside_app()
 
@@ -145,13 +147,14 @@ with right:
                                               min_value=1, max_value=200, value=10)
         gram_route = common.remembered_widget("gram_route", st.selectbox, "Gram route (both exact)",
                                               ["auto", "ghost", "dense"])
+        common.remembered_widget("device", st.selectbox, "Compute device (every job)", common.devices(),
+                                 help="where collections, evaluations and fine-tuning run; one job at a time per device")
 
 # ---- collect ----------------------------------------------------------------------------------------
 st.header("4 · Collect", divider="gray")
-config = None
+config = stored_id = None
 if safety_ref and utility_ref and selected:
-    from analysis.core.store import RunStore
-    from analysis.engine.gradients import CollectionConfig, run_id_for
+    from analysis.engine.gradients import CollectionConfig
 
     try:
         config = CollectionConfig(
@@ -161,51 +164,39 @@ if safety_ref and utility_ref and selected:
             top_k=int(top_k), seed=int(seed), gram_route=gram_route, curve_layers=curve_layers,
             curve_boot=int(curve_boot),
         )
-        stored_id = run_id_for(config, loaded)
-    except (ConfigError, DataError, SelectionError) as error:
+        stored_id = config.run_id()
+    except (ConfigError, DataError, SelectionError, ModelLoadError) as error:
         st.error(str(error))
         config = None
 else:
     st.info("Choose a safety set, a utility set and at least one module to collect.")
 
-job = common.collection_job()
-running = job is not None and job.snapshot().running
-if config is not None and not running:
-    if RunStore().status(stored_id) == "complete":
-        if common.choice("run_id") != stored_id:
-            common.set_choice("run_id", stored_id)
-            st.rerun()
-        if job is None or job.snapshot().result != stored_id:
-            st.success(f"These settings were collected before: run `{stored_id}` is loaded and shown on the "
-                       "other pages.")
-    elif st.button("Collect", type="primary", icon=":material/play_arrow:"):
-        common.start_collection(config, loaded)
-        st.rerun()  # redraw without the button, with the live view
 
-
-@st.fragment(run_every=common.POLL_SECONDS)
-def live_progress() -> None:
-    """Polls the background collection; reruns the whole page once it ends."""
-    status = job.snapshot()
-    st.markdown(f"**Collecting** {status.label}")
-    common.show_job_status(status)
-    if st.button("Cancel", icon=":material/stop:", key="cancel"):
-        job.cancel()
-        st.toast("Cancelling after the current batch…")
-    if not status.running:
-        st.rerun(scope="app")
-
-
-if running:
-    live_progress()
-elif job is not None:
-    status = job.snapshot()
-    if common.adopt_finished_collection(status):
+job = ui_jobs.current("collect")
+complete = stored_id is not None and RunStore().status(stored_id) == "complete"
+if job is not None and job.active:
+    st.markdown(f"**{'Collecting' if job.running else 'Waiting to collect'}:** {job.label}")
+    ui_jobs.follow(job, live_view=common.show_live_collection)
+    if job.run_id != stored_id and config is not None and not complete:
+        st.caption("The settings above differ from the running collection; collecting them queues a second job.")
+if job is not None and not job.active and job.run_id == stored_id and job.state != "done":
+    ui_jobs.show_outcome(job, "Collection")
+if complete:
+    if common.choice("run_id") != stored_id:
+        common.set_choice("run_id", stored_id)
         st.rerun()
-    common.show_job_status(status)
+    if job is not None and job.run_id == stored_id and job.state == "done":
+        ui_jobs.show_outcome(job, "Collection")
+    else:
+        st.success(f"These settings were collected before: run `{stored_id}` is loaded and shown on the other pages.")
+elif config is not None and not (job is not None and job.active and job.run_id == stored_id):
+    if st.button("Collect", type="primary", icon=":material/play_arrow:"):
+        ui_jobs.submit(config, f"{source}: {config.n_safety} safety + {config.n_utility} utility, "
+                               f"{len(selected)} modules")
+        st.rerun()  # redraw with the queued job
 
 run = common.active_run()
-if run is not None and not running:
+if run is not None and complete and run.run_id == stored_id:
     st.markdown("#### First answers")
     st.markdown(f"**Is safety low-rank?** {common.view(run, 'low_rank_answer', 0.9)}")
     st.markdown(f"**Do safety and utility fight?** {common.view(run, 'conflict_answer')}")

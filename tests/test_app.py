@@ -366,3 +366,28 @@ def test_end_to_end_in_chromium(server, tmp_path):
             assert Path(path).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
         finally:
             browser.close()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK) or shutil.which("chromium") is None,
+                    reason="Debian chromium not installed")
+def test_reload_during_a_collection_keeps_it_running(server, tmp_path):
+    """The collection runs in its own worker process: reloading the page (a new session) finds it running and
+    follows it to the end."""
+    from playwright.sync_api import sync_playwright
+
+    seed_cache(tmp_path, model="tiny-llama", **{**SMALL, "n_safety": 24, "n_utility": 24, "batch_size": 2})
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(server, timeout=60_000)
+            page.get_by_role("button", name="Collect").click(timeout=120_000)
+            page.get_by_text("Collecting:").wait_for(timeout=120_000)
+            page.reload(timeout=60_000)
+            page.get_by_text("Collecting:").wait_for(timeout=120_000)  # still running after the reload
+            page.get_by_role("button", name="Cancel").wait_for(timeout=60_000)
+            page.get_by_text("First answers").wait_for(timeout=300_000)
+            assert page.get_by_text("finished in").count() >= 1
+        finally:
+            browser.close()

@@ -22,12 +22,10 @@ import streamlit as st
 from analysis.core.config import cache_dir
 from analysis.views import collection as views
 from analysis.views import export
-from ui.jobs import REGISTRY, Job, JobStatus
 
 STATE_FILE = "ui_state.json"
 UPLOADS = "uploads"
-DEFAULT_CHOICES: dict[str, Any] = {"model": "default", "run_id": None}
-POLL_SECONDS = 1.0
+DEFAULT_CHOICES: dict[str, Any] = {"model": "default", "run_id": None, "device": "cpu"}
 CHART_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": export.PNG_SCALE}}
 
 
@@ -114,6 +112,13 @@ MODEL_CHOICES = {  # source -> label; "other" asks for a hub id or folder
     "tiny-gpt2": "Tiny random GPT-2 (2 layers, demo)",
     "other": "Other: Hugging Face id or local folder",
 }
+
+
+def devices() -> list[str]:
+    """The devices jobs can run on here: "cpu" and each GPU torch sees ("cuda:0", ...)."""
+    import torch
+
+    return ["cpu"] + [f"cuda:{index}" for index in range(torch.cuda.device_count())]
 
 
 def aligned_model_available() -> bool:
@@ -244,92 +249,20 @@ def read_upload(upload):
 
 
 # -------------------------------------------------------------------------------------------------
-# collection job
+# live view of a running collection
 # -------------------------------------------------------------------------------------------------
 
-COLLECTION_KEY = "collection"
 
-
-def start_collection(config, loaded) -> Job:
-    """Start (or find the running) collection in a background thread; results land in the store."""
-    from analysis.engine import gradients
-    from analysis.engine.capture import find_linear_modules
-
-    labels = {m.name: m.label for m in find_linear_modules(loaded.model)}
-
-    def work(job: Job) -> str:
-        def progress(done: int, total: int, message: str, partial) -> None:
-            job.report(partial.fraction, message, views.live_snapshot(partial, labels))
-
-        return gradients.collect(config, model=loaded, progress=progress, cancel=job.cancel_event).run_id
-
-    return REGISTRY.start(COLLECTION_KEY, f"{loaded.name}: {config.n_safety} safety + {config.n_utility} utility",
-                          work, cancelled_errors=(gradients.CollectionCancelled,))
-
-
-def collection_job() -> Job | None:
-    return REGISTRY.get(COLLECTION_KEY)
-
-
-def adopt_finished_collection(status: JobStatus) -> bool:
-    """Make a finished collection's run the active run once per session; True if it just happened."""
-    marker = f"{status.key}:{status.started}"
-    if status.state != "done" or st.session_state.get("adopted_job") == marker:
-        return False
-    st.session_state["adopted_job"] = marker
-    set_choice("run_id", status.result)
-    return True
-
-
-def show_progress(status: JobStatus) -> None:
-    """A progress bar with the job's message and elapsed time."""
-    st.progress(status.fraction, text=f"{status.fraction:.0%} · {status.label}: {status.message} · {status.seconds:.0f} s")
-
-
-def follow_job(job: Job) -> None:
-    """While ``job`` runs: its progress and a Cancel button, polled every POLL_SECONDS; reruns the page when
-    the job ends."""
-    @st.fragment(run_every=POLL_SECONDS)
-    def poll() -> None:
-        status = job.snapshot()
-        show_progress(status)
-        if st.button("Cancel", icon=":material/stop:", key=f"{job.key}.cancel"):
-            job.cancel()
-        if not status.running:
-            st.rerun(scope="app")
-
-    poll()
-
-
-def show_outcome(status: JobStatus, what: str) -> None:
-    """How a finished background job ended (success, cancelled, or the error message)."""
-    if status.state == "done":
-        st.success(f"{what} finished in {status.seconds:.0f} s.")
-    elif status.state == "cancelled":
-        st.warning(f"{what} cancelled after {status.seconds:.0f} s ({status.message}).")
-    elif status.state == "failed":
-        st.error(f"{what} failed: {status.error}")
-
-
-def show_job_status(status: JobStatus, eta: float = 0.9) -> None:
-    """Progress bar, message and live charts of a collection (running or finished)."""
-    if status.running:
-        st.progress(status.fraction, text=f"{status.fraction:.0%} · {status.message} · {status.seconds:.0f} s")
-        answer = views.live_answer(status.live, eta) if status.live else None
-        if answer:
-            st.markdown(answer)
-        figures = views.live_figures(status.live, eta) if status.live else []
-        columns = st.columns(max(len(figures), 1))
-        for column, figure in zip(columns, figures):
-            figure.update_layout(height=340, margin=dict(l=60, r=10, t=80, b=60), title_font_size=14)
-            column.plotly_chart(figure, theme=None, config=CHART_CONFIG, key=f"live.{figure.layout.title.text}")
-    elif status.state == "done":
-        st.success(f"Collection finished in {status.seconds:.0f} s: run {status.result}.")
-    elif status.state == "cancelled":
-        st.warning(f"Collection cancelled after {status.seconds:.0f} s. Finished batches are kept: collecting "
-                   "the same settings again resumes where it stopped.")
-    elif status.state == "failed":
-        st.error(f"Collection failed: {status.error}")
+def show_live_collection(live: dict, eta: float = 0.9) -> None:
+    """The first answer and live charts of a running collection, from its job's live data."""
+    answer = views.live_answer(live, eta)
+    if answer:
+        st.markdown(answer)
+    figures = views.live_figures(live, eta)
+    columns = st.columns(max(len(figures), 1))
+    for column, figure in zip(columns, figures):
+        figure.update_layout(height=340, margin=dict(l=60, r=10, t=80, b=60), title_font_size=14)
+        column.plotly_chart(figure, theme=None, config=CHART_CONFIG, key=f"live.{figure.layout.title.text}")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -392,10 +325,12 @@ def data_downloads(frame: pd.DataFrame, run_id: str, name: str) -> None:
 
 
 def sidebar() -> None:
-    """Active model, active run and a running collection, on every page."""
-    with st.sidebar:
+    """The model chosen on Setup, the active run and every queued or running job, on every page."""
+    from ui import jobs as ui_jobs
+
+    with st.container():
         st.caption("ACTIVE")
-        st.markdown(f"**Model:** `{choice('model')}`")
+        st.markdown(f"**Model (Setup):** `{choice('model')}`")
         run = active_run()
         if run is None:
             st.markdown("**Run:** none yet")
@@ -403,6 +338,7 @@ def sidebar() -> None:
             summary = views.run_summary(run)
             st.markdown(f"**Run:** `{run.run_id}`  \n{summary['model']} · {summary['modules']} modules  \n"
                         f"safety set: {summary['safety']}  \nutility set: {summary['utility']}")
-        job = collection_job()
-        if job is not None and job.snapshot().running:
-            st.markdown(f"**Collecting:** {job.snapshot().label} (progress on Setup)")
+        lines = ui_jobs.active_summary()
+        if lines:
+            st.caption("JOBS")
+            st.markdown("  \n".join(lines))

@@ -1,165 +1,110 @@
-"""Background jobs for the app: work runs in a thread that never calls Streamlit.
+"""Jobs in the app: submit a task to its own worker process and show its state, read from the job's files.
 
-A :class:`Job` keeps its progress in a lock-guarded status; pages poll :meth:`Job.snapshot` (from an
-``st.fragment(run_every=...)``). :data:`REGISTRY` is process-wide (module state survives Streamlit's
-script reruns), so a browser reload or a second tab finds a running job. Results land on disk (the run
-store); the job only holds what is needed to show progress.
+The web server holds no job: ``analysis.core.jobs`` keeps each job's state on disk, so a reload, a second tab or
+a restarted server shows the same queue, progress and outcome. A page submits a task with :func:`submit`,
+finds it again with :func:`current` and shows it with :func:`follow` (while queued or running) or
+:func:`show_outcome` (once ended).
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import logging
-import threading
-import time
-import traceback
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
-logger = logging.getLogger(__name__)
+import streamlit as st
 
-RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
+from analysis.core import jobs
+from analysis.core.jobs import JobStatus
+from analysis.core.tasks import Task
+from ui.common import choice, set_choice
 
-
-@dataclasses.dataclass
-class JobStatus:
-    """A consistent copy of a job's state (safe to read without the lock)."""
-
-    key: str
-    label: str
-    state: str
-    fraction: float
-    message: str
-    started: float
-    finished: float | None
-    result: Any
-    error: str | None
-    live: dict
-
-    @property
-    def running(self) -> bool:
-        return self.state == RUNNING
-
-    @property
-    def seconds(self) -> float:
-        return (self.finished or time.time()) - self.started
+POLL_SECONDS = 1.0
+ORDINALS = {1: "next", 2: "2nd", 3: "3rd"}
 
 
-class Job:
-    """One piece of background work: ``work(job)`` runs in a daemon thread and returns the result.
+def submit(task: Task, label: str) -> str:
+    """Queue ``task`` (its worker process starts at once and waits for its turn); returns the job id."""
+    job_id = jobs.submit(task, label=label, device=choice("device", "cpu"))
+    set_choice(f"job.{task.kind}", job_id)
+    return job_id
 
-    The work reports with :meth:`report` and checks :attr:`cancel_event`; an exception becomes state
-    "failed" with its message (the traceback goes to the server log, never to the page).
-    """
 
-    def __init__(self, key: str, label: str, work: Callable[[Job], Any],
-                 cancelled_errors: tuple[type[BaseException], ...] = ()):
-        self.key = key
-        self.label = label
-        self.cancel_event = threading.Event()
-        self._work = work
-        self._cancelled_errors = cancelled_errors
-        self._lock = threading.Lock()
-        self._status = JobStatus(key, label, RUNNING, 0.0, "starting", time.time(), None, None, None, {})
-        self._thread = threading.Thread(target=self._run, name=f"job-{key}", daemon=True)
+def current(kind: str, run_id: str | None = None) -> JobStatus | None:
+    """The job of ``kind`` to show: an active one (for ``run_id``, if given), else the last one submitted from
+    this app (any run id unless ``run_id`` is given), else None."""
+    active = [s for s in jobs.list_jobs(kind=kind, active_only=True) if run_id is None or s.run_id == run_id]
+    if active:
+        return active[-1]
+    remembered = choice(f"job.{kind}")
+    status = jobs.read(remembered) if remembered else None
+    if status is None or (run_id is not None and status.run_id != run_id):
+        return None
+    return status
 
-    def start(self) -> Job:
-        self._thread.start()
-        return self
 
-    def _run(self) -> None:
-        try:
-            result = self._work(self)
-        except self._cancelled_errors as error:
-            self._finish(CANCELLED, None, None, str(error) or "cancelled")
-        except Exception as error:  # the page shows the message; the log keeps the traceback
-            logger.error("job %s failed:\n%s", self.key, traceback.format_exc())
-            self._finish(FAILED, None, f"{type(error).__name__}: {error}" if not str(error) else str(error),
-                         "failed")
+def queue_text(status: JobStatus) -> str:
+    """"Queued: next in line on cpu, after …" for a queued job; "" otherwise."""
+    if status.state != jobs.QUEUED:
+        return ""
+    ahead = [s for s in jobs.list_jobs(active_only=True)
+             if s.device == status.device and s.submitted <= status.submitted and s.job_id != status.job_id]
+    after = ", ".join(f"{s.label} ({s.state})" for s in ahead)
+    place = ORDINALS.get(status.position or 1, f"{status.position}th")
+    return f"Queued: {place} in line on {status.device}" + (f", after: {after}" if after else "") + "."
+
+
+def progress_text(status: JobStatus) -> str:
+    return f"{status.fraction:.0%} · {status.label}: {status.message} · {status.seconds:.0f} s"
+
+
+def follow(status: JobStatus, live_view: Callable[[dict[str, Any]], None] | None = None,
+           cancel_label: str = "Cancel") -> None:
+    """While the job is queued or running: queue place or progress, a cancel button and ``live_view(live)``
+    (the job's latest live data), polled every POLL_SECONDS; reruns the page once the job has ended."""
+    job_id = status.job_id
+
+    @st.fragment(run_every=POLL_SECONDS)
+    def poll() -> None:
+        now = jobs.read(job_id)
+        if now is None or not now.active:
+            st.rerun(scope="app")
+            return
+        if now.state == jobs.QUEUED:
+            st.info(queue_text(now), icon=":material/hourglass_top:")
         else:
-            self._finish(DONE, result, None, "done")
+            st.progress(now.fraction, text=progress_text(now))
+        if st.button(cancel_label, icon=":material/stop:", key=f"cancel.{job_id}"):
+            jobs.cancel(job_id)
+            st.toast("Cancelling after the current step; finished work is kept.")
+        if live_view is not None and now.state == jobs.RUNNING:
+            live = jobs.live(job_id)
+            if live:
+                live_view(live)
 
-    def _finish(self, state: str, result: Any, error: str | None, message: str) -> None:
-        with self._lock:
-            self._status.state = state
-            self._status.result = result
-            self._status.error = error
-            self._status.finished = time.time()
-            if state == DONE:
-                self._status.fraction = 1.0
-            if state != DONE or not self._status.message:
-                self._status.message = message
-
-    def report(self, fraction: float, message: str, live: dict | None = None) -> None:
-        """Called by the work: progress in [0, 1], a one-line message, optional live data (copied by the
-        caller; replaced, not merged)."""
-        with self._lock:
-            self._status.fraction = min(max(float(fraction), 0.0), 1.0)
-            self._status.message = message
-            if live is not None:
-                self._status.live = live
-
-    def snapshot(self) -> JobStatus:
-        with self._lock:
-            return copy.copy(self._status)
-
-    def cancel(self) -> None:
-        self.cancel_event.set()
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait for the thread; True if it has finished."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+    poll()
 
 
-class JobRegistry:
-    """Process-wide jobs by key. Starting a key that is still running returns the running job."""
-
-    def __init__(self) -> None:
-        self._jobs: dict[str, Job] = {}
-        self._lock = threading.Lock()
-
-    def start(self, key: str, label: str, work: Callable[[Job], Any],
-              cancelled_errors: tuple[type[BaseException], ...] = ()) -> Job:
-        with self._lock:
-            existing = self._jobs.get(key)
-            if existing is not None and existing.snapshot().running:
-                return existing
-            job = Job(key, label, work, cancelled_errors)
-            self._jobs[key] = job
-        return job.start()
-
-    def get(self, key: str) -> Job | None:
-        with self._lock:
-            return self._jobs.get(key)
-
-    def running(self) -> list[Job]:
-        with self._lock:
-            jobs = list(self._jobs.values())
-        return [job for job in jobs if job.snapshot().running]
-
-    def latest(self) -> Job | None:
-        """The most recently started job, running or not."""
-        with self._lock:
-            jobs = list(self._jobs.values())
-        return max(jobs, key=lambda job: job.snapshot().started, default=None)
-
-    def forget(self, key: str) -> None:
-        """Drop a finished job (a running one is kept)."""
-        with self._lock:
-            job = self._jobs.get(key)
-            if job is not None and not job.snapshot().running:
-                del self._jobs[key]
-
-    def clear(self) -> None:
-        """Cancel and drop every job (tests)."""
-        with self._lock:
-            jobs = list(self._jobs.values())
-            self._jobs.clear()
-        for job in jobs:
-            job.cancel()
-            job.join(30)
+def show_outcome(status: JobStatus, what: str) -> None:
+    """How an ended job ended: success, cancelled, or the error with the worker's last output."""
+    if status.state == jobs.DONE:
+        st.success(f"{what} finished in {status.seconds:.0f} s.")
+    elif status.state == jobs.CANCELLED:
+        st.warning(f"{what} cancelled after {status.seconds:.0f} s. Finished work is kept: starting the same "
+                   "settings again resumes.")
+    elif status.state == jobs.FAILED:
+        st.error(f"{what} failed: {status.error}")
+        tail = jobs.log_tail(status.job_id, 30)
+        if tail:
+            with st.expander("Worker output (last lines)"):
+                st.code(tail, language=None)
 
 
-REGISTRY = JobRegistry()
+def active_summary() -> list[str]:
+    """One markdown line per queued or running job (for the sidebar)."""
+    lines = []
+    for status in jobs.list_jobs(active_only=True):
+        if status.state == jobs.RUNNING:
+            lines.append(f"**Running:** {status.label} · {status.fraction:.0%}")
+        else:
+            lines.append(f"**Queued ({ORDINALS.get(status.position or 1, status.position)}):** {status.label}")
+    return lines

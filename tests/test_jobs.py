@@ -1,0 +1,151 @@
+"""The task runtime: jobs in their own worker processes, queued per device, state in files (tiny model)."""
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis.core import jobs
+from analysis.core.config import from_jsonable, to_jsonable
+from analysis.core.store import RunStore
+from analysis.engine.gradients import CollectionConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = {"n_safety": 4, "n_utility": 4, "max_length": 64, "top_k": 2, "batch_size": 4, "curve_boot": 2}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
+    yield tmp_path
+    for status in jobs.list_jobs(active_only=True):  # never leave a worker behind
+        jobs.cancel(status.job_id)
+        if status.pid:
+            try:
+                os.killpg(status.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def arrays(run) -> dict[str, np.ndarray]:
+    """Every stored array of a collection run, by file and key."""
+    from safetensors.numpy import load_file
+
+    folder = RunStore().path(run)
+    return {f"{path.name}/{key}": value for path in sorted(folder.glob("*.safetensors"))
+            for key, value in load_file(path).items()}
+
+
+def assert_same_arrays(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+
+
+def test_analysis_never_imports_streamlit():
+    offenders = []
+    for path in (ROOT / "analysis").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "streamlit"]
+    assert not offenders
+    # and importing every module of the package pulls in no streamlit either
+    modules = [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "analysis").rglob("*.py")
+               if p.name != "__main__.py"]
+    code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\nprint('streamlit' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_task_round_trips_through_its_json():
+    config = CollectionConfig(model="tiny-llama", layers="0", **SMALL)
+    again = from_jsonable(CollectionConfig, json.loads(json.dumps(to_jsonable(config))))
+    assert again == config and again.run_id() == config.run_id()
+
+
+def test_queued_job_shows_its_place_and_can_leave_the_queue(cache):
+    first = jobs.submit(CollectionConfig(model="tiny-llama", **{**SMALL, "n_safety": 24, "n_utility": 24,
+                                                                 "batch_size": 2}), label="first")
+    second = jobs.submit(CollectionConfig(model="tiny-llama", **SMALL), label="second")
+    assert jobs.submit(CollectionConfig(model="tiny-llama", **SMALL), label="again") == second  # no duplicate
+    deadline = time.monotonic() + 120
+    while jobs.read(first).state != "running":
+        assert time.monotonic() < deadline, jobs.log_tail(first)
+        time.sleep(0.2)
+    waiting = jobs.read(second)
+    assert waiting.state == "queued" and waiting.position == 1
+    jobs.cancel(second)
+    assert jobs.wait(second, 60).state == "cancelled"
+    jobs.cancel(first)
+    ended = jobs.wait(first, 120)
+    assert ended.state == "cancelled" and ended.result["run_id"] == CollectionConfig(
+        model="tiny-llama", **{**SMALL, "n_safety": 24, "n_utility": 24, "batch_size": 2}).run_id()
+
+
+def test_collection_and_evaluation_at_once_give_what_each_gives_alone(cache, tmp_path_factory):
+    from analysis.safety.evaluate import EvalConfig
+
+    collection = CollectionConfig(model="tiny-llama", **SMALL)
+    evaluation = EvalConfig(model="tiny-llama", n_harmful=4, n_benign=4, n_utility=4, max_new_tokens=8)
+    both = [jobs.submit(collection, "collect"), jobs.submit(evaluation, "evaluate")]
+    ended = [jobs.wait(job_id, 300) for job_id in both]
+    assert [s.state for s in ended] == ["done", "done"], [jobs.log_tail(j) for j in both]
+    together_arrays = arrays(collection.run_id())
+    together_summary = ended[1].result
+    # each alone, in this process, in another cache
+    os.environ["SSE_CACHE_DIR"] = str(tmp_path_factory.mktemp("alone"))
+    from analysis.core.tasks import TaskContext
+
+    collection.execute(TaskContext())
+    alone_summary = evaluation.execute(TaskContext())
+    assert_same_arrays(together_arrays, arrays(collection.run_id()))
+    assert alone_summary == together_summary
+
+
+def test_killed_worker_shows_failed_and_resubmission_resumes_identically(cache, tmp_path_factory):
+    config = CollectionConfig(model="tiny-llama", **{**SMALL, "n_safety": 16, "n_utility": 16, "batch_size": 2})
+    job_id = jobs.submit(config, "to be killed")
+    deadline = time.monotonic() + 180
+    while (jobs.read(job_id).fraction or 0) < 0.15:
+        assert jobs.read(job_id).active and time.monotonic() < deadline, jobs.log_tail(job_id)
+        time.sleep(0.1)
+    os.kill(jobs.read(job_id).pid, signal.SIGKILL)
+    time.sleep(0.5)
+    dead = jobs.read(job_id)
+    assert dead.state == "failed" and "ended without a result" in dead.error
+    assert RunStore().status(config.run_id()) == "interrupted"
+    again = jobs.wait(jobs.submit(config, "resubmitted"), 300)
+    assert again.state == "done", jobs.log_tail(again.job_id)
+    assert "resum" in jobs.log_tail(again.job_id, 200).lower()
+    resumed = arrays(config.run_id())
+    os.environ["SSE_CACHE_DIR"] = str(tmp_path_factory.mktemp("uninterrupted"))
+    from analysis.core.tasks import TaskContext
+
+    config.execute(TaskContext())
+    assert_same_arrays(resumed, arrays(config.run_id()))
+
+
+def test_cli_and_app_give_the_same_run(cache, tmp_path_factory):
+    config = CollectionConfig(model="tiny-llama", layers="0", **SMALL)
+    submitted = jobs.wait(jobs.submit(config, "app"), 300)
+    assert submitted.state == "done", jobs.log_tail(submitted.job_id)
+    from_app = arrays(config.run_id())
+    other = tmp_path_factory.mktemp("cli")
+    command = [sys.executable, "-m", "analysis", "collect", "--model", "tiny-llama", "--layers", "0",
+               "--n-safety", "4", "--n-utility", "4", "--max-length", "64", "--top-k", "2", "--batch-size", "4",
+               "--curve-boot", "2"]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "SSE_CACHE_DIR": str(other)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert submitted.result["run_id"] == config.run_id() and config.run_id() in out.stdout
+    os.environ["SSE_CACHE_DIR"] = str(other)
+    assert_same_arrays(from_app, arrays(config.run_id()))
