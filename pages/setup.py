@@ -151,7 +151,7 @@ st.header("4 · Collect", divider="gray")
 config = None
 if safety_ref and utility_ref and selected:
     from analysis.core.store import RunStore
-    from analysis.engine.gradients import CollectionConfig, run_id_for
+    from analysis.engine.gradients import CollectionConfig
 
     try:
         config = CollectionConfig(
@@ -161,7 +161,7 @@ if safety_ref and utility_ref and selected:
             top_k=int(top_k), seed=int(seed), gram_route=gram_route, curve_layers=curve_layers,
             curve_boot=int(curve_boot),
         )
-        stored_id = run_id_for(config, loaded)
+        stored_id = config.run_id()
     except (ConfigError, DataError, SelectionError) as error:
         st.error(str(error))
         config = None

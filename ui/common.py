@@ -252,19 +252,17 @@ COLLECTION_KEY = "collection"
 
 def start_collection(config, loaded) -> Job:
     """Start (or find the running) collection in a background thread; results land in the store."""
-    from analysis.engine import gradients
-    from analysis.engine.capture import find_linear_modules
-
-    labels = {m.name: m.label for m in find_linear_modules(loaded.model)}
+    from analysis.core.tasks import Cancelled, TaskContext
+    from analysis.engine.collect import collect
 
     def work(job: Job) -> str:
-        def progress(done: int, total: int, message: str, partial) -> None:
-            job.report(partial.fraction, message, views.live_snapshot(partial, labels))
-
-        return gradients.collect(config, model=loaded, progress=progress, cancel=job.cancel_event).run_id
+        # job.cancel_event (a threading.Event) has the is_set() that TaskContext's cancel check needs
+        context = TaskContext(progress=lambda event: job.report(event.fraction, event.message, event.live),
+                              cancel=job.cancel_event)
+        return collect(config, model=loaded, ctx=context).run_id
 
     return REGISTRY.start(COLLECTION_KEY, f"{loaded.name}: {config.n_safety} safety + {config.n_utility} utility",
-                          work, cancelled_errors=(gradients.CollectionCancelled,))
+                          work, cancelled_errors=(Cancelled,))
 
 
 def collection_job() -> Job | None:
