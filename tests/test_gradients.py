@@ -212,6 +212,14 @@ def test_the_collect_task_round_trips_through_json_and_executes(tmp_path, datase
 def test_model_mismatch_is_refused(tmp_path, datasets, gpt2_64):
     with pytest.raises(ConfigError, match="tiny-gpt2"):
         collect(small_config(datasets, model="tiny-llama"), model=gpt2_64, store=RunStore(tmp_path))
+    with pytest.raises(ConfigError, match="identity"):  # same source, other weights (dtype)
+        collect(small_config(datasets, model=ModelConfig("tiny-gpt2")), model=gpt2_64, store=RunStore(tmp_path))
+
+
+def test_an_unknown_device_is_refused_before_any_work(tmp_path, datasets, gpt2_64):
+    with pytest.raises(ValueError, match="tpu"):
+        collect(small_config(datasets), model=gpt2_64, store=RunStore(tmp_path), ctx=TaskContext(device="tpu"))
+    assert RunStore(tmp_path).run_ids() == []
 
 
 @pytest.mark.slow

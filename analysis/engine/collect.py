@@ -11,6 +11,10 @@ Progress goes to ``ctx.report(fraction, message, live)`` after every captured ba
 so far, running spectra / CER / effective rank / cosine of a few preview modules while capturing, and the
 per-module metrics rows finished so far while analysing. Cancel: ``ctx.cancel``, checked between batches
 and between modules (raises ``CollectionCancelled``; the work is kept).
+
+Device: the model and each tokenised batch are moved to ``ctx.device``, so the capture (forward + backward)
+and the analysis's Gram products run there; factors are checkpointed to CPU files, and spectra, SVDs and
+overlaps run in float64 numpy on the CPU. On the CPU nothing moves and the numbers are those of before.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 from analysis.core.config import ConfigError, config_hash, to_jsonable
 from analysis.core.results import SAMPLES_FILE, SETS, TABLE_COLUMNS, TABLE_FILE, RunResults, result_location
 from analysis.core.store import RunStore, RunWriter, StoreError, finite_or_none, json_default
-from analysis.core.tasks import TaskContext
+from analysis.core.tasks import TaskContext, resolve_device
 from analysis.engine import geometry as geo
 from analysis.engine.analyse import analyse_module, curve_sizes, or_nan
 from analysis.engine.capture import BatchFactors, ModuleInfo, capture_batch, find_linear_modules, select_modules
@@ -86,6 +90,7 @@ def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store
     from analysis.llm.models import load_model, model_identity
 
     ctx = ctx if ctx is not None else TaskContext()
+    device = torch.device(resolve_device(ctx.device))  # "auto" -> a GPU if there is one; checked before any work
     store = store if store is not None else RunStore()
     session_start = time.perf_counter()
     identity = model_identity(config.model)
@@ -133,9 +138,8 @@ def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store
     }
     writer = store.open_run(run_id, manifest)
     job = _Collection(config, model, modules, [ex for which in SETS for ex in datasets[which].examples],
-                      curves, writer, ctx, chunk_bytes, workers or default_workers())
+                      curves, writer, ctx, device, chunk_bytes, workers or default_workers())
     was_training = model.model.training
-    device = torch.device(ctx.device)
     home = next(model.model.parameters()).device
     model.model.eval()  # dropout off: per-sample gradients are exact only in eval mode
     try:
@@ -286,11 +290,12 @@ class _Collection:
     """One collection in progress: capture every batch, analyse every module, write the final files."""
 
     def __init__(self, config: CollectionConfig, model: LoadedModel, modules: list[ModuleInfo], examples: list,
-                 curve_modules: set[str], writer: RunWriter, ctx: TaskContext, chunk_bytes: int, workers: int):
+                 curve_modules: set[str], writer: RunWriter, ctx: TaskContext, device: torch.device,
+                 chunk_bytes: int, workers: int):
         self.config, self.model, self.modules, self.examples = config, model, modules, examples
         self.curve_modules, self.writer, self.ctx = curve_modules, writer, ctx
         self.chunk_bytes, self.workers = chunk_bytes, workers
-        self.device = torch.device(ctx.device)
+        self.device = device
         self.batches = _plan_batches(config)
         self.n_total = config.n_total
         self.losses = np.full(self.n_total, np.nan)
