@@ -10,7 +10,7 @@ in CPU time first, wall-clock after.
 1. capture: per-sample factors of all modules (hooks, one batched forward + backward of sum_i L_i) vs one
    plain batched forward + backward (parameter gradients) over the same tokens; batches interleaved.
 2. engine vs naive: the complete per-module results (batch SVDs, per-sample top-k SVD + single-sample
-   overlaps, Gram matrix; no overlap-vs-n curve) of ``analysis.engine.gradients.collect`` for all modules and all
+   overlaps, Gram matrix; no overlap-vs-n curve) of ``analysis.engine.collect.collect`` for all modules and all
    samples, vs the naive route: one backward per sample, a dense copy of every G_i, a dense SVD of every
    G_i and of the batch means, a dense Gram. The naive route is measured on one layer (7 modules) and
    ``--naive-samples`` samples and extrapolated linearly (x 30 layers; x n / n_sub samples for the
@@ -107,7 +107,8 @@ def _worker(args) -> int:
     """Run the full collection in this (fresh) process and print one JSON line with timings and memory."""
     _set_threads(args.threads)
     from analysis.core.store import RunStore
-    from analysis.engine.gradients import collect
+    from analysis.core.tasks import TaskContext
+    from analysis.engine.collect import collect
     from analysis.llm.models import load_model
 
     loaded = load_model("default")
@@ -116,16 +117,17 @@ def _worker(args) -> int:
     marks = {"start": (time.perf_counter(), time.process_time())}
     last = [time.perf_counter()]
 
-    def progress(done, total, message, partial):
-        if partial.stage == "capture" and done == total:  # end of the capture stage
-            marks["captured"] = (time.perf_counter(), time.process_time())
-        if time.perf_counter() - last[0] > 30 or partial.stage == "done":
+    def progress(event):
+        live = event.live or {}
+        if live.get("stage") == "capture" and live.get("done_samples") == live.get("total_samples"):
+            marks["captured"] = (time.perf_counter(), time.process_time())  # end of the capture stage
+        if time.perf_counter() - last[0] > 30 or live.get("stage") == "done":
             last[0] = time.perf_counter()
-            print(f"  [collect {partial.fraction:4.0%}] {message}", file=sys.stderr, flush=True)
+            print(f"  [collect {event.fraction:4.0%}] {event.message}", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="sse-bench-") as root:
-        results = collect(_config(args), model=loaded, store=RunStore(root), progress=progress, workers=1,
-                          keep_work=True)
+        results = collect(_config(args), model=loaded, store=RunStore(root), ctx=TaskContext(progress=progress),
+                          workers=1, keep_work=True)
         marks["end"] = (time.perf_counter(), time.process_time())
         work_bytes = sum(p.stat().st_size for p in (results.folder / "work").glob("batch_*"))
         out = {"capture_wall": marks["captured"][0] - marks["start"][0],
@@ -195,13 +197,32 @@ def _capture_ratio(args, loaded, batches, clock: Clock) -> None:
         del factors
 
 
+@contextlib.contextmanager
+def _single_threaded(torch_too: bool = True):
+    """numpy BLAS (and torch, if ``torch_too``) on one thread inside the block; this benchmark process owns
+    its threads (the engine itself never sets torch's)."""
+    import torch
+
+    from analysis.engine.collect import numpy_single_threaded
+
+    before = torch.get_num_threads()
+    if torch_too:
+        torch.set_num_threads(1)
+    try:
+        with numpy_single_threaded():
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _naive_and_subset(args, loaded, config, clock: Clock) -> dict:
     """Naive route and the engine on the same subset: one layer, ``naive_samples`` samples."""
     import torch
 
     from analysis.engine import geometry as geo
+    from analysis.engine.analyse import analyse_module
     from analysis.engine.capture import capture_batch, find_linear_modules, weight_grad_as_out_in
-    from analysis.engine.gradients import analyse_module, load_set, single_threaded
+    from analysis.engine.gradients import load_set
     from analysis.llm.formatting import per_sample_loss, tokenize_batch
 
     model = loaded.model
@@ -226,7 +247,7 @@ def _naive_and_subset(args, loaded, config, clock: Clock) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
 
-    with single_threaded():
+    with _single_threaded():
         # naive: dense SVDs of every G_i and of the batch means, single-sample overlaps
         for m in modules:
             G = [g.double().numpy() for g in dense[m.name]]
@@ -251,13 +272,13 @@ def _naive_and_subset(args, loaded, config, clock: Clock) -> dict:
     batch = tokenize_batch(loaded.tokenizer, [e.messages for e in examples], args.max_length)
     with clock("engine_subset_capture"):
         factors = capture_batch(model, batch, modules)
-    with single_threaded(), clock("engine_subset_analyse"):
+    with _single_threaded(), clock("engine_subset_analyse"):
         for m in modules:
             analyse_module(m, [factors.sample_factors(m.name, i) for i in range(len(examples))], half, k)
 
     # factored vs dense per-sample SVD on the same G_i (and the capture equals the naive .grad)
     worst_value_error = worst_gradient_error = 0.0
-    with single_threaded():
+    with _single_threaded():
         for m in modules:
             for i in range(len(examples)):
                 D, A = factors.sample_factors(m.name, i)
@@ -295,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(args)
     _set_threads(args.threads)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from analysis.engine.gradients import single_threaded
     from analysis.llm.models import load_model
 
     bench_start = time.perf_counter()
@@ -305,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model("default")
     config, batches = _batches(args, loaded.tokenizer)
     clock = Clock()
-    with single_threaded(torch_too=False):
+    with _single_threaded(torch_too=False):
         print("- capture vs plain forward+backward ...", flush=True)
         _capture_ratio(args, loaded, batches, clock)
         print("- naive route and engine on one layer x a few samples ...", flush=True)

@@ -14,7 +14,8 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from analysis.engine.gradients import CollectionConfig, collect
+from analysis.engine.collect import collect
+from analysis.engine.gradients import CollectionConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")

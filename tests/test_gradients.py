@@ -1,29 +1,24 @@
 """Gradient engine: exact Gram routes, factored per-sample SVD, per-module results, collect() end to end."""
 
 import json
-import threading
 
 import numpy as np
 import pytest
 import torch
 
-from analysis.core.config import ConfigError, ModelConfig
-from analysis.core.store import TABLE_COLUMNS, RunStore
+from analysis.core.config import ConfigError, ModelConfig, from_jsonable, to_jsonable
+from analysis.core.results import TABLE_COLUMNS
+from analysis.core.store import RunStore
+from analysis.core.tasks import Cancelled, TaskContext
 from analysis.engine import geometry as geo
+from analysis.engine.analyse import analyse_module, curve_sizes
 from analysis.engine.capture import capture_batch, find_linear_modules
-from analysis.engine.gradients import (
-    CollectionCancelled,
-    CollectionConfig,
-    Progress,
-    analyse_module,
-    collect,
-    curve_sizes,
-    gram_costs,
-    gram_matrix,
-    run_id_for,
-)
+from analysis.engine.collect import collect
+from analysis.engine.gradients import CollectionCancelled, CollectionConfig
+from analysis.engine.gram import gram_costs, gram_matrix
 from analysis.llm.formatting import tokenize_batch
 from analysis.llm.models import load_model
+from analysis.views import collection as views
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -141,16 +136,18 @@ def small_config(datasets, **changes):
 def test_collect_end_to_end_matches_direct_capture(tmp_path, datasets, gpt2_64):
     config = small_config(datasets)
     events = []
-    results = collect(config, model=gpt2_64, store=RunStore(tmp_path),
-                      progress=lambda done, total, message, partial: events.append((done, total, message, partial)))
-    assert results.run_id == run_id_for(config, gpt2_64)
-    # progress: after each of the 4 capture batches (3+2 safety, 3+1 utility) and each module; partial data for live charts
-    assert [e[0] for e in events[:4]] == [3, 5, 8, 9] and all(e[1] == 9 for e in events)
-    capture_events = [e[3] for e in events if e[3].stage == "capture"]
-    assert isinstance(capture_events[-1], Progress) and capture_events[-1].preview
-    assert any(entry["cosine"] is not None for entry in capture_events[-1].preview.values())
-    assert events[-1][3].stage == "done" and events[-1][3].fraction == 1.0
-    assert len(events[-1][3].table) == len(results.modules)
+    results = collect(config, model=gpt2_64, store=RunStore(tmp_path), ctx=TaskContext(progress=events.append))
+    assert results.run_id == config.run_id()  # the cheap run id (no model loaded) is the stored run's
+    # progress: after each of the 4 capture batches (3+2 safety, 3+1 utility) and each module; live data for charts
+    lives = [event.live for event in events]
+    assert [live["done_samples"] for live in lives[:4]] == [3, 5, 8, 9]
+    assert all(live["total_samples"] == 9 for live in lives)
+    capture = [live for live in lives if live["stage"] == "capture"]
+    assert capture[-1]["preview"] and all(live["run_id"] == results.run_id for live in lives)
+    assert any(entry["cosine"] is not None for entry in capture[-1]["preview"].values())
+    assert lives[-1]["stage"] == "done" and events[-1].fraction == 1.0 == lives[-1]["fraction"]
+    assert len(lives[-1]["table"]["data"]) == len(results.modules)
+    assert [event.fraction for event in events] == sorted(event.fraction for event in events)
 
     # the stored numbers equal a direct capture of the same samples
     from analysis.llm.data import load_any
@@ -177,21 +174,52 @@ def test_collect_end_to_end_matches_direct_capture(tmp_path, datasets, gpt2_64):
 
 
 def test_cancel_raises_and_keeps_work(tmp_path, datasets, gpt2_64):
-    cancel = threading.Event()
-
-    def progress(done, total, message, partial):
-        if done >= 3:
-            cancel.set()
-
+    context = TaskContext()
+    context.progress = lambda event: context.cancel.set() if event.live["done_samples"] >= 3 else None
     store = RunStore(tmp_path)
     with pytest.raises(CollectionCancelled) as error:
-        collect(small_config(datasets), model=gpt2_64, store=store, progress=progress, cancel=cancel)
+        collect(small_config(datasets), model=gpt2_64, store=store, ctx=context)
+    assert isinstance(error.value, Cancelled) and error.value.run_id == small_config(datasets).run_id()
     assert store.status(error.value.run_id) == "interrupted"
+
+
+def test_live_data_is_json_and_the_live_charts_draw_from_it(tmp_path, datasets, gpt2_64):
+    lives = []
+    collect(small_config(datasets), model=gpt2_64, store=RunStore(tmp_path),
+            ctx=TaskContext(progress=lambda event: lives.append(json.dumps(event.live, allow_nan=False))))
+    decoded = [json.loads(text) for text in lives]
+    capture = [live for live in decoded if live["stage"] == "capture"][-1]
+    assert capture["losses"] and all(isinstance(loss, float) for loss in capture["losses"])
+    assert "safety k =" in views.live_answer(capture)
+    figures = views.live_figures(capture)
+    assert figures and any("Cumulative energy" in f.layout.title.text for f in figures)
+    analysing = [live for live in decoded if live["stage"] == "analyse"][0]
+    assert analysing["table"]["columns"] == list(TABLE_COLUMNS) and len(analysing["table"]["data"]) == 1
+    assert len(views.live_figures(analysing)) == 2 and len(views.live_figures(decoded[-1])) == 2
+
+
+def test_the_collect_task_round_trips_through_json_and_executes(tmp_path, datasets, monkeypatch):
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
+    config = small_config(datasets, model=ModelConfig("tiny-llama"), curve_layers="none")
+    again = from_jsonable(CollectionConfig, json.loads(json.dumps(to_jsonable(config))))
+    assert again == config and again.run_id() == config.run_id() and again.kind == "collect"
+    assert small_config(datasets, model=ModelConfig("tiny-llama"), top_k=2).run_id() != config.run_id()
+    summary = again.execute(TaskContext())
+    assert json.loads(json.dumps(summary)) == summary and summary["run_id"] == config.run_id()
+    assert RunStore().status(summary["run_id"]) == "complete" and summary["n_modules"] == 14
 
 
 def test_model_mismatch_is_refused(tmp_path, datasets, gpt2_64):
     with pytest.raises(ConfigError, match="tiny-gpt2"):
         collect(small_config(datasets, model="tiny-llama"), model=gpt2_64, store=RunStore(tmp_path))
+    with pytest.raises(ConfigError, match="identity"):  # same source, other weights (dtype)
+        collect(small_config(datasets, model=ModelConfig("tiny-gpt2")), model=gpt2_64, store=RunStore(tmp_path))
+
+
+def test_an_unknown_device_is_refused_before_any_work(tmp_path, datasets, gpt2_64):
+    with pytest.raises(ValueError, match="tpu"):
+        collect(small_config(datasets), model=gpt2_64, store=RunStore(tmp_path), ctx=TaskContext(device="tpu"))
+    assert RunStore(tmp_path).run_ids() == []
 
 
 @pytest.mark.slow
@@ -233,6 +261,7 @@ def test_real_model_small_collection(tmp_path, default_model):
                               max_length=48, batch_size=3, top_k=4, curve_boot=2)
     store = RunStore(tmp_path)
     results = collect(config, model=default_model, store=store)
+    assert results.run_id == config.run_id()
     table = results.table
     assert len(table) == 4 and set(table["kind"]) == {"v", "down"}
     metrics = table.drop(columns=["module", "label", "kind", "route"]).astype(float)
@@ -256,3 +285,29 @@ def test_gram_routes_on_captured_factors(gpt2_64, route):
     K, sums = gram_matrix(pairs, route, set_sizes=(2, 1))
     np.testing.assert_allclose(K, (flat @ flat.T).numpy(), rtol=1e-10)
     torch.testing.assert_close(sums[0].reshape(-1), flat[:2].sum(0))
+
+
+def test_cli_with_a_config_file_gives_the_same_run_as_with_options(tmp_path, datasets, capsys):
+    from analysis.__main__ import main
+
+    safety, utility = datasets
+    options = ["--model", "tiny-llama", "--safety", safety, "--utility", utility, "--n-safety", "5", "--n-utility", "4",
+               "--batch-size", "3", "--max-length", "48", "--top-k", "3", "--curve-boot", "3",
+               "--padding-side", "left", "--modules", "q,down"]
+    assert main(["collect", *options, "--store", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out
+    config = CollectionConfig(model="tiny-llama", safety=safety, utility=utility, n_safety=5, n_utility=4,
+                              batch_size=3, max_length=48, top_k=3, curve_boot=3, padding_side="left", kinds="q,down")
+    assert f"run {config.run_id()}:" in printed and "median k@0.9" in printed
+    task_file = tmp_path / "task.json"
+    task_file.write_text(json.dumps({"kind": "collect", "config": to_jsonable(config)}))  # a job's task.json
+    assert main(["collect", "--config", str(task_file), "--store", str(tmp_path / "b")]) == 0
+    assert f"run {config.run_id()}:" in capsys.readouterr().out
+    first, second = RunStore(tmp_path / "a").load(config.run_id()), RunStore(tmp_path / "b").load(config.run_id())
+    for module in first.module_names:
+        np.testing.assert_array_equal(first.gram(module), second.gram(module))
+        np.testing.assert_array_equal(first.singular_values(module, "safety"), second.singular_values(module, "safety"))
+    np.testing.assert_array_equal(first.losses(), second.losses())
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"n_safety": 0}))
+    assert main(["collect", "--config", str(bad)]) == 2 and "n_safety" in capsys.readouterr().out

@@ -11,6 +11,8 @@ from analysis.llm.models import (
     convert_default_model,
     default_gguf_path,
     load_model,
+    model_identity,
+    models_dir,
     resolve_source,
     summarize,
 )
@@ -91,3 +93,25 @@ def test_second_load_of_default_is_fast(default_model):
     again = load_model("default")
     assert time.perf_counter() - start < 10  # the cached checkpoint loads in ~0.4 s here, GGUF ~20 s
     assert again.identity == default_model.identity
+
+
+@pytest.mark.parametrize("source", ["tiny-llama", "tiny-gpt2"])
+def test_model_identity_equals_the_loaded_identity_for_tiny_models(source):
+    for config in (ModelConfig(source), ModelConfig(source, dtype="float64", seed=3)):
+        assert model_identity(config) == load_model(config).identity
+    assert model_identity(source) == model_identity(ModelConfig(source))
+    assert model_identity(ModelConfig(source, seed=1)) != model_identity(ModelConfig(source))
+
+
+@pytest.mark.slow
+def test_model_identity_of_the_default_and_its_folder_equal_the_loaded_identity(default_model):
+    from analysis.llm.models import DEFAULT_NAME
+
+    folder = str(models_dir() / DEFAULT_NAME)
+    assert model_identity("default") == default_model.identity
+    assert model_identity(folder) == load_model(folder).identity == default_model.identity
+
+
+def test_model_identity_of_a_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="cannot download"):
+        model_identity("no-such-org/no-such-model-xyz")  # offline in tests (conftest)

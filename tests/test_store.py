@@ -7,8 +7,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from analysis.core.config import ModelConfig
+from analysis.core.results import ARRAY_FILES
 from analysis.core.store import (
-    ARRAY_FILES,
     RunBusy,
     RunCorrupted,
     RunIncomplete,
@@ -16,8 +16,10 @@ from analysis.core.store import (
     RunStore,
     safetensors_intact,
 )
-from analysis.engine import gradients
-from analysis.engine.gradients import CollectionCancelled, CollectionConfig, collect
+from analysis.core.tasks import TaskContext
+from analysis.engine import collect as collect_module
+from analysis.engine.collect import collect
+from analysis.engine.gradients import CollectionCancelled, CollectionConfig
 from analysis.llm.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -72,9 +74,9 @@ def test_same_config_reuses_the_run(tmp_path, config, llama, monkeypatch):
     def no_capture(*args, **kwargs):
         raise AssertionError("a complete run must be reused, not recomputed")
 
-    monkeypatch.setattr(gradients, "capture_batch", no_capture)
+    monkeypatch.setattr(collect_module, "capture_batch", no_capture)
     again = collect(config, model=llama, store=store)
-    assert again.run_id == first.run_id
+    assert again.run_id == first.run_id == config.run_id()  # the task's cheap run id is the stored run's
     assert again.manifest["created"] == first.manifest["created"]
     assert store.status(first.run_id) == "complete"
     assert store.verify(first.run_id) == []
@@ -102,19 +104,21 @@ def test_interrupted_run_resumes_to_identical_arrays(tmp_path, config, llama, re
     store = RunStore(tmp_path)
     seen = []
 
-    def kill(done, total, message, partial):
-        seen.append(message)
-        if partial.stage == stage and (partial.done_modules if stage == "analyse" else len(seen)) >= after:
+    def kill(event):
+        seen.append(event.message)
+        live = event.live
+        if live["stage"] == stage and (live["done_modules"] if stage == "analyse" else len(seen)) >= after:
             raise Killed("simulated crash")
 
     with pytest.raises(Killed):
-        collect(config, model=llama, store=store, progress=kill)
+        collect(config, model=llama, store=store, ctx=TaskContext(progress=kill))
     run_id = reference[0].run_id
     assert store.status(run_id) == "interrupted"
     with pytest.raises(RunIncomplete):
         store.load(run_id)
     messages = []
-    resumed = collect(config, model=llama, store=store, progress=lambda d, t, message, p: messages.append(message))
+    resumed = collect(config, model=llama, store=store,
+                      ctx=TaskContext(progress=lambda event: messages.append(event.message)))
     assert sum("read from checkpoint" in m for m in messages) == (after if stage == "capture" else 5)
     assert resumed.manifest["resumed"] == 1
     assert_identical(all_arrays(resumed), reference[1])
@@ -122,21 +126,19 @@ def test_interrupted_run_resumes_to_identical_arrays(tmp_path, config, llama, re
 
 
 def test_cancel_then_resume(tmp_path, config, llama, reference):
-    import threading
-
     store = RunStore(tmp_path)
-    cancel = threading.Event()
+    context = TaskContext()
+    context.progress = lambda event: context.cancel.set() if event.live["done_samples"] >= 4 else None
     with pytest.raises(CollectionCancelled, match="resume"):
-        collect(config, model=llama, store=store, cancel=cancel,
-                progress=lambda d, t, m, p: cancel.set() if d >= 4 else None)
+        collect(config, model=llama, store=store, ctx=context)
     assert_identical(all_arrays(collect(config, model=llama, store=store)), reference[1])
 
 
 def test_damaged_checkpoint_is_recomputed(tmp_path, config, llama, reference):
     store = RunStore(tmp_path)
     with pytest.raises(Killed):
-        collect(config, model=llama, store=store,
-                progress=lambda d, t, m, p: (_ for _ in ()).throw(Killed()) if d >= 6 else None)
+        collect(config, model=llama, store=store, ctx=TaskContext(
+            progress=lambda event: (_ for _ in ()).throw(Killed()) if event.live["done_samples"] >= 6 else None))
     batch = store.path(reference[0].run_id) / "work" / "batch_00001.safetensors"
     batch.write_bytes(batch.read_bytes()[:-100])
     assert not safetensors_intact(batch)

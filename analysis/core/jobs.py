@@ -321,8 +321,10 @@ class Worker:
         if not self.wait_turn():
             self._end(CANCELLED, "cancelled while queued")
             return 0
+        context = self.context()
         try:
-            result = work(self.context())
+            with context.applied():
+                result = work(context)
         except Cancelled as error:
             self._end(CANCELLED, str(error) or "cancelled", result={"run_id": error.run_id} if error.run_id else None)
             return 0

@@ -206,7 +206,7 @@ def kept_positions(attention_mask: torch.Tensor, labels: torch.Tensor) -> list[t
     """
     scored = torch.zeros_like(attention_mask, dtype=torch.bool)
     scored[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    positions = torch.arange(attention_mask.shape[1])
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     kept = []
     for i in range(attention_mask.shape[0]):
         scored_at = positions[scored[i]]

@@ -1,10 +1,19 @@
-"""CLI commands ``collect``, ``runs`` and ``delete`` (see ``analysis/__main__.py``)."""
+"""CLI commands ``collect``, ``runs`` and ``delete`` (see ``analysis/__main__.py``).
+
+``collect`` builds a :class:`~analysis.engine.gradients.CollectionConfig` from its options (or reads it
+with ``--config FILE``) and runs it through ``analysis.core.cli.run_task`` (``--device``, ``--threads``,
+``--job``); the store, ``--force``, ``--keep-work``, ``--workers`` and ``--chunk-mb`` do not change the numbers.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
+from pathlib import Path
+from typing import ClassVar
 
+from analysis.core.cli import add_task_arguments
 from analysis.core.config import ConfigError, ModelConfig
 
 
@@ -34,12 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         add("--gram-route", choices=("auto", "ghost", "dense"), default=defaults.gram_route)
         add("--curve-layers", default=defaults.curve_layers, help="overlap-vs-n curve layers: auto, all, none, 0,10")
         add("--curve-boot", type=int, default=defaults.curve_boot, help="random subsets per n for the curve")
-        add("--threads", type=int, default=None, help="torch threads for the capture (default: torch's choice)")
         add("--workers", type=int, default=None, help="modules analysed in parallel (default: min(2, CPUs))")
         add("--chunk-mb", type=int, default=512, help="memory for one module's dense G_i chunk (MiB)")
         add("--force", action="store_true", help="recompute even if the run exists")
         add("--keep-work", action="store_true", help="keep the per-batch factor files of the run")
         add("--store", default=None, help="runs folder (default cache/runs)")
+        add_task_arguments(parser)
     elif command == "runs":
         parser.add_argument("--store", default=None, help="runs folder (default cache/runs)")
     elif command == "delete":
@@ -89,49 +98,61 @@ def print_summary(results) -> None:
         print(f"  note: {message}")
 
 
-def _collect(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
+@dataclasses.dataclass(frozen=True)
+class CollectRun:
+    """The collect task as the CLI runs it: the config plus how to run it (store, force, keep_work, workers,
+    chunk size), none of which changes the numbers, hence not in the run id."""
 
+    config: object  # CollectionConfig
+    store: str | None = None
+    force: bool = False
+    keep_work: bool = False
+    workers: int | None = None
+    chunk_bytes: int = 512 * 2**20
+
+    kind: ClassVar[str] = "collect"
+
+    def run_id(self) -> str:
+        return self.config.run_id()
+
+    def execute(self, ctx) -> dict:
+        from analysis.core.store import RunStore
+        from analysis.engine.collect import collect
+        from analysis.engine.gradients import collection_summary
+
+        start = time.perf_counter()
+        results = collect(self.config, store=RunStore(self.store), ctx=ctx, force=self.force,
+                          keep_work=self.keep_work, workers=self.workers, chunk_bytes=self.chunk_bytes)
+        return dict(collection_summary(results), seconds=round(time.perf_counter() - start, 3))
+
+
+def print_result(summary) -> None:
+    """The printed summary of a finished collect task (its run read back from the summary's folder)."""
     from analysis.core.store import RunStore
-    from analysis.engine.gradients import CollectionCancelled, collect
-    from analysis.llm.models import ModelLoadError, load_model
+
+    folder = Path(summary["folder"])
+    if "seconds" in summary:
+        print(f"done in {summary['seconds']:.1f} s")
+    print_summary(RunStore(folder.parent).load(summary["run_id"]))
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from analysis.core.cli import load_task, run_task
+    from analysis.engine.gradients import CollectionConfig
+    from analysis.llm.data import DataError
+    from analysis.llm.models import ModelLoadError
 
     try:
-        config = _config(args)
-    except ConfigError as error:
+        config = load_task(args.config, CollectionConfig) if args.config else _config(args)
+        task = CollectRun(config, store=args.store, force=args.force, keep_work=args.keep_work,
+                          workers=args.workers, chunk_bytes=args.chunk_mb * 2**20)
+        return run_task(task, args, print_result)
+    except (ModelLoadError, ConfigError, DataError, ValueError) as error:
         print(f"error: {error}")
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    store = RunStore(args.store)
-    bar = None
-
-    def progress(done, total, message, partial):
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total + partial.total_modules, unit="step", desc="collect")
-        bar.n = partial.done_samples + partial.done_modules
-        bar.set_postfix_str(message[:60])
-        bar.refresh()
-
-    start = time.perf_counter()
-    try:
-        model = load_model(config.model)
-        results = collect(config, model=model, store=store, progress=progress, force=args.force,
-                          keep_work=args.keep_work, workers=args.workers, chunk_bytes=args.chunk_mb * 2**20)
-    except (ModelLoadError, ConfigError, ValueError) as error:
-        print(f"error: {error}")
-        return 2
-    except (CollectionCancelled, KeyboardInterrupt):
+    except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume from the last finished batch")
         return 130
-    finally:
-        if bar is not None:
-            bar.close()
-    print(f"done in {time.perf_counter() - start:.1f} s")
-    print_summary(results)
-    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,8 +14,8 @@ import json
 import os
 import shutil
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -225,6 +225,62 @@ def resolve_source(source: str) -> str:
     return source
 
 
+def tiny_identity(config: ModelConfig) -> str:
+    """Identity of a tiny random model: hash of its family, seed and dtype (its weights follow from them)."""
+    return config_hash({"tiny": config.source, "seed": config.seed, "dtype": config.dtype})
+
+
+def hub_identity(location: str, commit: str | None) -> str:
+    """Identity of a hub model: hash of its id and the resolved commit of its files."""
+    return config_hash({"hub": location, "commit": commit})
+
+
+def _cached_hub_commit(location: str) -> str | None:
+    """Commit of the locally cached snapshot of a hub id (what a local-only load resolves), else None."""
+    from huggingface_hub import try_to_load_from_cache
+    from transformers.utils.hub import extract_commit_hash
+
+    try:
+        path = try_to_load_from_cache(location, "config.json")
+    except Exception:  # noqa: BLE001 - an id that is not a valid repo name is simply not cached
+        return None
+    return extract_commit_hash(path, None) if isinstance(path, str) else None
+
+
+def model_identity(config: ModelConfig | str = "default") -> str:
+    """The ``identity`` that ``load_model(config)`` gives, without loading the weights.
+
+    Tiny sources: hash of family, seed and dtype. Checkpoint folders (also ``default`` and
+    ``default-aligned``): :func:`checkpoint_identity` (sha256 of the weight files, memoised beside them;
+    ``default`` is converted once first if it is not yet). Hub ids: hash of the id and the commit of the
+    locally cached snapshot (asked from the hub when nothing is cached and the machine is online).
+    Raises ModelLoadError when the model cannot be found (as ``load_model`` would)."""
+    if isinstance(config, str):
+        config = ModelConfig(source=config)
+    if config.source in TINY_SOURCES:
+        return tiny_identity(config)
+    if config.source == "default":
+        convert_default_model()
+    location = resolve_source(config.source)
+    folder = Path(location).expanduser()
+    if folder.is_dir():
+        return checkpoint_identity(folder)
+    commit = _cached_hub_commit(location)
+    if commit is None and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
+        try:
+            from huggingface_hub import HfApi
+
+            commit = HfApi().model_info(location).sha
+        except Exception as error:  # noqa: BLE001 - network, unknown id, gated: say so as load_model would
+            raise ModelLoadError(f"Could not find model {location!r} in the local Hugging Face cache or on the "
+                                 f"hub ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})"
+                                 ) from error
+    if commit is None:
+        raise ModelLoadError(f"Could not load model {location!r}: it is not in the local Hugging Face cache and "
+                             "this machine cannot download it; give a local checkpoint folder")
+    return hub_identity(location, commit)
+
+
 def load_model(config: ModelConfig | str = "default", progress: Progress | None = None) -> LoadedModel:
     """Load a causal LM for analysis (eval mode, requested dtype).
 
@@ -237,7 +293,7 @@ def load_model(config: ModelConfig | str = "default", progress: Progress | None 
     start = time.perf_counter()
     if config.source in TINY_SOURCES:
         model, tokenizer = tiny_model(config.source, seed=config.seed, dtype=dtype)
-        identity = config_hash({"tiny": config.source, "seed": config.seed, "dtype": config.dtype})
+        identity = tiny_identity(config)
         return LoadedModel(model, tokenizer, config.source, config.source, identity, time.perf_counter() - start)
     if config.source == "default":
         convert_default_model(progress)
@@ -251,7 +307,7 @@ def load_model(config: ModelConfig | str = "default", progress: Progress | None 
     if is_folder:
         identity = checkpoint_identity(Path(location))
     else:  # hub id: the resolved commit hash identifies the weights
-        identity = config_hash({"hub": location, "commit": getattr(model.config, "_commit_hash", None)})
+        identity = hub_identity(location, getattr(model.config, "_commit_hash", None))
     name = Path(location).name if is_folder else location
     _report(progress, 1.0, f"Loaded {name}")
     return LoadedModel(model, tokenizer, config.source, name, identity, time.perf_counter() - start)

@@ -7,14 +7,14 @@ Pages call these and only arrange widgets; the whole-run export (zip, HTML repor
 
 from __future__ import annotations
 
-from typing import Any
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from analysis.core.store import ETAS, SETS  # ETAS: the eta values whose k@eta is stored per module
+from analysis.core.results import ETAS, SETS  # ETAS: the eta values whose k@eta is stored per module
 from analysis.engine import geometry
 from analysis.views import figures as fig
 
@@ -339,29 +339,37 @@ def run_tables(run) -> dict[str, pd.DataFrame]:
 # -------------------------------------------------------------------------------------------------
 
 
-def live_snapshot(partial, labels: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Copy what the live charts need out of the engine's ``Progress`` (called in the worker thread).
+def live_table(table: Any) -> pd.DataFrame | None:
+    """The finished-modules table of a live snapshot as a DataFrame: given as ``{"columns", "data"}`` (what the
+    engine sends), a list of records, or a DataFrame; None when there is none."""
+    if table is None:
+        return None
+    if isinstance(table, pd.DataFrame):
+        return table
+    if isinstance(table, Mapping):
+        return pd.DataFrame(table.get("data") or [], columns=table.get("columns"))
+    return pd.DataFrame(list(table))
 
-    ``labels`` maps HF module paths to short labels for the charts."""
-    preview = {module: {key: (np.array(value, copy=True) if isinstance(value, np.ndarray) else value)
-                        for key, value in entry.items()}
-               for module, entry in (partial.preview or {}).items()}
-    table = partial.table.copy() if getattr(partial, "table", None) is not None else None
-    return {"stage": partial.stage, "losses": np.array(partial.losses, copy=True), "preview": preview, "table": table,
-            "done_samples": partial.done_samples, "total_samples": partial.total_samples,
-            "done_modules": partial.done_modules, "total_modules": partial.total_modules,
-            "labels": dict(labels or {})}
+
+def _values(values: Any) -> np.ndarray | None:
+    """A spectrum of the live snapshot (list or array) as a float array, None when missing or empty."""
+    if values is None or not np.size(values):
+        return None
+    return np.asarray(values, dtype=float)
 
 
 def live_answer(snapshot: Mapping[str, Any], eta: float = 0.9) -> str | None:
-    """One line from a running collection's preview: k@eta of safety (and utility) so far per module."""
+    """One line from a running collection's preview: k@eta of safety (and utility) so far per module.
+
+    ``snapshot``: the ``live`` data of the engine's progress events (``analysis.engine.collect.LIVE_KEYS``),
+    as sent or read back from JSON."""
     labels = snapshot.get("labels") or {}
     parts = []
     for name, entry in (snapshot.get("preview") or {}).items():
-        ks = {which: geometry.k_at_energy(entry[which], eta) for which in SETS
-              if entry.get(which) is not None and np.size(entry[which])}
+        ks = {which: geometry.k_at_energy(_values(entry.get(which)), eta) for which in SETS
+              if _values(entry.get(which)) is not None}
         if "safety" in ks:
-            parts.append(f"{labels.get(name, name)}: safety k = {ks['safety']}"
+            parts.append(f"{entry.get('label') or labels.get(name, name)}: safety k = {ks['safety']}"
                          + (f", utility k = {ks['utility']}" if "utility" in ks else ""))
     if not parts:
         return None
@@ -371,8 +379,9 @@ def live_answer(snapshot: Mapping[str, Any], eta: float = 0.9) -> str | None:
 
 def live_figures(snapshot: Mapping[str, Any], eta: float = 0.9) -> list[go.Figure]:
     """Charts of a running collection: CER so far of a preview module and effective rank / cosine so far
-    per preview module (capture), or the finished modules' metrics (analysis)."""
-    table = snapshot.get("table")
+    per preview module (capture), or the finished modules' metrics (analysis). ``snapshot`` as in
+    :func:`live_answer`."""
+    table = live_table(snapshot.get("table"))
     if table is not None and len(table):
         return [fig.metric_by_module_figure(table, {"safety_effective_rank": "safety effective rank",
                                                     "utility_effective_rank": "utility effective rank"},
@@ -384,14 +393,16 @@ def live_figures(snapshot: Mapping[str, Any], eta: float = 0.9) -> list[go.Figur
     labels = snapshot.get("labels") or {}
     rows, first = [], None
     for name, entry in preview.items():
-        safety, utility = entry.get("safety"), entry.get("utility")
-        row = {"label": labels.get(name, name), "cosine": entry.get("cosine")}
+        label = entry.get("label") or labels.get(name, name)
+        safety, utility = _values(entry.get("safety")), _values(entry.get("utility"))
+        cosine = entry.get("cosine")
+        row = {"label": label, "cosine": float("nan") if cosine is None else float(cosine)}
         for which, values in (("safety", safety), ("utility", utility)):
-            if values is not None and np.size(values):
+            if values is not None:
                 row[f"{which}_effective_rank"] = geometry.effective_rank(values)
         rows.append(row)
-        if first is None and safety is not None and np.size(safety):
-            first = (labels.get(name, name), {k: v for k, v in (("safety", safety), ("utility", utility)) if v is not None})
+        if first is None and safety is not None:
+            first = (label, {k: v for k, v in (("safety", safety), ("utility", utility)) if v is not None})
     if not rows:
         return []
     frame = pd.DataFrame(rows)

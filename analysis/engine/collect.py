@@ -1,0 +1,444 @@
+"""The collection loop: capture every batch, analyse every module, write the run (see
+:mod:`analysis.engine.gradients` for the pipeline, its exactness and memory).
+
+``collect(config, *, model=None, store=None, ctx=None, force=False, keep_work=False, chunk_bytes=512 MiB,
+workers=None) -> RunResults`` runs (or resumes, or reuses) a collection. Same config -> the stored run is
+loaded instantly; an interrupted run resumes from its last finished batch/module; a damaged run is
+recomputed (the reason is in ``results.messages``).
+
+Progress goes to ``ctx.report(fraction, message, live)`` after every captured batch and every analysed module.
+``live`` is plain JSON (lists, numbers, None for NaN or missing; see :data:`LIVE_KEYS`): per-sample losses
+so far, running spectra / CER / effective rank / cosine of a few preview modules while capturing, and the
+per-module metrics rows finished so far while analysing. Cancel: ``ctx.cancel``, checked between batches
+and between modules (raises ``CollectionCancelled``; the work is kept).
+
+Device: the model and each tokenised batch are moved to ``ctx.device``, so the capture (forward + backward)
+and the analysis's Gram products run there; factors are checkpointed to CPU files, and spectra, SVDs and
+overlaps run in float64 numpy on the CPU. On the CPU nothing moves and the numbers are those of before.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from analysis.core.config import ConfigError, config_hash, to_jsonable
+from analysis.core.results import SAMPLES_FILE, SETS, TABLE_COLUMNS, TABLE_FILE, RunResults, result_location
+from analysis.core.store import RunStore, RunWriter, StoreError, finite_or_none, json_default
+from analysis.core.tasks import TaskContext, resolve_device
+from analysis.engine import geometry as geo
+from analysis.engine.analyse import analyse_module, curve_sizes, or_nan
+from analysis.engine.capture import BatchFactors, ModuleInfo, capture_batch, find_linear_modules, select_modules
+from analysis.engine.gradients import (
+    ENGINE_VERSION,
+    CollectionCancelled,
+    CollectionConfig,
+    curve_modules,
+    load_set,
+    run_identity,
+)
+from analysis.engine.gram import DEFAULT_CHUNK_BYTES
+from analysis.llm.formatting import tokenize_batch
+
+if TYPE_CHECKING:
+    from analysis.llm.models import LoadedModel
+
+__all__ = ["CAPTURE_SHARE", "LIVE_KEYS", "PREVIEW_MODULES", "collect", "default_workers", "numpy_single_threaded"]
+
+#: Number of modules whose running spectra are shown while capturing.
+PREVIEW_MODULES = 4
+#: Share of the progress fraction given to the capture stage (the analysis gets the rest).
+CAPTURE_SHARE = 0.4
+#: Keys of the ``live`` mapping of every progress event. stage: "capture", "analyse" or "done"; fraction in
+#: [0, 1]; losses: (n,) per-sample losses so far (nats; None for samples not reached yet), safety first;
+#: preview (while capturing, else {}): {module HF path: {"label", "safety" (singular values of the running
+#: batch-mean gradient, or None before the first batch of the set), "safety_cer", "safety_effective_rank",
+#: the same for "utility", "cosine" (cos(G_s, G_u) so far, or None)}}; labels: {preview module: label};
+#: table (while analysing and when done, else None): {"columns": TABLE_COLUMNS, "data": one list per
+#: finished module}.
+LIVE_KEYS = ("run_id", "stage", "fraction", "done_samples", "total_samples", "done_modules", "total_modules",
+             "losses", "preview", "labels", "table")
+
+
+def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store: RunStore | None = None,
+            ctx: TaskContext | None = None, force: bool = False, keep_work: bool = False,
+            chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int | None = None) -> RunResults:
+    """Collect (or resume, or reuse) the run of ``config`` and return its results.
+
+    model: an already loaded ``analysis.llm.models.LoadedModel`` for ``config.model`` (else it is loaded;
+    a model whose identity is not the config's is refused). store: where runs live (default ``RunStore()``
+    under cache_dir()/runs). ctx: device, progress and cancel (default: CPU, no progress); the model and
+    each batch are moved to ``ctx.device`` (a given model is moved back afterwards).
+    force: recompute even if a complete run exists. keep_work: keep the per-batch factor files.
+    chunk_bytes: memory for one module's dense G_i chunk. workers: modules analysed in parallel (threads;
+    default :func:`default_workers`); the numbers do not depend on it.
+    A complete, intact run is loaded without computing; a damaged one (size/sha256 mismatch) is
+    recomputed and the returned results carry the reason in ``.messages`` (also warned).
+    """
+    from analysis.llm.models import load_model, model_identity
+
+    ctx = ctx if ctx is not None else TaskContext()
+    device = torch.device(resolve_device(ctx.device))  # "auto" -> a GPU if there is one; checked before any work
+    store = store if store is not None else RunStore()
+    session_start = time.perf_counter()
+    identity = model_identity(config.model)
+    if model is None:
+        model = load_model(config.model)
+    elif model.source != config.model.source or model.identity != identity:
+        raise ConfigError(f"the given model is {model.source!r} (identity {model.identity}) but the config asks "
+                          f"for {config.model.source!r} (identity {identity})")
+    datasets = {which: load_set(config, which) for which in SETS}
+    modules = select_modules(find_linear_modules(model.model), config.layers, config.kinds, config.regex)
+    run_id = config_hash(run_identity(config, identity, datasets))
+
+    messages: list[str] = []
+    status = store.status(run_id)
+    if status == "complete" and not force:
+        problems = store.verify(run_id, full=True)
+        if not problems:
+            return store.load(run_id)
+        messages.append(f"run {run_id} was damaged ({'; '.join(problems)}); recomputing it")
+    if status == "corrupted":
+        try:
+            problems = store.verify(run_id, full=False)
+        except StoreError as error:
+            problems = [str(error)]
+        messages.append(f"run {run_id} was damaged ({'; '.join(problems)}); recomputing it")
+    if status in ("complete", "corrupted") or (force and status != "missing"):
+        store.delete(run_id)
+    for message in messages:
+        warnings.warn(message, stacklevel=2)
+
+    curves = set(curve_modules(config, modules))
+    manifest = {
+        "config": to_jsonable(config),
+        "model": {"source": model.source, "name": model.name, "identity": model.identity,
+                  "family": getattr(model.model.config, "model_type", type(model.model).__name__)},
+        "datasets": {which: {"source": datasets[which].source, "name": datasets[which].name,
+                             "content_hash": datasets[which].content_hash,
+                             "fingerprint": datasets[which].fingerprint(), "n": len(datasets[which])}
+                     for which in SETS},
+        "modules": [dataclasses.asdict(m) for m in modules],
+        "curve_modules": [m.name for m in modules if m.name in curves],
+        "n_batches": len(_plan_batches(config)),
+        "versions": _versions(),
+        "engine": ENGINE_VERSION,
+    }
+    writer = store.open_run(run_id, manifest)
+    job = _Collection(config, model, modules, [ex for which in SETS for ex in datasets[which].examples],
+                      curves, writer, ctx, device, chunk_bytes, workers or default_workers())
+    was_training = model.model.training
+    home = next(model.model.parameters()).device
+    model.model.eval()  # dropout off: per-sample gradients are exact only in eval mode
+    try:
+        if home != device:
+            model.model.to(device)
+        with numpy_single_threaded():
+            capture_seconds = job.capture()
+            analyse_start = time.perf_counter()
+            rows = job.analyse()
+            timings = {"capture_seconds": round(capture_seconds, 3),
+                       "analyse_seconds": round(time.perf_counter() - analyse_start, 3),
+                       "model_load_seconds": round(model.load_seconds, 3)}
+            return job.finish(rows, timings, messages, keep_work, session_start)
+    finally:
+        model.model.train(was_training)
+        if home != device:
+            model.model.to(home)
+        writer.close()
+
+
+@contextlib.contextmanager
+def numpy_single_threaded() -> Iterator[None]:
+    """numpy/scipy BLAS on one thread inside the block (threadpoolctl; restored afterwards). Torch's threads
+    are not touched: they are the process's, set by whoever owns it (``TaskContext.threads``).
+
+    The analysis stage is thousands of small and medium matrix products and LAPACK calls; on this kind of
+    work a second BLAS/OpenMP thread buys little, and on a busy machine it costs a lot (every parallel
+    region waits for a time slice for its second thread: measured 30 ms for a 48 x 64 product); the
+    parallelism comes from analysing ``workers`` modules at once instead.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def default_workers() -> int:
+    """Modules analysed in parallel: as many as fit beside torch's threads, at most 2, at least 1
+    (min(2, CPUs) with one torch thread; 1 with torch using every core, so threads do not pile up)."""
+    return max(1, min(2, (os.cpu_count() or 1) // max(1, torch.get_num_threads())))
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    index: int
+    which: str
+    samples: range  # global sample indices (safety first)
+
+
+def _plan_batches(config: CollectionConfig) -> list[_Batch]:
+    batches = []
+    offset = 0
+    for which, count in (("safety", config.n_safety), ("utility", config.n_utility)):
+        for start in range(0, count, config.batch_size):
+            stop = min(start + config.batch_size, count)
+            batches.append(_Batch(len(batches), which, range(offset + start, offset + stop)))
+        offset += count
+    return batches
+
+
+def _factor_dtype(model) -> torch.dtype:
+    dtype = next(model.parameters()).dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "engine": str(ENGINE_VERSION)}
+    for package in ("torch", "transformers", "numpy", "scipy", "safetensors", "scikit-learn"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain JSON types: numpy/torch to lists and numbers, NaN/inf to None."""
+    return finite_or_none(json.loads(json.dumps(value, default=json_default)))
+
+
+def _batch_arrays(factors: BatchFactors, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """CPU tensors of one batch checkpoint: losses, row offsets, and "D/<module>", "A/<module>" factors."""
+    arrays = {"loss": factors.losses.detach().to("cpu", torch.float64), "row_offsets": factors.row_offsets.cpu()}
+    for name in factors.inputs:
+        arrays[f"D/{name}"] = factors.output_grads[name].to("cpu", dtype).contiguous()
+        arrays[f"A/{name}"] = factors.inputs[name].to("cpu", dtype).contiguous()
+    return arrays
+
+
+def _to_device(tokenized, device: torch.device):
+    """The tokenised batch with its tensors on ``device`` (unchanged on the CPU)."""
+    if device.type == "cpu":
+        return tokenized
+    return dataclasses.replace(tokenized, **{name: getattr(tokenized, name).to(device)
+                                              for name in ("input_ids", "attention_mask", "labels", "position_ids")})
+
+
+class _Preview:
+    """Running batch-mean gradients of a few modules, for live charts while capturing.
+
+    Spectra are recomputed only for the set that received samples since the last snapshot."""
+
+    def __init__(self, modules: Sequence[ModuleInfo]):
+        picks = np.unique(np.round(np.linspace(0, len(modules) - 1, min(PREVIEW_MODULES, len(modules)))).astype(int))
+        self.modules = [modules[i] for i in picks]
+        self.sums: dict[tuple[str, str], torch.Tensor] = {}
+        self.counts = {which: 0 for which in SETS}
+        self.entries: dict[str, dict[str, Any]] = {m.name: {"label": m.label, "cosine": None} for m in self.modules}
+        for entry in self.entries.values():
+            entry.update({f"{which}{suffix}": None for which in SETS for suffix in ("", "_cer", "_effective_rank")})
+        self.dirty: set[str] = set()
+
+    def add(self, which: str, n_samples: int, factors: Callable[[str], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.counts[which] += n_samples
+        for m in self.modules:
+            D, A = factors(m.name)
+            total = (D.T @ A).double()
+            key = (m.name, which)
+            self.sums[key] = total if key not in self.sums else self.sums[key] + total
+        self.dirty.add(which)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """{module: entry} with numpy spectra (see LIVE_KEYS, "preview")."""
+        for m in self.modules:
+            entry = self.entries[m.name]
+            means = {which: (self.sums[(m.name, which)] / self.counts[which]).numpy()
+                     for which in SETS if (m.name, which) in self.sums}
+            for which in self.dirty & set(means):
+                spectrum = geo.singular_values(means[which])
+                entry.update({which: spectrum, f"{which}_cer": geo.cumulative_energy(spectrum),
+                              f"{which}_effective_rank": geo.effective_rank(spectrum)})
+            if self.dirty and len(means) == 2:
+                entry["cosine"] = or_nan(lambda means=means: geo.cosine(means["safety"], means["utility"]))
+        self.dirty.clear()
+        return {name: dict(entry) for name, entry in self.entries.items()}
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {m.name: m.label for m in self.modules}
+
+
+class _Collection:
+    """One collection in progress: capture every batch, analyse every module, write the final files."""
+
+    def __init__(self, config: CollectionConfig, model: LoadedModel, modules: list[ModuleInfo], examples: list,
+                 curve_modules: set[str], writer: RunWriter, ctx: TaskContext, device: torch.device,
+                 chunk_bytes: int, workers: int):
+        self.config, self.model, self.modules, self.examples = config, model, modules, examples
+        self.curve_modules, self.writer, self.ctx = curve_modules, writer, ctx
+        self.chunk_bytes, self.workers = chunk_bytes, workers
+        self.device = device
+        self.batches = _plan_batches(config)
+        self.n_total = config.n_total
+        self.losses = np.full(self.n_total, np.nan)
+        self.tokens = np.zeros(self.n_total, dtype=np.int64)
+        self.truncated = [False] * self.n_total
+        self.live = ctx.progress is not None  # live data (preview spectra) only when someone listens
+        self.preview = _Preview(modules) if self.live else None
+
+    # -- progress and cancel ------------------------------------------------------------------------
+    def report(self, message: str, stage: str, done_samples: int, done_modules: int,
+               rows: Sequence[dict] | None = None) -> None:
+        fraction = min(1.0, CAPTURE_SHARE * done_samples / self.n_total
+                       + (1 - CAPTURE_SHARE) * done_modules / len(self.modules))
+        live = None
+        if self.live:
+            table = None if rows is None else {"columns": list(TABLE_COLUMNS),
+                                               "data": [[row.get(c) for c in TABLE_COLUMNS] for row in rows]}
+            live = _plain({"run_id": self.writer.run_id, "stage": stage, "fraction": fraction,
+                           "done_samples": done_samples, "total_samples": self.n_total,
+                           "done_modules": done_modules, "total_modules": len(self.modules),
+                           "losses": self.losses, "preview": self.preview.snapshot() if stage == "capture" else {},
+                           "labels": self.preview.labels, "table": table})
+        self.ctx.report(fraction, message, live)
+
+    def check_cancel(self, where: str) -> None:
+        if self.ctx.cancelled:
+            raise CollectionCancelled(f"collection cancelled {where}; collect again with the same settings to "
+                                      "resume from there", self.writer.run_id)
+
+    # -- 1. capture ---------------------------------------------------------------------------------
+    def capture(self) -> float:
+        """Capture every batch not yet checkpointed (finished ones are read back). Returns seconds."""
+        from safetensors import safe_open
+
+        start = time.perf_counter()
+        dtype = _factor_dtype(self.model.model)
+        done = 0
+        for batch in self.batches:
+            samples = list(batch.samples)
+            if self.writer.has_batch(batch.index):
+                with safe_open(str(self.writer.batch_path(batch.index)), framework="pt") as handle:
+                    losses, offsets = handle.get_tensor("loss"), handle.get_tensor("row_offsets")
+                    truncated = json.loads(handle.metadata()["truncated"])
+                    if self.preview is not None:
+                        self.preview.add(batch.which, len(samples),
+                                         lambda name: (handle.get_tensor(f"D/{name}"), handle.get_tensor(f"A/{name}")))
+                message = f"batch {batch.index + 1}/{len(self.batches)} ({batch.which}) read from checkpoint"
+            else:
+                self.check_cancel(f"after {done} of {self.n_total} samples")
+                tokenized = tokenize_batch(self.model.tokenizer, [self.examples[i].messages for i in samples],
+                                           self.config.max_length, self.config.padding_side)
+                factors = capture_batch(self.model.model, _to_device(tokenized, self.device), self.modules)
+                arrays = _batch_arrays(factors, dtype)
+                del factors
+                self.writer.save_batch(batch.index, arrays,
+                                       {"truncated": json.dumps(tokenized.truncated), "set": batch.which})
+                losses, offsets, truncated = arrays["loss"], arrays["row_offsets"], tokenized.truncated
+                if self.preview is not None:
+                    self.preview.add(batch.which, len(samples),
+                                     lambda name, arrays=arrays: (arrays[f"D/{name}"], arrays[f"A/{name}"]))
+                del arrays
+                message = f"captured batch {batch.index + 1}/{len(self.batches)} ({batch.which})"
+            self.losses[samples] = losses.double().numpy()
+            self.tokens[samples] = (offsets[1:] - offsets[:-1]).numpy()
+            for j, i in enumerate(samples):
+                self.truncated[i] = bool(truncated[j])
+            done += len(samples)
+            self.report(message, "capture", done, 0)
+        return time.perf_counter() - start
+
+    # -- 2. analyse ---------------------------------------------------------------------------------
+    def read_pairs(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(D_i, A_i) of every sample for one module. Each batch file is opened (memory-mapped) only while
+        its rows are copied out, so the mapped pages do not pile up in this process's resident memory."""
+        from safetensors import safe_open
+
+        pairs = []
+        for batch in self.batches:
+            with safe_open(str(self.writer.batch_path(batch.index)), framework="pt") as handle:
+                offset = handle.get_tensor("row_offsets")
+                D, A = handle.get_tensor(f"D/{name}"), handle.get_tensor(f"A/{name}")
+            pairs += [(D[offset[j]:offset[j + 1]], A[offset[j]:offset[j + 1]]) for j in range(len(offset) - 1)]
+        return pairs
+
+    def analyse(self) -> list[dict]:
+        """Analyse every module not yet checkpointed, ``workers`` at a time (threads); checkpoints and
+        progress reports happen in module order. Returns the table rows of all modules, in order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        config, writer, modules = self.config, self.writer, self.modules
+        rows: list[dict] = []
+        queue: collections.deque = collections.deque()  # (index, info, future, or None if checkpointed)
+
+        def finish_oldest() -> None:
+            index, info, future = queue.popleft()
+            if future is not None:
+                result = future.result()
+                writer.save_module(index, result.arrays, result.row)
+            rows.append(writer.load_module(index)[1])
+            self.report(f"analysed {info.label} ({index + 1}/{len(modules)})", "analyse", self.n_total, index + 1, rows)
+
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            for index, info in enumerate(modules):
+                future = None
+                if not writer.has_module(index):
+                    self.check_cancel(f"after {index} of {len(modules)} modules")
+                    curve_boot = config.curve_boot if info.name in self.curve_modules else 0
+                    future = pool.submit(analyse_module, info, self.read_pairs(info.name), config.n_safety,
+                                         config.top_k, config.gram_route, config.seed, curve_boot, self.chunk_bytes,
+                                         str(self.device))
+                queue.append((index, info, future))
+                while queue and (queue[0][2] is None or sum(f is not None for _, _, f in queue) >= self.workers):
+                    finish_oldest()
+            while queue:
+                finish_oldest()
+        return rows
+
+    # -- 3. final files -----------------------------------------------------------------------------
+    def finish(self, rows: list[dict], timings: dict, messages: list[str], keep_work: bool,
+               session_start: float) -> RunResults:
+        import pandas as pd
+
+        files = ("spectra", "bases", "per_sample", "gram", "cross", "curves")
+        arrays: dict[str, dict[str, np.ndarray]] = {f"{name}.safetensors": {} for name in files}
+        arrays["per_sample.safetensors"].update(loss=self.losses, tokens=self.tokens)
+        arrays["curves.safetensors"]["n"] = np.asarray(curve_sizes(self.config.n_safety))
+        for index, info in enumerate(self.modules):
+            module_arrays, _ = self.writer.load_module(index)
+            for quantity, value in module_arrays.items():
+                if quantity != "curve.n":
+                    file, key = result_location(quantity, info.name)
+                    arrays[file][key] = value
+        set_of = ["safety"] * self.config.n_safety + ["utility"] * self.config.n_utility
+        samples = [{"index": i, "set": set_of[i], "id": ex.id, "category": ex.category, "prompt": ex.prompt,
+                    "response": ex.response, "n_tokens": int(self.tokens[i]), "truncated": self.truncated[i]}
+                   for i, ex in enumerate(self.examples)]
+        table = pd.DataFrame(list(rows), columns=list(TABLE_COLUMNS))
+        table_json = {"columns": list(table.columns), "data": json.loads(table.to_json(orient="values")),
+                      "dtypes": {column: str(dtype) for column, dtype in table.dtypes.items()}}
+        timings["session_seconds"] = round(time.perf_counter() - session_start, 3)
+        self.writer.finish(arrays, {SAMPLES_FILE: samples, TABLE_FILE: table_json}, keep_work=keep_work,
+                           timings=timings, messages=messages, n_truncated=int(sum(self.truncated)),
+                           total_tokens=int(self.tokens.sum()))
+        results = self.writer.store.load(self.writer.run_id)
+        self.report("done", "done", self.n_total, len(self.modules), rows)
+        return results

@@ -1,0 +1,378 @@
+"""Parsers for user data: bytes of a JSONL / JSON / CSV / AdvBench / HEx-PHI file in, :class:`Dataset` out.
+
+Every problem raises :class:`DataError` naming the file, the 1-based line (or JSON item) and the field.
+The loaders in :mod:`analysis.llm.data` read files and call these."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from analysis.llm.examples import DataError, Dataset, Example, Where, check_text, freeze_messages
+
+__all__ = [
+    "HEXPHI_CATEGORIES", "HEXPHI_FILE", "KINDS", "parse_bytes", "parse_csv", "parse_hexphi", "parse_json",
+    "parse_jsonl",
+]
+
+#: The 11 HEx-PHI categories in HEx-PHI's own order (``category_1.csv`` .. ``category_11.csv``).
+HEXPHI_CATEGORIES: tuple[str, ...] = (
+    "illegal_activity",
+    "child_abuse",
+    "hate_harass_violence",
+    "malware",
+    "physical_harm",
+    "economic_harm",
+    "fraud_deception",
+    "adult_content",
+    "political_campaigning",
+    "privacy_violation",
+    "tailored_financial_advice",
+)
+
+#: Values accepted for ``kind=`` by :func:`load_any` and :func:`load_bytes`.
+KINDS = ("jsonl", "json", "csv", "advbench", "hexphi")
+
+_FIX_ROW = "expected a JSON object with 'prompt' and 'response' or 'messages'"
+_FIX_CSV = "expected a header row with 'prompt' and 'response' columns (or AdvBench 'goal' and 'target')"
+HEXPHI_FILE = re.compile(r"^category_(\d+)\.csv$", re.IGNORECASE)
+_OPTIONAL_TEXT = ("id", "category", "split", "system")
+
+
+# --------------------------------------------------------------------------------------
+# rows -> examples
+
+
+def _optional_text(row: Mapping[str, Any], key: str, at: Where) -> str | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    if key == "id" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # integer ids are common; keep them as text
+    value = check_text(value, key, at)
+    if key != "system":
+        value = value.strip()
+        if not value:
+            if key == "id":
+                raise at.error("must not be empty", "id", "give the row a non-empty id or drop the field")
+            return None
+    return value
+
+
+def _row_to_example(
+    row: Any, at: Where, default_id: str, require_response: bool, aliases: bool = True
+) -> Example:
+    if not isinstance(row, Mapping):
+        raise at.error(f"got a JSON {_json_type(row)}", None, _FIX_ROW)
+    keys = set(row)
+    if aliases:
+        if "prompt" not in keys and "goal" in keys:
+            row = {**row, "prompt": row["goal"]}
+        if "response" not in keys and "target" in keys:
+            row = {**row, "response": row["target"]}
+        keys = set(row)
+    meta = {k: _optional_text(row, k, at) for k in _OPTIONAL_TEXT}
+    ex_id = meta["id"] or default_id
+
+    if "messages" in keys:
+        clash = sorted(keys & {"prompt", "response", "system"})
+        if clash:
+            raise at.error(
+                f"has both 'messages' and {clash}", "messages", "use either 'messages' or 'prompt'/'response', not both"
+            )
+        messages = freeze_messages(row["messages"], at)
+    else:
+        if "prompt" not in keys:
+            raise at.error("is missing", "prompt", _FIX_ROW)
+        prompt = check_text(row["prompt"], "prompt", at)
+        if not prompt.strip():
+            raise at.error("is empty", "prompt", "every row needs a non-empty prompt")
+        if "response" not in keys or row["response"] is None:
+            if require_response:
+                raise at.error(
+                    "is missing", "response", _FIX_ROW + "; for prompt-only data load with require_response=False"
+                )
+            response = ""
+        else:
+            response = check_text(row["response"], "response", at)
+        messages = []
+        if meta["system"] is not None:
+            messages.append({"role": "system", "content": meta["system"]})
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+    if require_response and not messages[-1]["content"].strip():
+        field_name = "messages" if "messages" in keys else "response"
+        raise at.error(
+            "is empty", field_name, "every row needs a non-empty response; for prompt-only data use require_response=False"
+        )
+    try:
+        return Example(messages=tuple(messages), id=ex_id, category=meta["category"], split=meta["split"])
+    except DataError as e:  # re-attach the location
+        raise at.error(e.problem, e.field, e.fix) from None
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number" if isinstance(value, (int, float)) else type(value).__name__
+    )
+
+
+def _build(
+    name: str, source: str, data: bytes, items: Sequence[tuple[Example, Where]], empty_fix: str
+) -> Dataset:
+    if not items:
+        raise DataError("contains no rows", file=source, fix=empty_fix)
+    first: dict[str, Where] = {}
+    for ex, at in items:
+        if ex.id in first:
+            raise at.error(
+                f"duplicate id {ex.id!r}, already used at {first[ex.id].describe()}", "id", "give every row a unique id"
+            )
+        first[ex.id] = at
+    with_response = [at for ex, at in items if ex.has_response]
+    if with_response and len(with_response) < len(items):
+        at = next(at for ex, at in items if not ex.has_response)
+        raise at.error(
+            f"has no response, but {with_response[0].describe()} has one",
+            "response",
+            "give every row a response, or none for a prompt-only dataset",
+        )
+    return Dataset(
+        name=name,
+        examples=[ex for ex, _ in items],
+        source=source,
+        content_hash=hashlib.sha256(data).hexdigest(),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# parsers (bytes in, Dataset out)
+
+
+def _decode(data: bytes, file: str) -> str:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"is not valid UTF-8 (byte {e.start})", file=file, line=line, fix="save the file as UTF-8"
+        ) from None
+    return text
+
+
+def _lines(text: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) with CRLF/LF endings removed; only '\\n' splits lines."""
+    for n, line in enumerate(text.split("\n"), start=1):
+        yield n, line[:-1] if line.endswith("\r") else line
+
+
+def _stem(file: str) -> str:
+    name = Path(file).name
+    for ext in (".jsonl", ".json", ".csv", ".tsv"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)] or name
+    return name or "data"
+
+
+def parse_jsonl(data: bytes, file: str, require_response: bool) -> Dataset:
+    text = _decode(data, file)
+    stem = _stem(file)
+    items: list[tuple[Example, Where]] = []
+    for n, line in _lines(text):
+        if not line.strip():
+            continue
+        at = Where(file, n)
+        try:
+            row = json.loads(line)
+        except RecursionError:
+            raise at.error("JSON is nested too deeply", None, _FIX_ROW) from None
+        except json.JSONDecodeError as e:
+            raise at.error(f"malformed JSON ({e.msg} at column {e.colno})", None, _FIX_ROW + ", one per line") from None
+        except ValueError as e:  # e.g. integers longer than Python's digit limit
+            raise at.error(f"malformed JSON ({e})", None, _FIX_ROW + ", one per line") from None
+        items.append((_row_to_example(row, at, f"{stem}-{len(items) + 1:04d}", require_response), at))
+    return _build(stem, file, data, items, _FIX_ROW + ", one per line")
+
+
+def parse_json(data: bytes, file: str, require_response: bool) -> Dataset:
+    text = _decode(data, file)
+    stem = _stem(file)
+    if not text.strip():
+        raise DataError("is empty", file=file, fix="expected a JSON array of objects with 'prompt' and 'response' or 'messages'")
+    try:
+        rows = json.loads(text)
+    except RecursionError:
+        raise DataError("JSON is nested too deeply", file=file) from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON ({e.msg})", file=file, line=e.lineno, fix="expected a JSON array of rows") from None
+    except ValueError as e:
+        raise DataError(f"malformed JSON ({e})", file=file, fix="expected a JSON array of rows") from None
+    if isinstance(rows, dict) and isinstance(rows.get("data"), list):
+        rows = rows["data"]
+    if not isinstance(rows, list):
+        raise DataError(
+            f"top level is a JSON {_json_type(rows)}",
+            file=file,
+            fix="expected a JSON array of objects with 'prompt' and 'response' or 'messages' (or use .jsonl)",
+        )
+    items = []
+    for i, row in enumerate(rows, start=1):
+        at = Where(file, i, where="item")
+        items.append((_row_to_example(row, at, f"{stem}-{i:04d}", require_response), at))
+    return _build(stem, file, data, items, "expected a non-empty JSON array of rows")
+
+
+def _csv_rows(text: str, file: str) -> Iterator[tuple[int, list[str]]]:
+    """(1-based starting line, fields) for each non-blank CSV record."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=False)
+    prev = 0
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"malformed CSV ({e})", file=file, line=reader.line_num or prev + 1, fix=_FIX_CSV) from None
+        start, prev = prev + 1, reader.line_num
+        if not record or all(not f.strip() for f in record):
+            continue
+        yield start, record
+
+
+def parse_csv(data: bytes, file: str, require_response: bool, advbench: bool = False) -> Dataset:
+    text = _decode(data, file)
+    stem = _stem(file)
+    rows = _csv_rows(text, file)
+    fix = "expected a header row with AdvBench 'goal' and 'target' columns" if advbench else _FIX_CSV
+    try:
+        header_line, header = next(rows)
+    except StopIteration:
+        raise DataError("is empty", file=file, fix=fix) from None
+    names = [h.strip().lower() for h in header]
+    for i, h in enumerate(names):
+        if h and h in names[:i]:
+            raise DataError(f"column {h!r} appears twice in the header", file=file, line=header_line, field=h, fix=fix)
+    if advbench:
+        need = {"goal": "prompt", "target": "response"}
+    elif "prompt" in names:
+        need = {"prompt": "prompt", "response": "response"}
+    elif "goal" in names:
+        need = {"goal": "prompt", "target": "response"}
+    else:
+        need = {"prompt": "prompt", "response": "response"}
+    required = list(need) if require_response else [k for k, v in need.items() if v == "prompt"]
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise DataError(
+            f"missing column(s) {missing} in the header (found {[h for h in names if h]})",
+            file=file,
+            line=header_line,
+            field=missing[0],
+            fix=fix,
+        )
+    index = {h: i for i, h in enumerate(names) if h}
+    items: list[tuple[Example, Where]] = []
+    for line, record in rows:
+        at = Where(file, line)
+        if len(record) > len(names) and any(f.strip() for f in record[len(names):]):
+            raise at.error(
+                f"has {len(record)} fields but the header has {len(names)}",
+                None,
+                "quote fields that contain commas with double quotes",
+            )
+        row: dict[str, Any] = {}
+        for col, key in need.items():
+            if col in index and index[col] < len(record):
+                row[key] = record[index[col]]
+        for key in _OPTIONAL_TEXT:
+            if key in index and index[key] < len(record):
+                row[key] = record[index[key]] or None
+        if "prompt" not in row:
+            raise at.error("is missing (row too short)", "prompt" if not advbench else "goal", fix)
+        if row.get("response") == "" and not require_response:
+            row["response"] = None
+        if require_response and "response" not in row:
+            raise at.error("is missing (row too short)", "response" if "prompt" in need else "target", fix)
+        try:
+            ex = _row_to_example(row, at, f"{stem}-{len(items) + 1:04d}", require_response, aliases=False)
+        except DataError as e:  # report the CSV column name, not our internal one
+            if e.field in ("prompt", "response") and need.get(e.field) is None:
+                col = next(c for c, k in need.items() if k == e.field)
+                raise at.error(e.problem, col, e.fix) from None
+            raise
+        items.append((ex, at))
+    return _build(stem, file, data, items, "the header is there but no data rows follow")
+
+
+def _hexphi_category(file: str) -> str:
+    m = HEXPHI_FILE.match(Path(file).name)
+    if not m or not 1 <= int(m.group(1)) <= len(HEXPHI_CATEGORIES):
+        raise DataError(
+            "is not a HEx-PHI file name",
+            file=file,
+            fix="HEx-PHI files are named category_1.csv .. category_11.csv; rename it or load it with load_csv",
+        )
+    return HEXPHI_CATEGORIES[int(m.group(1)) - 1]
+
+
+def parse_hexphi(data: bytes, file: str) -> Dataset:
+    category = _hexphi_category(file)
+    text = _decode(data, file)
+    items: list[tuple[Example, Where]] = []
+    for line, record in _csv_rows(text, file):
+        at = Where(file, line)
+        # one prompt per row; an unquoted comma splits a prompt into several fields - rejoin them
+        prompt = ",".join(record).strip()
+        ex = _row_to_example(
+            {"prompt": prompt, "category": category}, at, f"hexphi-{category}-{len(items) + 1:03d}", False
+        )
+        items.append((ex, at))
+    return _build(f"hexphi-{category}", file, data, items, "expected one harmful prompt per line")
+
+
+def _kind_from_name(filename: str, data: bytes | None = None) -> str:
+    name = Path(filename).name.lower()
+    if name.endswith(".jsonl") or name.endswith(".ndjson"):
+        return "jsonl"
+    if name.endswith(".json"):
+        return "json"
+    if name.endswith(".csv"):
+        if HEXPHI_FILE.match(name) and data is not None:
+            # HEx-PHI files have no header; a file with a prompt/goal header is an ordinary CSV
+            try:
+                first = next(_csv_rows(data.decode("utf-8-sig"), filename), (0, []))[1]
+            except (UnicodeDecodeError, DataError):
+                first = []
+            cols = {c.strip().lower() for c in first}
+            if not cols & {"prompt", "goal"}:
+                return "hexphi"
+        return "csv"
+    raise DataError(
+        "cannot tell the format from the file name",
+        file=filename,
+        fix="use a .jsonl, .json or .csv file, or pass kind= one of " + ", ".join(KINDS),
+    )
+
+
+def parse_bytes(data: bytes, file: str, kind: str | None, require_response: bool) -> Dataset:
+    if kind is None:
+        kind = _kind_from_name(file, data)
+    if kind == "jsonl":
+        return parse_jsonl(data, file, require_response)
+    if kind == "json":
+        return parse_json(data, file, require_response)
+    if kind == "csv":
+        return parse_csv(data, file, require_response)
+    if kind == "advbench":
+        return parse_csv(data, file, require_response, advbench=True)
+    if kind == "hexphi":
+        return parse_hexphi(data, file)
+    raise DataError(f"unknown kind {kind!r}", file=file, fix="kind must be one of " + ", ".join(KINDS))
+
+
