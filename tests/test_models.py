@@ -91,3 +91,19 @@ def test_second_load_of_default_is_fast(default_model):
     again = load_model("default")
     assert time.perf_counter() - start < 10  # the cached checkpoint loads in ~0.4 s here, GGUF ~20 s
     assert again.identity == default_model.identity
+
+
+
+def test_model_identity_without_loading_equals_the_loaded_identity(tmp_path, monkeypatch, tiny_gpt2, default_model):
+    from analysis.llm.models import model_identity
+
+    assert model_identity(ModelConfig("tiny-llama", seed=3)) == load_model(ModelConfig("tiny-llama", seed=3)).identity
+    assert model_identity("tiny-gpt2") == tiny_gpt2.identity
+    assert model_identity("default") == default_model.identity
+    folder = tmp_path / "checkpoint"
+    tiny_gpt2.model.save_pretrained(folder)
+    tiny_gpt2.tokenizer.save_pretrained(folder)
+    assert model_identity(str(folder)) == load_model(str(folder)).identity
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(ModelLoadError, match="python -m analysis align"):
+        model_identity("default-aligned")

@@ -225,6 +225,53 @@ def resolve_source(source: str) -> str:
     return source
 
 
+def tiny_identity(config: ModelConfig) -> str:
+    """Identity of a tiny random model: its family, seed and dtype determine its weights."""
+    return config_hash({"tiny": config.source, "seed": config.seed, "dtype": config.dtype})
+
+
+def hub_identity(location: str, commit: str | None) -> str:
+    """Identity of a hub model: its id and the commit of its weights."""
+    return config_hash({"hub": location, "commit": commit})
+
+
+def cached_hub_commit(repo_id: str) -> str | None:
+    """Commit hash of the locally cached snapshot of a hub model (None if it is not cached)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return None
+    try:
+        path = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an invalid repo id
+        return None
+    if not isinstance(path, str):
+        return None
+    parent = Path(path).parent
+    return parent.name if parent.parent.name == "snapshots" else None
+
+
+def model_identity(config: ModelConfig | str = "default") -> str:
+    """The identity ``load_model(config).identity`` has, without loading the weights (cheap: for run ids).
+
+    Folders (incl. ``default`` / ``default-aligned``): :func:`checkpoint_identity` (hashes the weight files
+    once, then memoised beside them); the embedded default is converted first if it never was (once).
+    Tiny models: their config hash. Hub ids: the commit of the locally cached snapshot.
+    Raises ModelLoadError where ``load_model`` would (e.g. the aligned model is not built).
+    """
+    if isinstance(config, str):
+        config = ModelConfig(source=config)
+    if config.source in TINY_SOURCES:
+        return tiny_identity(config)
+    if config.source == "default":
+        convert_default_model()
+    location = resolve_source(config.source)
+    folder = Path(location).expanduser()
+    if folder.is_dir():
+        return checkpoint_identity(folder)
+    return hub_identity(location, cached_hub_commit(location))
+
+
 def load_model(config: ModelConfig | str = "default", progress: Progress | None = None) -> LoadedModel:
     """Load a causal LM for analysis (eval mode, requested dtype).
 
@@ -237,8 +284,8 @@ def load_model(config: ModelConfig | str = "default", progress: Progress | None 
     start = time.perf_counter()
     if config.source in TINY_SOURCES:
         model, tokenizer = tiny_model(config.source, seed=config.seed, dtype=dtype)
-        identity = config_hash({"tiny": config.source, "seed": config.seed, "dtype": config.dtype})
-        return LoadedModel(model, tokenizer, config.source, config.source, identity, time.perf_counter() - start)
+        return LoadedModel(model, tokenizer, config.source, config.source, tiny_identity(config),
+                           time.perf_counter() - start)
     if config.source == "default":
         convert_default_model(progress)
     location = resolve_source(config.source)
@@ -251,7 +298,7 @@ def load_model(config: ModelConfig | str = "default", progress: Progress | None 
     if is_folder:
         identity = checkpoint_identity(Path(location))
     else:  # hub id: the resolved commit hash identifies the weights
-        identity = config_hash({"hub": location, "commit": getattr(model.config, "_commit_hash", None)})
+        identity = hub_identity(location, getattr(model.config, "_commit_hash", None))
     name = Path(location).name if is_folder else location
     _report(progress, 1.0, f"Loaded {name}")
     return LoadedModel(model, tokenizer, config.source, name, identity, time.perf_counter() - start)
