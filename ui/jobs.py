@@ -17,6 +17,8 @@ import traceback
 from typing import Any
 from collections.abc import Callable
 
+from analysis.core.tasks import CancelToken
+
 logger = logging.getLogger(__name__)
 
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
@@ -57,7 +59,7 @@ class Job:
                  cancelled_errors: tuple[type[BaseException], ...] = ()):
         self.key = key
         self.label = label
-        self.cancel_event = threading.Event()
+        self.cancel_event = CancelToken()  # set()/is_set() as threading.Event; a TaskContext takes it
         self._work = work
         self._cancelled_errors = cancelled_errors
         self._lock = threading.Lock()
