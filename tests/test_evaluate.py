@@ -286,8 +286,12 @@ def test_evaluation_uses_only_held_out_harmful_prompts(tiny_llama, tmp_path):
     from analysis.llm.data import load_shipped
 
     eval_ids = {ex.id for ex in load_shipped("safety").split("eval")}
+    old_layout = tmp_path / "tiny-llama-0123456789abcdef" / "fedcba9876543210"  # before run folders
+    old_layout.mkdir(parents=True)
+    (old_layout / "manifest.json").write_text("{}")
     result = ev.evaluate(small(n_harmful=20), model=tiny_llama, store=ev.evals_store(tmp_path))
     assert {r["id"] for r in result.records if r["set"] == "harmful"} <= eval_ids
+    assert any("older version" in m for m in result.messages)
 
 
 def test_cancel_stops_and_stores_nothing(tiny_llama, tmp_path):
@@ -326,6 +330,18 @@ def test_cli_evaluate_prints_the_report(monkeypatch, tmp_path, capsys):
     path.write_text(json.dumps(to_jsonable(task)))
     assert main(["evaluate", "--config", str(path), "--examples", "0"]) == 0
     assert f"-> run {task.run_id()}" in capsys.readouterr().out
+
+
+def test_an_evaluation_job_runs_the_same_command_in_a_worker(monkeypatch, tmp_path):
+    from analysis.core import jobs
+
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
+    task = small()
+    job_id = jobs.submit(task, label="evaluate the tiny Llama", threads=1)
+    status = jobs.wait(job_id, timeout=300)
+    assert status.state == "done", jobs.log_tail(job_id)
+    assert status.result["run_id"] == status.run_id == task.run_id()
+    assert ev.stored_evaluation(task).cached
 
 
 def test_cli_rejects_a_bad_config(monkeypatch, tmp_path, capsys):

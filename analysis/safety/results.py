@@ -182,7 +182,7 @@ def format_report(results: Sequence[EvalResult], examples: int = 3) -> str:
         for r in results:
             entry = r.metrics["harmful_by_category"].get(category)
             cells.append("-" if entry is None else f"{entry['asr_qi']:.0%} / {entry['asr_arditi']:.0%} (n={entry['n']})")
-        lines.append(f"  {category:32s}" + "".join(f"{c:>{width + 2}s}" for c in cells))
+        lines.append(f"  {category:32s}" + "".join(f"{c:>{max(width, len(c)) + 2}s}" for c in cells))
     for r in results:
         if examples <= 0:
             break
