@@ -35,7 +35,7 @@ import torch
 
 from analysis.core.config import ConfigError, ModelConfig, config_hash, to_jsonable
 from analysis.core.store import RunStore, atomic_write_json
-from analysis.core.tasks import Cancelled, TaskContext
+from analysis.core.tasks import Cancelled, TaskContext, resolve_device
 from analysis.llm.formatting import pad_rows
 from analysis.safety.generation import generate, generate_ids
 from analysis.safety.judge import JudgeConfig, build_judge_messages, judge_scores, parse_judge_score
@@ -233,8 +233,11 @@ def evaluate(config: EvalConfig, ctx: TaskContext | None = None, model=None, sto
                         "are not read; evaluating again (delete those folders to free the space)")
     for message in messages:
         ctx.report(0.0, message)
+    if model is None:
+        ctx.report(0.0, f"loading the model {config.model.source}")
+        model = load_model(config.model)
     try:
-        result = _compute(config, ctx, model if model is not None else load_model(config.model), sets, key, run_id)
+        result = _compute(config, ctx, model, sets, key, run_id)
     except Cancelled as error:
         raise EvalCancelled(str(error), run_id) from None
     result.messages = messages
@@ -252,7 +255,7 @@ def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_
     harmful, benign, utility = sets
     start = time.perf_counter()
     model, tokenizer = loaded.model, loaded.tokenizer
-    model.to(torch.device(ctx.device))
+    model.to(torch.device(resolve_device(ctx.device)))  # "auto" as well as "cpu", "cuda:N"
     cancel = lambda: ctx.cancelled  # noqa: E731
 
     def progress(low: float, high: float, prefix: str = ""):
