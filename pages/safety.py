@@ -85,23 +85,25 @@ if not sources:
     st.stop()
 try:
     # both keyword lists are always scored; the choice above only picks what the figure shows
-    config = EvalConfig(max_new_tokens=int(max_new_tokens), n_harmful=int(n_harmful) or None)
+    tasks = {available.get(source, source): EvalConfig(model=source, max_new_tokens=int(max_new_tokens),
+                                                      n_harmful=int(n_harmful) or None) for source in sources}
 except ConfigError as error:
     st.error(str(error))
     st.stop()
 
 loaded_models = {}
-for source in sources:
+for label, task in tasks.items():
     try:
-        loaded_models[available.get(source, source)] = common.load_model(source)
+        loaded_models[label] = common.load_model(task.model.source)
     except ModelLoadError as error:
         st.error(str(error))
 if not loaded_models:
     st.stop()
 
-from analysis.safety.evaluate import EvalCancelled, evaluate_model, stored_result  # noqa: E402
+from analysis.core.tasks import Cancelled, TaskContext  # noqa: E402
+from analysis.safety.evaluate import evaluate, stored_evaluation  # noqa: E402
 
-results = {label: stored_result(loaded, config) for label, loaded in loaded_models.items()}
+results = {label: stored_evaluation(tasks[label]) for label in loaded_models}
 missing = [label for label, result in results.items() if result is None]
 evaluate_job = REGISTRY.get(EVALUATE_KEY)
 
@@ -118,11 +120,12 @@ else:
 
             def work(job):
                 for index, (label, loaded) in enumerate(todo.items()):
-                    evaluate_model(loaded, config, cancel=job.cancel_event.is_set, progress=lambda f, m, i=index, name=label:
-                                   job.report((i + f) / len(todo), f"{name}: {m}"))
+                    context = TaskContext(cancel=job.cancel_event, progress=lambda event, i=index, name=label:
+                                          job.report((i + event.fraction) / len(todo), f"{name}: {event.message}"))
+                    evaluate(tasks[label], context, model=loaded)
                 return len(todo)
 
-            REGISTRY.start(EVALUATE_KEY, f"Evaluating {', '.join(missing)}", work, cancelled_errors=(EvalCancelled,))
+            REGISTRY.start(EVALUATE_KEY, f"Evaluating {', '.join(missing)}", work, cancelled_errors=(Cancelled,))
             st.rerun()
 
 done = {label: result for label, result in results.items() if result is not None}

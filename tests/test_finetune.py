@@ -340,9 +340,9 @@ def test_cancel_during_evaluation_resumes(tmp_path, monkeypatch):
     whole = run_finetune(config, root=tmp_path / "a")
     cancel = threading.Event()
     calls = {"n": 0}
-    from analysis.safety import evaluate
+    from analysis.safety import nll as evaluate_nll
 
-    original = evaluate.nll_of_rows
+    original = evaluate_nll.nll_of_rows
 
     def nll_then_cancel(*args, **kwargs):
         calls["n"] += 1
@@ -350,11 +350,11 @@ def test_cancel_during_evaluation_resumes(tmp_path, monkeypatch):
             cancel.set()
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "nll_of_rows", nll_then_cancel)
+    monkeypatch.setattr(evaluate_nll, "nll_of_rows", nll_then_cancel)
     with pytest.raises(FinetuneCancelled) as info:
         run_finetune(config, None, cancel, root=tmp_path / "b")
     assert info.value.step == 1  # inside step 1's live evaluation (step 0 made 3 NLL calls)
-    monkeypatch.setattr(evaluate, "nll_of_rows", original)
+    monkeypatch.setattr(evaluate_nll, "nll_of_rows", original)
     resumed = run_finetune(config, root=tmp_path / "b")
     _same_history(whole, resumed)
 

@@ -6,6 +6,7 @@ import torch
 from analysis.llm.formatting import (
     IGNORE_INDEX,
     FormattingError,
+    pad_rows,
     per_sample_loss,
     split_prompt_response,
     tokenize_batch,
@@ -96,3 +97,18 @@ def test_real_tokenizer_masks_response_only(default_model):
     assert texts[1] == "4<|im_end|>\n"
     prompt_text = tokenizer.decode(batch.input_ids[0][(batch.labels[0] == IGNORE_INDEX) & batch.attention_mask[0].bool()])
     assert prompt_text.endswith("<|im_start|>assistant\n") and "How do I pick a lock?" in prompt_text
+
+
+def test_pad_rows_pads_either_side_with_real_token_positions():
+    pairs = [([5, 6, 7], [IGNORE_INDEX, 6, 7]), ([8], [8])]
+    right = pad_rows(pairs, 0)
+    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert right["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert right["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+    left = pad_rows([[5, 6, 7], [8]], 0, side="left")
+    assert set(left) == {"input_ids", "attention_mask", "position_ids"}
+    assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert left["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+    with pytest.raises(FormattingError):
+        pad_rows(pairs, 0, side="middle")

@@ -125,7 +125,7 @@ def test_killed_worker_shows_failed_and_resubmission_resumes_identically(cache, 
     assert RunStore().status(config.run_id()) == "interrupted"
     again = jobs.wait(jobs.submit(config, "resubmitted"), 300)
     assert again.state == "done", jobs.log_tail(again.job_id)
-    assert "resum" in jobs.log_tail(again.job_id, 200).lower()
+    assert "read from checkpoint" in jobs.log_tail(again.job_id, 200)  # resumed, not recomputed
     resumed = arrays(config.run_id())
     os.environ["SSE_CACHE_DIR"] = str(tmp_path_factory.mktemp("uninterrupted"))
     from analysis.core.tasks import TaskContext

@@ -115,3 +115,18 @@ def test_model_identity_of_the_default_and_its_folder_equal_the_loaded_identity(
 def test_model_identity_of_a_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot download"):
         model_identity("no-such-org/no-such-model-xyz")  # offline in tests (conftest)
+
+
+def test_model_identity_without_loading_equals_the_loaded_identity(tmp_path, monkeypatch, tiny_gpt2, default_model):
+    from analysis.llm.models import model_identity
+
+    assert model_identity(ModelConfig("tiny-llama", seed=3)) == load_model(ModelConfig("tiny-llama", seed=3)).identity
+    assert model_identity("tiny-gpt2") == tiny_gpt2.identity
+    assert model_identity("default") == default_model.identity
+    folder = tmp_path / "checkpoint"
+    tiny_gpt2.model.save_pretrained(folder)
+    tiny_gpt2.tokenizer.save_pretrained(folder)
+    assert model_identity(str(folder)) == load_model(str(folder)).identity
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(ModelLoadError, match="python -m analysis align"):
+        model_identity("default-aligned")

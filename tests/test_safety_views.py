@@ -11,7 +11,7 @@ def fake_eval(asr_by_category: dict[str, float], seconds: float = 1.0):
     metrics = {"n_harmful": 8 * len(by_category), "n_benign": 64, "asr_qi": 0.5, "asr_arditi": 0.25,
                "over_refusal_qi": 0.1, "over_refusal_arditi": 0.05, "refusal_nll": 2.0, "affirmative_nll": 4.0,
                "utility_nll": 1.5, "harmful_by_category": by_category, "benign_by_category": {}}
-    return EvalResult(model={}, config={}, config_hash="", records=[], nll={}, nll_ids={}, metrics=metrics,
+    return EvalResult(model={}, config={}, run_id="", records=[], nll={}, nll_ids={}, metrics=metrics,
                       seconds=seconds, created="")
 
 

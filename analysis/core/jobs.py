@@ -163,7 +163,15 @@ def _mark_dead(folder: Path, status: JobStatus) -> JobStatus:
 
 
 def read(job_id: str) -> JobStatus | None:
-    """The job's status (None if there is no such job); a dead worker's job is marked failed here."""
+    """The job's status (None if there is no such job), with its queue position if queued; a dead worker's job
+    is marked failed here."""
+    status = _read(job_id)
+    if status is not None and status.state == QUEUED:
+        status.position = next((s.position for s in list_jobs() if s.job_id == job_id), None)
+    return status
+
+
+def _read(job_id: str) -> JobStatus | None:
     folder = _folder(job_id)
     task, raw = _read_json(folder / TASK_FILE), _read_json(folder / STATUS_FILE)
     if task is None or raw is None:
@@ -181,7 +189,7 @@ def read(job_id: str) -> JobStatus | None:
 def list_jobs(kind: str | None = None, active_only: bool = False) -> list[JobStatus]:
     """Jobs, oldest first, with queue positions per device; ``kind``/``active_only`` filter."""
     root = jobs_dir()
-    statuses = [read(folder.name) for folder in sorted(root.iterdir()) if folder.is_dir()] if root.is_dir() else []
+    statuses = [_read(folder.name) for folder in sorted(root.iterdir()) if folder.is_dir()] if root.is_dir() else []
     statuses = sorted((s for s in statuses if s is not None), key=lambda s: (s.submitted, s.job_id))
     waiting: dict[str, int] = {}
     for status in statuses:
@@ -297,7 +305,9 @@ class Worker:
             time.sleep(poll)
 
     def on_event(self, event: Event) -> None:
-        """Progress from the task: status (throttled) and live data."""
+        """Progress from the task: status (throttled), live data, and each new message as a line of the log."""
+        if event.message != self.status.message:
+            print(f"{time.strftime('%H:%M:%S')} {event.fraction:4.0%} {event.message}", flush=True)
         self.status.fraction, self.status.message = event.fraction, event.message
         if event.live is not None:
             atomic_write_json(self.folder / LIVE_FILE, dict(event.live))

@@ -10,6 +10,9 @@ Public API
   ``.status(run_id) -> str``            "missing", "running" (being collected now), "interrupted" (resumable),
                                          "complete" or "corrupted".
   ``.verify(run_id, full=True) -> list[str]``  problems found (sizes; sha256 when ``full``); [] if fine.
+  ``.reusable(run_id, config) -> (manifest | None, message)``  a complete run whose stored config equals
+                                         ``config``, else None and why it is recomputed (any collection).
+  ``.open_run(run_id, manifest) -> RunWriter``  write a run (``finish(arrays, json_files)`` commits it).
   ``.delete(run_id) -> bool``
 Module-level ``list_runs()``, ``load(run_id)``, ``delete(run_id)`` use the default store.
 
@@ -92,7 +95,8 @@ def _temporary(path: Path) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes, sync: bool = True) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place (creates the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary(path)
     with open(temporary, "wb") as handle:
         handle.write(data)
@@ -237,6 +241,22 @@ class RunStore:
         if manifest.get("status") != "complete":
             return "running" if self._locked(run_id) else "interrupted"
         return "corrupted" if self.verify(run_id, full=False) else "complete"
+
+    def reusable(self, run_id: str, config: Any) -> tuple[dict | None, str]:
+        """(manifest, "") of a complete, intact run whose stored ``manifest["config"]`` equals ``config``
+        (compared as JSON); else (None, why it is recomputed: "" when there is no run). Results of a
+        different config are never mixed in, whatever the folder is called."""
+        status = self.status(run_id)
+        if status == "missing":
+            return None, ""
+        if status != "complete":
+            return None, f"the stored run {run_id} is {status}; computing it afresh"
+        manifest = self.manifest(run_id)
+        wanted = json.loads(json.dumps(config, default=json_default))
+        if manifest.get("config") != wanted:
+            return None, (f"the stored run {run_id} was computed with a different configuration (or by an older "
+                          "version); computing it afresh instead of mixing results")
+        return manifest, ""
 
     def load(self, run_id: str, verify: bool = False) -> RunResults:
         """Results of a complete run; checks file sizes (and sha256 with ``verify``)."""

@@ -116,6 +116,45 @@ def tokenize_conversation(tokenizer, messages: Sequence[dict], max_length: int) 
     return ids, labels, truncated
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad token, else its eos token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def pad_rows(rows: Sequence[Sequence[int] | tuple[Sequence[int], Sequence[int]]], pad_id: int,
+             side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad token rows into one batch: the one padding helper for training, scoring and generation.
+
+    ``rows``: (ids, labels) pairs of lists (labels as long as ids, -100 where no loss) or plain id lists.
+    ``side``: "right" (training and scoring) or "left" (generation: every row ends at the last column).
+    Returns (n, T) long tensors ``input_ids``, ``attention_mask`` (1 on real tokens), ``position_ids``
+    (counting real tokens only, so a row's positions do not depend on its padding) and, for pairs,
+    ``labels`` (-100 on padding).
+    """
+    if side not in ("left", "right"):
+        raise FormattingError(f"padding side must be 'left' or 'right', not {side!r}")
+    if not rows:
+        raise FormattingError("no rows to pad")
+    pairs = len(rows[0]) == 2 and isinstance(rows[0][0], (list, tuple))
+    ids_of = [row[0] if pairs else row for row in rows]
+    width = max(len(ids) for ids in ids_of)
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    for i, (row, ids) in enumerate(zip(rows, ids_of)):
+        span = slice(0, len(ids)) if side == "right" else slice(width - len(ids), width)
+        input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
+        if pairs:
+            labels[i, span] = torch.tensor(row[1], dtype=torch.long)
+        attention_mask[i, span] = 1
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    if pairs:
+        batch["labels"] = labels
+    return batch
+
+
 def tokenize_batch(
     tokenizer, conversations: Sequence[Sequence[dict]], max_length: int = 256, padding_side: str = "right"
 ) -> TokenizedBatch:
@@ -128,18 +167,9 @@ def tokenize_batch(
     if not conversations:
         raise FormattingError("no conversations to tokenise: the selection is empty")
     rows = [tokenize_conversation(tokenizer, messages, max_length) for messages in conversations]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(ids) for ids, _, _ in rows)
-    n = len(rows)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    for i, (ids, row_labels, _) in enumerate(rows):
-        span = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
-        input_ids[i, span] = torch.tensor(ids)
-        labels[i, span] = torch.tensor(row_labels)
-        attention_mask[i, span] = 1
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    batch = pad_rows([(ids, labels) for ids, labels, _ in rows], pad_token_id(tokenizer), padding_side)
+    input_ids, attention_mask, labels, position_ids = (batch[key] for key in
+                                                        ("input_ids", "attention_mask", "labels", "position_ids"))
     return TokenizedBatch(input_ids, attention_mask, labels, position_ids,
                           [t for _, _, t in rows], template_source(tokenizer))
 
