@@ -26,9 +26,6 @@ PAGES = [
 
 page = st.navigation(PAGES)
 st.session_state[common.APP_ENTERED] = True
-sidebar = st.sidebar.container()
-try:
-    page.run()
-finally:  # drawn after the page, so that it shows what the page has just chosen (also when the page stops early)
-    with sidebar:
-        common.sidebar()
+with st.sidebar:
+    common.sidebar()
+page.run()

@@ -9,11 +9,9 @@ from analysis.llm.models import ModelLoadError
 from analysis.safety.evaluate import KEYWORD_LISTS, EvalConfig
 from analysis.views import safety as safety_views
 from ui import common
-from ui.jobs import REGISTRY
+from ui import jobs as ui_jobs
 
 common.run_inside_app()
-
-ALIGN_KEY, EVALUATE_KEY = "align", "evaluate"
 
 st.title("Is the model safe?")
 st.caption("Attack success rate (ASR) = share of held-out harmful prompts whose greedy completion is not a refusal; "
@@ -23,14 +21,13 @@ st.caption("Attack success rate (ASR) = share of held-out harmful prompts whose 
 
 # ---- the aligned model -------------------------------------------------------------------------------
 st.header("1 · The safety-aligned default model", divider="gray")
-align_job = REGISTRY.get(ALIGN_KEY)
-
-
-if align_job is not None and align_job.snapshot().running:
-    common.follow_job(align_job)
+align_job = ui_jobs.current("align")
+if align_job is not None and align_job.active:
+    st.markdown(f"**{'Building' if align_job.running else 'Waiting to build'}:** {align_job.label}")
+    ui_jobs.follow(align_job)
 else:
     if align_job is not None:
-        common.show_outcome(align_job.snapshot(), "Alignment")
+        ui_jobs.show_outcome(align_job, "Alignment")
     if common.aligned_model_available():
         from analysis.lab.align import aligned_folder
 
@@ -51,13 +48,9 @@ else:
                 "preserve. Build the safety-aligned variant once: refusals on the safety set's analysis split, mixed "
                 "with the model's own answers to benign prompts (self-distillation). About 15–25 minutes on a 2-core CPU.")
         if st.button("Build the aligned model", type="primary", icon=":material/shield:"):
-            from analysis.lab.align import AlignCancelled, align_default_model
+            from analysis.lab.align import AlignTask
 
-            def work(job):
-                return str(align_default_model(progress=lambda fraction, message: job.report(fraction, message),
-                                               cancel=job.cancel_event.is_set))
-
-            REGISTRY.start(ALIGN_KEY, "Building the safety-aligned default model", work, cancelled_errors=(AlignCancelled,))
+            ui_jobs.submit(AlignTask(), "Building the safety-aligned default model")
             st.rerun()
 
 # ---- evaluation -------------------------------------------------------------------------------------
@@ -91,42 +84,29 @@ except ConfigError as error:
     st.error(str(error))
     st.stop()
 
-loaded_models = {}
-for label, task in tasks.items():
-    try:
-        loaded_models[label] = common.load_model(task.model.source)
-    except ModelLoadError as error:
-        st.error(str(error))
-if not loaded_models:
+from analysis.safety.evaluate import stored_evaluation  # noqa: E402
+
+try:
+    results = {label: stored_evaluation(task) for label, task in tasks.items()}
+except ModelLoadError as error:
+    st.error(str(error))
     st.stop()
-
-from analysis.core.tasks import Cancelled, TaskContext  # noqa: E402
-from analysis.safety.evaluate import evaluate, stored_evaluation  # noqa: E402
-
-results = {label: stored_evaluation(tasks[label]) for label in loaded_models}
 missing = [label for label, result in results.items() if result is None]
-evaluate_job = REGISTRY.get(EVALUATE_KEY)
-
-
-if evaluate_job is not None and evaluate_job.snapshot().running:
-    common.follow_job(evaluate_job)
-else:
-    if evaluate_job is not None:
-        common.show_outcome(evaluate_job.snapshot(), "Evaluation")
-    if missing:
-        st.caption(f"Not evaluated yet with these settings: {', '.join(missing)} (about 1–3 minutes per model on a CPU).")
-        if st.button("Evaluate", type="primary", icon=":material/play_arrow:"):
-            todo = {label: loaded_models[label] for label in missing}
-
-            def work(job):
-                for index, (label, loaded) in enumerate(todo.items()):
-                    context = TaskContext(cancel=job.cancel_event, progress=lambda event, i=index, name=label:
-                                          job.report((i + event.fraction) / len(todo), f"{name}: {event.message}"))
-                    evaluate(tasks[label], context, model=loaded)
-                return len(todo)
-
-            REGISTRY.start(EVALUATE_KEY, f"Evaluating {', '.join(missing)}", work, cancelled_errors=(Cancelled,))
-            st.rerun()
+active = {label: ui_jobs.current("evaluate", task.run_id()) for label, task in tasks.items() if label in missing}
+for label, status in active.items():
+    if status is not None and status.active:
+        st.markdown(f"**{'Evaluating' if status.running else 'Waiting to evaluate'}:** {label}")
+        ui_jobs.follow(status)
+    elif status is not None:
+        ui_jobs.show_outcome(status, f"Evaluation of {label}")
+todo = [label for label in missing if active.get(label) is None or not active[label].active]
+if todo:
+    st.caption(f"Not evaluated yet with these settings: {', '.join(todo)} (about 1–3 minutes per model on a CPU; "
+               "each model is a job of its own).")
+    if st.button("Evaluate", type="primary", icon=":material/play_arrow:"):
+        for label in todo:
+            ui_jobs.submit(tasks[label], f"Evaluating {label}")
+        st.rerun()
 
 done = {label: result for label, result in results.items() if result is not None}
 if not done:

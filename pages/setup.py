@@ -26,11 +26,19 @@ st.caption("Pick a model, a safety set and a utility set, and which linear modul
 # ---- model -----------------------------------------------------------------------------------------
 st.header("1 · Model", divider="gray")
 model_column, summary_column = st.columns([2, 3], gap="large")
+def remember_model() -> None:
+    """Runs before the rerun (on_change), so the sidebar, drawn before this page, already shows the new model."""
+    picked = st.session_state["widget.model_kind"]
+    other = st.session_state.get("widget.model_other", "").strip()
+    if picked != "other" or other:
+        common.set_choice("model", picked if picked != "other" else other)
+
+
 with model_column:
     remembered = common.choice("model")
     kind = remembered if remembered in common.MODEL_CHOICES else "other"
     picked = st.radio("Model", list(common.MODEL_CHOICES), index=list(common.MODEL_CHOICES).index(kind),
-                      format_func=common.MODEL_CHOICES.get, key="widget.model_kind")
+                      format_func=common.MODEL_CHOICES.get, key="widget.model_kind", on_change=remember_model)
     source, allow_pickle, trust_remote_code = picked, False, False
     if picked == "default-aligned" and not common.aligned_model_available():
         st.warning("The safety-aligned variant has not been built yet: build it once on the page "
@@ -40,7 +48,7 @@ with model_column:
     if picked == "other":
         source = st.text_input("Hugging Face id or local checkpoint folder",
                                value=remembered if kind == "other" else "", placeholder="HuggingFaceTB/SmolLM2-360M-Instruct",
-                               key="widget.model_other").strip()
+                               key="widget.model_other", on_change=remember_model).strip()
         allow_pickle = st.checkbox("Allow pickle (.bin) weights — only for a model you trust", key="widget.pickle")
         trust_remote_code = st.checkbox("Trust remote code — only for a model you trust", key="widget.remote")
         if not source:

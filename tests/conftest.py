@@ -35,3 +35,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def stop_all_jobs() -> None:
+    """Cancel every queued or running job of the current cache and kill its worker (tests leave none behind)."""
+    import signal
+
+    from analysis.core import jobs
+
+    for status in jobs.list_jobs(active_only=True):
+        jobs.cancel(status.job_id)
+        if status.pid:
+            try:
+                os.killpg(status.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def wait_for_job(kind: str, timeout: float = 600):
+    """The last job of ``kind`` in the current cache, waited for until it has ended."""
+    from analysis.core import jobs
+
+    submitted = jobs.list_jobs(kind=kind)
+    assert submitted, f"no {kind} job was submitted"
+    return jobs.wait(submitted[-1].job_id, timeout)

@@ -14,8 +14,10 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from analysis.core import jobs
 from analysis.engine.collect import collect
 from analysis.engine.gradients import CollectionConfig
+from tests.conftest import stop_all_jobs, wait_for_job
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -45,13 +47,10 @@ def chart_specs(at: AppTest) -> list[dict]:
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """An empty cache (runs, uploads, ui state) with the tiny Llama chosen; no job left behind."""
-    from ui.jobs import REGISTRY
-
     monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
     seed_cache(tmp_path, model="tiny-llama", **SMALL)
-    REGISTRY.clear()
     yield tmp_path
-    REGISTRY.clear()
+    stop_all_jobs()
 
 
 @pytest.fixture(scope="module")
@@ -107,47 +106,56 @@ def test_empty_module_selection_shows_error(cache):
 
 
 def test_collection_runs_to_the_end_and_reselecting_loads_instantly(cache):
-    from ui.common import collection_job
-
     at = fresh_app().run()
     at.button[0].click().run()
-    job = collection_job()
-    assert job is not None and job.join(300), "collection did not finish"
-    status = job.snapshot()
+    no_exceptions(at)
+    status = wait_for_job("collect", 300)
     assert status.state == "done", status.error
     at.run()  # fragments do not tick in AppTest: rerun the page by hand
     no_exceptions(at)
-    assert any(status.result in s.value for s in at.success)
+    assert any("finished in" in s.value for s in at.success)
     assert any("Is safety low-rank?" in m.value for m in at.markdown)
-    assert json.loads((cache / "ui_state.json").read_text())["run_id"] == status.result
-    # the same settings in a new session: found in the store, no new job
-    from ui.jobs import REGISTRY
-
-    REGISTRY.clear()
+    assert json.loads((cache / "ui_state.json").read_text())["run_id"] == status.result["run_id"]
+    # the same settings in a new session (a restarted server): found in the store, no new job
     again = fresh_app().run()
-    assert any("collected before" in s.value for s in again.success)
-    assert collection_job() is None and not again.button
+    assert any("collected before" in s.value for s in again.success) or any("finished in" in s.value
+                                                                             for s in again.success)
+    assert not again.button
+    assert len(jobs.list_jobs(kind="collect")) == 1
+
+
+def test_a_job_queued_behind_another_says_so_and_the_sidebar_lists_both(cache):
+    """Two collections on one device: the second waits, and both Setup and the sidebar say so (issue 14.4)."""
+    long_one = CollectionConfig(model="tiny-llama", **{**SMALL, "n_safety": 24, "n_utility": 24, "batch_size": 2})
+    first = jobs.submit(long_one, label="the long one")
+    at = fresh_app().run()
+    next(b for b in at.button if b.label == "Collect").click().run()  # the page's own settings: a second job
+    no_exceptions(at)
+    second = jobs.list_jobs(kind="collect")[-1]
+    assert second.job_id != first and second.state == "queued"
+    at = fresh_app().run()  # (AppTest keeps the sidebar of a first run only) a reload, another tab
+    texts = [m.value for m in at.markdown] + [m.value for m in at.sidebar.markdown]
+    assert any("Waiting to collect" in t for t in texts)
+    assert any("Queued (next)" in t for t in texts) and any("the long one" in t for t in texts)
+    assert any("in line on cpu" in i.value for i in at.info)
+    stop_all_jobs()
 
 
 def test_live_progress_charts_from_a_running_job(cache):
-    """The live view is drawn from the job's snapshot (what the fragment shows while collecting)."""
-    from analysis.engine.gradients import CollectionConfig
-    from analysis.llm.models import load_model
+    """The live view is drawn from the job's live data (what the fragment shows while collecting)."""
     from analysis.views import collection as views
-    from ui.common import collection_job, start_collection
 
+    job_id = jobs.submit(CollectionConfig(model="tiny-llama", **SMALL), "live")
     snapshots = []
-    loaded = load_model("tiny-llama")
-    job = start_collection(CollectionConfig(model="tiny-llama", **SMALL), loaded)
-    while not job.join(0.05):
-        live = job.snapshot().live
+    while jobs.read(job_id).active:
+        live = jobs.live(job_id)
         if live and live.get("stage") == "capture":
             snapshots.append(live)
-    assert job.snapshot().state == "done" and snapshots
+        time.sleep(0.02)
+    assert jobs.read(job_id).state == "done" and snapshots
     assert "safety k =" in views.live_answer(snapshots[-1])
     figures = views.live_figures(snapshots[-1])
     assert figures and any("Cumulative energy" in f.layout.title.text for f in figures)
-    assert collection_job() is job
 
 
 def upload_script():
@@ -172,15 +180,11 @@ def upload_script():
 
 
 def test_collection_can_be_cancelled(cache):
-    from analysis.llm.models import load_model
-    from ui.common import start_collection
-
     config = CollectionConfig(model="tiny-llama", **{**SMALL, "n_safety": 40, "n_utility": 40, "batch_size": 2})
-    job = start_collection(config, load_model("tiny-llama"))
-    job.cancel()
-    assert job.join(120)
-    status = job.snapshot()
-    assert status.state == "cancelled" and "resume" in status.message
+    job_id = jobs.submit(config, "to cancel")
+    jobs.cancel(job_id)
+    status = jobs.wait(job_id, 120)
+    assert status.state == "cancelled"
 
 
 def test_bad_upload_shows_error(cache):

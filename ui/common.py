@@ -25,7 +25,8 @@ from analysis.views import export
 
 STATE_FILE = "ui_state.json"
 UPLOADS = "uploads"
-DEFAULT_CHOICES: dict[str, Any] = {"model": "default", "run_id": None, "device": "cpu"}
+DEFAULT_CHOICES: dict[str, Any] = {  # a callable is asked when the choice is first needed
+    "model": lambda: "default-aligned" if aligned_model_available() else "default", "run_id": None, "device": "cpu"}
 CHART_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": export.PNG_SCALE}}
 
 
@@ -63,7 +64,12 @@ def choice(key: str, default: Any = None) -> Any:
     """A user choice: this session's value, else the last saved one, else ``default``."""
     session_key = f"choice.{key}"
     if session_key not in st.session_state:
-        st.session_state[session_key] = _saved_choices().get(key, DEFAULT_CHOICES.get(key, default))
+        saved = _saved_choices()
+        if key in saved:
+            st.session_state[session_key] = saved[key]
+        else:
+            fallback = DEFAULT_CHOICES.get(key, default)
+            st.session_state[session_key] = fallback() if callable(fallback) else fallback
     return st.session_state[session_key]
 
 
@@ -328,7 +334,7 @@ def sidebar() -> None:
     """The model chosen on Setup, the active run and every queued or running job, on every page."""
     from ui import jobs as ui_jobs
 
-    with st.container():
+    with st.container():  # inside st.sidebar (app.py)
         st.caption("ACTIVE")
         st.markdown(f"**Model (Setup):** `{choice('model')}`")
         run = active_run()
