@@ -82,10 +82,10 @@ try:
         preset_name, model=source, lr=float(lr), epochs=int(epochs), batch_size=int(batch_size), trainable=trainable,
         seed=int(seed), spf=dict(k=int(k), refresh=int(refresh), safety_batch=int(safety_batch), mode=mode,
                                  target=target, safety_loss=safety_loss, layers=spf_layers))
-    methods = ("plain", "spf") if arms == "both" else (arms,)
-    configs = {method: dataclasses.replace(config, method=method) for method in methods}
-    loaded = common.load_model(source)
-    run_ids = {method: finetune.run_id_for(arm, loaded.identity) for method, arm in configs.items()}
+    task = finetune.FinetuneTask(config if arms == "both" else dataclasses.replace(config, method=arms),
+                                 compare=arms == "both")
+    run_ids = task.run_ids()
+    methods = tuple(run_ids)
 except (ConfigError, DataError, ModelLoadError) as error:
     st.error(str(error))
     st.stop()
@@ -137,20 +137,13 @@ else:
                    "(evaluations by generation at the start and end included)."
                    + (f" Interrupted run(s) resume from their checkpoint: {', '.join(resumable)}." if resumable else ""))
         if st.button("Start" if not resumable else "Resume", type="primary", icon=":material/play_arrow:"):
-            pending = {method: configs[method] for method in todo}
+            from ui.jobs import task_context
 
             def work(job):
-                rows: dict[str, list] = {method: [] for method in pending}
-                for index, (method, arm) in enumerate(pending.items()):
-                    def progress(step, total, row, index=index, method=method):
-                        rows[method].append(row)
-                        job.report((index + step / max(total, 1)) / len(pending),
-                                   f"{method}: step {step}/{total}", {"rows": {m: list(r) for m, r in rows.items()}})
+                task.execute(task_context(job))  # stored arms are reused, the others trained or resumed
+                return list(methods)
 
-                    finetune.run_finetune(arm, progress, job.cancel_event)
-                return list(pending)
-
-            REGISTRY.start(FINETUNE_KEY, f"{config.preset} on {loaded.name}: {', '.join(pending)}", work,
+            REGISTRY.start(FINETUNE_KEY, f"{config.preset} on {models.get(source, source)}: {', '.join(todo)}", work,
                            cancelled_errors=(finetune.FinetuneCancelled,))
             st.rerun()
 

@@ -51,13 +51,14 @@ else:
                 "preserve. Build the safety-aligned variant once: refusals on the safety set's analysis split, mixed "
                 "with the model's own answers to benign prompts (self-distillation). About 15–25 minutes on a 2-core CPU.")
         if st.button("Build the aligned model", type="primary", icon=":material/shield:"):
-            from analysis.lab.align import AlignCancelled, align_default_model
+            from analysis.core.tasks import Cancelled
+            from analysis.lab.align import AlignTask
+            from ui.jobs import task_context
 
             def work(job):
-                return str(align_default_model(progress=lambda fraction, message: job.report(fraction, message),
-                                               cancel=job.cancel_event.is_set))
+                return AlignTask().execute(task_context(job))["folder"]
 
-            REGISTRY.start(ALIGN_KEY, "Building the safety-aligned default model", work, cancelled_errors=(AlignCancelled,))
+            REGISTRY.start(ALIGN_KEY, "Building the safety-aligned default model", work, cancelled_errors=(Cancelled,))
             st.rerun()
 
 # ---- evaluation -------------------------------------------------------------------------------------

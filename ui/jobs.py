@@ -14,8 +14,8 @@ import logging
 import threading
 import time
 import traceback
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,22 @@ class Job:
         """Wait for the thread; True if it has finished."""
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+
+def task_context(job: Job):
+    """A ``TaskContext`` for running a task inside ``job``: events go to ``job.report``, ``job.cancel()``
+    cancels it."""
+    from analysis.core.tasks import CancelToken, TaskContext
+
+    class JobCancel(CancelToken):
+        def set(self) -> None:
+            job.cancel()
+
+        def is_set(self) -> bool:
+            return job.cancel_event.is_set()
+
+    return TaskContext(progress=lambda event: job.report(event.fraction, event.message, event.live),
+                       cancel=JobCancel())
 
 
 class JobRegistry:

@@ -129,19 +129,27 @@ def tokenize_batch(
         raise FormattingError("no conversations to tokenise: the selection is empty")
     rows = [tokenize_conversation(tokenizer, messages, max_length) for messages in conversations]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(ids) for ids, _, _ in rows)
+    padded = pad_rows([(ids, labels) for ids, labels, _ in rows], pad_id, padding_side)
+    return TokenizedBatch(padded["input_ids"], padded["attention_mask"], padded["labels"], padded["position_ids"],
+                          [t for _, _, t in rows], template_source(tokenizer))
+
+
+def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+             padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad (ids, labels) rows into (n, T) tensors: input_ids (``pad_id``), attention_mask, labels (-100 on
+    padding) and position_ids that count real tokens only (so padding never shifts a sample's positions)."""
+    width = max(len(ids) for ids, _ in rows)
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
-    for i, (ids, row_labels, _) in enumerate(rows):
+    for i, (ids, row_labels) in enumerate(rows):
         span = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
         input_ids[i, span] = torch.tensor(ids)
         labels[i, span] = torch.tensor(row_labels)
         attention_mask[i, span] = 1
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    return TokenizedBatch(input_ids, attention_mask, labels, position_ids,
-                          [t for _, _, t in rows], template_source(tokenizer))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -186,5 +194,5 @@ def response_losses(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
     token_loss = torch.nn.functional.cross_entropy(logits, targets[mask], reduction="none")
-    sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype).index_add(0, rows, token_loss)
+    sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=token_loss.device).index_add(0, rows, token_loss)
     return sums / mask.sum(dim=1).clamp(min=1)

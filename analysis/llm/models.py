@@ -225,6 +225,31 @@ def resolve_source(source: str) -> str:
     return source
 
 
+def model_identity(config: ModelConfig | str = "default") -> str:
+    """The ``identity`` that ``load_model(config)`` gives, without loading the weights (cheap; for run ids).
+
+    Tiny models: their config hash; folders (incl. default / default-aligned): ``checkpoint_identity``
+    (the embedded default model is converted once first if needed); hub ids: the commit of the locally
+    cached snapshot. Raises ModelLoadError when the model is not there (e.g. the aligned model not built).
+    """
+    if isinstance(config, str):
+        config = ModelConfig(source=config)
+    if config.source in TINY_SOURCES:
+        return config_hash({"tiny": config.source, "seed": config.seed, "dtype": config.dtype})
+    if config.source == "default":
+        convert_default_model()
+    location = resolve_source(config.source)
+    if Path(location).expanduser().is_dir():
+        return checkpoint_identity(Path(location).expanduser())
+    try:
+        from huggingface_hub import snapshot_download
+
+        commit = Path(snapshot_download(location, local_files_only=True)).name
+    except Exception as error:  # noqa: BLE001 - any hub failure means: not usable offline
+        raise ModelLoadError(f"{location!r} is not a folder and not in the local Hugging Face cache: {error}") from None
+    return config_hash({"hub": location, "commit": commit})
+
+
 def load_model(config: ModelConfig | str = "default", progress: Progress | None = None) -> LoadedModel:
     """Load a causal LM for analysis (eval mode, requested dtype).
 
