@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from analysis.lab.config import SPFConfig, preset
-    from analysis.lab.finetune import FinetuneTrainer
     from analysis.lab.finetune_data import seeded
     from analysis.lab.spf import as_out_in, project_gradients
+    from analysis.lab.trainer import FinetuneTrainer
     from analysis.llm.models import load_model
 
     if args.threads:

@@ -11,10 +11,11 @@ import torch
 from analysis.core.config import ConfigError, ModelConfig, config_hash, from_jsonable, to_jsonable
 from analysis.core.tasks import Cancelled, TaskContext
 from analysis.lab.config import PRESETS, FinetuneConfig, preset
-from analysis.lab.finetune import FinetuneCancelled, FinetuneTask, FinetuneTrainer, run_finetune
+from analysis.lab.finetune import FinetuneCancelled, FinetuneTask, run_finetune
 from analysis.lab.finetune_data import safety_indices
 from analysis.lab.results import comparison_table, list_finetune_runs, load_finetune_run
 from analysis.lab.spf import as_out_in, project_gradients, top_k_basis
+from analysis.lab.trainer import FinetuneTrainer
 from analysis.llm.formatting import per_sample_loss, response_losses, tokenize_batch
 from analysis.llm.models import load_model
 
@@ -241,7 +242,7 @@ def test_conflict_spf_does_not_raise_safety_loss_to_first_order():
 
 
 def test_plain_run_id_ignores_projection_only_spf_settings():
-    from analysis.lab.finetune import run_id_for
+    from analysis.lab.trainer import run_id_for
 
     def run_id(method, **spf):
         return run_id_for(tiny(method=method, spf=spf), "weights")
@@ -423,7 +424,7 @@ def test_lora_plain_run_saves_a_merged_model(tmp_path):
 
 
 def test_trainable_choices(tiny_llama):
-    from analysis.lab.finetune import set_trainable
+    from analysis.lab.trainer import set_trainable
 
     def names(kind, **extra):
         model = load_model("tiny-llama").model

@@ -369,8 +369,9 @@ def train(model, tokenizer, safety_rows, utility_rows, settings: AlignSettings,
 
 
 def align_model(loaded, settings: AlignSettings = AlignSettings(), progress: Progress | None = None,
-                cancel: Cancel | None = None, checkpoint: Path | None = None) -> AlignReport:
-    """Self-distil, then fine-tune ``loaded.model`` in place. Progress: distillation 0-0.3, training 0.3-1.
+                cancel: Cancel | None = None, checkpoint: Path | None = None, device: str | None = None) -> AlignReport:
+    """Self-distil (where the model is), then fine-tune ``loaded.model`` in place on ``device`` (None: where it
+    is). Progress: distillation 0-0.3, training 0.3-1.
 
     ``checkpoint``: see :func:`train`. Raises :class:`AlignCancelled` when ``cancel()`` returns True."""
     cpu_start = time.process_time()
@@ -384,6 +385,8 @@ def align_model(loaded, settings: AlignSettings = AlignSettings(), progress: Pro
     seconds_distill = time.perf_counter() - start
     safety_rows, utility_rows, borderline_rows = training_rows(loaded.tokenizer, safety, utility, targets,
                                                                settings.max_length)
+    if device is not None:
+        loaded.model.to(torch.device(device))
     result = train(loaded.model, loaded.tokenizer, safety_rows, utility_rows, settings,
                    progress=lambda f, m: _report(progress, 0.3 + 0.7 * f, m), cancel=cancel,
                    borderline_rows=borderline_rows, checkpoint=checkpoint)
@@ -431,11 +434,10 @@ def align_default_model(progress: Progress | None = None, cancel: Cancel | None 
                 return folder
         except (OSError, ValueError):
             pass
-    loaded.model.to(torch.device(device))
     safety, utility = load_training_sets(settings)
     checkpoint = distill_dir() / f"train-{align_run_id(settings_hash, loaded.identity)}.safetensors"
     report = align_model(loaded, settings, progress=lambda f, m: _report(progress, 0.02 + 0.95 * f, m),
-                         cancel=cancel, checkpoint=checkpoint)
+                         cancel=cancel, checkpoint=checkpoint, device=device)
     _check_cancel(cancel)
     _report(progress, 0.98, "saving the checkpoint")
     import transformers

@@ -8,11 +8,12 @@ Layout of the fine-tuning lab
                                    shared with alignment (:mod:`analysis.lab.align`).
 :mod:`analysis.lab.finetune_data`  training / safety / held-out data, seeded batch order, evaluations.
 :mod:`analysis.lab.results`        reading runs (``FinetuneResults``), listing them, comparison tables.
-this module                        the task (``FinetuneTask``, ``python -m analysis finetune``), a run
-                                   (``run_finetune``) and its trainer (``FinetuneTrainer``).
+:mod:`analysis.lab.trainer`        trainable parameters, run id, ``FinetuneTrainer`` (one step + measurements).
+this module                        the task (``FinetuneTask``, ``python -m analysis finetune``) and a stored
+                                   run (``run_finetune``: resume, checkpoints, live history, final model).
 
-``FinetuneTask(config, compare=False)``: kind "finetune"; ``compare=True`` runs the plain and the SPF arm of
-the same config (one job). ``run_id()`` is cheap (no model load); ``execute(ctx)`` trains on ``ctx.device``,
+``FinetuneTask(config, compare=False, force=False)``: kind "finetune"; ``compare=True`` runs the plain and the
+SPF arm of the same config (one job); ``force`` retrains finished runs (not part of the run id). ``run_id()`` is cheap (no model load); ``execute(ctx)`` trains on ``ctx.device``,
 reports ``ctx.report(fraction, message, live={"rows": {method: [history rows]}})``, stops at the next step
 boundary (or inside an evaluation) when ``ctx`` is cancelled: a checkpoint is saved, ``FinetuneCancelled``
 (an ``analysis.core.tasks.Cancelled``) is raised, and running the same task again resumes with the same
@@ -56,20 +57,16 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
-from torch import nn
 
 from analysis.core.config import ConfigError, config_hash, to_jsonable
 from analysis.core.store import atomic_write_json, file_sha256, finite_or_none
 from analysis.core.tasks import TaskContext
-from analysis.engine.capture import layer_index
 from analysis.lab.config import (
     METHODS,
     PRESETS,
@@ -81,20 +78,8 @@ from analysis.lab.config import (
     SPFConfig,
     preset,
 )
-from analysis.lab.finetune_data import (
-    FORMAT_VERSION,
-    FinetuneData,
-    batch_indices,
-    eval_key,
-    generation_eval,
-    load_data,
-    nll_arrays,
-    nll_metrics,
-    safety_indices,
-    seeded,
-    total_steps,
-)
-from analysis.lab.loop import Clock, TrainingCancelled, TrainingLoop, save_model
+from analysis.lab.finetune_data import FORMAT_VERSION, load_data
+from analysis.lab.loop import Clock, TrainingCancelled, save_model
 from analysis.lab.results import (
     FinetuneResults,
     comparison_table,
@@ -104,7 +89,7 @@ from analysis.lab.results import (
     list_finetune_runs,
     load_finetune_run,
 )
-from analysis.lab.spf import SPFProjector, spf_modules
+from analysis.lab.trainer import FinetuneTrainer, run_id_for, set_trainable
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -117,238 +102,6 @@ __all__ = ["CHECKPOINT", "METHODS", "PRESETS", "SAFETY_LOSSES", "SPF_MODES", "SP
 
 class FinetuneCancelled(TrainingCancelled):
     """A fine-tuning run was cancelled; a checkpoint was saved and the run resumes with the same config."""
-
-
-# --------------------------------------------------------------------------------------------------
-# run id
-# --------------------------------------------------------------------------------------------------
-
-
-# SPF settings added after FORMAT_VERSION 1 enter the run hash only when they differ from their default, so
-# that stored runs keep their ids.
-_ADDED_SPF_FIELDS = {"safety_loss": "refusal"}
-# A plain run projects nothing: these SPF settings cannot change it (its conflict tracking uses the others),
-# so a plain arm is reused when only they change.
-_PROJECTION_FIELDS = ("k", "mode", "target", "svd", "oversample", "power_iters")
-
-
-def _hashed_config(config: FinetuneConfig) -> dict:
-    values = to_jsonable(config)
-    spf = values["spf"]
-    if config.method == "plain":
-        defaults = to_jsonable(SPFConfig())
-        spf.update({key: defaults[key] for key in _PROJECTION_FIELDS})
-    for key, default in _ADDED_SPF_FIELDS.items():
-        if spf.get(key) == default:
-            del spf[key]
-    return values
-
-
-def run_id_for(config: FinetuneConfig, identity: str | None = None,
-               fingerprints: Mapping[str, str] | None = None) -> str:
-    """``<preset>-<method>-<hash>``; the hash covers the config (for a plain run without the projection-only
-    SPF settings), the model's weight identity (default: ``models.model_identity``, no weights loaded) and
-    the data fingerprints (default: loaded from ``config``)."""
-    if identity is None:
-        from analysis.llm.models import model_identity
-
-        identity = model_identity(config.model)
-    if fingerprints is None:
-        fingerprints = load_data(config).fingerprints
-    digest = config_hash({"format": FORMAT_VERSION, "config": _hashed_config(config), "model": identity,
-                          "data": dict(fingerprints)}, 12)
-    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', config.preset)}-{config.method}-{digest}"
-
-
-# --------------------------------------------------------------------------------------------------
-# trainable parameters
-# --------------------------------------------------------------------------------------------------
-
-
-def _n_layers(model: nn.Module) -> int:
-    layers = [layer_index(name) for name, _ in model.named_parameters()]
-    layers = [i for i in layers if i is not None]
-    return max(layers) + 1 if layers else 0
-
-
-def set_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
-    """Freeze everything, then unfreeze what ``config.trainable`` says; returns (model, trainable params).
-
-    For "lora" the model is wrapped by peft (adapters on every linear module of the blocks).
-    """
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    n_layers = _n_layers(model)
-    if config.trainable == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        from analysis.engine.capture import find_linear_modules
-
-        targets = [m.name for m in find_linear_modules(model) if m.layer is not None]
-        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                          target_modules=targets, bias="none", init_lora_weights=True)
-        torch.manual_seed(config.seed)
-        model = get_peft_model(model, lora)
-    else:
-        first = max(n_layers - config.n_last_layers, 0) if config.trainable == "last" else 0
-        if config.trainable == "linear":
-            from analysis.engine.capture import find_linear_modules
-
-            named = dict(model.named_modules())
-            for info in find_linear_modules(model):
-                if info.layer is not None:
-                    named[info.name].weight.requires_grad_(True)
-        for name, parameter in model.named_parameters():
-            layer = layer_index(name)
-            if config.trainable == "all" or (config.trainable in ("blocks", "last") and layer is not None
-                                             and layer >= first):
-                parameter.requires_grad_(True)
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not trainable:
-        raise ConfigError(f"trainable={config.trainable!r} selects no parameter of this model")
-    return model, trainable
-
-
-# --------------------------------------------------------------------------------------------------
-# the trainer: one fine-tuning step and the measurements between steps
-# --------------------------------------------------------------------------------------------------
-
-
-class FinetuneTrainer:
-    """Model, optimizer loop and SPF projector of one fine-tuning run, set up on construction.
-
-    ``train_step(step)`` trains optimizer step ``step`` (1-based) and returns its metrics row;
-    ``measure(row)`` adds the live NLLs / generation evaluation due after it. Tests and the benchmark use the
-    trainer alone (``FinetuneTrainer.create(config)``); :func:`run_finetune` adds the run store.
-    """
-
-    def __init__(self, config: FinetuneConfig, loaded, data: FinetuneData, device: str = "cpu",
-                 cancelled: Callable[[], bool] | None = None):
-        self.config = config
-        self.loaded = loaded
-        self.tokenizer = loaded.tokenizer
-        self.data = data
-        self.device = torch.device(device)
-        self.cancelled = cancelled
-        self.total = total_steps(config, len(data.train))
-        torch.manual_seed(config.seed)
-        self.model, self.trainable = set_trainable(loaded.model.to(self.device), config)
-        self.model.train()
-        self.theta0 = {name: p.detach().clone() for name, p in self.trainable}
-        self.loop = TrainingLoop(self.trainable, self.total, optimizer=config.optimizer, lr=config.lr,
-                                 weight_decay=config.weight_decay, grad_clip=config.max_grad_norm)
-        modules = (spf_modules(self.model, config.spf) if (config.method == "spf" or config.track_conflict)
-                   and config.trainable != "lora" else [])
-        self.projector = SPFProjector(modules, config.spf, config.seed, project=config.method == "spf")
-        self.evals: list[dict] = []
-        self.eval_cache: Path | None = None  # folder of the shared initial evaluations (None: not cached)
-
-    @classmethod
-    def create(cls, config: FinetuneConfig, loaded=None, device: str = "cpu") -> FinetuneTrainer:
-        """A trainer without a store (loads the model and data): call ``train_step(1)``, ``train_step(2)``, ..."""
-        from analysis.llm.models import load_model
-
-        loaded = loaded if loaded is not None else load_model(config.model)
-        return cls(config, loaded, load_data(config), device)
-
-    # -- losses ------------------------------------------------------------------------------------
-    def tokenize(self, conversations):
-        from analysis.llm.formatting import tokenize_batch
-
-        return tokenize_batch(self.tokenizer, conversations, self.config.max_length)
-
-    def losses(self, conversations) -> torch.Tensor:
-        """(n,) per-sample response losses of ``conversations`` at the current weights."""
-        from analysis.llm.formatting import response_losses
-
-        batch = self.tokenize(conversations)
-        inputs = {key: value.to(self.device) for key, value in batch.model_inputs().items()}
-        return response_losses(self.model, inputs, batch.labels.to(self.device))
-
-    def safety_gradients(self, step: int) -> dict[str, torch.Tensor]:
-        """G_safety (d_out, d_in) of every SPF module at the current weights, from the step's safety batch."""
-        indices = safety_indices(self.config, len(self.data.safety), step)
-        refusals = [self.data.safety[i] for i in indices]
-        loss = self.losses(refusals).mean()
-        if self.config.spf.safety_loss == "contrast":
-            from analysis.safety.evaluate import affirmative_target
-
-            affirmative = [c[:-1] + [{"role": "assistant", "content": affirmative_target(c[-2]["content"])}]
-                           for c in refusals]
-            loss = loss - self.losses(affirmative).mean()
-        return self.projector.safety_gradients(loss)
-
-    # -- one optimizer step ------------------------------------------------------------------------
-    def train_step(self, step: int) -> dict:
-        """Forward/backward on the step's batch, optional safety basis refresh and projection, update."""
-        config, projector = self.config, self.projector
-        indices, epoch = batch_indices(config, len(self.data.train), step)
-        loss = self.losses([self.data.train[i] for i in indices]).mean()
-        self.loop.backward(loss)
-        per_epoch = math.ceil(len(self.data.train) / config.batch_size)
-        row: dict[str, Any] = {"step": step, "epoch": epoch + ((step - 1) % per_epoch + 1) / per_epoch,
-                               "train_loss": float(loss.detach()), "grad_norm": self.loop.grad_norm()}
-        if projector.refresh_due(step):
-            safety = self.safety_gradients(step)
-            if config.track_conflict:
-                row.update(projector.conflict_cosines(safety))
-            if projector.project:
-                projector.refresh_basis(safety, step, seeded(config.seed, "basis", step))
-            del safety
-        removed: dict[str, tuple[float, float]] = {}
-        if projector.project and config.spf.target == "gradient":
-            removed = projector.project_gradients()
-        if projector.project and config.spf.target == "update":
-            removed = self.loop.update(projector.projected_step)
-        else:
-            self.loop.update()
-        if removed:
-            row.update(projector.removed_metrics(step, removed))
-        return row
-
-    # -- measurements ------------------------------------------------------------------------------
-    def weight_distance(self) -> float:
-        total = 0.0
-        with torch.no_grad():
-            for name, parameter in self.trainable:
-                total += float((parameter - self.theta0[name]).pow(2).sum())
-        return math.sqrt(total)
-
-    def measure(self, row: dict) -> dict:
-        """Add the metrics due after ``row["step"]``: live NLLs every ``eval_every`` steps, a generation
-        evaluation (appended to ``evals``) at step 0, every ``gen_every`` steps and at the end."""
-        config, step = self.config, row["step"]
-        gen_due = step == 0 or step == self.total or (config.gen_every and step % config.gen_every == 0)
-        nll = None
-        if gen_due or step % config.eval_every == 0:
-            with torch.random.fork_rng(devices=[]):
-                nll = nll_arrays(self.model, self.tokenizer, self.data, config, self.cancelled)
-            row.update(nll_metrics(nll))
-            row["weight_distance"] = self.weight_distance()
-        if gen_due:
-            entry = self.full_eval(step, step == self.total, nll)
-            self.evals.append(entry)
-            metrics = entry["metrics"]
-            row.update({key: metrics.get(key) for key in ("asr", "over_refusal", "asr_arditi", "over_refusal_arditi")})
-        return row
-
-    def full_eval(self, step: int, final: bool, nll: Mapping[str, np.ndarray]) -> dict:
-        """Generation evaluation; the initial model's is shared between runs through ``eval_cache``."""
-        cache_path = None
-        if step == 0 and self.eval_cache is not None:
-            cache_path = self.eval_cache / f"{eval_key(self.loaded.identity, self.config, self.data)}.json"
-            if cache_path.is_file():
-                try:
-                    return dict(json.loads(cache_path.read_text()), step=0, final=final)
-                except (OSError, ValueError):
-                    pass
-        with torch.random.fork_rng(devices=[]):
-            result = generation_eval(self.model, self.tokenizer, self.data, self.config, nll, self.cancelled)
-        entry = finite_or_none({"step": step, "final": final, **result})
-        if cache_path is not None:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(cache_path, entry)
-        return entry
 
 
 # --------------------------------------------------------------------------------------------------
@@ -460,8 +213,9 @@ class FinetuneRun:
         trainer.loop.step = meta["step"]
         self.history, trainer.evals = meta["history"], meta["evals"]
         trainer.projector.removed_rows = [tuple(r) for r in meta["removed_rows"]]
-        trainer.projector.basis = {key[len("basis.U/"):]: (value, arrays[f"basis.V/{key[len('basis.U/'):]}"])
-                                   for key, value in arrays.items() if key.startswith("basis.U/")}
+        names = [key[len("basis.U/"):] for key in arrays if key.startswith("basis.U/")]
+        trainer.projector.basis = {name: (arrays[f"basis.U/{name}"].to(trainer.device),
+                                          arrays[f"basis.V/{name}"].to(trainer.device)) for name in names}
         trainer.loop.clock = Clock(meta["wall_seconds"], meta["cpu_seconds"])
         self.write_live()
         return meta.get("pending")
@@ -542,12 +296,13 @@ class FinetuneRun:
 @dataclasses.dataclass(frozen=True)
 class FinetuneTask:
     """One fine-tuning job: ``config`` alone, or (``compare``) its plain and SPF arms with everything else
-    equal (seed, data, settings; the initial evaluation is shared)."""
+    equal (seed, data, settings; the initial evaluation is shared). ``force``: retrain finished runs."""
 
     kind: ClassVar[str] = "finetune"
 
     config: FinetuneConfig
     compare: bool = False
+    force: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.config, Mapping):
@@ -574,28 +329,25 @@ class FinetuneTask:
         return {method: run_id_for(arm, identity, fingerprints) for method, arm in self.arms.items()}
 
     def run_id(self) -> str:
-        """The single arm's run id, or ``compare-<hash of both arms' ids>``."""
-        ids = self.run_ids()
-        if not self.compare:
-            return next(iter(ids.values()))
-        return f"{self.config.preset}-compare-{config_hash(ids, 12)}"
+        """The single arm's run id, or ``<preset>-compare-<hash of both arms' ids>``."""
+        return self.combined_id(self.run_ids())
 
-    def execute(self, ctx: TaskContext, *, root: str | Path | None = None, force: bool = False,
-                model_loader: Callable[[], Any] | None = None) -> dict:
-        """Train every arm (resuming / reusing stored runs); returns {"run_id", "runs": {method: run id},
-        "table": comparison rows}. ``model_loader()`` (tests): a fresh LoadedModel per arm."""
+    def combined_id(self, arm_ids: Mapping[str, str]) -> str:
+        if not self.compare:
+            return arm_ids[self.config.method]
+        return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', self.config.preset)}-compare-{config_hash(dict(arm_ids), 12)}"
+
+    def execute(self, ctx: TaskContext, *, root: str | Path | None = None) -> dict:
+        """Train every arm (resuming / reusing stored runs; ``root``: another run store, for tests); returns
+        {"run_id", "runs": {method: run id}, "cached": {method: reused?}, "table": comparison rows}."""
         progress = ArmsProgress(ctx, list(self.arms))
         results = {}
         for method, arm in self.arms.items():
-            ctx.check_cancel("cancelled before the " + method + " arm")
-            results[method] = run_finetune(arm, ctx, root=root, force=force,
-                                           model=model_loader() if model_loader is not None else None,
-                                           progress=progress.arm(method))
+            ctx.check_cancel(f"cancelled before the {method} arm")
+            results[method] = run_finetune(arm, ctx, root=root, force=self.force, progress=progress.arm(method))
         table = comparison_table(list(results.values()))
         runs = {method: result.run_id for method, result in results.items()}
-        run_id = runs[self.config.method] if not self.compare else \
-            f"{self.config.preset}-compare-{config_hash(runs, 12)}"
-        return {"run_id": run_id, "runs": runs, "cached": {m: r.cached for m, r in results.items()},
+        return {"run_id": self.combined_id(runs), "runs": runs, "cached": {m: r.cached for m, r in results.items()},
                 "table": json.loads(table.to_json(orient="records"))}
 
 
@@ -625,6 +377,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--gen-every", type=int, default=None)
     parser.add_argument("--gen-per-category", type=int, default=None, help="harmful prompts per category for ASR")
+    parser.add_argument("--force", action="store_true", help="retrain even if a finished run matches")
     parser.add_argument("--list", action="store_true", help="list stored fine-tuning runs and exit")
     add_task_arguments(parser)
 
@@ -649,7 +402,7 @@ def task_from_args(args: argparse.Namespace) -> FinetuneTask:
             spf[field] = value
     if spf:
         overrides["spf"] = spf
-    return FinetuneTask(preset(args.preset, **overrides), compare=args.mode == "both")
+    return FinetuneTask(preset(args.preset, **overrides), compare=args.mode == "both", force=args.force)
 
 
 def print_result(result: Mapping[str, Any]) -> None:
