@@ -377,6 +377,10 @@ def test_run_is_stored_reused_and_loadable(tmp_path):
     assert first.final_eval is not None and first.initial_eval is not None
     assert set(first.category_table()["category"]) == set(first.initial_eval["harmful_by_category"])
     loaded = load_model(str(first.model_path))
+    from analysis.llm.models import model_identity
+
+    assert model_identity(str(first.model_path)) == loaded.identity  # run ids need no model load
+    assert model_identity(config.model) == load_model(config.model).identity
     from safetensors.torch import load_file
 
     stored = load_file(str(first.model_path / "model.safetensors"))
@@ -442,12 +446,27 @@ def test_cli_runs_both_arms(tmp_path, capsys, monkeypatch):
     from analysis.__main__ import main
 
     monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
-    code = main(["finetune", "--model", "tiny-llama", "--preset", "harmful-10", "--mode", "both", "--max-steps", "1",
-                 "--n-train", "3", "--batch-size", "3", "--gen-per-category", "1", "--k", "2", "--threads", "1"])
+    options = ["--model", "tiny-llama", "--preset", "harmful-10", "--mode", "both", "--max-steps", "1",
+               "--n-train", "3", "--batch-size", "3", "--gen-per-category", "1", "--k", "2"]
+    code = main(["finetune", *options, "--threads", "1"])
     out = capsys.readouterr().out
     assert code == 0
     assert "plain" in out and "spf" in out and "ASR" in out
     assert len(list_finetune_runs(tmp_path / "finetune")) == 2
+    # the same task as a job file (what the web app starts): the very same runs, reused
+    import argparse
+
+    from analysis.lab import finetune
+
+    parser = argparse.ArgumentParser()
+    finetune.add_arguments(parser, "finetune")
+    task = finetune.task_from_args(parser.parse_args(options))
+    (tmp_path / "task.json").write_text(json.dumps({"kind": "finetune", "config": to_jsonable(task)}))
+    assert main(["finetune", "--config", str(tmp_path / "task.json")]) == 0
+    again = capsys.readouterr().out
+    assert again.count("stored run reused") == 2
+    for run_id in task.run_ids().values():
+        assert run_id in out and run_id in again
 
 
 # --------------------------------------------------------------------------------------------------
