@@ -361,7 +361,7 @@ def test_cancel_during_evaluation_resumes(tmp_path, monkeypatch):
     _same_history(whole, resumed)
 
 
-def test_run_is_stored_reused_and_loadable(tmp_path):
+def test_run_is_stored_reused_and_loadable(tmp_path, monkeypatch):
     config = tiny(method="plain", max_steps=2, eval_every=1)
     rows, events = [], []
     ctx = TaskContext(progress=events.append)
@@ -372,7 +372,11 @@ def test_run_is_stored_reused_and_loadable(tmp_path):
     assert {"asr", "over_refusal"} <= set(rows[0][2]) and {"asr", "over_refusal"} <= set(rows[2][2])
     assert rows[0][2]["weight_distance"] == 0 and rows[2][2]["weight_distance"] > 0
     assert not events  # an explicit progress hook replaces the context's reports
-    again = run_finetune(config, root=tmp_path)
+    from analysis.llm import models
+
+    with monkeypatch.context() as patch:
+        patch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a stored run is reused without the model"))
+        again = run_finetune(config, root=tmp_path)
     assert again.cached and again.run_id == first.run_id
     assert first.final_eval is not None and first.initial_eval is not None
     assert set(first.category_table()["category"]) == set(first.initial_eval["harmful_by_category"])

@@ -14,8 +14,8 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from typing import Any
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ import torch
 
 from analysis.core.config import ConfigError, cache_dir, config_hash, to_jsonable
 from analysis.core.store import atomic_write_json, finite_or_none
-from analysis.core.tasks import TaskContext
+from analysis.core.tasks import TaskContext, resolve_device
 from analysis.engine.capture import layer_index
 from analysis.lab.align_data import (  # noqa: F401 - BORDERLINE_PROMPTS, borderline_dataset: public here too
     BORDERLINE_PREFIX,
@@ -386,7 +386,7 @@ def align_model(loaded, settings: AlignSettings = AlignSettings(), progress: Pro
     safety_rows, utility_rows, borderline_rows = training_rows(loaded.tokenizer, safety, utility, targets,
                                                                settings.max_length)
     if device is not None:
-        loaded.model.to(torch.device(device))
+        loaded.model.to(torch.device(resolve_device(device)))
     result = train(loaded.model, loaded.tokenizer, safety_rows, utility_rows, settings,
                    progress=lambda f, m: _report(progress, 0.3 + 0.7 * f, m), cancel=cancel,
                    borderline_rows=borderline_rows, checkpoint=checkpoint)

@@ -124,18 +124,19 @@ def run_finetune(config: FinetuneConfig, ctx: TaskContext | None = None, *, root
     run's :class:`FinetuneResults` (``.cached`` when a finished run was reused). Raises ``FinetuneCancelled``,
     ``ConfigError`` for unusable settings/data, ``ModelLoadError`` for a missing model.
     """
-    from analysis.llm.models import load_model
+    from analysis.llm.models import load_model, model_identity
 
     ctx = ctx if ctx is not None else TaskContext()
     data = load_data(config)
-    loaded = model if model is not None else load_model(config.model)
     store = finetune_store(root)
-    run_id = run_id_for(config, loaded.identity, data.fingerprints)
+    identity = model.identity if model is not None else model_identity(config.model)
+    run_id = run_id_for(config, identity, data.fingerprints)
     status = store.status(run_id)
-    if status == "complete" and not force:
+    if status == "complete" and not force:  # reused without loading the model
         result = FinetuneResults(store.path(run_id), store.manifest(run_id))
         result.cached = True
         return result
+    loaded = model if model is not None else load_model(config.model)
     if status in ("complete", "corrupted"):
         store.delete(run_id)
     if on_start is not None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from analysis.core.config import ConfigError, config_hash, to_jsonable
 from analysis.core.store import atomic_write_json, finite_or_none
+from analysis.core.tasks import resolve_device
 from analysis.engine.capture import layer_index
 from analysis.lab.config import FinetuneConfig, SPFConfig
 from analysis.lab.finetune_data import (
@@ -144,7 +145,7 @@ class FinetuneTrainer:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.data = data
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(device))
         self.cancelled = cancelled
         self.total = total_steps(config, len(data.train))
         torch.manual_seed(config.seed)
