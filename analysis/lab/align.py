@@ -61,7 +61,7 @@ from analysis.lab.align_data import (  # noqa: F401 - BORDERLINE_PROMPTS, border
     load_training_sets,
 )
 from analysis.lab.loop import Clock, TrainingCancelled, TrainingLoop, duration, save_model
-from analysis.llm.formatting import pad_rows, response_losses, tokenize_conversation
+from analysis.llm.formatting import pad_rows, pad_token_id, response_losses, tokenize_conversation
 from analysis.safety.evaluate import Cancel, EvalCancelled, Progress, generate_ids, prefix_rows
 
 ALIGN_FORMAT_VERSION = 1
@@ -310,7 +310,7 @@ def train(model, tokenizer, safety_rows, utility_rows, settings: AlignSettings,
     """
     if not safety_rows:
         raise AlignError("no safety examples to train on")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     previous_flags = [p.requires_grad for p in model.parameters()]
     with deterministic(settings.seed, settings.deterministic):

@@ -128,10 +128,14 @@ def tokenize_batch(
     if not conversations:
         raise FormattingError("no conversations to tokenise: the selection is empty")
     rows = [tokenize_conversation(tokenizer, messages, max_length) for messages in conversations]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    padded = pad_rows([(ids, labels) for ids, labels, _ in rows], pad_id, padding_side)
+    padded = pad_rows([(ids, labels) for ids, labels, _ in rows], pad_token_id(tokenizer), padding_side)
     return TokenizedBatch(padded["input_ids"], padded["attention_mask"], padded["labels"], padded["position_ids"],
                           [t for _, _, t in rows], template_source(tokenizer))
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad token, else its eos token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
