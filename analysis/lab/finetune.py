@@ -143,8 +143,8 @@ def run_finetune(config: FinetuneConfig, ctx: TaskContext | None = None, *, root
         on_start(run_id, store.path(run_id))
     if progress is None:
         progress = ArmsProgress(ctx, [config.method]).arm(config.method)
-    trainer = FinetuneTrainer(config, loaded, data, ctx.device, lambda: ctx.cancelled)
-    trainer.eval_cache = store.root / "_initial_evals"
+    trainer = FinetuneTrainer(config, loaded, data, ctx.device, lambda: ctx.cancelled,
+                              eval_cache=store.root / "_initial_evals")
     return FinetuneRun(trainer, store, run_id, progress, keep_checkpoint).run(ctx)
 
 

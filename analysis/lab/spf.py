@@ -27,11 +27,11 @@ vectors are arbitrary and are not part of the safety subspace.
 Refinement 3. The safety basis is computed at the weights *before* the update it is first used for:
 updates 1, R+1, 2R+1, ... compute G_s from a fresh seeded safety batch (``spf.safety_batch`` refusals of the
 ``safety`` analysis split; 1 is allowed) and refresh U_k, V_k. Top-k by a seeded randomized range finder
-``safety`` analysis split; 1 is allowed) and refresh U_k, V_k. Top-k by a seeded randomized range finder
 in torch (``spf.svd="randomized"``, the default for matrices larger than 128; ``"lowrank"`` uses
 ``torch.svd_lowrank`` instead, seeded from the same generator: the same algorithm, but it works on the
 transpose of a wide matrix and draws its test matrix from the global RNG, so its bases are not bitwise
-those of "randomized", which therefore stays the default and keeps stored runs reproducible; ``"exact"``
+those of "randomized" (even with the same draw, float32 rounding differs at ~1e-8), which therefore stays
+the default and keeps stored runs reproducible; ``"exact"``
 uses ``geometry.top_singular``): geometry's float64/scikit-learn path costs ~0.5 s per 1536 x 576 matrix
 on a CPU, x 210 modules per refresh.
 Option (``spf.safety_loss="contrast"``, not in DESIGN.md). Measured on the aligned SmolLM2: harmful-prefix
@@ -180,10 +180,9 @@ class SPFProjector:
     refreshed at steps 1, R+1, ... from the safety gradient (:meth:`safety_gradients`).
     """
 
-    def __init__(self, modules: list[SPFModule], spf: SPFConfig, seed: int, project: bool):
+    def __init__(self, modules: list[SPFModule], spf: SPFConfig, project: bool):
         self.modules = modules
         self.config = spf
-        self.seed = seed
         self.project = project
         self.basis: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.removed_rows: list[tuple[int, list[float]]] = []

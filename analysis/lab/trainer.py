@@ -132,7 +132,8 @@ def set_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[nn.Module, 
 
 
 class FinetuneTrainer:
-    """Model, optimizer loop and SPF projector of one fine-tuning run, set up on construction.
+    """Model, optimizer loop and SPF projector of one fine-tuning run, set up on construction (the model is
+    moved to ``device`` and trained in place). ``cancelled()`` is checked inside evaluations.
 
     ``train_step(step)`` trains optimizer step ``step`` (1-based) and returns its metrics row;
     ``measure(row)`` adds the live NLLs / generation evaluation due after it. Tests and the benchmark use the
@@ -140,7 +141,7 @@ class FinetuneTrainer:
     """
 
     def __init__(self, config: FinetuneConfig, loaded, data: FinetuneData, device: str = "cpu",
-                 cancelled: Callable[[], bool] | None = None):
+                 cancelled: Callable[[], bool] | None = None, eval_cache: Path | None = None):
         self.config = config
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -156,9 +157,9 @@ class FinetuneTrainer:
                                  weight_decay=config.weight_decay, grad_clip=config.max_grad_norm)
         modules = (spf_modules(self.model, config.spf) if (config.method == "spf" or config.track_conflict)
                    and config.trainable != "lora" else [])
-        self.projector = SPFProjector(modules, config.spf, config.seed, project=config.method == "spf")
+        self.projector = SPFProjector(modules, config.spf, project=config.method == "spf")
         self.evals: list[dict] = []
-        self.eval_cache: Path | None = None  # folder of the shared initial evaluations (None: not cached)
+        self.eval_cache = eval_cache  # folder of the initial evaluations shared between runs (None: no cache)
 
     @classmethod
     def create(cls, config: FinetuneConfig, loaded=None, device: str = "cpu") -> FinetuneTrainer:
