@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from analysis.lab.finetune import SPFConfig, Trainer, _as_out_in, preset, project_gradients
+    from analysis.lab.config import SPFConfig, preset
+    from analysis.lab.finetune_data import seeded
+    from analysis.lab.spf import as_out_in, project_gradients
+    from analysis.lab.trainer import FinetuneTrainer
     from analysis.llm.models import load_model
 
     if args.threads:
@@ -56,17 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     base = preset(args.preset, model=args.model, spf=spf, track_conflict=False, **extra)
     R = spf.refresh
     n_steps = R * args.windows
-    plain = Trainer.standalone(dataclasses.replace(base, method="plain"), load_model(args.model))
-    arm = Trainer.standalone(dataclasses.replace(base, method="spf"), load_model(args.model))
+    plain = FinetuneTrainer.create(dataclasses.replace(base, method="plain"), load_model(args.model))
+    arm = FinetuneTrainer.create(dataclasses.replace(base, method="spf"), load_model(args.model))
     n_params = sum(p.numel() for _, p in plain.trainable)
     print(f"model {args.model}, preset {args.preset} (batch {base.batch_size}), trainable={base.trainable} "
           f"({n_params / 1e6:.1f} M parameters), SPF: k={spf.k}, R={R}, safety batch {spf.safety_batch}, "
-          f"{spf.mode}/{spf.target}, {len(arm.spf)} modules, torch threads {torch.get_num_threads()}")
+          f"{spf.mode}/{spf.target}, {len(arm.projector.modules)} modules, torch threads {torch.get_num_threads()}")
 
     times = {"plain": [], "spf": []}
     for step in range(1, n_steps + 2):
         for name, trainer in (("plain", plain), ("spf", arm)):
-            _, wall, cpu = _timed(lambda: trainer.train_step(step))
+            _, wall, cpu = _timed(lambda trainer=trainer, step=step: trainer.train_step(step))
             times[name].append((step, wall, cpu))
         print(f"  step {step:3d}: plain {times['plain'][-1][1]:6.2f} s wall, SPF {times['spf'][-1][1]:6.2f} s wall"
               f"{'  (refresh)' if (step - 1) % R == 0 else ''}", flush=True)
@@ -80,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     step = n_steps + 2
     plain.train_step(step)  # gives the plain trainer fresh gradients to project
     safety, sg_wall, sg_cpu = _timed(lambda: arm.safety_gradients(step))
-    _, svd_wall, svd_cpu = _timed(lambda: arm.refresh_basis(safety, step))
-    grads = {m.name: _as_out_in(m.module, m.weight.grad).clone() for m in arm.spf}
-    _, pr_wall, pr_cpu = _timed(lambda: project_gradients(grads, arm.basis, spf.mode))
+    _, svd_wall, svd_cpu = _timed(lambda: arm.projector.refresh_basis(safety, step, seeded(base.seed, "basis", step)))
+    grads = {m.name: as_out_in(m.module, m.weight.grad).clone() for m in arm.projector.modules}
+    _, pr_wall, pr_cpu = _timed(lambda: project_gradients(grads, arm.projector.basis, spf.mode))
 
     def med(rows, i):
         return statistics.median(r[i] for r in rows) if rows else float("nan")

@@ -11,11 +11,10 @@ from analysis.llm.data import DataError
 from analysis.llm.models import ModelLoadError
 from analysis.views import safety as safety_views
 from ui import common
-from ui.jobs import REGISTRY
+from ui import jobs as ui_jobs
 
 common.run_inside_app()
 
-FINETUNE_KEY = "finetune"
 ARMS = {"both": "Plain and SPF, side by side", "plain": "Plain fine-tuning only", "spf": "SPF only"}
 MAIN_METRICS = ("asr", "refusal_nll", "utility_nll", "cos_mean")
 
@@ -82,52 +81,39 @@ try:
         preset_name, model=source, lr=float(lr), epochs=int(epochs), batch_size=int(batch_size), trainable=trainable,
         seed=int(seed), spf=dict(k=int(k), refresh=int(refresh), safety_batch=int(safety_batch), mode=mode,
                                  target=target, safety_loss=safety_loss, layers=spf_layers))
-    methods = ("plain", "spf") if arms == "both" else (arms,)
-    configs = {method: dataclasses.replace(config, method=method) for method in methods}
-    loaded = common.load_model(source)
-    run_ids = {method: finetune.run_id_for(arm, loaded.identity) for method, arm in configs.items()}
+    task = finetune.FinetuneTask(config if arms == "both" else dataclasses.replace(config, method=arms),
+                                 compare=arms == "both")
+    run_ids = task.run_ids()
+    methods = tuple(run_ids)
 except (ConfigError, DataError, ModelLoadError) as error:
     st.error(str(error))
     st.stop()
 
 # ---- run ----------------------------------------------------------------------------------------------
 st.header("2 · Run", divider="gray")
-job = REGISTRY.get(FINETUNE_KEY)
-running = job is not None and job.snapshot().running
+job = ui_jobs.current("finetune", task.run_id())
 
 
-def live_histories(status) -> dict[str, pd.DataFrame]:
-    rows = status.live.get("rows", {}) if status.live else {}
-    return {("SPF" if method == "spf" else "plain fine-tuning"): pd.DataFrame(history)
-            for method, history in rows.items() if history}
-
-
-@st.fragment(run_every=2.0)
-def live_view() -> None:
-    status = job.snapshot()
-    common.show_progress(status)
-    if st.button("Cancel (resumable)", icon=":material/stop:", key="ft.cancel"):
-        job.cancel()
-        st.toast("Stopping at the next step; a checkpoint is kept, starting again resumes.")
-    histories = live_histories(status)
+def live_curves(live: dict) -> None:
+    """The job's live history of each arm, on shared axes."""
+    histories = {("SPF" if method == "spf" else "plain fine-tuning"): pd.DataFrame(history)
+                 for method, history in (live.get("rows") or {}).items() if history}
     columns = st.columns(2)
     for index, metric in enumerate(MAIN_METRICS):
         figure = safety_views.finetune_curve_figure(histories, metric)
         figure.update_layout(height=360)
         columns[index % 2].plotly_chart(figure, theme=None, config=common.CHART_CONFIG, key=f"ft.live.{metric}")
-    if not status.running:
-        st.rerun(scope="app")
 
 
 stored = {method: finetune.FinetuneResults(finetune.finetune_root() / run_id) for method, run_id in run_ids.items()
           if (finetune.finetune_root() / run_id / "manifest.json").is_file()}
 complete = {method: results for method, results in stored.items() if results.status == "complete"}
-if running:
-    st.markdown(f"**Running:** {job.snapshot().label}")
-    live_view()
+if job is not None and job.active:
+    st.markdown(f"**{'Running' if job.running else 'Waiting to run'}:** {job.label}")
+    ui_jobs.follow(job, live_view=live_curves, cancel_label="Cancel (resumable)")
 else:
     if job is not None:
-        common.show_outcome(job.snapshot(), "Fine-tuning")
+        ui_jobs.show_outcome(job, "Fine-tuning")
     todo = [method for method in methods if method not in complete]
     if not todo:
         st.success(f"Stored: {', '.join(run_ids.values())} — the results are below. Change a setting to train anew.")
@@ -137,21 +123,7 @@ else:
                    "(evaluations by generation at the start and end included)."
                    + (f" Interrupted run(s) resume from their checkpoint: {', '.join(resumable)}." if resumable else ""))
         if st.button("Start" if not resumable else "Resume", type="primary", icon=":material/play_arrow:"):
-            pending = {method: configs[method] for method in todo}
-
-            def work(job):
-                rows: dict[str, list] = {method: [] for method in pending}
-                for index, (method, arm) in enumerate(pending.items()):
-                    def progress(step, total, row, index=index, method=method):
-                        rows[method].append(row)
-                        job.report((index + step / max(total, 1)) / len(pending),
-                                   f"{method}: step {step}/{total}", {"rows": {m: list(r) for m, r in rows.items()}})
-
-                    finetune.run_finetune(arm, progress, job.cancel_event)
-                return list(pending)
-
-            REGISTRY.start(FINETUNE_KEY, f"{config.preset} on {loaded.name}: {', '.join(pending)}", work,
-                           cancelled_errors=(finetune.FinetuneCancelled,))
+            ui_jobs.submit(task, f"{config.preset} on {models.get(source, source)}: {', '.join(todo)}")
             st.rerun()
 
 # ---- results ------------------------------------------------------------------------------------------

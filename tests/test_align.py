@@ -9,7 +9,7 @@ import torch
 from analysis.core.config import ConfigError
 from analysis.lab import align as al
 from analysis.llm.data import load_shipped
-from analysis.llm.formatting import per_sample_loss, response_losses
+from analysis.llm.formatting import pad_rows, per_sample_loss, response_losses
 from analysis.llm.models import load_model
 from analysis.safety import evaluate as ev
 
@@ -72,7 +72,7 @@ def test_borderline_prompts_are_disjoint_from_the_over_refusal_test_set():
 
 def test_batch_loss_equals_per_sample_loss(tiny_llama):
     rows = [(list(range(5, 20)), [-100] * 8 + list(range(12, 19))), (list(range(5, 12)), [-100] * 4 + [7, 8, 9])]
-    batch = ev._pad_rows(rows, 0)
+    batch = pad_rows(rows, 0)
     labels = batch.pop("labels")
     with torch.no_grad():
         expected = per_sample_loss(tiny_llama.model(**batch).logits, labels)
@@ -170,21 +170,43 @@ def test_cancel_raises_and_writes_no_checkpoint(cache):
     assert not (cache / "models").exists()
 
 
-def test_align_default_model_writes_a_loadable_checkpoint(cache, monkeypatch):
+def test_cancelled_training_resumes_from_its_checkpoint_bit_for_bit(cache):
+    """The shared training loop saves a checkpoint on cancel; the same settings resume to the same weights."""
+    from analysis.core.tasks import Cancelled
+
+    settings = al.AlignSettings(**{**TINY, "steps": 5, "warmup_steps": 2})
+    whole = al.align_model(fresh_tiny(), settings)
+    checkpoint = cache / "align" / "train-test.safetensors"
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 3  # after 3 training steps (distillation is cached by then)
+
+    with pytest.raises(al.AlignCancelled) as info:
+        al.align_model(fresh_tiny(), settings, cancel=cancel, checkpoint=checkpoint)
+    assert isinstance(info.value, Cancelled) and checkpoint.is_file()
+    resumed = al.align_model(fresh_tiny(), settings, checkpoint=checkpoint)
+    assert resumed.weights_hash == whole.weights_hash and resumed.losses == whole.losses
+    assert not checkpoint.exists()
+
+
+def test_align_task_round_trips_and_runs_from_its_json(cache, monkeypatch):
+    from analysis.core.cli import load_task
+    from analysis.core.config import from_jsonable, to_jsonable
+    from analysis.core.tasks import TaskContext
     from analysis.llm import models
 
+    task = al.AlignTask(al.AlignSettings(**{**TINY, "steps": 2}))
+    assert from_jsonable(al.AlignTask, json.loads(json.dumps(to_jsonable(task)))) == task
+    assert task.kind == "align"
+    path = cache / "task.json"
+    path.write_text(json.dumps({"kind": "align", "config": to_jsonable(task)}))
+    assert load_task(path, al.AlignTask) == task
     real_load = models.load_model
     monkeypatch.setattr(models, "load_model", lambda source="default", progress=None: real_load("tiny-llama"))
-    settings = al.AlignSettings(**{**TINY, "steps": 2})
-    folder = al.align_default_model(settings=settings)
-    assert folder == cache / "models" / models.ALIGNED_NAME
-    manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["steps"] == 2 and manifest["lr"] == settings.lr and manifest["seed"] == 0
-    assert len(manifest["losses"]) == 2 and manifest["seconds"]["training"] > 0
-    assert manifest["data"]["safety"]["content_hash"] and manifest["files"]["model.safetensors"]["sha256"]
-    assert not list(folder.parent.glob(".*tmp*"))
-    aligned = real_load("default-aligned")  # the alias now resolves
-    assert al.weights_hash(aligned.model) == manifest["weights_hash"]
-    # same settings and base: reused, not rebuilt
-    monkeypatch.setattr(al, "align_model", lambda *a, **k: pytest.fail("should reuse the checkpoint"))
-    assert al.align_default_model(settings=settings) == folder
+    events = []
+    summary = task.execute(TaskContext(progress=events.append))
+    assert summary["run_id"].startswith("align-") and len(summary["losses"]) == 2
+    assert events[-1].fraction == 1.0 and any("left" in e.message for e in events)
+

@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
+import json
 
 import pytest
 import torch
 
-from analysis.core.config import ConfigError, ModelConfig, config_hash
-from analysis.lab.finetune import (
-    PRESETS,
-    FinetuneCancelled,
-    FinetuneConfig,
-    Trainer,
-    _as_out_in,
-    _safety_indices,
-    comparison_table,
-    list_finetune_runs,
-    load_finetune_run,
-    preset,
-    project_gradients,
-    run_comparison,
-    run_finetune,
-    top_k_basis,
-)
+from analysis.core.config import ConfigError, ModelConfig, config_hash, from_jsonable, to_jsonable
+from analysis.core.tasks import Cancelled, TaskContext
+from analysis.lab.config import PRESETS, FinetuneConfig, preset
+from analysis.lab.finetune import FinetuneCancelled, FinetuneTask, run_finetune
+from analysis.lab.finetune_data import safety_indices
+from analysis.lab.results import comparison_table, list_finetune_runs, load_finetune_run
+from analysis.lab.spf import as_out_in, project_gradients, top_k_basis
+from analysis.lab.trainer import FinetuneTrainer
 from analysis.llm.formatting import per_sample_loss, response_losses, tokenize_batch
 from analysis.llm.models import load_model
 
@@ -146,11 +137,11 @@ def test_project_gradients_in_place(mode):
 # the projection inside the training loop
 
 
-def _applied(trainer: Trainer, step: int, lr: float) -> tuple[dict, dict]:
+def _applied(trainer: FinetuneTrainer, step: int, lr: float) -> tuple[dict, dict]:
     """Run one step; return the applied pseudo-gradient (W_before - W_after)/lr per SPF module, (d_out, d_in)."""
-    before = {m.name: m.weight.detach().clone() for m in trainer.spf}
+    before = {m.name: m.weight.detach().clone() for m in trainer.projector.modules}
     trainer.train_step(step)
-    return {m.name: _as_out_in(m.module, (before[m.name] - m.weight.detach()) / lr) for m in trainer.spf}, before
+    return {m.name: as_out_in(m.module, (before[m.name] - m.weight.detach()) / lr) for m in trainer.projector.modules}, before
 
 
 @pytest.mark.parametrize("mode", ["conflict", "orthogonal"])
@@ -162,19 +153,19 @@ def test_projection_applied_as_specified(tiny_llama, mode, target, optimizer):
     config = tiny(method="spf", optimizer=optimizer, trainable="linear", lr=lr,
                   model=ModelConfig("tiny-llama", dtype="float64"),  # exact (W_before - W_after) / lr
                   spf=dict(k=4, refresh=1, mode=mode, target=target, safety_batch=2))
-    trainer = Trainer.standalone(config)
+    trainer = FinetuneTrainer.create(config)
     applied, _ = _applied(trainer, 1, lr)
-    assert len(trainer.basis) == len(trainer.spf) > 0
+    assert len(trainer.projector.basis) == len(trainer.projector.modules) > 0
     removed_any = 0.0
     for name, P in applied.items():
-        U, V = (x.to(P.dtype) for x in trainer.basis[name])
+        U, V = (x.to(P.dtype) for x in trainer.projector.basis[name])
         scale = float(P.norm()) + 1e-30
         if mode == "conflict":
             c = ((U.T @ P) * V.T).sum(dim=1)
             assert float(c.min()) >= -1e-9 * scale, name
         else:
             assert float((U.T @ P).abs().max()) <= 1e-9 * scale, name
-    removed_any = trainer.removed_rows[-1][1]
+    removed_any = trainer.projector.removed_rows[-1][1]
     assert max(removed_any) > 0  # the projection did something
 
 
@@ -183,18 +174,18 @@ def test_plain_step_leaves_conflicting_components(tiny_llama):
     lr = 1e-3
     spf_config = tiny(method="spf", optimizer="sgd", trainable="linear", lr=lr,
                       spf=dict(k=4, refresh=1, mode="conflict", safety_batch=2))
-    reference = Trainer.standalone(spf_config, load_model("tiny-llama"))
+    reference = FinetuneTrainer.create(spf_config, load_model("tiny-llama"))
     reference.train_step(1)
-    plain = Trainer.standalone(dataclasses.replace(spf_config, method="plain"), load_model("tiny-llama"))
+    plain = FinetuneTrainer.create(dataclasses.replace(spf_config, method="plain"), load_model("tiny-llama"))
     applied, _ = _applied(plain, 1, lr)
-    worst = min(float(((reference.basis[n][0].T @ P) * reference.basis[n][1].T).sum(dim=1).min() / P.norm())
+    worst = min(float(((reference.projector.basis[n][0].T @ P) * reference.projector.basis[n][1].T).sum(dim=1).min() / P.norm())
                 for n, P in applied.items())
     assert worst < -1e-3
 
 
-def _safety_loss(trainer: Trainer, step: int) -> float:
-    indices = _safety_indices(trainer.config, len(trainer.data.safety), step)
-    batch = trainer._tokenize([trainer.data.safety[i] for i in indices])
+def _safety_loss(trainer: FinetuneTrainer, step: int) -> float:
+    indices = safety_indices(trainer.config, len(trainer.data.safety), step)
+    batch = trainer.tokenize([trainer.data.safety[i] for i in indices])
     with torch.no_grad():
         return float(response_losses(trainer.model, batch.model_inputs(), batch.labels).mean())
 
@@ -208,7 +199,7 @@ def test_orthogonal_spf_keeps_safety_loss_to_first_order(target, optimizer):
         config = tiny(method=method, optimizer=optimizer, trainable="linear", lr=lr, seed=3,
                       model=ModelConfig("tiny-llama", dtype="float64"),
                       spf=dict(k=64, refresh=1, mode="orthogonal", target=target, safety_batch=1, svd="exact"))
-        trainer = Trainer.standalone(config)
+        trainer = FinetuneTrainer.create(config)
         before = _safety_loss(trainer, 1)
         trainer.train_step(1)
         return _safety_loss(trainer, 1) - before
@@ -227,7 +218,7 @@ def test_gradient_projection_under_adamw_leaks_at_first_order():
         config = tiny(method="spf", optimizer="adamw", trainable="linear", lr=lr, seed=3,
                       model=ModelConfig("tiny-llama", dtype="float64"),
                       spf=dict(k=64, refresh=1, mode="orthogonal", target="gradient", safety_batch=1, svd="exact"))
-        trainer = Trainer.standalone(config)
+        trainer = FinetuneTrainer.create(config)
         before = _safety_loss(trainer, 1)
         trainer.train_step(1)
         return _safety_loss(trainer, 1) - before
@@ -243,7 +234,7 @@ def test_conflict_spf_does_not_raise_safety_loss_to_first_order():
     config = tiny(method="spf", optimizer="adamw", trainable="linear", lr=lr, seed=5,
                   model=ModelConfig("tiny-llama", dtype="float64"),
                   spf=dict(k=64, refresh=1, mode="conflict", target="update", safety_batch=1, svd="exact"))
-    trainer = Trainer.standalone(config)
+    trainer = FinetuneTrainer.create(config)
     safety = trainer.safety_gradients(1)
     applied, _ = _applied(trainer, 1, lr)
     first_order = -lr * sum(float((safety[n] * P).sum()) for n, P in applied.items())
@@ -251,7 +242,7 @@ def test_conflict_spf_does_not_raise_safety_loss_to_first_order():
 
 
 def test_plain_run_id_ignores_projection_only_spf_settings():
-    from analysis.lab.finetune import run_id_for
+    from analysis.lab.trainer import run_id_for
 
     def run_id(method, **spf):
         return run_id_for(tiny(method=method, spf=spf), "weights")
@@ -263,15 +254,15 @@ def test_plain_run_id_ignores_projection_only_spf_settings():
 def test_contrast_safety_gradient_is_refusal_minus_affirmative_gradient():
     config = tiny(method="spf", model=ModelConfig("tiny-llama", dtype="float64"),
                   spf=dict(safety_batch=2, safety_loss="contrast"))
-    trainer = Trainer.standalone(config)
+    trainer = FinetuneTrainer.create(config)
     contrast = trainer.safety_gradients(3)
-    refusals = [trainer.data.safety[i] for i in _safety_indices(config, len(trainer.data.safety), 3)]
+    refusals = [trainer.data.safety[i] for i in safety_indices(config, len(trainer.data.safety), 3)]
     affirmative = [c[:-1] + [{"role": "assistant", "content": "Sure, here is how to do that"}] for c in refusals]
-    weights = [m.weight for m in trainer.spf]
-    refusal = torch.autograd.grad(trainer._losses(refusals).mean(), weights)
-    comply = torch.autograd.grad(trainer._losses(affirmative).mean(), weights)
-    for module, g_refusal, g_comply in zip(trainer.spf, refusal, comply):
-        expected = _as_out_in(module.module, g_refusal - g_comply)
+    weights = [m.weight for m in trainer.projector.modules]
+    refusal = torch.autograd.grad(trainer.losses(refusals).mean(), weights)
+    comply = torch.autograd.grad(trainer.losses(affirmative).mean(), weights)
+    for module, g_refusal, g_comply in zip(trainer.projector.modules, refusal, comply):
+        expected = as_out_in(module.module, g_refusal - g_comply)
         torch.testing.assert_close(contrast[module.name], expected, rtol=1e-10, atol=1e-12)
     with pytest.raises(ConfigError, match="safety_loss"):
         tiny(method="spf", spf=dict(safety_loss="affirmative"))
@@ -299,33 +290,44 @@ def _weights(result):
 RESUME = dict(method="spf", max_steps=None, eval_every=2, checkpoint_every=2, spf=dict(k=3, refresh=3))
 
 
+def rows_context(on_row) -> TaskContext:
+    """A context whose progress events call ``on_row(ctx, row)`` with each new metrics row (the last of the
+    live history); checks that every event's live data is JSON."""
+    def progress(event):
+        json.dumps(event.live)
+        (history,) = event.live["rows"].values()
+        on_row(ctx, history[-1])
+
+    ctx = TaskContext(progress=progress)
+    return ctx
+
+
 def test_resume_after_cancel_and_after_crash_equals_uninterrupted(tmp_path):
     config = tiny(**RESUME)
     whole = run_finetune(config, root=tmp_path / "a")
     assert whole.status == "complete" and whole.history["step"].tolist() == list(range(5))
 
-    cancel = threading.Event()
-
-    def stop_at_3(step, total, row):
-        if step == 3:
-            cancel.set()
+    def stop_at_3(ctx, row):
+        if row["step"] == 3:
+            ctx.cancel.set()
 
     with pytest.raises(FinetuneCancelled) as info:
-        run_finetune(config, stop_at_3, cancel, root=tmp_path / "b")
+        run_finetune(config, rows_context(stop_at_3), root=tmp_path / "b")
     assert info.value.step == 3
+    assert isinstance(info.value, Cancelled)
     partial = load_finetune_run(info.value.run_id, tmp_path / "b")
     assert partial.status == "running" and partial.history["step"].max() == 3
 
-    def crash_at_3(step, total, row):  # checkpoint_every=2: resumes from step 2, redoes step 3
-        if step == 3:
+    def crash_at_3(ctx, row):  # checkpoint_every=2: resumes from step 2, redoes step 3
+        if row["step"] == 3:
             raise RuntimeError("power cut")
 
     with pytest.raises(RuntimeError):
-        run_finetune(config, crash_at_3, root=tmp_path / "c")
+        run_finetune(config, rows_context(crash_at_3), root=tmp_path / "c")
 
     for folder in ("b", "c"):
         seen = []
-        resumed = run_finetune(config, lambda s, t, r: seen.append(s), root=tmp_path / folder)
+        resumed = run_finetune(config, rows_context(lambda ctx, row, seen=seen: seen.append(row["step"])), root=tmp_path / folder)
         assert resumed.status == "complete"
         assert seen == ([4] if folder == "b" else [3, 4])
         _same_history(whole, resumed)
@@ -338,7 +340,7 @@ def test_resume_after_cancel_and_after_crash_equals_uninterrupted(tmp_path):
 def test_cancel_during_evaluation_resumes(tmp_path, monkeypatch):
     config = tiny(method="plain", max_steps=2, eval_every=1)
     whole = run_finetune(config, root=tmp_path / "a")
-    cancel = threading.Event()
+    ctx = TaskContext()
     calls = {"n": 0}
     from analysis.safety import nll as evaluate_nll
 
@@ -347,31 +349,42 @@ def test_cancel_during_evaluation_resumes(tmp_path, monkeypatch):
     def nll_then_cancel(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 5:
-            cancel.set()
+            ctx.cancel.set()
         return original(*args, **kwargs)
 
     monkeypatch.setattr(evaluate_nll, "nll_of_rows", nll_then_cancel)
     with pytest.raises(FinetuneCancelled) as info:
-        run_finetune(config, None, cancel, root=tmp_path / "b")
+        run_finetune(config, ctx, root=tmp_path / "b")
     assert info.value.step == 1  # inside step 1's live evaluation (step 0 made 3 NLL calls)
     monkeypatch.setattr(evaluate_nll, "nll_of_rows", original)
     resumed = run_finetune(config, root=tmp_path / "b")
     _same_history(whole, resumed)
 
 
-def test_run_is_stored_reused_and_loadable(tmp_path):
+def test_run_is_stored_reused_and_loadable(tmp_path, monkeypatch):
     config = tiny(method="plain", max_steps=2, eval_every=1)
-    rows = []
-    first = run_finetune(config, lambda s, t, r: rows.append((s, t, r)), root=tmp_path)
+    rows, events = [], []
+    ctx = TaskContext(progress=events.append)
+    first = run_finetune(config, ctx, root=tmp_path,
+                         progress=lambda step, total, history: rows.append((step, total, history[-1])))
     assert [s for s, _, _ in rows] == [0, 1, 2] and all(t == 2 for _, t, _ in rows)
     assert {"train_loss", "refusal_nll", "affirmative_nll", "utility_nll", "weight_distance", "cos_mean"} <= set(rows[1][2])
     assert {"asr", "over_refusal"} <= set(rows[0][2]) and {"asr", "over_refusal"} <= set(rows[2][2])
     assert rows[0][2]["weight_distance"] == 0 and rows[2][2]["weight_distance"] > 0
-    again = run_finetune(config, root=tmp_path)
+    assert not events  # an explicit progress hook replaces the context's reports
+    from analysis.llm import models
+
+    with monkeypatch.context() as patch:
+        patch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a stored run is reused without the model"))
+        again = run_finetune(config, root=tmp_path)
     assert again.cached and again.run_id == first.run_id
     assert first.final_eval is not None and first.initial_eval is not None
     assert set(first.category_table()["category"]) == set(first.initial_eval["harmful_by_category"])
     loaded = load_model(str(first.model_path))
+    from analysis.llm.models import model_identity
+
+    assert model_identity(str(first.model_path)) == loaded.identity  # run ids need no model load
+    assert model_identity(config.model) == load_model(config.model).identity
     from safetensors.torch import load_file
 
     stored = load_file(str(first.model_path / "model.safetensors"))
@@ -389,8 +402,15 @@ def test_run_is_stored_reused_and_loadable(tmp_path):
 
 def test_comparison_shares_seed_data_and_initial_eval(tmp_path):
     config = tiny(max_steps=2, eval_every=2, spf=dict(k=2, refresh=1))
-    results = run_comparison(config, root=tmp_path)
-    plain, spf = results["plain"], results["spf"]
+    task = FinetuneTask(config, compare=True)
+    events = []
+    summary = task.execute(TaskContext(progress=events.append), root=tmp_path)
+    assert summary["run_id"] == task.run_id() and set(summary["runs"]) == {"plain", "spf"}
+    plain, spf = (load_finetune_run(summary["runs"][m], tmp_path) for m in ("plain", "spf"))
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert [r["step"] for r in events[-1].live["rows"]["plain"]] == [0, 1, 2] == \
+        [r["step"] for r in events[-1].live["rows"]["spf"]]
     assert plain.manifest["train_ids"] == spf.manifest["train_ids"]
     assert plain.initial_eval == spf.initial_eval
     # same first batch and weights at step 0 -> same first training loss; SPF removed something
@@ -412,7 +432,7 @@ def test_lora_plain_run_saves_a_merged_model(tmp_path):
 
 
 def test_trainable_choices(tiny_llama):
-    from analysis.lab.finetune import set_trainable
+    from analysis.lab.trainer import set_trainable
 
     def names(kind, **extra):
         model = load_model("tiny-llama").model
@@ -426,12 +446,83 @@ def test_trainable_choices(tiny_llama):
     assert blocks < everything and any("embed" in n for n in everything)
 
 
-def test_cli_runs_both_arms(tmp_path, capsys):
+def test_cli_runs_both_arms(tmp_path, capsys, monkeypatch):
     from analysis.__main__ import main
 
-    code = main(["finetune", "--model", "tiny-llama", "--preset", "harmful-10", "--mode", "both", "--max-steps", "1",
-                 "--n-train", "3", "--batch-size", "3", "--gen-per-category", "1", "--k", "2", "--root", str(tmp_path)])
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
+    options = ["--model", "tiny-llama", "--preset", "harmful-10", "--mode", "both", "--max-steps", "1",
+               "--n-train", "3", "--batch-size", "3", "--gen-per-category", "1", "--k", "2"]
+    code = main(["finetune", *options, "--threads", "1"])
     out = capsys.readouterr().out
     assert code == 0
     assert "plain" in out and "spf" in out and "ASR" in out
-    assert len(list_finetune_runs(tmp_path)) == 2
+    assert len(list_finetune_runs(tmp_path / "finetune")) == 2
+    # the same task as a job file (what the web app starts): the very same runs, reused
+    import argparse
+
+    from analysis.lab import finetune
+
+    parser = argparse.ArgumentParser()
+    finetune.add_arguments(parser, "finetune")
+    task = finetune.task_from_args(parser.parse_args(options))
+    (tmp_path / "task.json").write_text(json.dumps({"kind": "finetune", "config": to_jsonable(task)}))
+    assert main(["finetune", "--config", str(tmp_path / "task.json")]) == 0
+    again = capsys.readouterr().out
+    assert again.count("stored run reused") == 2
+    for run_id in task.run_ids().values():
+        assert run_id in out and run_id in again
+
+
+# --------------------------------------------------------------------------------------------------
+# the task: JSON round trip, CLI options == --config file
+
+
+CLI_OPTIONS = ["--model", "tiny-llama", "--preset", "aoa", "--mode", "both", "--max-steps", "3", "--n-train", "4",
+               "--lr", "2e-4", "--k", "5", "--spf-mode", "orthogonal", "--safety-loss", "contrast", "--seed", "2"]
+
+
+def test_task_round_trips_through_json():
+    for task in (FinetuneTask(tiny(method="spf", spf=dict(k=3, target="update"))),
+                 FinetuneTask(preset("aoa", model=ModelConfig("tiny-llama", dtype="float64")), compare=True)):
+        data = json.loads(json.dumps(to_jsonable(task)))
+        again = from_jsonable(FinetuneTask, data)
+        assert again == task and again.run_id() == task.run_id()
+    single, both = FinetuneTask(tiny()), FinetuneTask(tiny(), compare=True)
+    assert single.run_id() == single.run_ids()["plain"] and "compare" in both.run_id() != single.run_id()
+    with pytest.raises(ConfigError):
+        from_jsonable(FinetuneTask, {"config": {"lr": -1.0}})
+
+
+def test_cli_config_file_gives_the_same_task_as_options(tmp_path):
+    import argparse
+
+    from analysis.lab import finetune
+
+    parser = argparse.ArgumentParser()
+    finetune.add_arguments(parser, "finetune")
+    from_options = finetune.task_from_args(parser.parse_args(CLI_OPTIONS))
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps({"kind": "finetune", "config": to_jsonable(from_options)}))
+    from analysis.core.cli import load_task
+
+    args = parser.parse_args(["--config", str(path)])
+    from_file = load_task(args.config, FinetuneTask)
+    assert from_file == from_options and from_file.run_id() == from_options.run_id()
+    assert from_options.compare and from_options.config.spf.k == 5 and from_options.config.lr == 2e-4
+    (tmp_path / "fields.json").write_text(json.dumps(to_jsonable(from_options)))  # the bare fields work too
+    assert load_task(tmp_path / "fields.json", FinetuneTask).run_id() == from_options.run_id()
+
+
+def test_lowrank_basis_spans_the_exact_subspace():
+    generator = torch.Generator().manual_seed(0)
+    for shape in ((300, 200), (200, 300)):  # svd_lowrank transposes wide matrices internally
+        A, B = torch.randn(shape[0], 6, generator=generator), torch.randn(6, shape[1], generator=generator)
+        G = (A @ B).double()
+        U, s, V = top_k_basis(G, 4, "lowrank", generator=torch.Generator().manual_seed(1))
+        Ue, se, Ve = top_k_basis(G, 4, "exact")
+        torch.testing.assert_close(s, se, rtol=1e-8, atol=1e-10)
+        assert U.shape == (shape[0], 4) and V.shape == (shape[1], 4)
+        assert float((U.T @ Ue).pow(2).sum()) / 4 == pytest.approx(1.0, abs=1e-8)
+        assert float((V.T @ Ve).pow(2).sum()) / 4 == pytest.approx(1.0, abs=1e-8)
+        again = top_k_basis(G, 4, "lowrank", generator=torch.Generator().manual_seed(1))[0]
+        assert torch.equal(U, again)  # seeded by the generator, not by the global RNG

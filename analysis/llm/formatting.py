@@ -216,5 +216,5 @@ def response_losses(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
     token_loss = torch.nn.functional.cross_entropy(logits, targets[mask], reduction="none")
-    sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype).index_add(0, rows, token_loss)
+    sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=token_loss.device).index_add(0, rows, token_loss)
     return sums / mask.sum(dim=1).clamp(min=1)

@@ -86,7 +86,7 @@ def completions_table(result: Any, which: str = "harmful") -> pd.DataFrame:
 
 
 def _arm_label(results: Any) -> str:
-    from analysis.lab.finetune import spf_settings
+    from analysis.lab.config import spf_settings
 
     config = results.config
     return f"SPF ({spf_settings(config['spf'])})" if config["method"] == "spf" else "plain fine-tuning"

@@ -1,0 +1,182 @@
+"""Reading fine-tuning runs: one run folder (:class:`FinetuneResults`: manifest, live history, evaluations,
+SPF's removed shares, the fine-tuned model), the stored runs, and comparison tables (Qi et al. style)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from analysis.core.config import cache_dir
+from analysis.core.store import RunStore
+from analysis.lab.config import spf_settings
+
+
+def finetune_root(root: str | Path | None = None) -> Path:
+    """The fine-tuning run store's folder: ``root`` or ``cache_dir()/"finetune"``."""
+    return Path(root) if root is not None else cache_dir() / "finetune"
+
+
+def finetune_store(root: str | Path | None = None) -> RunStore:
+    return RunStore(finetune_root(root))
+
+
+class FinetuneResults:
+    """Read access to a fine-tuning run folder (complete, or in progress: ``history`` is live)."""
+
+    def __init__(self, folder: str | Path, manifest: dict | None = None):
+        self.folder = Path(folder)
+        self.manifest = manifest if manifest is not None else json.loads((self.folder / "manifest.json").read_text())
+        self.run_id: str = self.manifest["run_id"]
+        self.config: dict = self.manifest["config"]
+        self.cached = False
+
+    def __repr__(self) -> str:
+        return f"FinetuneResults({self.run_id}, {self.status})"
+
+    @property
+    def status(self) -> str:
+        return self.manifest.get("status", "running")
+
+    @property
+    def method(self) -> str:
+        return self.config["method"]
+
+    @property
+    def history(self):
+        import pandas as pd
+
+        path = self.folder / "history.json"
+        rows = json.loads(path.read_text()) if path.is_file() else []
+        frame = pd.DataFrame(rows)
+        return frame.astype({c: float for c in frame.columns if c not in ("step",)}, errors="ignore")
+
+    @property
+    def evals(self) -> list[dict]:
+        path = self.folder / "evals.json"
+        return json.loads(path.read_text()) if path.is_file() else []
+
+    @property
+    def initial_eval(self) -> dict | None:
+        evals = self.evals
+        return evals[0]["metrics"] if evals else None
+
+    @property
+    def final_eval(self) -> dict | None:
+        evals = [e for e in self.evals if e.get("final")]
+        return evals[-1]["metrics"] if evals else None
+
+    def category_table(self, which: str = "harmful"):
+        """pandas DataFrame: per category, n and the initial and final rate (ASR for harmful, over-refusal
+        for benign) under the Qi keyword list."""
+        import pandas as pd
+
+        key = "asr_qi" if which == "harmful" else "over_refusal_qi"
+        rows: dict[str, dict] = {}
+        for label, metrics in (("initial", self.initial_eval), ("final", self.final_eval)):
+            for category, entry in ((metrics or {}).get(f"{which}_by_category") or {}).items():
+                rows.setdefault(category, {"category": category, "n": entry["n"]})[label] = entry[key]
+        return pd.DataFrame(list(rows.values()))
+
+    def spf_removed(self):
+        """pandas DataFrame (index: step, columns: module HF path) of ||removed||/||G|| per SPF step."""
+        import pandas as pd
+        from safetensors.numpy import load_file
+
+        path = self.folder / "spf.safetensors"
+        if not path.is_file():
+            return pd.DataFrame()
+        arrays = load_file(str(path))
+        return pd.DataFrame(arrays["removed"], index=arrays["steps"].astype(int), columns=self.manifest["spf_modules"])
+
+    @property
+    def model_path(self) -> Path | None:
+        path = self.folder / "model"
+        return path if (path / "config.json").is_file() else None
+
+
+def load_finetune_run(run_id: str, root: str | Path | None = None) -> FinetuneResults:
+    """The stored run ``run_id`` (complete or in progress)."""
+    store = finetune_store(root)
+    return FinetuneResults(store.path(run_id), store.manifest(run_id))
+
+
+def list_finetune_runs(root: str | Path | None = None):
+    """pandas.DataFrame, newest first: run_id, status, created, preset, method, model, spf settings, final
+    ASR, utility NLL."""
+    import pandas as pd
+
+    store = finetune_store(root)
+    rows = []
+    for run_id in store.run_ids():
+        try:
+            manifest = store.manifest(run_id)
+        except Exception:  # noqa: BLE001 - a damaged run is listed, not fatal
+            rows.append({"run_id": run_id, "status": "corrupted"})
+            continue
+        config = manifest.get("config", {})
+        final = manifest.get("final_metrics") or {}
+        rows.append({
+            "run_id": run_id, "status": store.status(run_id), "created": manifest.get("created"),
+            "preset": config.get("preset"), "method": config.get("method"),
+            "model": manifest.get("model", {}).get("name"),
+            "spf": spf_settings(config["spf"]) if config.get("method") == "spf" else "",
+            "steps": manifest.get("total_steps"), "asr": final.get("asr"), "utility_nll": final.get("utility_nll"),
+        })
+    columns = ["run_id", "status", "created", "preset", "method", "model", "spf", "steps", "asr", "utility_nll"]
+    frame = pd.DataFrame(rows, columns=columns)
+    return frame.sort_values("created", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def comparison_table(results: Sequence[FinetuneResults]):
+    """One row per run (Qi et al. Tables 1-3 style): initial and final keyword ASR, over-refusal, NLLs."""
+    import pandas as pd
+
+    rows = []
+    for result in results:
+        initial, final = result.initial_eval or {}, result.final_eval or {}
+        history = result.history
+        rows.append({
+            "run": result.config.get("preset"), "method": result.method,
+            "spf": spf_settings(result.config["spf"]) if result.method == "spf" else "",
+            "asr_initial": initial.get("asr"), "asr_final": final.get("asr"),
+            "asr_arditi_initial": initial.get("asr_arditi"), "asr_arditi_final": final.get("asr_arditi"),
+            "over_refusal_initial": initial.get("over_refusal"), "over_refusal_final": final.get("over_refusal"),
+            "refusal_nll_initial": initial.get("refusal_nll"), "refusal_nll_final": final.get("refusal_nll"),
+            "affirmative_nll_initial": initial.get("affirmative_nll"),
+            "affirmative_nll_final": final.get("affirmative_nll"),
+            "utility_nll_initial": initial.get("utility_nll"), "utility_nll_final": final.get("utility_nll"),
+            "spf_removed_mean": (float(history["spf_removed_mean"].mean())
+                                 if "spf_removed_mean" in history and history["spf_removed_mean"].notna().any()
+                                 else None),
+            "train_seconds": result.manifest.get("timings", {}).get("wall_seconds"),
+            "train_cpu_seconds": result.manifest.get("timings", {}).get("cpu_seconds"),
+            "run_id": result.run_id,
+        })
+    return pd.DataFrame(rows)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def format_summary(table) -> str:
+    """Text table of ``comparison_table`` rows."""
+    lines = [f"{'run':12s} {'method':44s} {'ASR 0':>6s} {'ASR':>6s} {'ASR(a)':>7s} {'overref':>8s} "
+             f"{'refNLL 0->1':>13s} {'affNLL 0->1':>13s} {'utilNLL 0->1':>13s} {'removed':>8s} {'wall/cpu s':>12s}"]
+    for _, r in table.iterrows():
+        method = r["method"] + (f" {r['spf']}" if r["spf"] else "")
+        lines.append(
+            f"{str(r['run']):12s} {method:44s} {_fmt(r['asr_initial'], '.0%'):>6s} {_fmt(r['asr_final'], '.0%'):>6s} "
+            f"{_fmt(r['asr_arditi_final'], '.0%'):>7s} {_fmt(r['over_refusal_final'], '.0%'):>8s} "
+            f"{_fmt(r['refusal_nll_initial'], '.2f'):>6s}->{_fmt(r['refusal_nll_final'], '.2f'):<6s} "
+            f"{_fmt(r['affirmative_nll_initial'], '.2f'):>6s}->{_fmt(r['affirmative_nll_final'], '.2f'):<6s} "
+            f"{_fmt(r['utility_nll_initial'], '.2f'):>6s}->{_fmt(r['utility_nll_final'], '.2f'):<6s} "
+            f"{_fmt(r['spf_removed_mean'], '.1%'):>8s} "
+            f"{_fmt(r['train_seconds'], '.0f'):>5s}/{_fmt(r['train_cpu_seconds'], '.0f'):<6s}")
+    return "\n".join(lines)
+

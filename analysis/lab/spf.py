@@ -1,0 +1,250 @@
+"""SPF, safety-preserving fine-tuning: the safety basis of every selected linear module and the projection
+of the fine-tuning gradient (or the optimizer's update) against it.
+
+SPF, sign convention (DESIGN.md "SPF step"; refinements documented here)
+-----------------------------------------------------------------------
+For a selected linear module let G_s be the safety gradient (d L_safety / d W, L_safety = CE of refusals
+on harmful prompts), G_s = sum_j s_j u_j v_j^T its SVD with s_j > 0, B_j = u_j v_j^T (orthonormal under
+<.,.>_F; B_j does not depend on the SVD's sign choice, since u_j and v_j flip together), and G_u the
+fine-tuning gradient. The optimizer moves W by dW = -lr * G_u (for SGD), so to first order
+    dL_safety = <G_s, dW> = -lr * <G_s, G_u> = -lr * sum_j s_j c_j  (+ terms outside the basis),
+with c_j = <G_u, B_j>. Since s_j > 0, component j *raises* the safety loss exactly when c_j < 0: that is
+the conflict, and "conflict" mode removes those components (``geometry.project_conflict``); afterwards
+c'_j = max(c_j, 0) >= 0, so within the top-k safety subspace the step can only lower the safety loss.
+The rule is right *because* the basis comes from the safety *gradient* (positive coefficients s_j). If one
+built the basis from the descent direction -G_s, or from a harmful/affirmative gradient, the sign flips.
+"orthogonal" mode removes U_k U_k^T G_u entirely (``geometry.project_orthogonal``): then
+<G_s, G'_u> = 0 when k covers the rank of G_s, i.e. no first-order change of the safety loss.
+
+Refinement 1 (AdamW). Adam rescales every coordinate (update = -lr * m / (sqrt(v) + eps)), which destroys
+the orthogonality of a projected *gradient*: with ``spf.target="gradient"`` (DESIGN.md's reading, the
+default) the property above holds for SGD but only approximately for AdamW. ``spf.target="update"``
+projects the optimizer's actual weight change instead: after ``optimizer.step()`` the pseudo-gradient
+P = -(W_new - W_old) is projected with the same rule and W = W_old - P'. That keeps the first-order
+guarantee under AdamW (tested), at the cost of one weight copy per step.
+Refinement 2. Basis directions with s_j <= 1e-6 s_1 (rank of G_s below k) are dropped: their singular
+vectors are arbitrary and are not part of the safety subspace.
+Refinement 3. The safety basis is computed at the weights *before* the update it is first used for:
+updates 1, R+1, 2R+1, ... compute G_s from a fresh seeded safety batch (``spf.safety_batch`` refusals of the
+``safety`` analysis split; 1 is allowed) and refresh U_k, V_k. Top-k by a seeded randomized range finder
+in torch (``spf.svd="randomized"``, the default for matrices larger than 128; ``"lowrank"`` uses
+``torch.svd_lowrank`` instead, seeded from the same generator: the same algorithm, but it works on the
+transpose of a wide matrix and draws its test matrix from the global RNG, so its bases are not bitwise
+those of "randomized" (even with the same draw, float32 rounding differs at ~1e-8), which therefore stays
+the default and keeps stored runs reproducible; ``"exact"``
+uses ``geometry.top_singular``): geometry's float64/scikit-learn path costs ~0.5 s per 1536 x 576 matrix
+on a CPU, x 210 modules per refresh.
+Option (``spf.safety_loss="contrast"``, not in DESIGN.md). Measured on the aligned SmolLM2: harmful-prefix
+fine-tuning makes the model comply while the refusal NLL barely moves (the attack raises "Sure, here is"
+rather than lowering the refusal), so a basis of the refusal-CE gradient keeps the refusal NLL flat and
+still lets ASR rise. "contrast" uses L_safety = CE(refusal) - CE(affirmative target) on the same prompts:
+its gradient also points along the compliance direction, and the same projection rules apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from analysis.core.config import ConfigError
+from analysis.lab.config import SPFConfig
+
+BASIS_RTOL = 1e-6
+
+__all__ = ["BASIS_RTOL", "SPFModule", "SPFProjector", "as_out_in", "project_gradients", "spf_modules",
+           "top_k_basis"]
+
+
+def as_out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A view of a weight-shaped tensor in (d_out, d_in) orientation (HF Conv1D stores (d_in, d_out))."""
+    from analysis.engine.capture import LAYER_TYPES
+
+    layer_type = LAYER_TYPES.get(type(module))
+    convert = getattr(layer_type, "as_out_in", None)
+    if convert is not None:
+        return convert(tensor)
+    from transformers.pytorch_utils import Conv1D
+
+    return tensor.T if isinstance(module, Conv1D) else tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# SPF pieces (public for tests and the benchmark)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SPFModule:
+    """A linear module SPF projects: HF path, layer, the nn.Module and its weight parameter."""
+
+    name: str
+    layer: int | None
+    module: nn.Module
+    weight: nn.Parameter
+
+
+def spf_modules(model: nn.Module, spf: SPFConfig) -> list[SPFModule]:
+    """The selected linear modules whose weight is trainable, in model order."""
+    from analysis.engine.capture import SelectionError, find_linear_modules, select_modules
+
+    infos = find_linear_modules(model)
+    try:
+        chosen = select_modules(infos, spf.layers, spf.kinds, spf.regex)
+    except SelectionError as error:
+        raise ConfigError(f"SPF module selection: {error}") from None
+    named = dict(model.named_modules())
+    out = [SPFModule(m.name, m.layer, named[m.name], named[m.name].weight) for m in chosen
+           if named[m.name].weight.requires_grad]
+    if not out:
+        raise ConfigError("none of the SPF modules is trainable: widen the trainable parameters or the selection")
+    return out
+
+
+def top_k_basis(G: torch.Tensor, k: int, method: str = "randomized", oversample: int = 8, power_iters: int = 2,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k singular triplets (U (m, k'), s (k',), V (p, k')) of a gradient G (m, p), k' <= k after dropping
+    directions with s_j <= BASIS_RTOL * s_1 (and all of them for a zero matrix); on G's device and dtype.
+
+    "exact" uses ``geometry.top_singular`` (float64 LAPACK); "randomized" a seeded range finder with
+    ``power_iters`` QR-stabilised power iterations in the gradient's dtype (orthonormal columns by
+    construction; the test matrix is drawn from ``generator``, on the CPU); "lowrank" ``torch.svd_lowrank``
+    with q = k + oversample and ``power_iters`` iterations, its global-RNG draw seeded from ``generator``;
+    "auto" = exact when min(m, p) <= 128, else randomized. Exact is used whenever k + oversample >= min(m, p).
+    """
+    m, p = G.shape
+    k = min(k, m, p)
+    if method == "auto":
+        method = "exact" if min(m, p) <= 128 else "randomized"
+    G = G.detach()
+    if method == "exact" or k + oversample >= min(m, p):
+        from analysis.engine.geometry import top_singular
+
+        U, s, V = top_singular(G, k, method="exact")
+        U, s, V = (torch.from_numpy(np.ascontiguousarray(x)).to(device=G.device, dtype=G.dtype) for x in (U, s, V))
+    elif method == "lowrank":
+        seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[G.device] if G.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            U, s, V = torch.svd_lowrank(G, q=k + oversample, niter=power_iters)
+        U, s, V = U[:, :k], s[:k], V[:, :k]
+    else:
+        q = k + oversample
+        omega = torch.randn(p, q, generator=generator, dtype=G.dtype).to(G.device)
+        Q = torch.linalg.qr(G @ omega).Q
+        for _ in range(power_iters):
+            Q = torch.linalg.qr(G @ torch.linalg.qr(G.T @ Q).Q).Q
+        Ub, s, Vh = torch.linalg.svd(Q.T @ G, full_matrices=False)
+        U, s, V = Q @ Ub[:, :k], s[:k], Vh[:k].T
+    if s.numel() == 0 or float(s[0]) <= 0:
+        return G.new_zeros(m, 0), G.new_zeros(0), G.new_zeros(p, 0)
+    keep = int((s > BASIS_RTOL * s[0]).sum())
+    return U[:, :keep].contiguous(), s[:keep].contiguous(), V[:, :keep].contiguous()
+
+
+def project_gradients(grads: Mapping[str, torch.Tensor], basis: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                      mode: str) -> dict[str, tuple[float, float]]:
+    """Project each (d_out, d_in) gradient view in place against its module's safety basis (U_k, V_k).
+
+    mode "conflict" -> ``geometry.project_conflict``, "orthogonal" -> ``geometry.project_orthogonal``.
+    Returns {module: (removed fraction ||G - G'|| / ||G||, ||G||)}.
+    """
+    from analysis.engine.geometry import project_conflict, project_orthogonal
+
+    out = {}
+    for name, G in grads.items():
+        U, V = basis[name]
+        norm = float(G.norm())
+        if U.shape[1] == 0:
+            out[name] = (0.0, norm)
+            continue
+        if mode == "conflict":
+            new, fraction = project_conflict(G, U, V, check=False)
+        else:
+            new, fraction = project_orthogonal(G, U, check=False)
+        G.copy_(new)
+        out[name] = (fraction, norm)
+    return out
+
+
+
+class SPFProjector:
+    """The SPF state of one run: the selected ``modules``, their safety basis {module: (U_k, V_k)}, and the
+    removed share per projected step (``removed_rows``: (step, [||removed|| / ||G|| per module])).
+
+    ``project``: False for a plain run that only measures conflicts (basis never computed). The basis is
+    refreshed at steps 1, R+1, ... from the safety gradient (:meth:`safety_gradients`).
+    """
+
+    def __init__(self, modules: list[SPFModule], spf: SPFConfig, project: bool):
+        self.modules = modules
+        self.config = spf
+        self.project = project
+        self.basis: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.removed_rows: list[tuple[int, list[float]]] = []
+
+    def refresh_due(self, step: int) -> bool:
+        return bool(self.modules) and (step - 1) % self.config.refresh == 0
+
+    def safety_gradients(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """G_safety (d_out, d_in) of every module: d ``loss`` / d W, without touching ``.grad``."""
+        grads = torch.autograd.grad(loss, [m.weight for m in self.modules])
+        return {m.name: as_out_in(m.module, g) for m, g in zip(self.modules, grads)}
+
+    def refresh_basis(self, safety: Mapping[str, torch.Tensor], step: int, generator: torch.Generator) -> None:
+        """Top-k basis of every module's safety gradient (``generator``: the step's seeded generator)."""
+        spf = self.config
+        for module in self.modules:
+            U, _, V = top_k_basis(safety[module.name], spf.k, spf.svd, spf.oversample, spf.power_iters, generator)
+            self.basis[module.name] = (U, V)
+
+    def conflict_cosines(self, safety: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """cos(G_safety, G_utility) per layer (the layer's modules taken together, ``cos/L<layer>``) and
+        their mean (``cos_mean``); G_utility is the current ``.grad``."""
+        per_layer: dict[int | None, list[float]] = {}
+        for module in self.modules:
+            G_u = as_out_in(module.module, module.weight.grad)
+            G_s = safety[module.name]
+            sums = per_layer.setdefault(module.layer, [0.0, 0.0, 0.0])
+            sums[0] += float((G_s * G_u).sum())
+            sums[1] += float(G_s.pow(2).sum())
+            sums[2] += float(G_u.pow(2).sum())
+        out = {}
+        for layer, (dot, ss, uu) in per_layer.items():
+            out[f"cos/L{layer}"] = dot / math.sqrt(ss * uu) if ss > 0 and uu > 0 else float("nan")
+        values = [v for v in out.values() if math.isfinite(v)]
+        out["cos_mean"] = float(np.mean(values)) if values else float("nan")
+        return out
+
+    def project_gradients(self) -> dict[str, tuple[float, float]]:
+        """Project every module's ``.grad`` in place (``spf.target == "gradient"``)."""
+        grads = {m.name: as_out_in(m.module, m.weight.grad) for m in self.modules}
+        with torch.no_grad():
+            return project_gradients(grads, self.basis, self.config.mode)
+
+    def projected_step(self, optimizer_step: Callable[[], None]) -> dict[str, tuple[float, float]]:
+        """``spf.target == "update"``: take the optimizer step, then project the pseudo-gradient
+        P = -(W_new - W_old) of every module and set W = W_old - P'."""
+        before = {m.name: m.weight.detach().clone() for m in self.modules}
+        optimizer_step()
+        with torch.no_grad():
+            pseudo = {m.name: before[m.name] - m.weight for m in self.modules}  # -(W_new - W_old), stored layout
+            views = {m.name: as_out_in(m.module, pseudo[m.name]) for m in self.modules}
+            removed = project_gradients(views, self.basis, self.config.mode)  # writes through the views
+            for m in self.modules:
+                m.weight.copy_(before[m.name] - pseudo[m.name])
+        return removed
+
+    def removed_metrics(self, step: int, removed: Mapping[str, tuple[float, float]]) -> dict[str, float]:
+        """``spf_removed_mean`` and ``spf_removed_total`` of a projected step (recorded in ``removed_rows``)."""
+        fractions = [removed[m.name][0] for m in self.modules]
+        norms = [removed[m.name][1] for m in self.modules]
+        total_sq = sum(n * n for n in norms)
+        self.removed_rows.append((step, fractions))
+        return {"spf_removed_mean": float(np.mean(fractions)),
+                "spf_removed_total": (math.sqrt(sum((f * n) ** 2 for f, n in zip(fractions, norms)) / total_sq)
+                                      if total_sq > 0 else 0.0)}
