@@ -108,7 +108,10 @@ def test_collection_and_evaluation_at_once_give_what_each_gives_alone(cache, tmp
     collection.execute(TaskContext())
     alone_summary = evaluation.execute(TaskContext())
     assert_same_arrays(together_arrays, arrays(collection.run_id()))
-    assert alone_summary == together_summary
+    def numbers(summary):  # where it ran and how long it took are not results
+        return {k: v for k, v in summary.items() if k not in ("folder", "seconds")}
+
+    assert numbers(alone_summary) == numbers(together_summary)
 
 
 def test_killed_worker_shows_failed_and_resubmission_resumes_identically(cache, tmp_path_factory):

@@ -55,7 +55,8 @@ def test_safety_page_evaluates_and_reuses_the_stored_result(cache):
 def test_safety_page_runs_the_alignment_job_and_reports_a_dead_worker(cache):
     """The button queues the alignment in a worker process; a worker that dies (here: killed, as by the
     out-of-memory killer) shows as failed with its last output, and the page keeps working."""
-    (cache / "models").symlink_to(ROOT / "cache" / "models")  # the converted base model (the build is not run)
+    (cache / "models").mkdir()  # the converted base model only (the build is not run)
+    (cache / "models" / "smollm2-135m-instruct").symlink_to(ROOT / "cache" / "models" / "smollm2-135m-instruct")
     at = fresh_app()
     at.switch_page("pages/safety.py").run()
     next(b for b in at.button if b.label == "Build the aligned model").click().run()
