@@ -61,9 +61,22 @@ except StoreError as error:
 
 st.subheader("Export")
 with st.container(border=True):
-    figures = common.view(run, "run_figures", common.choice("eta", 0.9))
+    st.caption("The whole-run zip and the HTML report hold every layer × module-kind heatmap, the per-module "
+               "figures of the module chosen here and the k@η heatmaps at the η chosen here (the same choices as "
+               "on the other pages), the tables, the manifest and the one-line answers.")
+    pick_module, pick_eta = st.columns([3, 2])
+    with pick_module:
+        module = common.module_picker(run, "Module for the per-module figures")
+    with pick_eta:
+        eta = st.select_slider("Energy threshold η", options=list(views.ETAS), value=common.choice("eta", 0.9),
+                               key="widget.eta.runs")
+        if eta != common.choice("eta"):
+            common.set_choice("eta", eta)
+    figures = common.view(run, "run_figures", eta, module)
     tables = common.view(run, "run_tables")
-    report = dict(summary=views.run_summary(run), notes=common.view(run, "run_answers", common.choice("eta", 0.9)))
+    choices = views.export_choices(run, eta, module)
+    report = dict(summary=views.run_summary(run), notes=common.view(run, "run_answers", eta, module),
+                  choices=choices)
     static = common.image_server()
     formats = export.IMAGE_FORMATS if static else ()
     buttons = st.columns(3)
