@@ -84,8 +84,8 @@ with st.container(border=True):
         "Whole run (.zip)", data=lambda: export.run_zip(run.run_id, figures, tables, run.manifest, formats, **report),
         file_name=export.export_filename(run.run_id, "run", "zip"), mime=export.MIME_TYPES["zip"],
         on_click="ignore", icon=":material/folder_zip:", type="primary", key="download.zip",
-        help=f"{len(figures)} figures as {', '.join(('html',) + formats)}, tables as CSV and JSON, manifest, report "
-             "(about 0.3 s per image)")
+        help=f"{len(figures)} figures as {', '.join(('html',) + formats)} (per-module figures of {module}, k@{eta:g} "
+             "heatmaps), tables as CSV and JSON, manifest, report (about 0.3 s per image)")
     buttons[1].download_button(
         "HTML report", data=lambda: export.report_html(run.run_id, figures, tables, run.manifest, **report),
         file_name=export.export_filename(run.run_id, "report", "html"), mime=export.MIME_TYPES["html"],
