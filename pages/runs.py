@@ -61,9 +61,22 @@ except StoreError as error:
 
 st.subheader("Export")
 with st.container(border=True):
-    figures = common.view(run, "run_figures", common.choice("eta", 0.9))
+    st.caption("The whole-run zip and the HTML report hold every layer × module-kind heatmap, the per-module "
+               "figures of the module chosen here and the k@η heatmaps at the η chosen here (the same choices as "
+               "on the other pages), the tables, the manifest and the one-line answers.")
+    pick_module, pick_eta = st.columns([3, 2])
+    with pick_module:
+        module = common.module_picker(run, "Module for the per-module figures")
+    with pick_eta:
+        eta = st.select_slider("Energy threshold η", options=list(views.ETAS), value=common.choice("eta", 0.9),
+                               key="widget.eta.runs")
+        if eta != common.choice("eta"):
+            common.set_choice("eta", eta)
+    figures = common.view(run, "run_figures", eta, module)
     tables = common.view(run, "run_tables")
-    report = dict(summary=views.run_summary(run), notes=common.view(run, "run_answers", common.choice("eta", 0.9)))
+    choices = views.export_choices(run, eta, module)
+    report = dict(summary=views.run_summary(run), notes=common.view(run, "run_answers", eta, module),
+                  choices=choices)
     static = common.image_server()
     formats = export.IMAGE_FORMATS if static else ()
     buttons = st.columns(3)
@@ -71,8 +84,8 @@ with st.container(border=True):
         "Whole run (.zip)", data=lambda: export.run_zip(run.run_id, figures, tables, run.manifest, formats, **report),
         file_name=export.export_filename(run.run_id, "run", "zip"), mime=export.MIME_TYPES["zip"],
         on_click="ignore", icon=":material/folder_zip:", type="primary", key="download.zip",
-        help=f"{len(figures)} figures as {', '.join(('html',) + formats)}, tables as CSV and JSON, manifest, report "
-             "(about 0.3 s per image)")
+        help=f"{len(figures)} figures as {', '.join(('html',) + formats)} (per-module figures of {module}, k@{eta:g} "
+             "heatmaps), tables as CSV and JSON, manifest, report (about 0.3 s per image)")
     buttons[1].download_button(
         "HTML report", data=lambda: export.report_html(run.run_id, figures, tables, run.manifest, **report),
         file_name=export.export_filename(run.run_id, "report", "html"), mime=export.MIME_TYPES["html"],

@@ -114,7 +114,11 @@ if not done:
 
 st.subheader("Results")
 summary = safety_views.eval_summary(done)
-common.show_table(summary)
+tables = safety_views.eval_tables(done)
+st.markdown("**Refusals**: attack success rate on harmful prompts, over-refusal on benign sensitive prompts")
+common.show_table(tables["rates"])
+st.markdown("**Likelihoods** (nats per response token, held-out prompts)")
+common.show_table(tables["likelihoods"])
 common.data_downloads(summary, "evaluation", "summary")
 figure = safety_views.category_asr_figure(done, keywords)
 common.show_figure(figure, "evaluation", f"asr_by_category_{keywords}")

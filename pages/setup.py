@@ -1,10 +1,14 @@
 """Setup — what do I analyse? Model, datasets, modules, sizes; start a collection and watch it live."""
 
+import re
+from pathlib import Path
+
 import streamlit as st
 
 from analysis.core.config import ConfigError, ModelConfig
 from analysis.core.store import RunStore
 from analysis.engine.capture import ALL_KINDS, SelectionError, select_modules
+from analysis.engine.gradients import CURVE_AUTO_LAYERS
 from analysis.llm.data import DataError, load_shipped
 from analysis.llm.models import ModelLoadError, summarize
 from ui import common
@@ -17,6 +21,20 @@ SAFETY_SETS = {"safety": "safety: harmful requests + refusals", "harmful_prefix"
 UTILITY_SETS = {"utility": "utility: benign tasks + answers", "benign_sensitive": "benign_sensitive: borderline benign",
                 "upload": "Upload a file…"}
 ALL_SPLITS = "(all)"
+CURVE_HELP = (f"'auto' (up to {CURVE_AUTO_LAYERS} layers spread evenly over the selected ones, first and last included), "
+              "'all', 'none' or a layer list such as '0,10'")
+FORM_LABELS = {"n_safety": "Safety samples n", "n_utility": "Utility samples n", "max_length": "Sequence length",
+               "top_k": "Subspace dimension k", "batch_size": "Batch size", "curve_boot": "Bootstrap subsets per n",
+               "curve_layers": "Overlap-vs-n curve layers", "gram_route": "Gram route"}
+
+
+def readable(error: Exception) -> str:
+    """An error as the form speaks: uploads by their file name, settings by their field label."""
+    text = common.readable_error(error)
+    for name, label in FORM_LABELS.items():
+        text = re.sub(rf"\b{name}\b", f"'{label}'", text)
+    return text
+
 
 st.title("What do I analyse?")
 st.caption("Pick a model, a safety set and a utility set, and which linear modules to look at. "
@@ -96,15 +114,14 @@ def dataset_picker(which: str, options: dict[str, str], default_split: str):
         reference, dataset = parsed
     else:
         dataset, reference = load_shipped(picked), picked
-    splits = [ALL_SPLITS] + sorted(dataset.splits())
+    splits = [ALL_SPLITS] + sorted(s for s in dataset.splits() if s != common.NO_LABEL)  # rows without a split: only in (all)
     remembered = common.choice(f"{which}.split.{picked}", default_split)
     split = st.selectbox("Split", splits, index=splits.index(remembered) if remembered in splits else 0,
                          key=f"widget.{which}.split.{picked}")
     if split != remembered:
         common.set_choice(f"{which}.split.{picked}", split)
     chosen = dataset if split == ALL_SPLITS else dataset.split(split)
-    categories = ", ".join(f"{k} {v}" for k, v in sorted(chosen.categories().items())[:6])
-    st.caption(f"{len(chosen)} examples" + (f" · {categories}…" if categories else ""))
+    st.caption(common.describe_dataset(chosen))
     return reference, None if split == ALL_SPLITS else split, chosen
 
 
@@ -125,10 +142,15 @@ with left:
     layers = common.remembered_widget(f"layers.{source}", st.text_input, "Layers", value=default_layers,
                                       help="'all', or a list/ranges like '0-3,7'; negative counts from the end")
     kinds = common.remembered_widget(f"kinds.{source}", st.multiselect, "Module kinds", kinds_present,
-                                     value=kinds_present)
+                                     value=kinds_present, wrap=True)  # wrap: all chips visible in a narrow column
     try:
         if not kinds:
             raise SelectionError("no module kind chosen: pick at least one")
+        if not layers.strip():  # the engine reads "" as all layers: make the user say so
+            everything = select_modules(summary.modules, "all", kinds)
+            raise SelectionError(f"The Layers field is empty. Type 'all' to analyse all {summary.n_layers} layers "
+                                 f"({len(everything)} modules: a long collection), or a list such as "
+                                 f"'{default_layers if default_layers != 'all' else '0,1'}'.")
         selected = select_modules(summary.modules, layers, kinds)
         st.caption(f"{len(selected)} modules selected: {', '.join(m.label for m in selected[:8])}"
                    + ("…" if len(selected) > 8 else ""))
@@ -142,6 +164,14 @@ with middle:
                                          value=8)
     max_length = common.remembered_widget("max_length", st.number_input, "Sequence length (tokens)",
                                           min_value=16, max_value=4096, value=128, step=16)
+    size_problems = [
+        f"{label} = {n}, but the {which} set ({Path(chosen.source).name or chosen.name}"
+        f"{f', split {split}' if split else ''}) has only {len(chosen)} examples: lower it to at most {len(chosen)}."
+        for label, which, n, chosen, split in (("Safety samples n", "safety", n_safety, safety_set, safety_split),
+                                               ("Utility samples n", "utility", n_utility, utility_set, utility_split))
+        if chosen is not None and n > len(chosen)]
+    for problem in size_problems:
+        st.error(problem)
 with right:
     top_k = common.remembered_widget("top_k", st.number_input, "Subspace dimension k", min_value=1, max_value=256,
                                      value=8)
@@ -150,7 +180,7 @@ with right:
         batch_size = common.remembered_widget("batch_size", st.number_input, "Batch size", min_value=1,
                                               max_value=256, value=8)
         curve_layers = common.remembered_widget("curve_layers", st.text_input, "Overlap-vs-n curve layers",
-                                                value="auto", help="'auto' (up to 4 layers), 'all', 'none' or '0,10'")
+                                                value="auto", help=CURVE_HELP)
         curve_boot = common.remembered_widget("curve_boot", st.number_input, "Bootstrap subsets per n",
                                               min_value=1, max_value=200, value=10)
         gram_route = common.remembered_widget("gram_route", st.selectbox, "Gram route (both exact)",
@@ -161,7 +191,7 @@ with right:
 # ---- collect ----------------------------------------------------------------------------------------
 st.header("4 · Collect", divider="gray")
 config = stored_id = None
-if safety_ref and utility_ref and selected:
+if safety_ref and utility_ref and selected and not size_problems:
     from analysis.engine.gradients import CollectionConfig
 
     try:
@@ -174,9 +204,9 @@ if safety_ref and utility_ref and selected:
         )
         stored_id = config.run_id()
     except (ConfigError, DataError, SelectionError, ModelLoadError) as error:
-        st.error(str(error))
+        st.error(readable(error))
         config = None
-else:
+elif not size_problems:
     st.info("Choose a safety set, a utility set and at least one module to collect.")
 
 

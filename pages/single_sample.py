@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from analysis.views import collection as views
 from ui import common
 
 common.run_inside_app()
@@ -38,10 +39,13 @@ else:
 
 st.subheader("Best and worst samples")
 columns = ["id", "category", "phi", "top1", "loss", "prompt"]
-ranked = scores.sort_values("phi", ascending=False)[[c for c in columns if c in scores]]
+best_rows, worst_rows = views.best_and_worst(scores[[c for c in columns if c in scores]])
+if len(best_rows) < 5:
+    st.caption(f"{len(scores)} samples: the {len(best_rows)} closest and the {len(worst_rows)} furthest, "
+               "so that no sample is in both tables.")
 best, worst = st.columns(2)
 best.markdown("**Closest to the batch subspace**")
-best.dataframe(ranked.head(5), hide_index=True, width="stretch")
+best.dataframe(best_rows, hide_index=True, width="stretch")
 worst.markdown("**Furthest from it**")
-worst.dataframe(ranked.tail(5).iloc[::-1], hide_index=True, width="stretch")
+worst.dataframe(worst_rows, hide_index=True, width="stretch")
 common.data_downloads(scores, run.run_id, "single_sample_safety")

@@ -35,6 +35,9 @@ with right:
 st.subheader("Across layers and modules")
 metric = st.radio("Metric", list(views.RANK_METRICS), format_func=lambda m: views.RANK_METRICS[m].replace("η", f"η={eta:g}"),
                   horizontal=True, key="widget.rank_metric")
+if metric != "k_eta":  # the answer above counts k@η; this one follows the chosen metric and its direction
+    st.markdown(common.view(run, "low_rank_answer", eta, None, metric))
+st.caption(f"Ratio safety / utility: {views.ratio_reading(metric, eta)}.")
 heatmaps = common.view(run, "rank_heatmaps", metric, eta)
 left, right = st.columns(2)
 with left:

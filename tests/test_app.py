@@ -105,6 +105,39 @@ def test_empty_module_selection_shows_error(cache):
     assert not at.button  # nothing to collect
 
 
+def test_empty_layers_field_asks_for_all_instead_of_selecting_everything(cache):
+    at = fresh_app().run()
+    at.text_input(key="widget.layers.tiny-llama").set_value("").run()
+    no_exceptions(at)
+    assert any("Layers field is empty" in e.value and "'all'" in e.value and "14 modules" in e.value for e in at.error)
+    assert not at.button  # nothing to collect until the user says 'all'
+    at.text_input(key="widget.layers.tiny-llama").set_value("all").run()
+    assert [b.label for b in at.button] == ["Collect"]
+
+
+def test_setup_texts_match_what_happens(cache):
+    from analysis.engine.gradients import CURVE_AUTO_LAYERS
+
+    at = fresh_app().run()
+    no_exceptions(at)
+    assert f"up to {CURVE_AUTO_LAYERS} layers" in at.text_input(key="widget.curve_layers").help
+    assert at.multiselect(key="widget.kinds.tiny-llama").proto.wrap  # every kind chip visible in the column
+    assert not any("(none)" in c.value for c in at.caption)
+    at.number_input(key="widget.n_safety").set_value(500).run()
+    no_exceptions(at)
+    message = " ".join(e.value for e in at.error)
+    assert "Safety samples n = 500" in message and "only 154 examples" in message and "field 'n'" not in message
+    assert not at.button
+
+
+def test_loading_spinner_names_the_model():
+    from ui.common import loading_message
+
+    text = loading_message("some-org/some-model")
+    assert "some-org/some-model" in text and "embedded" not in text and "convert" not in text
+    assert "Tiny random Llama" in loading_message("tiny-llama")
+
+
 def test_collection_runs_to_the_end_and_reselecting_loads_instantly(cache):
     at = fresh_app().run()
     at.button[0].click().run()
@@ -174,9 +207,17 @@ def upload_script():
         def getvalue(self) -> bytes:
             return self.data
 
+    from analysis.llm.data import DataError, load_any
+    from ui.common import describe_dataset, readable_error
+
     bad = read_upload(Upload("bad.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "only a prompt"}\n'))
-    good = read_upload(Upload("good.csv", b"prompt,response\nhello,hi there\n"))
+    good = read_upload(Upload("good.csv", b"prompt,response,category\nhello,hi there,\nhey,ho,greeting\n"))
     st.write(f"bad={bad is None} good={good[1].name if good else None}")
+    try:
+        load_any(good[0]).take(10)
+    except DataError as error:  # what the Setup page shows when n is too large for the upload
+        st.write(f"later: {readable_error(error)}")
+    st.write(f"caption: {describe_dataset(good[1])}")
 
 
 def test_collection_can_be_cancelled(cache):
@@ -196,8 +237,12 @@ def test_bad_upload_shows_error(cache):
     # AppTest cannot drive a file upload: run the page's upload reader on upload-like objects.
     script = AppTest.from_function(upload_script, default_timeout=60).run()
     no_exceptions(script)
-    assert len(script.error) == 1 and "bad.jsonl" in script.error[0].value and "line 2" in script.error[0].value
+    assert len(script.error) == 1 and "line 2" in script.error[0].value
+    assert script.error[0].value.count("bad.jsonl") == 1  # the file is named once
     assert "bad=True good=good" in script.markdown[0].value
+    later = script.markdown[1].value
+    assert "good.csv" in later and "uploads" not in later and str(cache) not in later and "_good" not in later
+    assert script.markdown[2].value == "caption: 2 examples · categories: greeting 1 · 1 without a category"
     assert len(list((cache / "uploads").iterdir())) == 1  # the good file is kept for the run's config
 
 
@@ -223,6 +268,13 @@ def test_spectra_page(collected):
     spectrum = next(s for s in specs if s["layout"]["title"]["text"].startswith("Singular"))
     assert spectrum["layout"]["yaxis"]["type"] == "log"
     assert any("energy lies in" in i.value for i in at.info)
+    assert any("tied in" in i.value and "Verdict: counted per module" in i.value for i in at.info)
+    at.radio(key="widget.rank_metric").set_value("top1_energy").run()
+    no_exceptions(at)
+    ratio = next(s for s in chart_specs(at) if s["layout"]["title"]["text"].startswith("Safety / utility ratio"))
+    assert ratio["layout"]["title"]["subtitle"]["text"].startswith("above 1: safety puts more of its energy")
+    assert any("strictly larger CER(1)" in m.value for m in at.markdown)
+    assert not any("fewer directions" in c.value for c in at.caption)
     at.radio(key="widget.rank_metric").set_value("effective_rank").run()
     no_exceptions(at)
     labels = [b.label for b in at.get("download_button")]
@@ -249,6 +301,8 @@ def test_single_sample_page(collected):
     assert any(t.startswith("Does one sample") for t in titles)
     assert any(t.startswith("How many samples") for t in titles)
     assert len(at.dataframe) >= 2  # best and worst samples
+    best, worst = at.dataframe[-2].value, at.dataframe[-1].value
+    assert len(best) == len(worst) == 2 and not set(best["id"]) & set(worst["id"])  # n = 4: no overlap
     at.selectbox(key=f"widget.sample.{collected.run_id}").set_value(1).run()
     no_exceptions(at)
 
@@ -275,6 +329,43 @@ def test_whole_run_export(collected):
     assert "Is safety low-rank?" in report and "<details>" in report
 
 
+def test_whole_run_export_uses_and_states_the_shown_choices(collected):
+    import io
+    import zipfile
+
+    from analysis.views import collection as views
+    from analysis.views import export
+
+    module = views.module_labels(collected)[-1]
+    assert module != views.default_module(collected)
+    figures = views.run_figures(collected, 0.8, module)
+    assert {f"spectra_{module}", f"cer_{module}", f"pair_cosines_{module}", "k80_ratio"} <= set(figures)
+    assert not any(views.default_module(collected) in name for name in figures if name.startswith("spectra"))
+    choices = views.export_choices(collected, 0.8, module)
+    report = export.report_html(collected.run_id, figures, {}, collected.manifest, choices=choices,
+                                notes=views.run_answers(collected, 0.8, module))
+    assert "What this export contains" in report and module in report and "k@0.8" in report
+    archive = zipfile.ZipFile(io.BytesIO(export.run_zip(collected.run_id, figures, {}, collected.manifest, (),
+                                                        choices=choices)))
+    manifest = json.loads(archive.read("manifest.json"))
+    assert manifest["choices"]["η (k@η heatmaps and answers)"] == 0.8 and module in json.dumps(manifest["choices"])
+
+
+def test_runs_page_export_follows_its_module_and_eta(collected):
+    from analysis.views import collection as views
+
+    module = views.module_labels(collected)[-1]
+    at = fresh_app()
+    at.switch_page("pages/runs.py").run()
+    no_exceptions(at)
+    at.selectbox(key=f"widget.module.{collected.run_id}").set_value(module).run()
+    at.select_slider(key="widget.eta.runs").set_value(0.8).run()
+    no_exceptions(at)
+    options = at.selectbox(key="widget.runs.figure").options
+    assert f"spectra_{module}" in options and "k80_ratio" in options
+    assert any("per-module figures" in c.value for c in at.caption)
+
+
 def test_runs_page_lists_compares_exports_and_deletes(collected, tiny_llama):  # deletes runs: keep it last
     second = collect(CollectionConfig(model="tiny-llama", **{**SMALL, "seed": 1}), model=tiny_llama)
     at = fresh_app()
@@ -286,6 +377,8 @@ def test_runs_page_lists_compares_exports_and_deletes(collected, tiny_llama):  #
     assert chart_specs(at)
     titles = [spec["layout"]["title"]["text"] for spec in chart_specs(at)]
     assert any(t.endswith("by run") for t in titles)  # comparison of the two runs
+    compare = next(spec for spec in chart_specs(at) if spec["layout"]["title"]["text"].endswith("by run"))
+    assert all("tiny-llama" in trace["name"] and "n = 4+4" in trace["name"] for trace in compare["data"])
     subtitles = [spec["layout"]["title"].get("subtitle", {}).get("text", "") for spec in chart_specs(at)]
     assert f"run {collected.run_id}" in subtitles and f"run {second.run_id}" in subtitles  # side by side
     for _ in range(2):

@@ -364,7 +364,7 @@ def test_hexphi_mapping_order():
 
 def test_prompt_only_needs_opt_in(tmp_path):
     p = _w(tmp_path, "po.jsonl", '{"prompt": "a"}\n{"prompt": "b", "response": null}\n')
-    with pytest.raises(DataError, match=r"po\.jsonl, line 1, field 'response'.*require_response=False"):
+    with pytest.raises(DataError, match=r"po\.jsonl, lines 1, 2, field 'response'.*require_response=False"):
         load_jsonl(p)
     ds = load_jsonl(p, require_response=False)
     assert ds.prompts_only and [e.response for e in ds] == ["", ""]
@@ -449,6 +449,29 @@ def test_jsonl_errors_name_file_line_field(content, line, field):
 def test_malformed_json_says_how_to_fix():
     msg = _err(GOOD + "{oops\n", "f.jsonl")
     assert "expected a JSON object with 'prompt' and 'response' or 'messages'" in msg
+
+
+def test_jsonl_reports_the_first_bad_lines_with_their_numbers():
+    bad = GOOD + "{oops\n" + GOOD + '{"prompt": "x"}\n' + "[1]\n" * 6
+    with pytest.raises(DataError) as error:
+        load_bytes(bad.encode(), "many.jsonl")
+    msg = str(error.value)
+    assert msg.count("many.jsonl") == 1 and "8 bad lines" in msg
+    assert error.value.lines == [2, 4, 5, 6, 7]  # the first MAX_REPORTED_LINES
+    for part in ("line 2: malformed JSON", "line 4, field 'response': is missing", "line 7: got a JSON array",
+                 "and 3 more"):
+        assert part in msg, msg
+    assert "line 8" not in msg
+    same = _err('{"prompt": "a"}\n' * 7, "same.jsonl")  # one problem on every line is said once
+    assert same.startswith("same.jsonl, lines 1, 2, 3, 4, 5 and 2 more, field 'response': is missing"), same
+    one = _err(GOOD + "{oops\n", "one.jsonl")  # a single bad line keeps the one-line form
+    assert one.startswith("one.jsonl, line 2: malformed JSON") and "bad lines" not in one
+
+
+def test_take_too_many_speaks_of_examples_not_a_field():
+    with pytest.raises(DataError) as error:
+        _ds().take(21, 0)
+    assert "field" not in str(error.value) and "at most 20" in str(error.value)
 
 
 def test_duplicate_ids_name_both_lines():

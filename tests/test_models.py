@@ -42,6 +42,45 @@ def test_unknown_hub_id_offline_gives_clear_error():
         load_model("no-such-org/no-such-model-xyz")
 
 
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """Downloads allowed, but the hub endpoint is a localhost socket that accepts and never answers (what a
+    machine without internet sees as a hang); HF_HOME is empty so nothing is cached."""
+    import socket
+
+    from huggingface_hub import constants
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    yield endpoint
+    server.close()
+
+
+def test_unknown_hub_id_fails_fast_when_the_hub_is_unreachable(unreachable_hub):
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError) as error:
+        load_model("no-such-org/no-such-model-xyz")
+    assert time.perf_counter() - start < 10
+    message = str(error.value)
+    assert "cannot be reached" in message and "hf download no-such-org/no-such-model-xyz" in message
+
+
+def test_hub_check_honours_offline_mode(monkeypatch):
+    from analysis.llm.models import hub_offline, hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    assert hub_offline() and not hub_reachable()
+    assert time.perf_counter() - start < 0.5
+
+
 def test_folder_without_checkpoint_gives_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="not a Hugging Face model checkpoint"):
         load_model(str(tmp_path))

@@ -38,9 +38,9 @@ def test_safety_page_evaluates_and_reuses_the_stored_result(cache):
     finish("evaluate")
     at.run()
     no_exceptions(at)
-    summary = at.dataframe[0].value
-    assert list(summary["model"]) == ["Tiny random Llama (2 layers, demo)"] and summary["harmful prompts"][0] == 6
-    assert 0 <= summary["ASR (Qi)"][0] <= 1 and summary["refusal NLL"][0] > 0
+    rates, likelihoods = at.dataframe[0].value, at.dataframe[1].value  # two narrow tables, not one cut-off one
+    assert list(rates["model"]) == ["Tiny random Llama (2 layers, demo)"] and rates["harmful prompts"][0] == 6
+    assert 0 <= rates["ASR (Qi)"][0] <= 1 and likelihoods["refusal NLL"][0] > 0
     titles = [s["layout"]["title"]["text"] for s in chart_specs(at)]
     assert "Attack success rate per HEx-PHI category" in titles
     assert not any(b.label == "Evaluate" for b in at.button)  # stored: nothing left to run

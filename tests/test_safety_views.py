@@ -28,6 +28,16 @@ def test_eval_summary_and_category_rates_follow_the_keyword_list():
     assert list(figure.data[0].y) == [0.5, 0.25] and figure.layout.yaxis.tickformat == ".0%"
 
 
+def test_eval_tables_are_narrow_enough_to_read_without_scrolling():
+    results = {"base": fake_eval({"malware": 1.0}), "aligned": fake_eval({"malware": 0.0})}
+    tables = safety_views.eval_tables(results)
+    assert list(tables) == ["rates", "likelihoods"] and all(len(t.columns) <= 7 for t in tables.values())
+    assert "ASR (Qi)" in tables["rates"] and "refusal NLL" in tables["likelihoods"]
+    assert "judge mean score" not in tables["likelihoods"]  # no judge: no empty column
+    shown = set().union(*(t.columns for t in tables.values()))
+    assert shown == set(safety_views.eval_summary(results).dropna(axis=1, how="all").columns)
+
+
 def test_finetune_curves_one_line_per_arm_spanning_all_steps():
     plain = pd.DataFrame({"step": [0, 1, 2, 3], "refusal_nll": [2.0, 2.5, 3.0, 3.5], "cos_mean": [None, -0.2, None, None]})
     spf = pd.DataFrame({"step": [0, 1, 2, 3], "refusal_nll": [2.0, 2.1, 2.1, 2.2], "cos_mean": [None, -0.1, None, None]})

@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -138,13 +138,34 @@ def aligned_model_available() -> bool:
         return False
 
 
-@st.cache_resource(show_spinner="Loading the model (the embedded default is converted once, ~20 s)…", max_entries=3)
-def load_model(source: str, dtype: str = "float32", allow_pickle: bool = False, trust_remote_code: bool = False):
-    """``analysis.llm.models.load_model`` once per process and model (raises ModelLoadError)."""
+def loading_message(source: str) -> str:
+    """Spinner text that names the model being loaded and where it comes from."""
+    from analysis.llm.models import DEFAULT_NAME, TINY_SOURCES, models_dir
+
+    label = MODEL_CHOICES.get(source, source)
+    if source in TINY_SOURCES:
+        return f"Building {label}…"
+    if source == "default" and not (models_dir() / DEFAULT_NAME / "model.safetensors").is_file():
+        return f"Loading {label}: converting the embedded GGUF once (~20 s)…"
+    if source in MODEL_CHOICES or Path(source).expanduser().is_dir():
+        return f"Loading {label}…"
+    return (f"Loading {source} from the local Hugging Face cache (the hub is asked only if it answers within "
+            "a few seconds)…")
+
+
+@st.cache_resource(show_spinner=False, max_entries=3)
+def _load_model(source: str, dtype: str, allow_pickle: bool, trust_remote_code: bool):
     from analysis.core.config import ModelConfig
     from analysis.llm.models import load_model as load
 
     return load(ModelConfig(source=source, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
+
+
+def load_model(source: str, dtype: str = "float32", allow_pickle: bool = False, trust_remote_code: bool = False):
+    """``analysis.llm.models.load_model`` once per process and model (raises ModelLoadError), under a spinner
+    that names the model."""
+    with st.spinner(loading_message(source), show_time=True):
+        return _load_model(source, dtype, allow_pickle, trust_remote_code)
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
@@ -228,6 +249,9 @@ def module_picker(run, label: str = "Module", options: list[str] | None = None, 
 # -------------------------------------------------------------------------------------------------
 
 
+UPLOAD_NAMES = "upload.names"  # session key: {saved path: the file name the user uploaded}
+
+
 def save_upload(data: bytes, filename: str) -> Path:
     """Keep an uploaded dataset under ``<cache>/uploads/<sha>_<name>`` (content-addressed, so the run id
     follows the content) and return its path for ``CollectionConfig``."""
@@ -249,9 +273,35 @@ def read_upload(upload):
     try:
         dataset = load_bytes(upload.getvalue(), upload.name)
     except DataError as error:
-        st.error(f"{upload.name}: {error}")
+        st.error(str(error) if error.file else f"{upload.name}: {error}")  # the message names the file already
         return None
-    return str(save_upload(upload.getvalue(), upload.name)), dataset
+    path = save_upload(upload.getvalue(), upload.name)
+    st.session_state.setdefault(UPLOAD_NAMES, {})[str(path)] = upload.name
+    return str(path), dataset
+
+
+NO_LABEL = "(none)"  # what Dataset.splits() / categories() call rows without one
+
+
+def describe_dataset(dataset, shown: int = 6) -> str:
+    """'12 examples · categories: a 5, b 4, … · 3 without a category'."""
+    counts = dataset.categories()
+    named = [f"{name} {count}" for name, count in sorted(counts.items()) if name != NO_LABEL]
+    text = f"{len(dataset)} examples"
+    if named:
+        text += " · categories: " + ", ".join(named[:shown]) + (", …" if len(named) > shown else "")
+    if NO_LABEL in counts:
+        text += f" · {counts[NO_LABEL]} without a category"
+    return text
+
+
+def readable_error(error: Exception) -> str:
+    """The error's text with saved uploads (``<cache>/uploads/<sha>_<name>``, and the dataset name derived
+    from it) shown as the file name the user uploaded."""
+    text = str(error)
+    for path, name in st.session_state.get(UPLOAD_NAMES, {}).items():
+        text = text.replace(path, name).replace(Path(path).stem, Path(name).stem)
+    return text
 
 
 # -------------------------------------------------------------------------------------------------

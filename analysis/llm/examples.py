@@ -36,6 +36,7 @@ class DataError(ValueError):
         self.problem = problem
         self.file = file
         self.line = line
+        self.lines = [line] if line is not None else []  # every bad line reported (several for JSON Lines)
         self.field = field
         self.fix = fix
         parts = []
@@ -306,12 +307,12 @@ class Dataset:
         ``take(50)``, which is a subset of ``take(100)`` - handy for k-shot attacks.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise DataError(f"n must be a non-negative integer, got {n!r}", field="n")
+            raise DataError(f"the number of examples must be a non-negative integer, got {n!r}")
         if n > len(self.examples):
             raise DataError(
                 f"asked for {n} examples but dataset {self.name!r} has only {len(self.examples)}",
                 file=self.source or None,
-                field="n",
+                fix=f"ask for at most {len(self.examples)}",
             )
         ranked = sorted(range(len(self.examples)), key=lambda i: _digest(f"{seed}:{self.examples[i].id}"))
         keep = sorted(ranked[:n])

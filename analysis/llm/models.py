@@ -313,13 +313,58 @@ def load_model(config: ModelConfig | str = "default", progress: Progress | None 
     return LoadedModel(model, tokenizer, config.source, name, identity, time.perf_counter() - start)
 
 
+#: Seconds to wait for the Hugging Face hub before treating it as unreachable (one check per load).
+HUB_CHECK_SECONDS = 3.0
+
+
+def hub_offline() -> bool:
+    """True when downloads are switched off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(f and f.strip().lower() not in ("0", "false", "no", "off")
+                                                  for f in flags)
+
+
+def hub_reachable(timeout: float = HUB_CHECK_SECONDS) -> bool:
+    """One HEAD request to the hub endpoint (``HF_ENDPOINT``, default https://huggingface.co); True if any
+    HTTP answer comes back within ``timeout`` seconds (DNS included). False when offline mode is on."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if hub_offline():
+        return False
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
+            answer.append(True)
+        except urllib.error.HTTPError:  # the hub answered (e.g. 404): it is reachable
+            answer.append(True)
+        except Exception:  # no route, refused, DNS failure, timeout
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True, name="hub-check")
+    thread.start()
+    thread.join(timeout + 0.5)  # urlopen's timeout does not cover DNS: do not wait for a hung lookup
+    return bool(answer and answer[0])
+
+
 def _load_with_clear_errors(location: str, config: ModelConfig, dtype: torch.dtype, is_folder: bool):
-    offline = is_folder or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    """Local files first; the hub only when a single quick check finds it reachable (no long retries offline)."""
+    reachable = None
     try:
         try:
             return _load_pretrained(location, config, dtype, local_only=True)
         except OSError:
-            if offline:
+            if is_folder:
+                raise
+            reachable = hub_reachable()
+            if not reachable:
                 raise
             return _load_pretrained(location, config, dtype, local_only=False)
     except ModelLoadError:
@@ -333,10 +378,17 @@ def _load_with_clear_errors(location: str, config: ModelConfig, dtype: torch.dty
                     "allow them explicitly ('allow pickle') only for a model you trust")
         elif is_folder:
             hint = "the folder is not a Hugging Face model checkpoint (config.json + weights + tokenizer)"
+        elif reachable is False:
+            why = ("downloads are switched off (HF_HUB_OFFLINE)" if hub_offline()
+                   else "the Hugging Face hub cannot be reached from this machine")
+            hint = (f"it is not in the local Hugging Face cache and {why}. Download it where there is internet "
+                    f"('hf download {location}') and copy the Hugging Face cache (~/.cache/huggingface) here, "
+                    "or give a local checkpoint folder")
+        elif reachable is None:
+            hint = "its files in the local Hugging Face cache could not be loaded"
         else:
-            hint = ("it is not in the local Hugging Face cache and this machine cannot download it. "
-                    f"Download it where there is internet ('hf download {location}') and copy the "
-                    "cache here, or give a local checkpoint folder")
+            hint = ("it is not in the local Hugging Face cache and the hub did not provide it (check the id, "
+                    f"e.g. on https://huggingface.co/{location}). Or give a local checkpoint folder")
         raise ModelLoadError(f"Could not load model {location!r}: {hint}. ({type(error).__name__}: "
                              f"{text.splitlines()[0][:300] if text else ''})") from error
 

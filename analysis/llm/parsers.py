@@ -37,6 +37,8 @@ HEXPHI_CATEGORIES: tuple[str, ...] = (
 )
 
 #: Values accepted for ``kind=`` by :func:`load_any` and :func:`load_bytes`.
+#: A JSON Lines file with bad lines reports this many of them (with line numbers) in one error.
+MAX_REPORTED_LINES = 5
 KINDS = ("jsonl", "json", "csv", "advbench", "hexphi")
 
 _FIX_ROW = "expected a JSON object with 'prompt' and 'response' or 'messages'"
@@ -180,23 +182,56 @@ def _stem(file: str) -> str:
     return name or "data"
 
 
+def _combine(errors: list[DataError], total: int, file: str) -> DataError:
+    """One DataError for ``total`` bad lines of which ``errors`` are the first :data:`MAX_REPORTED_LINES`:
+    their line numbers (also in ``.lines``) and problems, and how many more there are. The same problem on
+    every line is said once."""
+    if total == 1:
+        return errors[0]
+    more = f" and {total - len(errors)} more" if total > len(errors) else ""
+    fixes = list(dict.fromkeys(e.fix for e in errors if e.fix))
+    fixes = [f for f in fixes if not any(f != g and f in g for g in fixes)]  # drop a fix another one repeats
+    if len({(e.problem, e.field) for e in errors}) == 1:
+        first = errors[0]
+        numbers = ", ".join(str(e.line) for e in errors) + more
+        error = DataError(first.problem, file=file, line=numbers, field=first.field,  # type: ignore[arg-type]
+                          fix="; ".join(fixes) or None, where="lines")
+    else:
+        def one(e: DataError) -> str:
+            return f"line {e.line}" + (f", field '{e.field}'" if e.field else "") + f": {e.problem}"
+
+        error = DataError(f"{total} bad lines \u2014 " + "; ".join(one(e) for e in errors) + (f";{more}" if more else ""),
+                          file=file, fix="; ".join(fixes) or None)
+    error.line, error.lines = errors[0].line, [e.line for e in errors]
+    return error
+
+
 def parse_jsonl(data: bytes, file: str, require_response: bool) -> Dataset:
     text = _decode(data, file)
     stem = _stem(file)
     items: list[tuple[Example, Where]] = []
+    errors: list[DataError] = []
+    bad = 0
     for n, line in _lines(text):
         if not line.strip():
             continue
         at = Where(file, n)
         try:
-            row = json.loads(line)
-        except RecursionError:
-            raise at.error("JSON is nested too deeply", None, _FIX_ROW) from None
-        except json.JSONDecodeError as e:
-            raise at.error(f"malformed JSON ({e.msg} at column {e.colno})", None, _FIX_ROW + ", one per line") from None
-        except ValueError as e:  # e.g. integers longer than Python's digit limit
-            raise at.error(f"malformed JSON ({e})", None, _FIX_ROW + ", one per line") from None
-        items.append((_row_to_example(row, at, f"{stem}-{len(items) + 1:04d}", require_response), at))
+            try:
+                row = json.loads(line)
+            except RecursionError:
+                raise at.error("JSON is nested too deeply", None, _FIX_ROW) from None
+            except json.JSONDecodeError as e:
+                raise at.error(f"malformed JSON ({e.msg} at column {e.colno})", None, _FIX_ROW + ", one per line") from None
+            except ValueError as e:  # e.g. integers longer than Python's digit limit
+                raise at.error(f"malformed JSON ({e})", None, _FIX_ROW + ", one per line") from None
+            items.append((_row_to_example(row, at, f"{stem}-{len(items) + bad + 1:04d}", require_response), at))
+        except DataError as e:  # keep going: report the first few bad lines at once
+            bad += 1
+            if len(errors) < MAX_REPORTED_LINES:
+                errors.append(e)
+    if errors:
+        raise _combine(errors, bad, file)
     return _build(stem, file, data, items, _FIX_ROW + ", one per line")
 
 

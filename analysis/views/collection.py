@@ -24,6 +24,28 @@ RANK_METRICS = {
     "stable_rank": "stable rank ‖G‖²_F / s₁² (directions)",
     "top1_energy": "energy in the top direction, CER(1) (fraction)",
 }
+#: Which way a rank metric points: +1 = a larger value means more directions (higher rank); -1 = a larger
+#: value means more energy in the top direction (lower rank). Every caption and answer reads it from here.
+RANK_DIRECTION = {"effective_rank": 1, "k_eta": 1, "stable_rank": 1, "top1_energy": -1}
+
+
+def metric_name(metric: str, eta: float = 0.9) -> str:
+    """Short name of a rank metric for titles and sentences, e.g. ``k@0.9``, ``CER(1)``."""
+    return {"k_eta": f"k@{eta:g}", "top1_energy": "CER(1)"}.get(metric, metric.replace("_", " "))
+
+
+def ratio_reading(metric: str, eta: float = 0.9) -> str:
+    """How to read the safety/utility ratio of a rank metric (its direction decides which side is lower-rank)."""
+    name = metric_name(metric, eta)
+    if RANK_DIRECTION[metric] > 0:
+        return f"below 1: safety needs fewer directions than utility (smaller {name}, lower-rank); above 1: more"
+    return (f"above 1: safety puts more of its energy in its top direction than utility (larger {name}, "
+            "lower-rank); below 1: less")
+
+
+def directions(k: float) -> str:
+    """``1 direction``, ``7.5 directions``."""
+    return f"{k:g} direction{'' if k == 1 else 's'}"
 
 
 def eta_column(eta: float) -> str:
@@ -72,26 +94,53 @@ def spectra_figures(run, module: str, eta: float = 0.9, normalise: bool = True) 
 
 
 def rank_heatmaps(run, metric: str = "k_eta", eta: float = 0.9) -> dict[str, go.Figure]:
-    """Layer x module-kind heatmaps of a rank metric for safety, utility, and their ratio safety/utility."""
+    """Layer x module-kind heatmaps of a rank metric for safety, utility, and their ratio safety/utility
+    (its subtitle says which side of 1 is lower-rank for this metric, see RANK_DIRECTION)."""
     column = _metric_column(metric, eta)
     title_metric = RANK_METRICS[metric].replace("η", f"η={eta:g}")
+    name = metric_name(metric, eta)
     table = run.table
     out = {}
     for which in SETS:
         frame = table.assign(value=table[f"{which}_{column}"])
-        out[which] = fig.layer_kind_heatmap(frame, "value", f"{which.capitalize()} gradient",
-                                            metric.replace("_", " ").replace("k eta", f"k@{eta:g}"),
+        out[which] = fig.layer_kind_heatmap(frame, "value", f"{which.capitalize()} gradient", name,
                                             number_format=".0f" if metric == "k_eta" else ".3g", subtitle=title_metric)
     ratio = table[f"safety_{column}"] / table[f"utility_{column}"].replace(0, np.nan)
-    out["ratio"] = fig.layer_kind_heatmap(table.assign(value=ratio), "value",
-                                          f"Safety / utility ratio of {metric.replace('_', ' ').replace('k eta', f'k@{eta:g}')}",
+    out["ratio"] = fig.layer_kind_heatmap(table.assign(value=ratio), "value", f"Safety / utility ratio of {name}",
                                           "ratio (log colour)", log_colors=True, number_format=".2f",
-                                          subtitle="below 1: safety needs fewer directions than utility")
+                                          subtitle=ratio_reading(metric, eta))
     return out
 
 
-def low_rank_answer(run, eta: float = 0.9, module: str | None = None) -> str:
-    """One line with numbers: how many directions hold eta of the energy, safety vs utility."""
+def rank_comparison(run, metric: str = "k_eta", eta: float = 0.9) -> dict[str, Any]:
+    """Module-by-module comparison of a rank metric: counts of modules where safety is strictly lower-rank,
+    strictly higher-rank, or tied (equal, or a value missing), the median per-module ratio safety/utility, and
+    each set's own median / min / max. "Lower-rank" follows RANK_DIRECTION (smaller k, larger CER(1))."""
+    column = _metric_column(metric, eta)
+    safety, utility = run.table[f"safety_{column}"].astype(float), run.table[f"utility_{column}"].astype(float)
+    smaller, larger = int((safety < utility).sum()), int((safety > utility).sum())
+    lower, higher = (smaller, larger) if RANK_DIRECTION[metric] > 0 else (larger, smaller)
+    ratio = safety / utility.replace(0, np.nan)
+    return {"n": len(safety), "lower": lower, "higher": higher, "ties": len(safety) - lower - higher,
+            "median_ratio": float(ratio.median()) if ratio.notna().any() else float("nan"),
+            "safety": (float(safety.median()), float(safety.min()), float(safety.max())),
+            "utility": (float(utility.median()), float(utility.min()), float(utility.max()))}
+
+
+def _verdict(counts: Mapping[str, Any]) -> str:
+    """The per-module verdict: a strict majority of all modules, else no verdict."""
+    n = counts["n"]
+    if counts["lower"] * 2 > n:
+        return f"counted per module, safety is lower-rank than utility in most modules ({counts['lower']} of {n})"
+    if counts["higher"] * 2 > n:
+        return f"counted per module, safety is higher-rank than utility in most modules ({counts['higher']} of {n})"
+    return f"counted per module, neither set is lower-rank in a majority of the {n} modules"
+
+
+def low_rank_answer(run, eta: float = 0.9, module: str | None = None, metric: str = "k_eta") -> str:
+    """One line with numbers, safety vs utility. With ``module``: how many directions hold eta of the energy
+    there. Without: the module-by-module comparison of ``metric`` (lower / higher / tied counts, median
+    ratio), the verdict from that count, and each set's own median."""
     table = run.table
     column = eta_column(eta)
     if module:
@@ -100,11 +149,21 @@ def low_rank_answer(run, eta: float = 0.9, module: str | None = None) -> str:
                 f"of {min(int(row['d_out']), int(row['d_in']))} directions; utility needs k = "
                 f"{int(row[f'utility_{column}'])} (effective rank {row['safety_effective_rank']:.1f} vs "
                 f"{row['utility_effective_rank']:.1f}).")
-    safety, utility = table[f"safety_{column}"], table[f"utility_{column}"]
-    lower = int((safety < utility).sum())
-    return (f"Across {len(table)} modules, {eta:.0%} of the safety energy lies in a median k = {safety.median():g} "
-            f"directions (range {safety.min():g}-{safety.max():g}); utility needs a median k = {utility.median():g}. "
-            f"Safety is lower-rank than utility in {lower} of {len(table)} modules.")
+    counts = rank_comparison(run, metric, eta)
+    name, n = metric_name(metric, eta), counts["n"]
+    number = (lambda v: f"{v:g}") if metric == "k_eta" else (lambda v: f"{v:.3g}")
+    if RANK_DIRECTION[metric] > 0:
+        held = f" to hold {eta:.0%} of the energy" if metric == "k_eta" else ""
+        lower = f"safety needs fewer directions than utility{held} (strictly smaller {name})"
+    else:
+        lower = f"safety puts more of its energy in its top direction than utility (strictly larger {name})"
+    (s_med, s_min, s_max), (u_med, u_min, u_max) = counts["safety"], counts["utility"]
+    return (f"Module by module, {lower} in {counts['lower']} of {n} modules, the reverse in {counts['higher']}, "
+            f"tied in {counts['ties']}; median ratio safety/utility = {counts['median_ratio']:.2f}. "
+            f"Verdict: {_verdict(counts)}. Each set on its own: safety median {name} = {number(s_med)} "
+            f"(range {number(s_min)}–{number(s_max)}), utility median {name} = {number(u_med)} "
+            f"(range {number(u_min)}–{number(u_max)}); the two medians are taken separately and need not agree "
+            "with the module-by-module count.")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -183,7 +242,7 @@ def category_conflicts(run, module: str) -> pd.DataFrame:
     """Mean cross cosine and fraction negative per safety-sample category (one module)."""
     cosines = cross_cosines(run, module)
     samples = run.samples.iloc[run.set_slice("safety")]
-    frame = pd.DataFrame({"category": samples["category"].fillna("(none)").to_numpy(),
+    frame = pd.DataFrame({"category": samples["category"].fillna("no category").to_numpy(),
                           "mean_cosine": cosines.mean(axis=1), "fraction_negative": (cosines < 0).mean(axis=1)})
     return frame.groupby("category", sort=True).mean().reset_index()
 
@@ -252,6 +311,15 @@ def single_sample_answer(run, which: str = "safety") -> str:
             f"{scores['top1'].median():.2f}.")
 
 
+def best_and_worst(scores: pd.DataFrame, count: int = 5, column: str = "phi") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(best, worst) rows of ``scores`` by ``column``, at most ``count`` each and never the same sample in
+    both: with n samples each gets min(count, n // 2) rows (one sample of an odd n stays in neither)."""
+    ranked = scores.sort_values(column, ascending=False)
+    each = min(count, len(ranked) // 2) if len(ranked) > 1 else len(ranked)
+    worst = ranked.tail(each).iloc[::-1] if len(ranked) > 1 else ranked.iloc[0:0]
+    return ranked.head(each), worst
+
+
 # -------------------------------------------------------------------------------------------------
 # Runs: summaries, comparison, export
 # -------------------------------------------------------------------------------------------------
@@ -287,11 +355,19 @@ def compare_runs(runs: Mapping[str, Any], metric: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def run_legend(run) -> str:
+    """A run as a legend entry: ``<run id> · <model> · n = <safety>+<utility>``."""
+    summary = run_summary(run)
+    return (f"{run.run_id} · {summary['model']} · n = {run.config.get('n_safety')}+"
+            f"{run.config.get('n_utility')}")
+
+
 def compare_figure(runs: Mapping[str, Any], metric: str) -> go.Figure:
-    """The metric per module, one line per run."""
+    """The metric per module, one line per run (legend: run id, model and sample counts)."""
     long = compare_runs(runs, metric)
     wide = long.pivot_table(index="label", columns="run", values="value", sort=False).reset_index()
-    return fig.metric_by_module_figure(wide, {name: name for name in runs}, f"{COMPARE_METRICS.get(metric, metric)} by run",
+    return fig.metric_by_module_figure(wide, {name: run_legend(run) for name, run in runs.items()},
+                                       f"{COMPARE_METRICS.get(metric, metric)} by run",
                                        COMPARE_METRICS.get(metric, metric))
 
 
@@ -303,9 +379,25 @@ def metric_heatmap(run, metric: str, title: str | None = None) -> go.Figure:
                                   number_format="+.2f" if cosine else ".3g", subtitle=f"run {run.run_id}")
 
 
-def run_figures(run, eta: float = 0.9) -> dict[str, go.Figure]:
-    """Every figure of a run by file-name-safe name (for the zip and the HTML report)."""
-    module = default_module(run)
+#: Overlap-vs-n curves in a whole-run export (the first modules that have one).
+EXPORT_CURVES = 4
+
+
+def export_choices(run, eta: float = 0.9, module: str | None = None) -> dict[str, Any]:
+    """What a whole-run export contains and which choices it uses (``module`` None: the stated default,
+    :func:`default_module`). Written into the export's report and manifest."""
+    module = module or default_module(run)
+    return {"module (spectra, CER, pair cosines, principal angles)": module,
+            "η (k@η heatmaps and answers)": eta,
+            "rank heatmaps": f"k@{eta:g} and effective rank: safety, utility, ratio",
+            "overlap-vs-n curves": ", ".join(curve_labels(run)[:EXPORT_CURVES]) or "none in this run",
+            "layer × module-kind heatmaps": "cosine, conflicting pairs, overlap φ (all modules)"}
+
+
+def run_figures(run, eta: float = 0.9, module: str | None = None) -> dict[str, go.Figure]:
+    """Every figure of a run by file-name-safe name (for the zip and the HTML report): per-module figures of
+    ``module`` (None: :func:`default_module`), k@eta heatmaps at ``eta``; see :func:`export_choices`."""
+    module = module or default_module(run)
     spectrum, cer = spectra_figures(run, module, eta)
     out = {f"spectra_{module}": spectrum, f"cer_{module}": cer}
     for name, figure in rank_heatmaps(run, "k_eta", eta).items():
@@ -317,15 +409,20 @@ def run_figures(run, eta: float = 0.9) -> dict[str, go.Figure]:
     out[f"pair_cosines_{module}"] = cross_cosine_histogram(run, module)
     out[f"principal_angles_{module}"] = principal_angles_figure(run, module)
     out["overlap_heatmap"] = overlap_heatmap(run)
-    for label in curve_labels(run)[:4]:
+    for label in curve_labels(run)[:EXPORT_CURVES]:
         out[f"overlap_vs_n_{label}"] = overlap_curve_figure(run, label)
     return out
 
 
-def run_answers(run, eta: float = 0.9) -> list[str]:
-    """The one-line answers of every page, for the report."""
-    return [f"Is safety low-rank? {low_rank_answer(run, eta)}", f"Do safety and utility fight? {conflict_answer(run)}",
-            f"Is one sample enough? {single_sample_answer(run)}"]
+def run_answers(run, eta: float = 0.9, module: str | None = None) -> list[str]:
+    """The one-line answers of every page, for the report (with ``module``: its own answers too)."""
+    answers = [f"Is safety low-rank? {low_rank_answer(run, eta)}"]
+    if module:
+        answers.append(f"Is safety low-rank in {module}? {low_rank_answer(run, eta, module)}")
+    answers.append(f"Do safety and utility fight? {conflict_answer(run)}")
+    if module:
+        answers.append(f"Do they fight in {module}? {conflict_answer(run, module)}")
+    return answers + [f"Is one sample enough? {single_sample_answer(run)}"]
 
 
 def run_tables(run) -> dict[str, pd.DataFrame]:
@@ -373,8 +470,8 @@ def live_answer(snapshot: Mapping[str, Any], eta: float = 0.9) -> str | None:
                          + (f", utility k = {ks['utility']}" if "utility" in ks else ""))
     if not parts:
         return None
-    return (f"So far ({snapshot.get('done_samples')} of {snapshot.get('total_samples')} samples), {eta:.0%} of the "
-            f"gradient energy lies in — " + "; ".join(parts) + " directions.")
+    return (f"So far ({snapshot.get('done_samples')} of {snapshot.get('total_samples')} samples), the number of "
+            f"directions k holding {eta:.0%} of the gradient energy — " + "; ".join(parts) + ".")
 
 
 def live_figures(snapshot: Mapping[str, Any], eta: float = 0.9) -> list[go.Figure]:

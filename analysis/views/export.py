@@ -185,10 +185,12 @@ def data_bytes(frame: pd.DataFrame, fmt: str) -> bytes:
 
 def run_zip(run_id: str, figures: Mapping[str, go.Figure], tables: Mapping[str, pd.DataFrame],
             manifest: Mapping[str, Any], image_formats: Iterable[str] = IMAGE_FORMATS,
-            summary: Mapping[str, Any] | None = None, notes: Sequence[str] = ()) -> bytes:
+            summary: Mapping[str, Any] | None = None, notes: Sequence[str] = (),
+            choices: Mapping[str, Any] | None = None) -> bytes:
     """One zip with ``figures/`` (HTML always, sharing one ``figures/plotly.min.js``; PNG/SVG/PDF if a browser
-    exists), ``data/`` (CSV + JSON), ``manifest.json`` (the run's manifest plus what the zip contains) and
-    the self-contained ``report.html``."""
+    exists), ``data/`` (CSV + JSON), ``manifest.json`` (the run's manifest plus what the zip contains and the
+    ``choices`` the figures were made with, e.g. ``collection.export_choices``) and the self-contained
+    ``report.html``."""
     static = static_export_available()
     if static:
         start_image_server()
@@ -209,18 +211,20 @@ def run_zip(run_id: str, figures: Mapping[str, go.Figure], tables: Mapping[str, 
                 path = f"data/{export_filename(run_id, name, fmt)}"
                 archive.writestr(path, data_bytes(frame, fmt))
                 contents["data"].append(path)
-        archive.writestr("report.html", report_html(run_id, figures, tables, manifest, summary=summary, notes=notes))
+        archive.writestr("report.html", report_html(run_id, figures, tables, manifest, summary=summary, notes=notes,
+                                                 choices=choices))
         full_manifest = {"run_id": run_id, "exported_at": _dt.datetime.now(_dt.UTC).isoformat(),
-                         "static_images": static, "contents": contents, "run": dict(manifest)}
+                         "static_images": static, "choices": dict(choices or {}), "contents": contents,
+                         "run": dict(manifest)}
         archive.writestr("manifest.json", to_json_bytes(full_manifest))
     return buffer.getvalue()
 
 
 def report_html(run_id: str, figures: Mapping[str, go.Figure], tables: Mapping[str, pd.DataFrame],
                 manifest: Mapping[str, Any], title: str | None = None, summary: Mapping[str, Any] | None = None,
-                notes: Sequence[str] = ()) -> str:
-    """A single self-contained HTML page that opens offline: a summary table and notes (e.g. the one-line
-    answers), every figure (interactive, plotly.js inlined once), every table, and the full manifest
+                notes: Sequence[str] = (), choices: Mapping[str, Any] | None = None) -> str:
+    """A single self-contained HTML page that opens offline: a summary table, what the export contains
+    (``choices``: the module and η its figures use), notes (e.g. the one-line answers), every figure (interactive, plotly.js inlined once), every table, and the full manifest
     (collapsed)."""
     title = title or f"Safety Subspace Explorer — run {run_id}"
     parts = [
@@ -239,6 +243,9 @@ def report_html(run_id: str, figures: Mapping[str, go.Figure], tables: Mapping[s
     if summary:
         rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
         parts.append(f"<table class='summary'>{rows}</table>")
+    if choices:
+        rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in choices.items())
+        parts.append(f"<h2>What this export contains</h2><table class='summary choices'>{rows}</table>")
     parts.extend(f"<p>{html.escape(note)}</p>" for note in notes)
     for name, figure in figures.items():
         parts.append(f"<h2>{html.escape(name)}</h2>")

@@ -52,6 +52,25 @@ def eval_summary(results: Mapping[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+#: The evaluation summary as two narrow tables (one wide table is cut off on a laptop screen).
+EVAL_TABLES = {
+    "rates": ["model", "harmful prompts", "benign prompts", "ASR (Qi)", "ASR (Arditi)", "over-refusal (Qi)",
+              "over-refusal (Arditi)"],
+    "likelihoods": ["model", "refusal NLL", "affirmative NLL", "utility NLL", "judge mean score", "seconds"],
+}
+
+
+def eval_tables(results: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
+    """:func:`eval_summary` split into {"rates": counts and rates, "likelihoods": NLLs (nats per response
+    token), judge score and seconds}; columns that are empty for every model (e.g. no judge) are left out."""
+    summary = eval_summary(results)
+    out = {}
+    for name, columns in EVAL_TABLES.items():
+        frame = summary[[c for c in columns if c in summary]]
+        out[name] = frame[[c for c in frame if c == "model" or frame[c].notna().any()]]
+    return out
+
+
 def category_rates(results: Mapping[str, Any], keywords: str = "qi", which: str = "harmful") -> pd.DataFrame:
     """Long table: category, model, n, rate (ASR for ``which="harmful"``, over-refusal for "benign")."""
     column = f"{'asr' if which == 'harmful' else 'over_refusal'}_{keywords}"
