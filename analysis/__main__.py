@@ -24,13 +24,15 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m analysis", description="Safety Subspace Explorer")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for command, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
         sub = subparsers.add_parser(command, help=help_text)
-        module.add_arguments(sub, command)
-        sub.set_defaults(_run=module.run)
+        if command in argv[:1]:  # only the chosen command's module is imported (a job worker starts faster)
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub, command)
+            sub.set_defaults(_run=module.run)
     args = parser.parse_args(argv)
     return args._run(args)
 

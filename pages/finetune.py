@@ -109,7 +109,6 @@ stored = {method: finetune.FinetuneResults(finetune.finetune_root() / run_id) fo
           if (finetune.finetune_root() / run_id / "manifest.json").is_file()}
 complete = {method: results for method, results in stored.items() if results.status == "complete"}
 if job is not None and job.active:
-    st.markdown(f"**{'Running' if job.running else 'Waiting to run'}:** {job.label}")
     ui_jobs.follow(job, live_view=live_curves, cancel_label="Cancel (resumable)")
 else:
     if job is not None:

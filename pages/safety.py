@@ -23,7 +23,6 @@ st.caption("Attack success rate (ASR) = share of held-out harmful prompts whose 
 st.header("1 · The safety-aligned default model", divider="gray")
 align_job = ui_jobs.current("align")
 if align_job is not None and align_job.active:
-    st.markdown(f"**{'Building' if align_job.running else 'Waiting to build'}:** {align_job.label}")
     ui_jobs.follow(align_job)
 else:
     if align_job is not None:
@@ -95,7 +94,6 @@ missing = [label for label, result in results.items() if result is None]
 active = {label: ui_jobs.current("evaluate", task.run_id()) for label, task in tasks.items() if label in missing}
 for label, status in active.items():
     if status is not None and status.active:
-        st.markdown(f"**{'Evaluating' if status.running else 'Waiting to evaluate'}:** {label}")
         ui_jobs.follow(status)
     elif status is not None:
         ui_jobs.show_outcome(status, f"Evaluation of {label}")

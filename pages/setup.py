@@ -213,7 +213,6 @@ elif not size_problems:
 job = ui_jobs.current("collect")
 complete = stored_id is not None and RunStore().status(stored_id) == "complete"
 if job is not None and job.active:
-    st.markdown(f"**{'Collecting' if job.running else 'Waiting to collect'}:** {job.label}")
     ui_jobs.follow(job, live_view=common.show_live_collection)
     if job.run_id != stored_id and config is not None and not complete:
         st.caption("The settings above differ from the running collection; collecting them queues a second job.")

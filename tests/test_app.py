@@ -168,8 +168,8 @@ def test_a_job_queued_behind_another_says_so_and_the_sidebar_lists_both(cache):
     assert second.job_id != first and second.state == "queued"
     at = fresh_app().run()  # (AppTest keeps the sidebar of a first run only) a reload, another tab
     texts = [m.value for m in at.markdown] + [m.value for m in at.sidebar.markdown]
-    assert any("Waiting to collect" in t for t in texts)
-    assert any("Queued (next)" in t for t in texts) and any("the long one" in t for t in texts)
+    assert any(t.startswith("**Queued:**") for t in texts)
+    assert any("**Queued (" in t for t in texts) and any("the long one" in t for t in texts)
     assert any("in line on cpu" in i.value for i in at.info)
     stop_all_jobs()
 
@@ -454,8 +454,7 @@ def test_end_to_end_in_chromium(server, tmp_path):
             page.get_by_role("button", name="Collect").click()
             page.get_by_text("First answers").wait_for(timeout=300_000)
             page.get_by_role("link", name="Is safety low-rank?").first.click()
-            page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
-            assert page.locator(".js-plotly-plot").count() >= 2
+            page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 2", timeout=60_000)
             page.get_by_role("button", name="Export").first.click()
             with page.expect_download(timeout=60_000) as download:
                 page.get_by_role("button", name="PNG").first.click()
@@ -481,9 +480,9 @@ def test_reload_during_a_collection_keeps_it_running(server, tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(server, timeout=60_000)
             page.get_by_role("button", name="Collect").click(timeout=120_000)
-            page.get_by_text("Collecting:").wait_for(timeout=120_000)
+            page.get_by_text("Running:").wait_for(timeout=120_000)
             page.reload(timeout=60_000)
-            page.get_by_text("Collecting:").wait_for(timeout=120_000)  # still running after the reload
+            page.get_by_text("Running:").wait_for(timeout=120_000)  # still running after the reload
             page.get_by_role("button", name="Cancel").wait_for(timeout=60_000)
             page.get_by_text("First answers").wait_for(timeout=300_000)
             assert page.get_by_text("finished in").count() >= 1

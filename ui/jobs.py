@@ -48,6 +48,8 @@ def queue_text(status: JobStatus) -> str:
         return ""
     ahead = [s for s in jobs.list_jobs(active_only=True)
              if s.device == status.device and s.submitted <= status.submitted and s.job_id != status.job_id]
+    if not ahead:
+        return f"Starting its worker process on {status.device} (loading libraries, a few seconds)…"
     after = ", ".join(f"{s.label} ({s.state})" for s in ahead)
     place = ORDINALS.get(status.position or 1, f"{status.position}th")
     return f"Queued: {place} in line on {status.device}" + (f", after: {after}" if after else "") + "."
@@ -59,7 +61,8 @@ def progress_text(status: JobStatus) -> str:
 
 def follow(status: JobStatus, live_view: Callable[[dict[str, Any]], None] | None = None,
            cancel_label: str = "Cancel") -> None:
-    """While the job is queued or running: queue place or progress, a cancel button and ``live_view(live)``
+    """While the job is queued or running: its state and label, queue place or progress, a cancel button and
+    ``live_view(live)``
     (the job's latest live data), polled every POLL_SECONDS; reruns the page once the job has ended."""
     job_id = status.job_id
 
@@ -69,6 +72,7 @@ def follow(status: JobStatus, live_view: Callable[[dict[str, Any]], None] | None
         if now is None or not now.active:
             st.rerun(scope="app")
             return
+        st.markdown(f"**{'Running' if now.running else 'Queued'}:** {now.label}")
         if now.state == jobs.QUEUED:
             st.info(queue_text(now), icon=":material/hourglass_top:")
         else:
