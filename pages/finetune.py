@@ -105,8 +105,7 @@ def live_curves(live: dict) -> None:
         columns[index % 2].plotly_chart(figure, theme=None, config=common.CHART_CONFIG, key=f"ft.live.{metric}")
 
 
-stored = {method: finetune.FinetuneResults(finetune.finetune_root() / run_id) for method, run_id in run_ids.items()
-          if (finetune.finetune_root() / run_id / "manifest.json").is_file()}
+stored = finetune.stored_runs(run_ids)
 complete = {method: results for method, results in stored.items() if results.status == "complete"}
 if job is not None and job.active:
     ui_jobs.follow(job, live_view=live_curves, cancel_label="Cancel (resumable)")

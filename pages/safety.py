@@ -1,10 +1,9 @@
 """Is the model safe? Build the safety-aligned default model; evaluate models (ASR, over-refusal, NLLs)."""
 
-import json
-
 import streamlit as st
 
 from analysis.core.config import ConfigError
+from analysis.lab.align import aligned_folder, aligned_manifest
 from analysis.llm.models import ModelLoadError
 from analysis.safety.evaluate import KEYWORD_LISTS, EvalConfig
 from analysis.views import safety as safety_views
@@ -27,10 +26,8 @@ if align_job is not None and align_job.active:
 else:
     if align_job is not None:
         ui_jobs.show_outcome(align_job, "Alignment")
-    if common.aligned_model_available():
-        from analysis.lab.align import aligned_folder
-
-        manifest = json.loads((aligned_folder() / "manifest.json").read_text())
+    manifest = aligned_manifest()
+    if manifest is not None:
         st.success(f"Built: `{aligned_folder()}` — selectable as “safety-aligned variant” on every page.")
         columns = st.columns(4)
         columns[0].metric("Steps", manifest.get("steps"))

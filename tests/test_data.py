@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -193,7 +194,7 @@ def test_example_basics():
     assert hash(ex) == hash(Example.from_prompt("Hi?", "Hello.", system="Be nice.", id="a", category="c", split="eval"))
     auto = Example.from_prompt("Hi?", "Hello.")
     assert auto.id.startswith("ex-") and auto.system is None
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         ex.id = "b"  # frozen
 
 

@@ -382,8 +382,6 @@ def data_downloads(frame: pd.DataFrame, run_id: str, name: str) -> None:
 
 def sidebar() -> None:
     """The model chosen on Setup, the active run and every queued or running job, on every page."""
-    from ui import jobs as ui_jobs
-
     with st.container():  # inside st.sidebar (app.py)
         st.caption("ACTIVE")
         st.markdown(f"**Model (Setup):** `{choice('model')}`")
@@ -394,7 +392,15 @@ def sidebar() -> None:
             summary = views.run_summary(run)
             st.markdown(f"**Run:** `{run.run_id}`  \n{summary['model']} · {summary['modules']} modules  \n"
                         f"safety set: {summary['safety']}  \nutility set: {summary['utility']}")
-        lines = ui_jobs.active_summary()
-        if lines:
-            st.caption("JOBS")
-            st.markdown("  \n".join(lines))
+        sidebar_jobs()
+
+
+@st.fragment(run_every=2.0)
+def sidebar_jobs() -> None:
+    """Queued and running jobs (polled: a job's state changes while the page stands still)."""
+    from ui import jobs as ui_jobs
+
+    lines = ui_jobs.active_summary()
+    if lines:
+        st.caption("JOBS")
+        st.markdown("  \n".join(lines))

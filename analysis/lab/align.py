@@ -405,6 +405,14 @@ def aligned_folder() -> Path:
     return models_dir() / ALIGNED_NAME
 
 
+def aligned_manifest() -> dict | None:
+    """The aligned model's manifest (settings, losses, data hashes, timings), or None before it is built."""
+    try:
+        return json.loads((aligned_folder() / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def align_run_id(settings_hash: str, base_identity: str) -> str:
     """``align-<hash>`` of the settings' hash and the base model's weight identity."""
     return f"align-{config_hash({'settings': settings_hash, 'base': base_identity}, 12)}"

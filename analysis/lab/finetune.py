@@ -88,6 +88,7 @@ from analysis.lab.results import (
     format_summary,
     list_finetune_runs,
     load_finetune_run,
+    stored_runs,
 )
 from analysis.lab.trainer import FinetuneTrainer, run_id_for, set_trainable
 
@@ -97,7 +98,7 @@ CHECKPOINT = "checkpoint.safetensors"
 __all__ = ["CHECKPOINT", "METHODS", "PRESETS", "SAFETY_LOSSES", "SPF_MODES", "SPF_TARGETS", "TRAINABLE",
            "FinetuneCancelled", "FinetuneConfig", "FinetuneResults", "FinetuneTask", "FinetuneTrainer",
            "SPFConfig", "comparison_table", "finetune_root", "list_finetune_runs", "load_finetune_run", "preset",
-           "run_finetune", "run_id_for", "set_trainable"]
+           "run_finetune", "run_id_for", "set_trainable", "stored_runs"]
 
 
 class FinetuneCancelled(TrainingCancelled):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,13 @@ def load_finetune_run(run_id: str, root: str | Path | None = None) -> FinetuneRe
     """The stored run ``run_id`` (complete or in progress)."""
     store = finetune_store(root)
     return FinetuneResults(store.path(run_id), store.manifest(run_id))
+
+
+def stored_runs(run_ids: Mapping[str, str], root: str | Path | None = None) -> dict[str, FinetuneResults]:
+    """{key: its stored run} for the run ids that have a run folder (complete or not; see ``.status``)."""
+    folder = finetune_root(root)
+    return {key: FinetuneResults(folder / run_id) for key, run_id in run_ids.items()
+            if (folder / run_id / "manifest.json").is_file()}
 
 
 def list_finetune_runs(root: str | Path | None = None):
