@@ -155,6 +155,14 @@ def test_collection_runs_to_the_end_and_reselecting_loads_instantly(cache):
                                                                              for s in again.success)
     assert not again.button
     assert len(jobs.list_jobs(kind="collect")) == 1
+    # issue 14.7: the run's box and answers belong to its settings; invalid or other settings hide them
+    assert any("First answers" in m.value for m in again.markdown)
+    again.text_input(key="widget.layers.tiny-llama").set_value("7").run()  # no such layer
+    no_exceptions(again)
+    assert again.error and not again.success and not any("First answers" in m.value for m in again.markdown)
+    again.text_input(key="widget.layers.tiny-llama").set_value("0").run()  # valid, not collected yet
+    assert not again.success and not any("First answers" in m.value for m in again.markdown)
+    assert any(b.label == "Collect" for b in again.button)
 
 
 def test_a_job_queued_behind_another_says_so_and_the_sidebar_lists_both(cache):
