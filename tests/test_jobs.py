@@ -16,6 +16,7 @@ from analysis.core import jobs
 from analysis.core.config import from_jsonable, to_jsonable
 from analysis.core.store import RunStore
 from analysis.engine.gradients import CollectionConfig
+from tests.conftest import stop_all_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"n_safety": 4, "n_utility": 4, "max_length": 64, "top_k": 2, "batch_size": 4, "curve_boot": 2}
@@ -25,13 +26,7 @@ SMALL = {"n_safety": 4, "n_utility": 4, "max_length": 64, "top_k": 2, "batch_siz
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
     yield tmp_path
-    for status in jobs.list_jobs(active_only=True):  # never leave a worker behind
-        jobs.cancel(status.job_id)
-        if status.pid:
-            try:
-                os.killpg(status.pid, signal.SIGKILL)
-            except OSError:
-                pass
+    stop_all_jobs()
 
 
 def arrays(run) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ from typing import Any
 from filelock import FileLock
 
 from analysis.core.config import PROJECT_ROOT, cache_dir, to_jsonable
-from analysis.core.store import atomic_write_json, json_default
+from analysis.core.store import atomic_write_json, json_default, process_alive
 from analysis.core.tasks import Cancelled, CancelToken, Event, Task, TaskContext, Throttle
 
 __all__ = ["ACTIVE", "JobStatus", "Worker", "cancel", "jobs_dir", "list_jobs", "live", "log_tail", "read",
@@ -102,27 +102,6 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def process_alive(pid: int | None, marker: str = "") -> bool:
-    """True if process ``pid`` exists, is not a zombie and (on Linux) has ``marker`` in its command line."""
-    if not pid:
-        return False
-    proc = Path(f"/proc/{pid}")
-    if proc.is_dir():
-        try:
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError):
-            return False
-        return state not in ("Z", "X") and marker in command
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not Path("/proc").is_dir()
 
 
 def log_tail(job_id: str, lines: int = LOG_TAIL_LINES) -> str:

@@ -183,14 +183,25 @@ _LOCKS_HELD: set[str] = set()
 _LOCKS_GUARD = threading.Lock()
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int | None, marker: str = "") -> bool:
+    """True if process ``pid`` exists, is not a zombie and (on Linux) has ``marker`` in its command line."""
+    if not pid:
+        return False
+    proc = Path(f"/proc/{pid}")
+    if proc.is_dir():
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            return False
+        return state not in ("Z", "X") and marker in command
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    return not Path("/proc").is_dir()
 
 
 class RunStore:
@@ -327,7 +338,7 @@ class RunStore:
             pid = int(self._lock_path(run_id).read_text().strip() or 0)
         except (OSError, ValueError):
             return None
-        return f"process {pid}" if pid and pid != os.getpid() and _pid_alive(pid) else None
+        return f"process {pid}" if pid and pid != os.getpid() and process_alive(pid) else None
 
     def _check_unlocked(self, run_id: str) -> None:
         owner = self._locked(run_id)
