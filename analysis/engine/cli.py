@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         add("--gram-route", choices=("auto", "ghost", "dense"), default=defaults.gram_route)
         add("--curve-layers", default=defaults.curve_layers, help="overlap-vs-n curve layers: auto, all, none, 0,10")
         add("--curve-boot", type=int, default=defaults.curve_boot, help="random subsets per n for the curve")
+        add("--modules-per-pass", type=int, default=defaults.modules_per_pass,
+            help="capture at most this many modules per forward+backward pass (0: all; bounds memory and disk)")
         add("--workers", type=int, default=None, help="modules analysed in parallel (default: min(2, CPUs))")
         add("--chunk-mb", type=int, default=512, help="memory for one module's dense G_i chunk (MiB)")
         add("--force", action="store_true", help="recompute even if the run exists")
@@ -67,7 +69,8 @@ def _config(args: argparse.Namespace):
         safety_split=args.safety_split, utility_split=args.utility_split, n_safety=n_safety, n_utility=n_utility,
         layers=args.layers, kinds=args.modules, regex=args.regex, max_length=args.max_length,
         batch_size=args.batch_size, padding_side=args.padding_side, top_k=args.top_k, seed=args.seed,
-        gram_route=args.gram_route, curve_layers=args.curve_layers, curve_boot=args.curve_boot)
+        gram_route=args.gram_route, curve_layers=args.curve_layers, curve_boot=args.curve_boot,
+        modules_per_pass=args.modules_per_pass)
 
 
 def print_summary(results) -> None:
