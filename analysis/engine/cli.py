@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         add("--curve-boot", type=int, default=defaults.curve_boot, help="random subsets per n for the curve")
         add("--modules-per-pass", type=int, default=defaults.modules_per_pass,
             help="capture at most this many modules per forward+backward pass (0: all; bounds memory and disk)")
+        add("--memory-budget", type=float, default=None, metavar="GiB",
+            help="refuse to start when the planned peak memory is above this (the plan is printed first)")
+        add("--disk-budget", type=float, default=None, metavar="GiB",
+            help="refuse to start when the planned factor files need more disk than this")
         add("--workers", type=int, default=None, help="modules analysed in parallel (default: min(2, CPUs))")
         add("--chunk-mb", type=int, default=512, help="memory for one module's dense G_i chunk (MiB)")
         add("--force", action="store_true", help="recompute even if the run exists")
@@ -142,6 +146,7 @@ def print_result(summary) -> None:
 def _collect(args: argparse.Namespace) -> int:
     from analysis.core.cli import load_task, run_task
     from analysis.engine.gradients import CollectionConfig
+    from analysis.engine.planner import plan_collection
     from analysis.llm.data import DataError
     from analysis.llm.models import ModelLoadError
 
@@ -149,6 +154,10 @@ def _collect(args: argparse.Namespace) -> int:
         config = load_task(args.config, CollectionConfig) if args.config else _config(args)
         task = CollectRun(config, store=args.store, force=args.force, keep_work=args.keep_work,
                           workers=args.workers, chunk_bytes=args.chunk_mb * 2**20)
+        plan = plan_collection(config, device=args.device, chunk_bytes=task.chunk_bytes)
+        print("\n".join(plan.lines()), flush=True)
+        plan.check(memory_budget=None if args.memory_budget is None else args.memory_budget * 2**30,
+                   disk_budget=None if args.disk_budget is None else args.disk_budget * 2**30)
         return run_task(task, args, print_result)
     except (ModelLoadError, ConfigError, DataError, ValueError) as error:
         print(f"error: {error}")
