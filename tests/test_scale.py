@@ -113,3 +113,28 @@ def test_planner_predicts_the_capture_peak_of_the_embedded_model_within_25_perce
     predicted = plan_collection(embedded).capture_bytes
     print(f"planner: predicted {predicted / 2**20:.0f} MiB, measured {measured['peak'] / 2**20:.0f} MiB")
     assert abs(predicted - measured["peak"]) <= 0.25 * measured["peak"]
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.distributed
+
+
+def test_two_process_gloo_collection_equals_one_process(tmp_path, config, reference):  # noqa: F811
+    """torchrun --standalone --nproc-per-node 2 -m analysis collect (gloo on the CPU): the same run id and
+    arrays as one process; rank 0 wrote the run, modules in 2 passes on top."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "analysis", "collect", "--model", "tiny-llama", "--safety", config.safety,
+               "--utility", config.utility, "--n-safety", str(config.n_safety), "--n-utility", str(config.n_utility),
+               "--batch-size", str(config.batch_size), "--max-length", str(config.max_length),
+               "--top-k", str(config.top_k), "--curve-boot", str(config.curve_boot), "--modules-per-pass", "9",
+               "--store", str(tmp_path), "--device", "cpu", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = RunStore(tmp_path).load(reference[0].run_id)
+    assert results.manifest["status"] == "complete"
+    assert_identical(all_arrays(results), reference[1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -155,7 +156,8 @@ def _collect(args: argparse.Namespace) -> int:
         task = CollectRun(config, store=args.store, force=args.force, keep_work=args.keep_work,
                           workers=args.workers, chunk_bytes=args.chunk_mb * 2**20)
         plan = plan_collection(config, device=args.device, chunk_bytes=task.chunk_bytes)
-        print("\n".join(plan.lines()), flush=True)
+        if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks
+            print("\n".join(plan.lines()), flush=True)
         plan.check(memory_budget=None if args.memory_budget is None else args.memory_budget * 2**30,
                    disk_budget=None if args.disk_budget is None else args.disk_budget * 2**30)
         return run_task(task, args, print_result)

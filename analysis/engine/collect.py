@@ -38,6 +38,7 @@ from analysis.core.config import ConfigError, config_hash, to_jsonable
 from analysis.core.results import SAMPLES_FILE, SETS, TABLE_COLUMNS, TABLE_FILE, RunResults, result_location
 from analysis.core.store import RunStore, RunWriter, StoreError, finite_or_none, json_default
 from analysis.core.tasks import TaskContext, resolve_device
+from analysis.engine import distributed
 from analysis.engine import geometry as geo
 from analysis.engine.analyse import analyse_module, curve_sizes, or_nan
 from analysis.engine.capture import BatchFactors, ModuleInfo, capture_batch, find_linear_modules, select_modules
@@ -91,6 +92,7 @@ def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store
 
     ctx = ctx if ctx is not None else TaskContext()
     device = torch.device(resolve_device(ctx.device))  # "auto" -> a GPU if there is one; checked before any work
+    ranks, device = distributed.start(device)  # several processes (torchrun): rank r on its own GPU
     store = store if store is not None else RunStore()
     session_start = time.perf_counter()
     identity = model_identity(config.model)
@@ -103,58 +105,77 @@ def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store
     modules = select_modules(find_linear_modules(model.model), config.layers, config.kinds, config.regex)
     run_id = config_hash(run_identity(config, identity, datasets))
 
-    messages: list[str] = []
-    status = store.status(run_id)
-    if status == "complete" and not force:
-        problems = store.verify(run_id, full=True)
-        if not problems:
-            return store.load(run_id)
-        messages.append(f"run {run_id} was damaged ({'; '.join(problems)}); recomputing it")
-    if status == "corrupted":
+    examples = [ex for which in SETS for ex in datasets[which].examples]
+    if ranks is not None and not ranks.leader:
         try:
-            problems = store.verify(run_id, full=False)
-        except StoreError as error:
-            problems = [str(error)]
-        messages.append(f"run {run_id} was damaged ({'; '.join(problems)}); recomputing it")
-    if status in ("complete", "corrupted") or (force and status != "missing"):
-        store.delete(run_id)
-    for message in messages:
-        warnings.warn(message, stacklevel=2)
+            return _follow(config, model, modules, examples, ranks, store, run_id, device)
+        finally:
+            ranks.close()
 
-    curves = set(curve_modules(config, modules))
-    manifest = {
-        "config": to_jsonable(config),
-        "model": {"source": model.source, "name": model.name, "identity": model.identity,
-                  "family": getattr(model.model.config, "model_type", type(model.model).__name__)},
-        "datasets": {which: {"source": datasets[which].source, "name": datasets[which].name,
-                             "content_hash": datasets[which].content_hash,
-                             "fingerprint": datasets[which].fingerprint(), "n": len(datasets[which])}
-                     for which in SETS},
-        "modules": [dataclasses.asdict(m) for m in modules],
-        "curve_modules": [m.name for m in modules if m.name in curves],
-        "n_batches": len(_plan_batches(config)),
-        "versions": _versions(),
-        "engine": ENGINE_VERSION,
-    }
-    writer = store.open_run(run_id, manifest)
-    job = _Collection(config, model, modules, [ex for which in SETS for ex in datasets[which].examples],
-                      curves, writer, ctx, device, chunk_bytes, workers or default_workers())
-    was_training = model.model.training
-    home = next(model.model.parameters()).device
-    model.model.eval()  # dropout off: per-sample gradients are exact only in eval mode
+    def lead() -> RunResults:
+        messages: list[str] = []
+        status = store.status(run_id)
+        if status == "complete" and not force:
+            problems = store.verify(run_id, full=True)
+            if not problems:
+                return store.load(run_id)
+            messages.append(f"run {run_id} was damaged ({'; '.join(problems)}); recomputing it")
+        if status == "corrupted":
+            try:
+                problems = store.verify(run_id, full=False)
+            except StoreError as error:
+                problems = [str(error)]
+            messages.append(f"run {run_id} was damaged ({'; '.join(problems)}); recomputing it")
+        if status in ("complete", "corrupted") or (force and status != "missing"):
+            store.delete(run_id)
+        for message in messages:
+            warnings.warn(message, stacklevel=3)
+
+        curves = set(curve_modules(config, modules))
+        manifest = {
+            "config": to_jsonable(config),
+            "model": {"source": model.source, "name": model.name, "identity": model.identity,
+                      "family": getattr(model.model.config, "model_type", type(model.model).__name__)},
+            "datasets": {which: {"source": datasets[which].source, "name": datasets[which].name,
+                                 "content_hash": datasets[which].content_hash,
+                                 "fingerprint": datasets[which].fingerprint(), "n": len(datasets[which])}
+                         for which in SETS},
+            "modules": [dataclasses.asdict(m) for m in modules],
+            "curve_modules": [m.name for m in modules if m.name in curves],
+            "n_batches": len(_plan_batches(config)),
+            "versions": _versions(),
+            "engine": ENGINE_VERSION,
+        }
+        writer = store.open_run(run_id, manifest)
+        job = _Collection(config, model, modules, examples, curves, writer, ctx, device, chunk_bytes,
+                          workers or default_workers())
+        job.ranks = ranks
+        was_training = model.model.training
+        home = next(model.model.parameters()).device
+        model.model.eval()  # dropout off: per-sample gradients are exact only in eval mode
+        try:
+            if home != device:
+                model.model.to(device)
+            with numpy_single_threaded():
+                job.keep_work = keep_work
+                rows, timings = job.run()
+                timings["model_load_seconds"] = round(model.load_seconds, 3)
+                return job.finish(rows, timings, messages, keep_work, session_start)
+        finally:
+            model.model.train(was_training)
+            if home != device:
+                model.model.to(home)
+            writer.close()
+
+    finished = False
     try:
-        if home != device:
-            model.model.to(device)
-        with numpy_single_threaded():
-            job.keep_work = keep_work
-            rows, timings = job.run()
-            timings["model_load_seconds"] = round(model.load_seconds, 3)
-            return job.finish(rows, timings, messages, keep_work, session_start)
+        results = lead()
+        finished = True
+        return results
     finally:
-        model.model.train(was_training)
-        if home != device:
-            model.model.to(home)
-        writer.close()
+        if ranks is not None:  # release the other ranks: they read the run (done) or raise (stop)
+            ranks.send(("done",) if finished else ("stop", "rank 0 was cancelled or failed; see its output"))
+            ranks.close()
 
 
 @contextlib.contextmanager
@@ -229,6 +250,46 @@ def _batch_arrays(factors: BatchFactors, dtype: torch.dtype) -> dict[str, torch.
         arrays[f"D/{name}"] = factors.output_grads[name].to("cpu", dtype).contiguous()
         arrays[f"A/{name}"] = factors.inputs[name].to("cpu", dtype).contiguous()
     return arrays
+
+
+def _holds(writer: RunWriter, index: int, names: set[str]) -> bool:
+    """True if work file ``index`` is intact and holds the factors of every module in ``names`` (a file of
+    another partitioning of the modules does not)."""
+    from safetensors import safe_open
+
+    if not writer.has_batch(index):
+        return False
+    with safe_open(str(writer.batch_path(index)), framework="pt") as handle:
+        return {f"A/{name}" for name in names} <= set(handle.keys())
+
+
+def _capture_arrays(config: CollectionConfig, model: LoadedModel, examples: Sequence, batch: _Batch,
+                    modules: Sequence[ModuleInfo], device: torch.device,
+                    dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list[bool]]:
+    """One batch's checkpoint arrays (:func:`_batch_arrays`, on the CPU) and its truncation flags."""
+    tokenized = tokenize_batch(model.tokenizer, [examples[i].messages for i in batch.samples],
+                               config.max_length, config.padding_side)
+    factors = capture_batch(model.model, _to_device(tokenized, device), modules)
+    return _batch_arrays(factors, dtype), list(tokenized.truncated)
+
+
+def _follow(config: CollectionConfig, model: LoadedModel, modules: Sequence[ModuleInfo], examples: Sequence,
+            ranks: distributed.Ranks, store: RunStore, run_id: str, device: torch.device) -> RunResults:
+    """A rank other than 0: capture the batches rank 0 deals out, then read the run rank 0 wrote."""
+    batches = _plan_batches(config)
+    by_name = {m.name: m for m in modules}
+    dtype = _factor_dtype(model.model)
+    home, was_training = next(model.model.parameters()).device, model.model.training
+    model.model.eval()
+    try:
+        model.model.to(device)
+        distributed.follow(ranks, lambda index, names: _capture_arrays(
+            config, model, examples, batches[index], [by_name[n] for n in names], device, dtype),
+            lambda message: CollectionCancelled(message, run_id))
+    finally:
+        model.model.train(was_training)
+        model.model.to(home)
+    return store.load(run_id)
 
 
 def _to_device(tokenized, device: torch.device):
@@ -307,6 +368,7 @@ class _Collection:
         self.captured = 0  # samples captured (or read back) so far, all passes together: progress only
         self.analysed = 0  # modules analysed (or read back) so far
         self.keep_work = False
+        self.ranks: distributed.Ranks | None = None  # several processes: batches captured by every rank
 
     # -- progress and cancel ------------------------------------------------------------------------
     def report(self, message: str, stage: str, done_samples: int, done_modules: int,
@@ -376,30 +438,38 @@ class _Collection:
         names = {m.name for m in modules}
         n_passes = len(self.passes())
         where = f" (pass {part + 1}/{n_passes})" if n_passes > 1 else ""
+        needed = [b.index for b in self.batches if not _holds(self.writer, self.file_index(part, b), names)]
+        world = self.ranks.world if self.ranks is not None else 1
+        rounds = [needed[i:i + world] for i in range(0, len(needed), world)]
+        if self.ranks is not None and rounds:
+            self.ranks.send(("capture", [m.name for m in modules], rounds))
+        next_round = iter(rounds)
+        pending: dict[int, tuple[dict, list[bool]]] = {}  # captured, not yet saved: batch -> (arrays, truncated)
         done = 0
         for batch in self.batches:
             samples = list(batch.samples)
             index = self.file_index(part, batch)
-            read = False
-            if self.writer.has_batch(index):
+            if batch.index not in needed:
                 with safe_open(str(self.writer.batch_path(index)), framework="pt") as handle:
-                    if {f"A/{name}" for name in names} <= set(handle.keys()):  # else: another partitioning's file
-                        read = True
-                        losses, offsets = handle.get_tensor("loss"), handle.get_tensor("row_offsets")
-                        truncated = json.loads(handle.metadata()["truncated"])
-                        if self.preview is not None:
-                            self.preview.add(batch.which, len(samples), lambda name: (
-                                handle.get_tensor(f"D/{name}"), handle.get_tensor(f"A/{name}")), names)
+                    losses, offsets = handle.get_tensor("loss"), handle.get_tensor("row_offsets")
+                    truncated = json.loads(handle.metadata()["truncated"])
+                    if self.preview is not None:
+                        self.preview.add(batch.which, len(samples), lambda name: (
+                            handle.get_tensor(f"D/{name}"), handle.get_tensor(f"A/{name}")), names)
                 message = f"batch {batch.index + 1}/{len(self.batches)} ({batch.which}){where} read from checkpoint"
-            if not read:
-                self.check_cancel(f"after {done} of {self.n_total} samples{where}")
-                tokenized = tokenize_batch(self.model.tokenizer, [self.examples[i].messages for i in samples],
-                                           self.config.max_length, self.config.padding_side)
-                factors = capture_batch(self.model.model, _to_device(tokenized, self.device), modules)
-                arrays = _batch_arrays(factors, dtype)
-                del factors
-                self.writer.save_batch(index, arrays, {"truncated": json.dumps(tokenized.truncated), "set": batch.which})
-                losses, offsets, truncated = arrays["loss"], arrays["row_offsets"], tokenized.truncated
+            else:
+                if batch.index not in pending:
+                    self.check_cancel(f"after {done} of {self.n_total} samples{where}")
+                    shares = next(next_round)  # starts with this batch
+                    if self.ranks is not None:
+                        self.ranks.send(("go",))
+                    mine = _capture_arrays(self.config, self.model, self.examples, self.batches[shares[0]], modules,
+                                           self.device, dtype)
+                    gathered = self.ranks.gather(mine) if self.ranks is not None else [mine]
+                    pending.update(zip(shares, gathered))
+                arrays, truncated = pending.pop(batch.index)
+                self.writer.save_batch(index, arrays, {"truncated": json.dumps(truncated), "set": batch.which})
+                losses, offsets = arrays["loss"], arrays["row_offsets"]
                 if self.preview is not None:
                     self.preview.add(batch.which, len(samples),
                                      lambda name, arrays=arrays: (arrays[f"D/{name}"], arrays[f"A/{name}"]), names)
