@@ -93,3 +93,26 @@ def test_cuda_bfloat16_finetune(tmp_path):
     result = run_finetune(tiny(method="plain", max_steps=2, eval_every=2, model=BF16), TaskContext(device="cuda"),
                           root=tmp_path)
     assert result.status == "complete"
+
+
+def test_gradient_checkpointing_gives_the_same_run(tmp_path):
+    from analysis.lab.trainer import run_id_for
+
+    config = tiny(method="plain", max_steps=2, eval_every=2, trainable="all")
+    checkpointed = dataclasses.replace(config, gradient_checkpointing=True)
+    assert run_id_for(checkpointed, "weights", {}) == run_id_for(config, "weights", {})
+    plain = run_finetune(config, root=tmp_path / "a")
+    recomputed = run_finetune(checkpointed, root=tmp_path / "b")
+    for key, tensor in _weights(plain).items():
+        torch.testing.assert_close(_weights(recomputed)[key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_finetune_cli_takes_dtype_and_gradient_checkpointing():
+    import argparse
+
+    from analysis.lab.finetune import add_arguments, task_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, "finetune")
+    task = task_from_args(parser.parse_args(["--model", "tiny-llama", "--dtype", "bfloat16", "--gradient-checkpointing"]))
+    assert task.config.model == BF16 and task.config.gradient_checkpointing
