@@ -15,6 +15,10 @@ and between modules (raises ``CollectionCancelled``; the work is kept).
 Device: the model and each tokenised batch are moved to ``ctx.device``, so the capture (forward + backward)
 and the analysis's Gram products run there; factors are checkpointed to CPU files, and spectra, SVDs and
 overlaps run in float64 numpy on the CPU. On the CPU nothing moves and the numbers are those of before.
+
+Passes and ranks: ``config.modules_per_pass`` captures the modules group by group (:meth:`_Collection.run`);
+under torchrun every rank captures its share of each pass's batches and rank 0 writes and analyses
+(:mod:`analysis.engine.distributed`). The cost of a config before any work: :mod:`analysis.engine.planner`.
 """
 
 from __future__ import annotations

@@ -22,8 +22,12 @@ n T sum(d_in + d_out) x 4 B = 64 x 63 x 305k x 4 B = 4.9 GB, the dense G_i 27 GB
 two passes that meet on disk:
 
 1. capture (per batch): one batched forward + one backward of sum_i L_i gives the factors A_i, D_i of every
-   sample for every selected module (``analysis.engine.capture``). They are written, in the model dtype (float32;
-   float64 for a float64 model), to one safetensors file per batch in the run's ``work/`` folder.
+   sample for every selected module (``analysis.engine.capture``). They are written in float32 (float64 for a
+   float64 model; a bfloat16 model's factors are widened to float32, so every sum and Gram product after
+   the capture accumulates in float32 or float64) to one safetensors file per batch in the run's ``work/``.
+   ``modules_per_pass`` splits the modules into groups captured by one pass each (analysed and deleted
+   before the next pass): memory and disk of the factors shrink to one group's, the results are identical.
+   Several processes (``torchrun``, :mod:`analysis.engine.distributed`) share the batches of a pass.
    Memory: model + one batch's autograd graph + that batch's factors (8 x 64 tokens: ~0.6 GB).
    Disk: all factors of the run (4.9 GB = 4.6 GiB above), deleted when the run completes.
 2. analyse (per module): the factors of all n samples for ONE module are read back (each batch file is
