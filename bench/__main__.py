@@ -11,6 +11,7 @@ import sys
 # name -> (module with main(argv), one-line description)
 BENCHMARKS = {
     "engine": ("bench.engine", "per-sample gradient engine on SmolLM2-135M: capture, factored SVD, Gram, memory"),
+    "scaling": ("bench.scaling", "capture time and peak memory vs width, depth, tokens, samples; growth exponents"),
     "finetune": ("bench.finetune", "cost of an SPF fine-tuning step relative to a plain step (ratio in one run)"),
 }
 

@@ -133,12 +133,21 @@ def finite_or_none(value: Any) -> Any:
 
 
 def atomic_save_arrays(path: Path, arrays: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
-    """Save numpy arrays or torch tensors as one safetensors file, atomically (temp + os.replace)."""
-    from safetensors.numpy import save_file
+    """Save numpy arrays or torch tensors as one safetensors file, atomically (temp + os.replace).
 
-    plain = {key: np.ascontiguousarray(_to_numpy(value)) for key, value in arrays.items()}
+    Every dtype is kept as it is, bfloat16 included (numpy has none: a file with a bfloat16 tensor is
+    written through ``safetensors.torch``; read it back with ``safe_open(..., framework="pt")``)."""
     temporary = _temporary(path)
-    save_file(plain, str(temporary), metadata=dict(metadata) if metadata else None)
+    meta = dict(metadata) if metadata else None
+    if any(_numpy_cannot_hold(value) for value in arrays.values()):
+        from safetensors.torch import save_file as save_torch
+
+        save_torch(_as_torch(arrays), str(temporary), metadata=meta)
+    else:
+        from safetensors.numpy import save_file
+
+        save_file({key: np.ascontiguousarray(_to_numpy(value)) for key, value in arrays.items()},
+                  str(temporary), metadata=meta)
     os.replace(temporary, path)
 
 
@@ -146,6 +155,29 @@ def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # torch tensor, without importing torch here
         return value.detach().cpu().numpy()
     return np.asarray(value)
+
+
+def _numpy_cannot_hold(value: Any) -> bool:
+    """True for a torch tensor of a dtype numpy lacks (bfloat16, float8)."""
+    return hasattr(value, "detach") and str(value.dtype) in ("torch.bfloat16", "torch.float8_e4m3fn",
+                                                              "torch.float8_e5m2")
+
+
+def _as_torch(arrays: Mapping[str, Any]) -> dict:
+    """CPU, contiguous, storage-disjoint torch tensors (safetensors.torch refuses shared storage)."""
+    import torch
+
+    out, seen = {}, set()
+    for key, value in arrays.items():
+        tensor = value.detach().cpu() if hasattr(value, "detach") else torch.from_numpy(np.ascontiguousarray(value))
+        tensor = tensor.contiguous()
+        pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else None
+        if pointer is not None and pointer in seen:
+            tensor = tensor.clone()
+        elif pointer is not None:
+            seen.add(pointer)
+        out[key] = tensor
+    return out
 
 
 def safetensors_intact(path: Path) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -43,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         add("--gram-route", choices=("auto", "ghost", "dense"), default=defaults.gram_route)
         add("--curve-layers", default=defaults.curve_layers, help="overlap-vs-n curve layers: auto, all, none, 0,10")
         add("--curve-boot", type=int, default=defaults.curve_boot, help="random subsets per n for the curve")
+        add("--modules-per-pass", type=int, default=defaults.modules_per_pass,
+            help="capture at most this many modules per forward+backward pass (0: all; bounds memory and disk)")
+        add("--memory-budget", type=float, default=None, metavar="GiB",
+            help="refuse to start when the planned peak memory is above this (the plan is printed first)")
+        add("--disk-budget", type=float, default=None, metavar="GiB",
+            help="refuse to start when the planned factor files need more disk than this")
         add("--workers", type=int, default=None, help="modules analysed in parallel (default: min(2, CPUs))")
         add("--chunk-mb", type=int, default=512, help="memory for one module's dense G_i chunk (MiB)")
         add("--force", action="store_true", help="recompute even if the run exists")
@@ -67,7 +74,8 @@ def _config(args: argparse.Namespace):
         safety_split=args.safety_split, utility_split=args.utility_split, n_safety=n_safety, n_utility=n_utility,
         layers=args.layers, kinds=args.modules, regex=args.regex, max_length=args.max_length,
         batch_size=args.batch_size, padding_side=args.padding_side, top_k=args.top_k, seed=args.seed,
-        gram_route=args.gram_route, curve_layers=args.curve_layers, curve_boot=args.curve_boot)
+        gram_route=args.gram_route, curve_layers=args.curve_layers, curve_boot=args.curve_boot,
+        modules_per_pass=args.modules_per_pass)
 
 
 def print_summary(results) -> None:
@@ -139,6 +147,7 @@ def print_result(summary) -> None:
 def _collect(args: argparse.Namespace) -> int:
     from analysis.core.cli import load_task, run_task
     from analysis.engine.gradients import CollectionConfig
+    from analysis.engine.planner import plan_collection
     from analysis.llm.data import DataError
     from analysis.llm.models import ModelLoadError
 
@@ -146,6 +155,11 @@ def _collect(args: argparse.Namespace) -> int:
         config = load_task(args.config, CollectionConfig) if args.config else _config(args)
         task = CollectRun(config, store=args.store, force=args.force, keep_work=args.keep_work,
                           workers=args.workers, chunk_bytes=args.chunk_mb * 2**20)
+        plan = plan_collection(config, device=args.device, chunk_bytes=task.chunk_bytes)
+        if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks
+            print("\n".join(plan.lines()), flush=True)
+        plan.check(memory_budget=None if args.memory_budget is None else args.memory_budget * 2**30,
+                   disk_budget=None if args.disk_budget is None else args.disk_budget * 2**30)
         return run_task(task, args, print_result)
     except (ModelLoadError, ConfigError, DataError, ValueError) as error:
         print(f"error: {error}")

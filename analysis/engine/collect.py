@@ -15,6 +15,10 @@ and between modules (raises ``CollectionCancelled``; the work is kept).
 Device: the model and each tokenised batch are moved to ``ctx.device``, so the capture (forward + backward)
 and the analysis's Gram products run there; factors are checkpointed to CPU files, and spectra, SVDs and
 overlaps run in float64 numpy on the CPU. On the CPU nothing moves and the numbers are those of before.
+
+Passes and ranks: ``config.modules_per_pass`` captures the modules group by group (:meth:`_Collection.run`);
+under torchrun every rank captures its share of each pass's batches and rank 0 writes and analyses
+(:mod:`analysis.engine.distributed`). The cost of a config before any work: :mod:`analysis.engine.planner`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from analysis.core.config import ConfigError, config_hash, to_jsonable
 from analysis.core.results import SAMPLES_FILE, SETS, TABLE_COLUMNS, TABLE_FILE, RunResults, result_location
 from analysis.core.store import RunStore, RunWriter, StoreError, finite_or_none, json_default
 from analysis.core.tasks import TaskContext, resolve_device
+from analysis.engine import distributed
 from analysis.engine import geometry as geo
 from analysis.engine.analyse import analyse_module, curve_sizes, or_nan
 from analysis.engine.capture import BatchFactors, ModuleInfo, capture_batch, find_linear_modules, select_modules
@@ -91,6 +96,7 @@ def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store
 
     ctx = ctx if ctx is not None else TaskContext()
     device = torch.device(resolve_device(ctx.device))  # "auto" -> a GPU if there is one; checked before any work
+    ranks, device = distributed.start(device)  # several processes (torchrun): rank r on its own GPU
     store = store if store is not None else RunStore()
     session_start = time.perf_counter()
     identity = model_identity(config.model)
@@ -103,61 +109,77 @@ def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store
     modules = select_modules(find_linear_modules(model.model), config.layers, config.kinds, config.regex)
     run_id = config_hash(run_identity(config, identity, datasets))
 
-    messages: list[str] = []
-    status = store.status(run_id)
-    if status == "complete" and not force:
-        problems = store.verify(run_id, full=True)
-        if not problems:
-            return store.load(run_id)
-        messages.append(f"run {run_id} was damaged ({'; '.join(problems)}); recomputing it")
-    if status == "corrupted":
+    examples = [ex for which in SETS for ex in datasets[which].examples]
+    if ranks is not None and not ranks.leader:
         try:
-            problems = store.verify(run_id, full=False)
-        except StoreError as error:
-            problems = [str(error)]
-        messages.append(f"run {run_id} was damaged ({'; '.join(problems)}); recomputing it")
-    if status in ("complete", "corrupted") or (force and status != "missing"):
-        store.delete(run_id)
-    for message in messages:
-        warnings.warn(message, stacklevel=2)
+            return _follow(config, model, modules, examples, ranks, store, run_id, device)
+        finally:
+            ranks.close()
 
-    curves = set(curve_modules(config, modules))
-    manifest = {
-        "config": to_jsonable(config),
-        "model": {"source": model.source, "name": model.name, "identity": model.identity,
-                  "family": getattr(model.model.config, "model_type", type(model.model).__name__)},
-        "datasets": {which: {"source": datasets[which].source, "name": datasets[which].name,
-                             "content_hash": datasets[which].content_hash,
-                             "fingerprint": datasets[which].fingerprint(), "n": len(datasets[which])}
-                     for which in SETS},
-        "modules": [dataclasses.asdict(m) for m in modules],
-        "curve_modules": [m.name for m in modules if m.name in curves],
-        "n_batches": len(_plan_batches(config)),
-        "versions": _versions(),
-        "engine": ENGINE_VERSION,
-    }
-    writer = store.open_run(run_id, manifest)
-    job = _Collection(config, model, modules, [ex for which in SETS for ex in datasets[which].examples],
-                      curves, writer, ctx, device, chunk_bytes, workers or default_workers())
-    was_training = model.model.training
-    home = next(model.model.parameters()).device
-    model.model.eval()  # dropout off: per-sample gradients are exact only in eval mode
+    def lead() -> RunResults:
+        messages: list[str] = []
+        status = store.status(run_id)
+        if status == "complete" and not force:
+            problems = store.verify(run_id, full=True)
+            if not problems:
+                return store.load(run_id)
+            messages.append(f"run {run_id} was damaged ({'; '.join(problems)}); recomputing it")
+        if status == "corrupted":
+            try:
+                problems = store.verify(run_id, full=False)
+            except StoreError as error:
+                problems = [str(error)]
+            messages.append(f"run {run_id} was damaged ({'; '.join(problems)}); recomputing it")
+        if status in ("complete", "corrupted") or (force and status != "missing"):
+            store.delete(run_id)
+        for message in messages:
+            warnings.warn(message, stacklevel=3)
+
+        curves = set(curve_modules(config, modules))
+        manifest = {
+            "config": to_jsonable(config),
+            "model": {"source": model.source, "name": model.name, "identity": model.identity,
+                      "family": getattr(model.model.config, "model_type", type(model.model).__name__)},
+            "datasets": {which: {"source": datasets[which].source, "name": datasets[which].name,
+                                 "content_hash": datasets[which].content_hash,
+                                 "fingerprint": datasets[which].fingerprint(), "n": len(datasets[which])}
+                         for which in SETS},
+            "modules": [dataclasses.asdict(m) for m in modules],
+            "curve_modules": [m.name for m in modules if m.name in curves],
+            "n_batches": len(_plan_batches(config)),
+            "versions": _versions(),
+            "engine": ENGINE_VERSION,
+        }
+        writer = store.open_run(run_id, manifest)
+        job = _Collection(config, model, modules, examples, curves, writer, ctx, device, chunk_bytes,
+                          workers or default_workers())
+        job.ranks = ranks
+        was_training = model.model.training
+        home = next(model.model.parameters()).device
+        model.model.eval()  # dropout off: per-sample gradients are exact only in eval mode
+        try:
+            if home != device:
+                model.model.to(device)
+            with numpy_single_threaded():
+                job.keep_work = keep_work
+                rows, timings = job.run()
+                timings["model_load_seconds"] = round(model.load_seconds, 3)
+                return job.finish(rows, timings, messages, keep_work, session_start)
+        finally:
+            model.model.train(was_training)
+            if home != device:
+                model.model.to(home)
+            writer.close()
+
+    finished = False
     try:
-        if home != device:
-            model.model.to(device)
-        with numpy_single_threaded():
-            capture_seconds = job.capture()
-            analyse_start = time.perf_counter()
-            rows = job.analyse()
-            timings = {"capture_seconds": round(capture_seconds, 3),
-                       "analyse_seconds": round(time.perf_counter() - analyse_start, 3),
-                       "model_load_seconds": round(model.load_seconds, 3)}
-            return job.finish(rows, timings, messages, keep_work, session_start)
+        results = lead()
+        finished = True
+        return results
     finally:
-        model.model.train(was_training)
-        if home != device:
-            model.model.to(home)
-        writer.close()
+        if ranks is not None:  # release the other ranks: they read the run (done) or raise (stop)
+            ranks.send(("done",) if finished else ("stop", "rank 0 was cancelled or failed; see its output"))
+            ranks.close()
 
 
 @contextlib.contextmanager
@@ -234,6 +256,46 @@ def _batch_arrays(factors: BatchFactors, dtype: torch.dtype) -> dict[str, torch.
     return arrays
 
 
+def _holds(writer: RunWriter, index: int, names: set[str]) -> bool:
+    """True if work file ``index`` is intact and holds the factors of every module in ``names`` (a file of
+    another partitioning of the modules does not)."""
+    from safetensors import safe_open
+
+    if not writer.has_batch(index):
+        return False
+    with safe_open(str(writer.batch_path(index)), framework="pt") as handle:
+        return {f"A/{name}" for name in names} <= set(handle.keys())
+
+
+def _capture_arrays(config: CollectionConfig, model: LoadedModel, examples: Sequence, batch: _Batch,
+                    modules: Sequence[ModuleInfo], device: torch.device,
+                    dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list[bool]]:
+    """One batch's checkpoint arrays (:func:`_batch_arrays`, on the CPU) and its truncation flags."""
+    tokenized = tokenize_batch(model.tokenizer, [examples[i].messages for i in batch.samples],
+                               config.max_length, config.padding_side)
+    factors = capture_batch(model.model, _to_device(tokenized, device), modules)
+    return _batch_arrays(factors, dtype), list(tokenized.truncated)
+
+
+def _follow(config: CollectionConfig, model: LoadedModel, modules: Sequence[ModuleInfo], examples: Sequence,
+            ranks: distributed.Ranks, store: RunStore, run_id: str, device: torch.device) -> RunResults:
+    """A rank other than 0: capture the batches rank 0 deals out, then read the run rank 0 wrote."""
+    batches = _plan_batches(config)
+    by_name = {m.name: m for m in modules}
+    dtype = _factor_dtype(model.model)
+    home, was_training = next(model.model.parameters()).device, model.model.training
+    model.model.eval()
+    try:
+        model.model.to(device)
+        distributed.follow(ranks, lambda index, names: _capture_arrays(
+            config, model, examples, batches[index], [by_name[n] for n in names], device, dtype),
+            lambda message: CollectionCancelled(message, run_id))
+    finally:
+        model.model.train(was_training)
+        model.model.to(home)
+    return store.load(run_id)
+
+
 def _to_device(tokenized, device: torch.device):
     """The tokenised batch with its tensors on ``device`` (unchanged on the CPU)."""
     if device.type == "cpu":
@@ -251,26 +313,30 @@ class _Preview:
         picks = np.unique(np.round(np.linspace(0, len(modules) - 1, min(PREVIEW_MODULES, len(modules)))).astype(int))
         self.modules = [modules[i] for i in picks]
         self.sums: dict[tuple[str, str], torch.Tensor] = {}
-        self.counts = {which: 0 for which in SETS}
+        self.counts: dict[tuple[str, str], int] = {}
         self.entries: dict[str, dict[str, Any]] = {m.name: {"label": m.label, "cosine": None} for m in self.modules}
         for entry in self.entries.values():
             entry.update({f"{which}{suffix}": None for which in SETS for suffix in ("", "_cer", "_effective_rank")})
         self.dirty: set[str] = set()
 
-    def add(self, which: str, n_samples: int, factors: Callable[[str], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.counts[which] += n_samples
+    def add(self, which: str, n_samples: int, factors: Callable[[str], tuple[torch.Tensor, torch.Tensor]],
+            names: set[str] | None = None) -> None:
+        """Add a batch of ``which`` to the sums of the preview modules among ``names`` (None: all)."""
         for m in self.modules:
+            if names is not None and m.name not in names:
+                continue
             D, A = factors(m.name)
             total = (D.T @ A).double()
             key = (m.name, which)
             self.sums[key] = total if key not in self.sums else self.sums[key] + total
+            self.counts[key] = self.counts.get(key, 0) + n_samples
         self.dirty.add(which)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """{module: entry} with numpy spectra (see LIVE_KEYS, "preview")."""
         for m in self.modules:
             entry = self.entries[m.name]
-            means = {which: (self.sums[(m.name, which)] / self.counts[which]).numpy()
+            means = {which: (self.sums[(m.name, which)] / self.counts[(m.name, which)]).numpy()
                      for which in SETS if (m.name, which) in self.sums}
             for which in self.dirty & set(means):
                 spectrum = geo.singular_values(means[which])
@@ -303,11 +369,15 @@ class _Collection:
         self.truncated = [False] * self.n_total
         self.live = ctx.progress is not None  # live data (preview spectra) only when someone listens
         self.preview = _Preview(modules) if self.live else None
+        self.captured = 0  # samples captured (or read back) so far, all passes together: progress only
+        self.analysed = 0  # modules analysed (or read back) so far
+        self.keep_work = False
+        self.ranks: distributed.Ranks | None = None  # several processes: batches captured by every rank
 
     # -- progress and cancel ------------------------------------------------------------------------
     def report(self, message: str, stage: str, done_samples: int, done_modules: int,
                rows: Sequence[dict] | None = None) -> None:
-        fraction = min(1.0, CAPTURE_SHARE * done_samples / self.n_total
+        fraction = min(1.0, CAPTURE_SHARE * self.captured / (self.n_total * len(self.passes()))
                        + (1 - CAPTURE_SHARE) * done_modules / len(self.modules))
         live = None
         if self.live:
@@ -325,68 +395,124 @@ class _Collection:
             raise CollectionCancelled(f"collection cancelled {where}; collect again with the same settings to "
                                       "resume from there", self.writer.run_id)
 
+    # -- passes -------------------------------------------------------------------------------------
+    def passes(self) -> list[list[int]]:
+        """Module indices captured together by one forward + backward pass over all samples: consecutive
+        groups of ``config.modules_per_pass`` (0: all modules in one pass)."""
+        size = self.config.modules_per_pass or len(self.modules)
+        return [list(range(start, min(start + size, len(self.modules)))) for start in range(0, len(self.modules), size)]
+
+    def file_index(self, part: int, batch: _Batch) -> int:
+        """Index of the work file holding pass ``part``'s factors of ``batch``."""
+        return part * len(self.batches) + batch.index
+
+    def run(self) -> tuple[list[dict], dict[str, float]]:
+        """Every pass: capture its modules' factors (unless they are all analysed already), analyse them, then
+        delete the pass's factor files (all but the last pass; ``keep_work`` keeps them). Returns the table
+        rows of all modules in order and the capture / analyse seconds. The per-sample losses come from any
+        capture; a resumed run whose modules are all analysed captures the last pass once more for them."""
+        rows: list[dict] = []
+        timings = {"capture_seconds": 0.0, "analyse_seconds": 0.0}
+        losses_known = False
+        parts = self.passes()
+        for part, indices in enumerate(parts):
+            last = part == len(parts) - 1
+            if any(not self.writer.has_module(i) for i in indices) or (last and not losses_known):
+                timings["capture_seconds"] += self.capture(part, indices)
+                losses_known = True
+            else:
+                self.captured += self.n_total
+            start = time.perf_counter()
+            self.analyse(indices, rows)
+            timings["analyse_seconds"] += time.perf_counter() - start
+            if not last and not self.keep_work:
+                for batch in self.batches:
+                    self.writer.batch_path(self.file_index(part, batch)).unlink(missing_ok=True)
+        return rows, {key: round(value, 3) for key, value in timings.items()}
+
     # -- 1. capture ---------------------------------------------------------------------------------
-    def capture(self) -> float:
-        """Capture every batch not yet checkpointed (finished ones are read back). Returns seconds."""
+    def capture(self, part: int = 0, indices: Sequence[int] | None = None) -> float:
+        """Capture the factors of the modules ``indices`` (default all) for every batch not yet checkpointed
+        in pass ``part`` (checkpointed ones are read back). Returns seconds."""
         from safetensors import safe_open
 
         start = time.perf_counter()
         dtype = _factor_dtype(self.model.model)
+        modules = [self.modules[i] for i in (range(len(self.modules)) if indices is None else indices)]
+        names = {m.name for m in modules}
+        n_passes = len(self.passes())
+        where = f" (pass {part + 1}/{n_passes})" if n_passes > 1 else ""
+        needed = [b.index for b in self.batches if not _holds(self.writer, self.file_index(part, b), names)]
+        world = self.ranks.world if self.ranks is not None else 1
+        rounds = [needed[i:i + world] for i in range(0, len(needed), world)]
+        if self.ranks is not None and rounds:
+            self.ranks.send(("capture", [m.name for m in modules], rounds))
+        next_round = iter(rounds)
+        pending: dict[int, tuple[dict, list[bool]]] = {}  # captured, not yet saved: batch -> (arrays, truncated)
         done = 0
         for batch in self.batches:
             samples = list(batch.samples)
-            if self.writer.has_batch(batch.index):
-                with safe_open(str(self.writer.batch_path(batch.index)), framework="pt") as handle:
+            index = self.file_index(part, batch)
+            if batch.index not in needed:
+                with safe_open(str(self.writer.batch_path(index)), framework="pt") as handle:
                     losses, offsets = handle.get_tensor("loss"), handle.get_tensor("row_offsets")
                     truncated = json.loads(handle.metadata()["truncated"])
                     if self.preview is not None:
-                        self.preview.add(batch.which, len(samples),
-                                         lambda name: (handle.get_tensor(f"D/{name}"), handle.get_tensor(f"A/{name}")))
-                message = f"batch {batch.index + 1}/{len(self.batches)} ({batch.which}) read from checkpoint"
+                        self.preview.add(batch.which, len(samples), lambda name: (
+                            handle.get_tensor(f"D/{name}"), handle.get_tensor(f"A/{name}")), names)
+                message = f"batch {batch.index + 1}/{len(self.batches)} ({batch.which}){where} read from checkpoint"
             else:
-                self.check_cancel(f"after {done} of {self.n_total} samples")
-                tokenized = tokenize_batch(self.model.tokenizer, [self.examples[i].messages for i in samples],
-                                           self.config.max_length, self.config.padding_side)
-                factors = capture_batch(self.model.model, _to_device(tokenized, self.device), self.modules)
-                arrays = _batch_arrays(factors, dtype)
-                del factors
-                self.writer.save_batch(batch.index, arrays,
-                                       {"truncated": json.dumps(tokenized.truncated), "set": batch.which})
-                losses, offsets, truncated = arrays["loss"], arrays["row_offsets"], tokenized.truncated
+                if batch.index not in pending:
+                    self.check_cancel(f"after {done} of {self.n_total} samples{where}")
+                    shares = next(next_round)  # starts with this batch
+                    if self.ranks is not None:
+                        self.ranks.send(("go",))
+                    mine = _capture_arrays(self.config, self.model, self.examples, self.batches[shares[0]], modules,
+                                           self.device, dtype)
+                    gathered = self.ranks.gather(mine) if self.ranks is not None else [mine]
+                    pending.update(zip(shares, gathered))
+                arrays, truncated = pending.pop(batch.index)
+                self.writer.save_batch(index, arrays, {"truncated": json.dumps(truncated), "set": batch.which})
+                losses, offsets = arrays["loss"], arrays["row_offsets"]
                 if self.preview is not None:
                     self.preview.add(batch.which, len(samples),
-                                     lambda name, arrays=arrays: (arrays[f"D/{name}"], arrays[f"A/{name}"]))
+                                     lambda name, arrays=arrays: (arrays[f"D/{name}"], arrays[f"A/{name}"]), names)
                 del arrays
-                message = f"captured batch {batch.index + 1}/{len(self.batches)} ({batch.which})"
+                message = f"captured batch {batch.index + 1}/{len(self.batches)} ({batch.which}){where}"
             self.losses[samples] = losses.double().numpy()
             self.tokens[samples] = (offsets[1:] - offsets[:-1]).numpy()
             for j, i in enumerate(samples):
                 self.truncated[i] = bool(truncated[j])
             done += len(samples)
-            self.report(message, "capture", done, 0)
+            self.captured += len(samples)
+            self.report(message, "capture", done, self.analysed)
         return time.perf_counter() - start
 
     # -- 2. analyse ---------------------------------------------------------------------------------
-    def read_pairs(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(D_i, A_i) of every sample for one module. Each batch file is opened (memory-mapped) only while
-        its rows are copied out, so the mapped pages do not pile up in this process's resident memory."""
+    def read_pairs(self, name: str, part: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(D_i, A_i) of every sample for one module (captured in pass ``part``). Each batch file is opened
+        (memory-mapped) only while its rows are copied out, so the mapped pages do not pile up in this
+        process's resident memory."""
         from safetensors import safe_open
 
         pairs = []
         for batch in self.batches:
-            with safe_open(str(self.writer.batch_path(batch.index)), framework="pt") as handle:
+            with safe_open(str(self.writer.batch_path(self.file_index(part, batch))), framework="pt") as handle:
                 offset = handle.get_tensor("row_offsets")
                 D, A = handle.get_tensor(f"D/{name}"), handle.get_tensor(f"A/{name}")
             pairs += [(D[offset[j]:offset[j + 1]], A[offset[j]:offset[j + 1]]) for j in range(len(offset) - 1)]
         return pairs
 
-    def analyse(self) -> list[dict]:
-        """Analyse every module not yet checkpointed, ``workers`` at a time (threads); checkpoints and
-        progress reports happen in module order. Returns the table rows of all modules, in order."""
+    def analyse(self, indices: Sequence[int] | None = None, rows: list[dict] | None = None) -> list[dict]:
+        """Analyse the modules ``indices`` (default all; all of one pass) not yet checkpointed, ``workers``
+        at a time (threads); checkpoints and progress reports happen in module order. Appends their table
+        rows, in order, to ``rows`` and returns it."""
         from concurrent.futures import ThreadPoolExecutor
 
         config, writer, modules = self.config, self.writer, self.modules
-        rows: list[dict] = []
+        indices = list(range(len(modules))) if indices is None else list(indices)
+        part = indices[0] // (config.modules_per_pass or len(modules)) if indices else 0
+        rows = [] if rows is None else rows
         queue: collections.deque = collections.deque()  # (index, info, future, or None if checkpointed)
 
         def finish_oldest() -> None:
@@ -395,15 +521,18 @@ class _Collection:
                 result = future.result()
                 writer.save_module(index, result.arrays, result.row)
             rows.append(writer.load_module(index)[1])
-            self.report(f"analysed {info.label} ({index + 1}/{len(modules)})", "analyse", self.n_total, index + 1, rows)
+            self.analysed += 1
+            self.report(f"analysed {info.label} ({index + 1}/{len(modules)})", "analyse", self.n_total,
+                        self.analysed, rows)
 
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            for index, info in enumerate(modules):
+            for index in indices:
+                info = modules[index]
                 future = None
                 if not writer.has_module(index):
                     self.check_cancel(f"after {index} of {len(modules)} modules")
                     curve_boot = config.curve_boot if info.name in self.curve_modules else 0
-                    future = pool.submit(analyse_module, info, self.read_pairs(info.name), config.n_safety,
+                    future = pool.submit(analyse_module, info, self.read_pairs(info.name, part), config.n_safety,
                                          config.top_k, config.gram_route, config.seed, curve_boot, self.chunk_bytes,
                                          str(self.device))
                 queue.append((index, info, future))

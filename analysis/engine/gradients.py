@@ -22,8 +22,12 @@ n T sum(d_in + d_out) x 4 B = 64 x 63 x 305k x 4 B = 4.9 GB, the dense G_i 27 GB
 two passes that meet on disk:
 
 1. capture (per batch): one batched forward + one backward of sum_i L_i gives the factors A_i, D_i of every
-   sample for every selected module (``analysis.engine.capture``). They are written, in the model dtype (float32;
-   float64 for a float64 model), to one safetensors file per batch in the run's ``work/`` folder.
+   sample for every selected module (``analysis.engine.capture``). They are written in float32 (float64 for a
+   float64 model; a bfloat16 model's factors are widened to float32, so every sum and Gram product after
+   the capture accumulates in float32 or float64) to one safetensors file per batch in the run's ``work/``.
+   ``modules_per_pass`` splits the modules into groups captured by one pass each (analysed and deleted
+   before the next pass): memory and disk of the factors shrink to one group's, the results are identical.
+   Several processes (``torchrun``, :mod:`analysis.engine.distributed`) share the batches of a pass.
    Memory: model + one batch's autograd graph + that batch's factors (8 x 64 tokens: ~0.6 GB).
    Disk: all factors of the run (4.9 GB = 4.6 GiB above), deleted when the run completes.
 2. analyse (per module): the factors of all n samples for ONE module are read back (each batch file is
@@ -62,7 +66,7 @@ if TYPE_CHECKING:
     from analysis.core.results import RunResults
 
 __all__ = [
-    "CURVE_AUTO_LAYERS", "ENGINE_VERSION", "GRAM_ROUTES", "CollectionCancelled", "CollectionConfig",
+    "CURVE_AUTO_LAYERS", "ENGINE_VERSION", "GRAM_ROUTES", "PERFORMANCE_FIELDS", "CollectionCancelled", "CollectionConfig",
     "collection_summary", "curve_modules", "load_set", "run_identity",
 ]
 
@@ -70,6 +74,8 @@ __all__ = [
 ENGINE_VERSION = 1
 GRAM_ROUTES = ("auto", "ghost", "dense")
 PADDING_SIDES = ("left", "right")
+#: CollectionConfig fields that change how a run is computed, never its numbers: not part of the run id.
+PERFORMANCE_FIELDS = ("modules_per_pass",)
 #: Layers that get an overlap-vs-n curve with ``curve_layers="auto"`` (evenly spaced, first and last included).
 CURVE_AUTO_LAYERS = 3
 
@@ -97,6 +103,10 @@ class CollectionConfig:
     curve_layers: layers whose modules get an overlap-vs-n curve: "auto" (first, middle and last selected
         layer), "all", "none" or a layer list "0,10,20"; curve_boot: random subsets per n. The curve costs
         about twice the rest of a module's analysis (a dense SVD per large subset), hence a subset of layers.
+    modules_per_pass: capture the factors of at most this many modules (in model order) per forward +
+        backward pass over all samples, analyse and delete them, then the next group (0: all in one pass).
+        Bounds the memory and disk of the factors by the group's; costs one more pass per group. A
+        performance setting: the results are identical, so it is not part of the run id (PERFORMANCE_FIELDS).
     """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -117,6 +127,7 @@ class CollectionConfig:
     gram_route: str = "auto"
     curve_layers: str = "auto"
     curve_boot: int = 8
+    modules_per_pass: int = 0
 
     kind: ClassVar[str] = "collect"
 
@@ -141,6 +152,10 @@ class CollectionConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(self.modules_per_pass, bool) or not isinstance(self.modules_per_pass, int) \
+                or self.modules_per_pass < 0:
+            raise ConfigError(f"modules_per_pass must be an integer >= 0 (0: all modules in one pass), "
+                              f"got {self.modules_per_pass!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if self.padding_side not in PADDING_SIDES:
@@ -228,9 +243,11 @@ def curve_modules(config: CollectionConfig, modules: Sequence[ModuleInfo]) -> li
 
 
 def run_identity(config: CollectionConfig, model_identity: str, datasets: Mapping[str, Any]) -> dict:
-    """What a run id hashes: the config, the model's identity, the examples' fingerprints, ENGINE_VERSION."""
+    """What a run id hashes: the config (without PERFORMANCE_FIELDS), the model's identity, the examples'
+    fingerprints, ENGINE_VERSION."""
+    settings = {key: value for key, value in to_jsonable(config).items() if key not in PERFORMANCE_FIELDS}
     return {
-        "config": to_jsonable(config),
+        "config": settings,
         "model_identity": model_identity,
         "datasets": {which: datasets[which].fingerprint() for which in SETS},
         "engine": ENGINE_VERSION,

@@ -111,6 +111,10 @@ class FinetuneConfig:
     HEx-PHI category and ``n_eval_utility`` utility answers; at step 0, every ``gen_every`` steps (0: never
     in between) and at the end, keyword ASR / over-refusal by greedy generation (``gen_max_new_tokens``) on
     ``gen_harmful_per_category`` x 11 harmful and ``n_gen_benign`` benign-sensitive prompts (None: all).
+    gradient_checkpointing: recompute each block's activations in the backward instead of keeping them
+    (HF ``gradient_checkpointing_enable``, non-reentrant): less memory, ~1 more forward per step; the
+    numbers do not change, so it is not part of the run id. A bfloat16 model trains through float32
+    master weights (``analysis.lab.loop.TrainingLoop``).
     """
 
     model: ModelConfig | str = "default-aligned"
@@ -145,6 +149,7 @@ class FinetuneConfig:
     gen_batch_size: int = 32
     track_conflict: bool = True
     checkpoint_every: int = 25
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):

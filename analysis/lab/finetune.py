@@ -64,7 +64,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from analysis.core.config import ConfigError, config_hash, to_jsonable
+from analysis.core.config import ConfigError, ModelConfig, config_hash, to_jsonable
 from analysis.core.store import atomic_write_json, file_sha256, finite_or_none
 from analysis.core.tasks import TaskContext
 from analysis.lab.config import (
@@ -357,6 +357,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     from analysis.core.cli import add_task_arguments
 
     parser.add_argument("--model", default="default-aligned", help="default-aligned, default, tiny-llama, a folder")
+    parser.add_argument("--dtype", default="float32", help="model dtype: float32 (default), float64, bfloat16 "
+                        "(trained through float32 master weights)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward (less memory, same numbers)")
     parser.add_argument("--preset", default="harmful-10", choices=sorted(PRESETS))
     parser.add_argument("--mode", default="both", choices=("plain", "spf", "both"), help="plain SFT, SPF, or both arms")
     parser.add_argument("--lr", type=float, default=None)
@@ -386,8 +390,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def task_from_args(args: argparse.Namespace) -> FinetuneTask:
     """The task the command-line options describe (``--mode both``: a comparison of the two arms)."""
-    overrides: dict[str, Any] = {"model": args.model, "method": "plain" if args.mode == "both" else args.mode,
-                                 "seed": args.seed}
+    overrides: dict[str, Any] = {"model": ModelConfig(source=args.model, dtype=args.dtype),
+                                 "method": "plain" if args.mode == "both" else args.mode, "seed": args.seed,
+                                 "gradient_checkpointing": args.gradient_checkpointing}
     for field, attr in (("lr", "lr"), ("epochs", "epochs"), ("batch_size", "batch_size"), ("max_steps", "max_steps"),
                         ("n_train", "n_train"), ("trainable", "trainable"), ("n_last_layers", "last_layers"),
                         ("eval_every", "eval_every"), ("gen_every", "gen_every"),

@@ -25,6 +25,8 @@ from analysis.core.store import atomic_save_arrays, json_default
 from analysis.core.tasks import Cancelled
 
 OPTIMIZERS = ("adamw", "sgd")
+#: Parameter dtypes trained through float32 master weights.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 SCHEDULES = ("constant", "warmup-linear")
 
 __all__ = ["Clock", "TrainingCancelled", "TrainingLoop", "duration", "save_model"]
@@ -62,6 +64,11 @@ class TrainingLoop:
     (None or 0: no clipping). schedule: "constant", or "warmup-linear" (lr factor (s+1)/warmup for the first
     ``warmup_steps`` scheduler steps, then linear decay to 0 at ``total``). ``step`` is the number of
     finished optimizer steps.
+
+    Low-precision parameters (bfloat16 / float16): the optimizer steps float32 *master* copies (``masters``;
+    its state is float32 too) and each update is rounded into the model's parameters, so small updates are
+    not lost to bfloat16 rounding; checkpoints hold the masters. float32 / float64 parameters are stepped
+    directly (``masters`` is empty), exactly as before.
     """
 
     def __init__(self, named_params: Sequence[tuple[str, nn.Parameter]], total: int, *, optimizer: str = "adamw",
@@ -78,8 +85,12 @@ class TrainingLoop:
         self.warmup_steps = warmup_steps
         self.step = 0
         self.clock = Clock()
+        #: {index in params: float32 master copy} of every bfloat16/float16 parameter
+        self.masters = {i: p.detach().float().clone().requires_grad_(True) for i, p in enumerate(self.params)
+                        if p.dtype in LOW_PRECISION}
+        self.stepped = [self.masters.get(i, p) for i, p in enumerate(self.params)]  # what the optimizer updates
         optimizer_class = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
-        self.optimizer = optimizer_class(self.params, lr=lr, weight_decay=weight_decay)
+        self.optimizer = optimizer_class(self.stepped, lr=lr, weight_decay=weight_decay)
         self.scheduler = (torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._warmup_linear)
                           if schedule == "warmup-linear" else None)
 
@@ -93,33 +104,55 @@ class TrainingLoop:
     def backward(self, loss: torch.Tensor) -> None:
         """Clear the gradients (set to None) and backpropagate ``loss``."""
         self.optimizer.zero_grad(set_to_none=True)
+        for i in self.masters:
+            self.params[i].grad = None
         loss.backward()
 
     def grad_norm(self) -> float:
         """Global L2 norm of the current (raw) gradients."""
         with torch.no_grad():
-            return math.sqrt(sum(float(p.grad.pow(2).sum()) for p in self.params if p.grad is not None))
+            return math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in self.params if p.grad is not None))
 
     def update(self, around_step: Callable[[Callable[[], None]], Any] | None = None) -> Any:
-        """Clip, optimizer step (through ``around_step(optimizer.step)`` when given: e.g. SPF's update
-        projection), schedule step. Returns what ``around_step`` returned (else None)."""
+        """Clip, optimizer step (through ``around_step(step)`` when given: e.g. SPF's update projection,
+        which sees the model's parameters before and after ``step``), schedule step. Returns what
+        ``around_step`` returned (else None). With master weights the gradients are copied to the float32
+        masters (clipped there) and the stepped masters rounded into the parameters; a parameter that
+        ``around_step`` changed after the step is copied back into its master."""
+        for i, master in self.masters.items():
+            grad = self.params[i].grad
+            master.grad = None if grad is None else grad.detach().float()
         if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.stepped, self.grad_clip)
         out = None
         if around_step is not None:
-            out = around_step(self.optimizer.step)
+            out = around_step(self.optimizer_step)
+            self._resync_masters()
         else:
-            self.optimizer.step()
+            self.optimizer_step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
         return out
 
+    def optimizer_step(self) -> None:
+        """The optimizer's step, then the masters rounded into the model's parameters."""
+        self.optimizer.step()
+        with torch.no_grad():
+            for i, master in self.masters.items():
+                self.params[i].copy_(master)
+
+    def _resync_masters(self) -> None:
+        with torch.no_grad():
+            for i, master in self.masters.items():
+                if not torch.equal(self.params[i], master.to(self.params[i].dtype)):
+                    master.copy_(self.params[i])
+
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self, path: Path, state: Mapping[str, Any], arrays: Mapping[str, torch.Tensor] | None = None) -> None:
         """One safetensors file: ``param/<name>``, ``opt/<index>/<key>``, ``rng/torch``, ``arrays`` and the
         JSON ``state`` (plus optimizer groups and schedule) in its metadata; written atomically."""
-        tensors: dict[str, Any] = {f"param/{name}": p.detach() for name, p in self.named_params}
+        tensors: dict[str, Any] = {f"param/{name}": p.detach() for (name, _), p in zip(self.named_params, self.stepped)}
         optimizer_state = self.optimizer.state_dict()
         scalars = []
         for index, entry in optimizer_state["state"].items():
@@ -145,8 +178,10 @@ class TrainingLoop:
             meta = json.loads(handle.metadata()["state"])
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         with torch.no_grad():
-            for name, parameter in self.named_params:
-                parameter.copy_(tensors[f"param/{name}"])
+            for (name, parameter), stepped in zip(self.named_params, self.stepped):
+                stepped.copy_(tensors[f"param/{name}"])
+                if stepped is not parameter:
+                    parameter.copy_(stepped)
         state: dict[int, dict] = {}
         for key, value in tensors.items():
             if key.startswith("opt/"):

@@ -51,6 +51,7 @@ _PROJECTION_FIELDS = ("k", "mode", "target", "svd", "oversample", "power_iters")
 
 def _hashed_config(config: FinetuneConfig) -> dict:
     values = to_jsonable(config)
+    values.pop("gradient_checkpointing", None)  # how the backward is computed, not what
     spf = values["spf"]
     if config.method == "plain":
         defaults = to_jsonable(SPFConfig())
@@ -152,6 +153,8 @@ class FinetuneTrainer:
         torch.manual_seed(config.seed)
         self.model, self.trainable = set_trainable(loaded.model.to(self.device), config)
         self.model.train()
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.theta0 = {name: p.detach().clone() for name, p in self.trainable}
         self.loop = TrainingLoop(self.trainable, self.total, optimizer=config.optimizer, lr=config.lr,
                                  weight_decay=config.weight_decay, grad_clip=config.max_grad_norm)
