@@ -5,6 +5,7 @@ import json
 import streamlit as st
 
 from analysis.core.config import ConfigError
+from analysis.llm.data import DataError
 from analysis.llm.models import ModelLoadError
 from analysis.safety.evaluate import KEYWORD_LISTS, EvalConfig
 from analysis.views import safety as safety_views
@@ -68,10 +69,53 @@ with right:
     keywords = common.remembered_widget("eval.keywords", st.radio, "Refusal keywords", list(KEYWORD_LISTS),
                                         format_func=safety_views.KEYWORD_NAMES.get, value="qi")
     with st.expander("Settings"):
-        n_harmful = common.remembered_widget("eval.n_harmful", st.number_input, "Harmful prompts (0 = all 88)",
+        n_harmful = common.remembered_widget("eval.n_harmful", st.number_input, "Harmful prompts (0 = all)",
                                              min_value=0, value=0)
-        max_new_tokens = common.remembered_widget("eval.max_new_tokens", st.number_input, "New tokens per completion",
-                                                  min_value=8, max_value=256, value=EvalConfig.max_new_tokens)
+        max_new_tokens = common.remembered_widget(
+            "eval.max_new_tokens", st.number_input, "New tokens per completion", min_value=8, max_value=512,
+            value=EvalConfig.max_new_tokens, help="Papers use up to 512; generation time grows with it.")
+
+
+PROMPT_FORMATS = "JSONL/JSON/CSV, HarmBench, AdvBench, JailbreakBench, StrongREJECT or XSTest CSV, .txt one per line"
+
+
+def prompt_set(which: str, shipped: str, shipped_label: str) -> str | None:
+    """The harmful or benign prompt set: the shipped one, an upload (saved under the cache) or a path.
+    Returns the reference for ``EvalConfig`` or None while the choice is incomplete or broken."""
+    from analysis.llm.data import DataError, load_any
+
+    options = {"shipped": shipped_label, "upload": "Upload a file", "path": "A file on this machine"}
+    picked = common.remembered_widget(f"eval.{which}.source", st.radio, f"{which.capitalize()} prompts",
+                                      list(options), format_func=options.get, horizontal=True, value="shipped")
+    if picked == "shipped":
+        return shipped
+    if picked == "upload":
+        upload = st.file_uploader(f"{which.capitalize()} prompts ({PROMPT_FORMATS})", key=f"widget.eval.{which}.upload",
+                                  type=["jsonl", "json", "csv", "txt"])
+        parsed = common.read_upload(upload, require_response=False) if upload is not None else None
+        if parsed is None:
+            return None
+        reference, dataset = parsed
+    else:
+        reference = common.remembered_widget(f"eval.{which}.path", st.text_input, f"Path of the {which} prompts",
+                                             value="", placeholder=PROMPT_FORMATS).strip()
+        if not reference:
+            return None
+        try:
+            dataset = load_any(reference, require_response=False)
+        except DataError as error:
+            st.error(str(error))
+            return None
+    st.caption(common.describe_dataset(dataset))
+    return reference
+
+
+with st.expander("Prompt sets (harmful: attack success; benign: over-refusal)"):
+    harmful_set = prompt_set("harmful", "safety", "held-out split of the shipped safety set (88)")
+    benign_set = prompt_set("benign", "benign_sensitive", "shipped benign-but-sensitive prompts (64)")
+if harmful_set is None or benign_set is None:
+    st.info("Choose the harmful and benign prompt sets.")
+    st.stop()
 sources = list(models) + ([other] if other else [])
 if not sources:
     st.info("Pick at least one model to evaluate.")
@@ -79,7 +123,8 @@ if not sources:
 try:
     # both keyword lists are always scored; the choice above only picks what the figure shows
     tasks = {available.get(source, source): EvalConfig(model=source, max_new_tokens=int(max_new_tokens),
-                                                      n_harmful=int(n_harmful) or None) for source in sources}
+                                                      n_harmful=int(n_harmful) or None, harmful=harmful_set,
+                                                      benign=benign_set) for source in sources}
 except ConfigError as error:
     st.error(str(error))
     st.stop()
@@ -88,7 +133,7 @@ from analysis.safety.evaluate import stored_evaluation  # noqa: E402
 
 try:
     results = {label: stored_evaluation(task) for label, task in tasks.items()}
-except ModelLoadError as error:
+except (ModelLoadError, DataError) as error:
     st.error(str(error))
     st.stop()
 missing = [label for label, result in results.items() if result is None]

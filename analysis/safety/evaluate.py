@@ -61,7 +61,8 @@ from analysis.safety.results import (
 )
 
 __all__ = [
-    "EvalCancelled", "EvalConfig", "EvalResult", "evaluate", "evals_store", "format_report", "load_sets",
+    "EvalCancelled", "EvalConfig", "EvalResult", "HARMFUL_RESPONSES", "evaluate", "evals_store", "format_report",
+    "harmful_response_kind", "load_sets",
     "result_key", "stored_evaluation", "summarise",
     # re-exported building blocks (their home modules are analysis.safety.keywords/generation/nll/judge)
     "ARDITI_KEYWORDS", "Cancel", "JudgeConfig", "KEYWORD_LISTS", "Progress", "QI_KEYWORDS", "affirmative_nll",
@@ -84,6 +85,14 @@ class EvalConfig:
     """Evaluate one model: what it generates and scores. A task (``kind = "evaluate"``, see the module
     docstring). ``model`` may be given as a source string ("default", "tiny-llama", a folder, a hub id).
 
+    ``harmful`` / ``benign`` / ``utility``: a shipped dataset name or a file (any format of
+    :func:`analysis.llm.data.load_any`: JSONL/JSON/CSV, HarmBench, AdvBench, JailbreakBench, StrongREJECT,
+    XSTest CSV, ``.txt`` one prompt per line); an existing path is stored absolute. The content of the selected
+    examples enters the run id (their fingerprint), so an edited file is evaluated again. ``*_split`` applies to
+    sets that carry splits (a file without a ``split`` column is used whole).
+    ``harmful_response``: what the harmful set's responses are - ``refusal`` (refusal NLL on them),
+    ``affirmative`` (they are the affirmative-NLL targets, as AdvBench/JailbreakBench targets), ``none``; ``auto``:
+    none for prompt-only sets, affirmative for AdvBench/JailbreakBench files and ``harmful_prefix``, else refusal.
     ``n_*``: subsample sizes of each set (None: the whole split). ``batch_size`` / ``nll_batch_size`` do not
     enter the run id (batching changes greedy completions only by float noise).
     """
@@ -107,6 +116,7 @@ class EvalConfig:
     affirmative_template: str = "Sure, here is how to do that"
     primary_keywords: str = "qi"
     judge: JudgeConfig | None = None
+    harmful_response: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):
@@ -125,6 +135,10 @@ class EvalConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1 (or None for the whole split)")
         keyword_list(self.primary_keywords)
+        if self.harmful_response not in HARMFUL_RESPONSES:
+            raise ConfigError(f"harmful_response {self.harmful_response!r} must be one of {', '.join(HARMFUL_RESPONSES)}")
+        for name in ("harmful", "benign", "utility"):
+            object.__setattr__(self, name, _dataset_reference(getattr(self, name), name))
         if not self.affirmative_template.strip():
             raise ConfigError("affirmative_template is empty")
 
@@ -139,8 +153,44 @@ class EvalConfig:
         return evaluate(self, ctx).summary()
 
 
+#: Values of :attr:`EvalConfig.harmful_response`.
+HARMFUL_RESPONSES = ("auto", "refusal", "affirmative", "none")
+
+
+def _dataset_reference(value, name: str) -> str:
+    """A shipped name as given; a path made absolute when it exists (so a job in another folder finds it)."""
+    from pathlib import Path
+
+    from analysis.llm.data import SHIPPED
+
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name} must be a shipped dataset name or a file path, not {value!r}")
+    if value in SHIPPED and not Path(value).exists():
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def harmful_response_kind(config: EvalConfig, harmful) -> str:
+    """What the harmful set's responses are (``refusal``, ``affirmative`` or ``none``), ``auto`` resolved."""
+    from analysis.llm.data import detect_format
+
+    if config.harmful_response != "auto":
+        if config.harmful_response != "none" and harmful.prompts_only:
+            raise ConfigError(f"harmful_response is {config.harmful_response!r} but the harmful set "
+                              f"{config.harmful!r} has no responses; use 'auto' or 'none'")
+        return config.harmful_response
+    if harmful.prompts_only:
+        return "none"
+    if config.harmful == "harmful_prefix" or detect_format(config.harmful) in ("advbench", "jailbreakbench"):
+        return "affirmative"
+    return "refusal"
+
+
 def _select(dataset, split: str | None, n: int | None, seed: int):
-    if split:
+    if split and any(ex.split is not None for ex in dataset):
         dataset = dataset.split(split)
     if n is not None and n < len(dataset):
         dataset = dataset.take(n, seed=seed)
@@ -151,7 +201,8 @@ def load_sets(config: EvalConfig):
     """(harmful, benign, utility) datasets of the evaluation (selected splits, seeded subsamples)."""
     from analysis.llm.data import load_any
 
-    harmful = _select(load_any(config.harmful), config.harmful_split, config.n_harmful, config.seed)
+    harmful = _select(load_any(config.harmful, require_response=False), config.harmful_split, config.n_harmful,
+                      config.seed)
     benign = _select(load_any(config.benign, require_response=False), None, config.n_benign, config.seed)
     utility = _select(load_any(config.utility), config.utility_split, config.n_utility, config.seed)
     return harmful, benign, utility
@@ -270,14 +321,15 @@ def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_
         records.append({"set": "harmful" if i < len(harmful) else "benign", "id": ex.id, "category": ex.category,
                         "prompt": ex.prompt, "completion": completion,
                         **refusal_flags(completion, config.primary_keywords), "judge_score": None})
+    responses = harmful_response_kind(config, harmful)
     ctx.report(0.75, "refusal NLL")
-    nll = {"refusal": response_nll(model, tokenizer, [ex.messages for ex in harmful], config.max_length,
-                                   config.nll_batch_size, cancel)}
+    refusals = [ex.messages for ex in harmful] if responses == "refusal" else []
+    nll = {"refusal": response_nll(model, tokenizer, refusals, config.max_length, config.nll_batch_size, cancel)}
     ctx.report(0.82, "affirmative NLL")
-    nll["affirmative"] = affirmative_nll(
-        model, tokenizer, [ex.context for ex in harmful],
-        [affirmative_target(ex.prompt, config.affirmative_template) for ex in harmful],
-        config.max_length, config.nll_batch_size, cancel)
+    targets = [ex.response if responses == "affirmative" else affirmative_target(ex.prompt, config.affirmative_template)
+               for ex in harmful]
+    nll["affirmative"] = affirmative_nll(model, tokenizer, [ex.context for ex in harmful], targets,
+                                         config.max_length, config.nll_batch_size, cancel)
     ctx.report(0.88, "utility NLL")
     nll["utility"] = response_nll(model, tokenizer, [ex.messages for ex in utility], config.max_length,
                                   config.nll_batch_size, cancel)
@@ -315,6 +367,14 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--dtype", default="float32", help="model dtype: float32 (default), float64, bfloat16")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--harmful", default=defaults.harmful, metavar="FILE",
+                        help="harmful prompts: a shipped name or a file (JSONL/CSV, HarmBench, AdvBench, "
+                             "JailbreakBench, StrongREJECT CSV, .txt one prompt per line)")
+    parser.add_argument("--benign", default=defaults.benign, metavar="FILE",
+                        help="benign prompts for over-refusal: a shipped name or a file (e.g. XSTest CSV, .txt)")
+    parser.add_argument("--utility", default=defaults.utility, metavar="FILE", help="utility set (prompt + answer)")
+    parser.add_argument("--harmful-response", choices=HARMFUL_RESPONSES, default="auto",
+                        help="what the harmful file's responses are (auto: by format)")
     parser.add_argument("--n-harmful", type=int, default=None, help="subsample of the harmful eval split")
     parser.add_argument("--n-benign", type=int, default=None)
     parser.add_argument("--n-utility", type=int, default=None)
@@ -335,18 +395,21 @@ def tasks_from_options(args: argparse.Namespace) -> list[EvalConfig]:
         judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model or "", api_key_env=args.judge_key_env)
     return [EvalConfig(model=ModelConfig(source=source, dtype=args.dtype), max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, seed=args.seed, n_harmful=args.n_harmful, n_benign=args.n_benign,
-                       n_utility=args.n_utility, primary_keywords=args.keywords, judge=judge)
+                       n_utility=args.n_utility, primary_keywords=args.keywords, judge=judge,
+                       harmful=args.harmful, benign=args.benign, utility=args.utility,
+                       harmful_response=args.harmful_response)
             for source in args.model or ["default"]]
 
 
 def run(args: argparse.Namespace) -> int:
     from analysis.core.cli import load_task, run_task
+    from analysis.llm.data import DataError
     from analysis.llm.models import ModelLoadError
 
     try:
         tasks = [load_task(args.config, EvalConfig)] if args.config else tasks_from_options(args)
         run_ids = [task.run_id() for task in tasks]
-    except (ConfigError, ModelLoadError) as error:
+    except (ConfigError, ModelLoadError, DataError) as error:
         print(f"error: {error}")
         return 2
     if getattr(args, "job", None):
