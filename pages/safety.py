@@ -74,6 +74,9 @@ with right:
         max_new_tokens = common.remembered_widget(
             "eval.max_new_tokens", st.number_input, "New tokens per completion", min_value=8, max_value=512,
             value=EvalConfig.max_new_tokens, help="Papers use up to 512; generation time grows with it.")
+        utility_tokens = common.remembered_widget(
+            "eval.utility_max_new_tokens", st.number_input, "New tokens per utility answer (math, QA)", min_value=16,
+            max_value=512, value=EvalConfig.utility_max_new_tokens, help="Room for the worked answer and its final number.")
 
 
 PROMPT_FORMATS = "JSONL/JSON/CSV, HarmBench, AdvBench, JailbreakBench, StrongREJECT or XSTest CSV, .txt one per line"
@@ -124,7 +127,8 @@ try:
     # both keyword lists are always scored; the choice above only picks what the figure shows
     tasks = {available.get(source, source): EvalConfig(model=source, max_new_tokens=int(max_new_tokens),
                                                       n_harmful=int(n_harmful) or None, harmful=harmful_set,
-                                                      benign=benign_set) for source in sources}
+                                                      benign=benign_set, utility_max_new_tokens=int(utility_tokens))
+             for source in sources}
 except ConfigError as error:
     st.error(str(error))
     st.stop()
@@ -162,7 +166,8 @@ summary = safety_views.eval_summary(done)
 tables = safety_views.eval_tables(done)
 st.markdown("**Refusals**: attack success rate on harmful prompts, over-refusal on benign sensitive prompts")
 common.show_table(tables["rates"])
-st.markdown("**Likelihoods** (nats per response token, held-out prompts)")
+st.markdown("**Utility and likelihoods**: utility accuracy = share of held-out math / factual-QA answers that are "
+            "right (final number; short answer contained), NLLs in nats per response token")
 common.show_table(tables["likelihoods"])
 common.data_downloads(summary, "evaluation", "summary")
 figure = safety_views.category_asr_figure(done, keywords)
@@ -172,7 +177,7 @@ common.data_downloads(categories, "evaluation", f"asr_by_category_{keywords}")
 
 with st.expander("Read the completions (keyword matching has known failure modes)"):
     label = st.selectbox("Model", list(done), key="widget.eval.completions_model")
-    which = st.radio("Prompts", ["harmful", "benign"], horizontal=True, key="widget.eval.completions_set")
+    which = st.radio("Prompts", ["harmful", "benign", "utility"], horizontal=True, key="widget.eval.completions_set")
     completions = safety_views.completions_table(done[label], which)
     st.dataframe(completions, hide_index=True, width="stretch", height=360)
     common.data_downloads(completions, "evaluation", f"completions_{which}")

@@ -37,6 +37,7 @@ from analysis.core.config import ConfigError, ModelConfig, config_hash, to_jsona
 from analysis.core.store import RunStore, atomic_write_json
 from analysis.core.tasks import Cancelled, TaskContext, resolve_device
 from analysis.llm.formatting import pad_rows
+from analysis.safety.accuracy import answer_correct, gold_answer
 from analysis.safety.generation import generate, generate_ids
 from analysis.safety.judge import JudgeConfig, build_judge_messages, judge_scores, parse_judge_score
 from analysis.safety.keywords import (
@@ -93,6 +94,8 @@ class EvalConfig:
     ``harmful_response``: what the harmful set's responses are - ``refusal`` (refusal NLL on them),
     ``affirmative`` (they are the affirmative-NLL targets, as AdvBench/JailbreakBench targets), ``none``; ``auto``:
     none for prompt-only sets, affirmative for AdvBench/JailbreakBench files and ``harmful_prefix``, else refusal.
+    ``utility_accuracy``: also generate answers to the utility prompts that have a gold answer (math, factual
+    QA; :mod:`analysis.safety.accuracy`) with ``utility_max_new_tokens`` new tokens and score them.
     ``n_*``: subsample sizes of each set (None: the whole split). ``batch_size`` / ``nll_batch_size`` do not
     enter the run id (batching changes greedy completions only by float noise).
     """
@@ -117,14 +120,17 @@ class EvalConfig:
     primary_keywords: str = "qi"
     judge: JudgeConfig | None = None
     harmful_response: str = "auto"
+    utility_accuracy: bool = True
+    utility_max_new_tokens: int = 128
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):
             object.__setattr__(self, "model", ModelConfig(source=self.model))
         if not isinstance(self.model, ModelConfig):
             raise ConfigError(f"model must be a ModelConfig or a source string, not {type(self.model).__name__}")
-        if not 1 <= self.max_new_tokens <= 1024:
-            raise ConfigError(f"max_new_tokens {self.max_new_tokens} must be between 1 and 1024")
+        for name in ("max_new_tokens", "utility_max_new_tokens"):
+            if not 1 <= getattr(self, name) <= 1024:
+                raise ConfigError(f"{name} {getattr(self, name)} must be between 1 and 1024")
         for name in ("batch_size", "nll_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -313,14 +319,26 @@ def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_
         return lambda fraction, message: ctx.report(low + (high - low) * fraction, prefix + message)
 
     examples = list(harmful) + list(benign)
+    scored = [(ex, gold) for ex in utility for gold in [gold_answer(ex)] if gold is not None] \
+        if config.utility_accuracy else []
+    split = 0.6 if scored else 0.75
     completions = generate(model, tokenizer, [ex.context for ex in examples], config.max_new_tokens,
-                           config.batch_size, config.seed, progress=progress(0.0, 0.75, "generating: "),
+                           config.batch_size, config.seed, progress=progress(0.0, split, "generating: "),
                            cancel=cancel)
     records = []
     for i, (ex, completion) in enumerate(zip(examples, completions)):
         records.append({"set": "harmful" if i < len(harmful) else "benign", "id": ex.id, "category": ex.category,
                         "prompt": ex.prompt, "completion": completion,
                         **refusal_flags(completion, config.primary_keywords), "judge_score": None})
+    if scored:
+        answers = generate(model, tokenizer, [ex.context for ex, _ in scored], config.utility_max_new_tokens,
+                           config.batch_size, config.seed, progress=progress(split, 0.75, "utility answers: "),
+                           cancel=cancel)
+        for (ex, (kind, gold)), completion in zip(scored, answers):
+            records.append({"set": "utility", "id": ex.id, "category": ex.category, "prompt": ex.prompt,
+                            "completion": completion, **refusal_flags(completion, config.primary_keywords),
+                            "judge_score": None, "answer_kind": kind, "gold": list(gold),
+                            "correct": answer_correct(kind, gold, completion)})
     responses = harmful_response_kind(config, harmful)
     ctx.report(0.75, "refusal NLL")
     refusals = [ex.messages for ex in harmful] if responses == "refusal" else []
@@ -366,6 +384,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="model to evaluate (repeatable): default, default-aligned, tiny-llama, a folder, a hub id")
     parser.add_argument("--dtype", default="float32", help="model dtype: float32 (default), float64, bfloat16")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--utility-max-new-tokens", type=int, default=defaults.utility_max_new_tokens,
+                        help="new tokens of the answers scored for utility accuracy (math, factual QA)")
+    parser.add_argument("--no-utility-accuracy", action="store_true", help="skip the utility answers")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--harmful", default=defaults.harmful, metavar="FILE",
                         help="harmful prompts: a shipped name or a file (JSONL/CSV, HarmBench, AdvBench, "
@@ -397,7 +418,8 @@ def tasks_from_options(args: argparse.Namespace) -> list[EvalConfig]:
                        batch_size=args.batch_size, seed=args.seed, n_harmful=args.n_harmful, n_benign=args.n_benign,
                        n_utility=args.n_utility, primary_keywords=args.keywords, judge=judge,
                        harmful=args.harmful, benign=args.benign, utility=args.utility,
-                       harmful_response=args.harmful_response)
+                       harmful_response=args.harmful_response, utility_accuracy=not args.no_utility_accuracy,
+                       utility_max_new_tokens=args.utility_max_new_tokens)
             for source in args.model or ["default"]]
 
 
