@@ -7,7 +7,7 @@ import streamlit as st
 from analysis.core.config import ConfigError
 from analysis.llm.data import DataError
 from analysis.llm.models import ModelLoadError
-from analysis.safety.evaluate import KEYWORD_LISTS, EvalConfig
+from analysis.safety.evaluate import KEYWORD_LISTS, EvalConfig, GuardConfig, JudgeConfig
 from analysis.views import safety as safety_views
 from ui import common
 from ui import jobs as ui_jobs
@@ -79,6 +79,7 @@ with right:
             max_value=512, value=EvalConfig.utility_max_new_tokens, help="Room for the worked answer and its final number.")
 
 
+JUDGE_RUBRIC_NAMES = {"qi": "Qi et al. 1–5 harmfulness", "strongreject": "StrongREJECT (0–1)"}
 PROMPT_FORMATS = "JSONL/JSON/CSV, HarmBench, AdvBench, JailbreakBench, StrongREJECT or XSTest CSV, .txt one per line"
 
 
@@ -116,6 +117,16 @@ def prompt_set(which: str, shipped: str, shipped_label: str) -> str | None:
 with st.expander("Prompt sets (harmful: attack success; benign: over-refusal)"):
     harmful_set = prompt_set("harmful", "safety", "held-out split of the shipped safety set (88)")
     benign_set = prompt_set("benign", "benign_sensitive", "shipped benign-but-sensitive prompts (64)")
+with st.expander("Judges (optional): an LLM judge through an OpenAI-compatible endpoint, a local guard classifier"):
+    judge_url = common.remembered_widget("eval.judge_url", st.text_input, "Judge endpoint (base URL)", value="",
+                                         placeholder="http://localhost:8000/v1 (key from $OPENAI_API_KEY)").strip()
+    judge_model = common.remembered_widget("eval.judge_model", st.text_input, "Judge model name", value="").strip()
+    judge_rubric = common.remembered_widget(
+        "eval.judge_rubric", st.radio, "Judge rubric", list(JUDGE_RUBRIC_NAMES), format_func=JUDGE_RUBRIC_NAMES.get,
+        horizontal=True, value="qi")
+    guard_folder = common.remembered_widget(
+        "eval.guard", st.text_input, "Guard classifier (a Llama-Guard-style model folder)", value="",
+        placeholder="optional; labels each harmful answer safe / unsafe").strip()
 if harmful_set is None or benign_set is None:
     st.info("Choose the harmful and benign prompt sets.")
     st.stop()
@@ -124,10 +135,13 @@ if not sources:
     st.info("Pick at least one model to evaluate.")
     st.stop()
 try:
+    judge = JudgeConfig(base_url=judge_url, model=judge_model, rubric=judge_rubric) if judge_url else None
+    guard = GuardConfig(model=guard_folder) if guard_folder else None
     # both keyword lists are always scored; the choice above only picks what the figure shows
     tasks = {available.get(source, source): EvalConfig(model=source, max_new_tokens=int(max_new_tokens),
                                                       n_harmful=int(n_harmful) or None, harmful=harmful_set,
-                                                      benign=benign_set, utility_max_new_tokens=int(utility_tokens))
+                                                      benign=benign_set, utility_max_new_tokens=int(utility_tokens),
+                                                      judge=judge, guard=guard)
              for source in sources}
 except ConfigError as error:
     st.error(str(error))

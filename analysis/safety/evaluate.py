@@ -39,7 +39,8 @@ from analysis.core.tasks import Cancelled, TaskContext, resolve_device
 from analysis.llm.formatting import pad_rows
 from analysis.safety.accuracy import answer_correct, gold_answer
 from analysis.safety.generation import generate, generate_ids
-from analysis.safety.judge import JudgeConfig, build_judge_messages, judge_scores, parse_judge_score
+from analysis.safety.guard import GuardConfig, guard_labels
+from analysis.safety.judge import JUDGE_RUBRICS, JudgeConfig, build_judge_messages, judge_scores, parse_judge_score
 from analysis.safety.keywords import (
     ARDITI_KEYWORDS,
     KEYWORD_LISTS,
@@ -66,7 +67,7 @@ __all__ = [
     "harmful_response_kind", "load_sets",
     "result_key", "stored_evaluation", "summarise",
     # re-exported building blocks (their home modules are analysis.safety.keywords/generation/nll/judge)
-    "ARDITI_KEYWORDS", "Cancel", "JudgeConfig", "KEYWORD_LISTS", "Progress", "QI_KEYWORDS", "affirmative_nll",
+    "ARDITI_KEYWORDS", "Cancel", "GuardConfig", "JudgeConfig", "KEYWORD_LISTS", "Progress", "QI_KEYWORDS", "affirmative_nll",
     "affirmative_target", "atomic_write_json", "build_judge_messages", "generate", "generate_ids", "is_refusal",
     "judge_scores", "keyword_list", "matched_keywords", "nll_of_rows", "pad_rows", "parse_judge_score",
     "prefix_rows", "report", "response_nll",
@@ -96,6 +97,9 @@ class EvalConfig:
     none for prompt-only sets, affirmative for AdvBench/JailbreakBench files and ``harmful_prefix``, else refusal.
     ``utility_accuracy``: also generate answers to the utility prompts that have a gold answer (math, factual
     QA; :mod:`analysis.safety.accuracy`) with ``utility_max_new_tokens`` new tokens and score them.
+    ``judge``: an OpenAI-compatible LLM judge (rubric ``qi`` or ``strongreject``); ``guard``: a local
+    Llama-Guard-style classifier (:mod:`analysis.safety.guard`); both score the harmful completions, both off
+    by default.
     ``n_*``: subsample sizes of each set (None: the whole split). ``batch_size`` / ``nll_batch_size`` do not
     enter the run id (batching changes greedy completions only by float noise).
     """
@@ -122,6 +126,7 @@ class EvalConfig:
     harmful_response: str = "auto"
     utility_accuracy: bool = True
     utility_max_new_tokens: int = 128
+    guard: GuardConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):
@@ -227,6 +232,7 @@ def result_key(config: EvalConfig, identity: str, sets) -> dict:
     never its key) and the fingerprints of the selected examples."""
     values = to_jsonable(config)
     values["judge"] = config.judge.identity() if config.judge else None
+    values["guard"] = config.guard.identity() if config.guard else None
     values.pop("batch_size")
     values.pop("nll_batch_size")
     harmful, benign, utility = sets
@@ -351,6 +357,8 @@ def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_
     ctx.report(0.88, "utility NLL")
     nll["utility"] = response_nll(model, tokenizer, [ex.messages for ex in utility], config.max_length,
                                   config.nll_batch_size, cancel)
+    if config.guard is not None:
+        _label_with_guard(config, ctx, loaded, [r for r in records if r["set"] == "harmful"], cancel)
     if config.judge is not None:
         harmful_records = [r for r in records if r["set"] == "harmful"]
         scores = judge_scores([(r["prompt"], r["completion"]) for r in harmful_records], config.judge,
@@ -362,8 +370,25 @@ def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_
         model={"source": loaded.source, "name": loaded.name, "identity": loaded.identity},
         config=key, run_id=run_id, records=records, nll=nll,
         nll_ids={"harmful": [ex.id for ex in harmful], "utility": [ex.id for ex in utility]},
-        metrics=summarise(records, nll, config.primary_keywords),
+        metrics=summarise(records, nll, config.primary_keywords, config.judge.rubric if config.judge else "qi"),
         seconds=time.perf_counter() - start, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def _label_with_guard(config: EvalConfig, ctx: TaskContext, loaded, records: list[dict], cancel) -> None:
+    """Guard labels (``guard_label`` safe/unsafe/None, ``guard_categories``) of the harmful records, in place."""
+    from analysis.llm.models import load_model, model_identity
+
+    if model_identity(config.guard.model) == loaded.identity:
+        guard = loaded
+    else:
+        ctx.report(0.94, f"loading the guard model {config.guard.model.source}")
+        guard = load_model(config.guard.model)
+        guard.model.to(torch.device(resolve_device(ctx.device)))
+    ctx.report(0.95, "guard classifier")
+    labels = guard_labels(guard, [(r["prompt"], r["completion"]) for r in records], config.guard,
+                          config.batch_size, cancel=cancel)
+    for record, (label, categories) in zip(records, labels):
+        record["guard_label"], record["guard_categories"] = label, list(categories)
 
 
 def _versions() -> dict:
@@ -406,6 +431,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (judge off without it)")
     parser.add_argument("--judge-model", default=None)
     parser.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    parser.add_argument("--judge-rubric", choices=JUDGE_RUBRICS, default="qi",
+                        help="qi: 1-5 harmfulness (Qi et al.); strongreject: refused/convincing/specific -> [0, 1]")
+    parser.add_argument("--guard", default=None, metavar="FOLDER",
+                        help="local Llama-Guard-style classifier (a model folder) labelling harmful answers")
     add_task_arguments(parser)
 
 
@@ -413,13 +442,15 @@ def tasks_from_options(args: argparse.Namespace) -> list[EvalConfig]:
     """One task per ``--model`` (default: the embedded default model), all with the same settings."""
     judge = None
     if args.judge_url:
-        judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model or "", api_key_env=args.judge_key_env)
+        judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model or "", api_key_env=args.judge_key_env,
+                            rubric=args.judge_rubric)
+    guard = GuardConfig(model=ModelConfig(source=args.guard)) if args.guard else None
     return [EvalConfig(model=ModelConfig(source=source, dtype=args.dtype), max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, seed=args.seed, n_harmful=args.n_harmful, n_benign=args.n_benign,
                        n_utility=args.n_utility, primary_keywords=args.keywords, judge=judge,
                        harmful=args.harmful, benign=args.benign, utility=args.utility,
                        harmful_response=args.harmful_response, utility_accuracy=not args.no_utility_accuracy,
-                       utility_max_new_tokens=args.utility_max_new_tokens)
+                       utility_max_new_tokens=args.utility_max_new_tokens, guard=guard)
             for source in args.model or ["default"]]
 
 

@@ -46,7 +46,9 @@ def eval_summary(results: Mapping[str, Any]) -> pd.DataFrame:
             "ASR (Qi)": metrics["asr_qi"], "ASR (Arditi)": metrics["asr_arditi"],
             "over-refusal (Qi)": metrics["over_refusal_qi"], "over-refusal (Arditi)": metrics["over_refusal_arditi"],
             "refusal NLL": metrics.get("refusal_nll"), "affirmative NLL": metrics.get("affirmative_nll"),
-            "utility accuracy": metrics.get("utility_accuracy"), "utility NLL": metrics.get("utility_nll"), "judge mean score": metrics.get("judge_mean_score"),
+            "utility accuracy": metrics.get("utility_accuracy"), "utility NLL": metrics.get("utility_nll"),
+            "judge mean score": metrics.get("judge_mean_score"), "StrongREJECT score": metrics.get("strongreject_score"),
+            "guard unsafe rate": metrics.get("guard_unsafe_rate"),
             "seconds": result.seconds,
         })
     return pd.DataFrame(rows)
@@ -57,7 +59,7 @@ EVAL_TABLES = {
     "rates": ["model", "harmful prompts", "benign prompts", "ASR (Qi)", "ASR (Arditi)", "over-refusal (Qi)",
               "over-refusal (Arditi)"],
     "likelihoods": ["model", "utility accuracy", "utility NLL", "refusal NLL", "affirmative NLL", "judge mean score",
-                    "seconds"],
+                    "StrongREJECT score", "guard unsafe rate", "seconds"],
 }
 
 
