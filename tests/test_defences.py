@@ -1,5 +1,7 @@
 """Defences beside SPF: each projection's defining property on a tiny model's real gradients and weights."""
 
+import json
+
 import pytest
 import torch
 
@@ -99,3 +101,106 @@ def test_safe_lora_paper_mode_and_errors():
     torch.testing.assert_close(df.alignment_projector(V, rank=1), torch.tensor([[0.0, 0.0], [0.0, 1.0]]).double())
     with pytest.raises(ValueError, match="mode"):
         df.alignment_projector(V, mode="lora")
+
+
+# --- in the fine-tuning trainer ------------------------------------------------------------------------------
+
+FAST = dict(model="tiny-llama", max_length=96, eval_harmful_per_category=1, n_eval_utility=2,
+            gen_harmful_per_category=1, n_gen_benign=2, gen_max_new_tokens=4, gen_batch_size=16)
+
+
+def tiny_config(**overrides):
+    from analysis.lab.config import preset
+
+    values = dict(FAST, lr=1e-3, n_train=6, batch_size=3, epochs=2)
+    values.update(overrides)
+    return preset("harmful-10", **values)
+
+
+def test_pcgrad_step_in_the_trainer_has_no_negative_inner_product_with_the_safety_gradient():
+    from analysis.core.config import ModelConfig
+    from analysis.lab.trainer import FinetuneTrainer
+
+    lr = 1e-3
+    config = tiny_config(method="pcgrad", optimizer="sgd", trainable="linear", lr=lr,
+                         model=ModelConfig("tiny-llama", dtype="float64"),
+                         spf=dict(refresh=1, safety_batch=2, safety_loss="compliance"))
+    assert config.label == "harmful-10 / pcgrad (R=1, compliance)"
+    trainer = FinetuneTrainer.create(config)
+    modules = trainer.projector.modules
+    before = {m.name: m.weight.detach().clone() for m in modules}
+    row = trainer.train_step(1)
+    applied = {m.name: as_out_in(m.module, (before[m.name] - m.weight.detach()) / lr) for m in modules}
+    reference = trainer.pcgrad_reference
+    assert row["pcgrad_dot"] < 0 and row["pcgrad_removed"] > 0  # the attack conflicts with "do not comply"
+    scale = (dot(applied, applied) * dot(reference, reference)) ** 0.5
+    assert abs(dot(applied, reference)) <= 1e-8 * scale  # projected onto the hyperplane <g, g_s> = 0
+    assert not trainer.projector.basis  # no SPF basis is computed for pcgrad
+
+
+def test_the_compliance_safety_loss_is_the_contrast_minus_the_refusal_term():
+    from analysis.core.config import ModelConfig
+    from analysis.lab.trainer import FinetuneTrainer
+
+    def safety(loss):
+        config = tiny_config(method="spf", trainable="linear", model=ModelConfig("tiny-llama", dtype="float64"),
+                             spf=dict(safety_batch=2, safety_loss=loss))
+        return FinetuneTrainer.create(config).safety_gradients(1)
+
+    refusal, contrast, compliance = safety("refusal"), safety("contrast"), safety("compliance")
+    for name in refusal:
+        torch.testing.assert_close(contrast[name], refusal[name] + compliance[name])
+    assert dot(compliance, refusal) != 0
+
+
+def test_pcgrad_is_refused_with_lora_and_is_a_method():
+    from analysis.core.config import ConfigError
+    from analysis.lab.config import DEFENCES, METHODS
+
+    assert "pcgrad" in DEFENCES and "pcgrad" not in METHODS  # a comparison still runs plain and SPF
+    with pytest.raises(ConfigError, match="pcgrad"):
+        tiny_config(method="pcgrad", trainable="lora")
+    with pytest.raises(ConfigError, match="is not one of"):
+        tiny_config(method="safe-grad")
+
+
+def test_the_safe_lora_task_writes_a_defended_model_whose_projected_deltas_lie_in_the_subspace(monkeypatch, tmp_path):
+    from analysis.__main__ import main
+    from analysis.core.tasks import TaskContext
+    from analysis.lab.safe_lora import SafeLoraTask
+    from analysis.llm.models import load_model
+
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path / "cache"))
+    generator = torch.Generator().manual_seed(1)
+    folders = {}
+    model = load_model("tiny-llama")
+    for name, scale in (("aligned", 0.1), ("finetuned", 0.02)):
+        with torch.no_grad():
+            for module in linear_modules(model.model).values():
+                W = module.weight
+                if name == "aligned":  # a rank-2 alignment change
+                    W.add_(scale * torch.randn(W.shape[0], 2, generator=generator) @ torch.randn(2, W.shape[1],
+                                                                                                generator=generator))
+                else:
+                    W.add_(scale * torch.randn(W.shape, generator=generator))
+        folders[name] = tmp_path / name
+        model.model.save_pretrained(folders[name])
+        model.tokenizer.save_pretrained(folders[name])
+    task = SafeLoraTask(finetuned=str(folders["finetuned"]), aligned=str(folders["aligned"]), base="tiny-llama",
+                        threshold=0.9, rank=2)
+    assert task.run_id() == SafeLoraTask(**{**task.__dict__}).run_id()
+    code = main(["safe-lora", "--finetuned", str(folders["finetuned"]), "--aligned", str(folders["aligned"]),
+                 "--base", "tiny-llama", "--threshold", "0.9", "--rank", "2"])
+    assert code == 0  # the CLI ran the same task
+    out = tmp_path / "cache" / "safe_lora" / task.run_id() / "model"
+    rows = {r["name"]: r for r in json.loads((out / "safe_lora.json").read_text())}
+    defended = weights(load_model(str(out)).model)
+    aligned = weights(load_model(str(folders["aligned"])).model)
+    base = weights(load_model("tiny-llama").model)
+    assert rows and all(r["projected"] for r in rows.values())  # random deltas stray from a rank-2 subspace
+    for name, W in defended.items():
+        P = df.alignment_projector(aligned[name] - base[name], rank=2)
+        delta = (W - aligned[name]).double()
+        torch.testing.assert_close(P @ delta, delta, atol=1e-5, rtol=1e-4)
+    summary = task.execute(TaskContext())
+    assert summary["cached"] and summary["n_projected"] == len(rows) and summary["run_id"] == task.run_id()
