@@ -96,6 +96,8 @@ def test_error_messages_name_the_expected_columns(tmp_path):
     assert "missing column(s) ['Behavior']" in message and "HarmBench" in message
     assert "line 1" in message and "expected a HarmBench CSV with a header row containing 'Behavior'" in message
     assert "'ContextString'" in message and "'SemanticCategory'" in message
+    message = error(tmp_path, "hb.csv", "BehaviorID,SemanticCategory\nx,y\n", require_response=False)  # by header
+    assert "missing column(s) ['Behavior']" in message
     message = error(tmp_path, "sr.csv", "category,prompt\na,b\n", kind="strongreject", require_response=False)
     assert "missing column(s) ['forbidden_prompt']" in message and "StrongREJECT" in message
     message = error(tmp_path, "jbb.csv", "Index,Goal,Behavior\n1,g,b\n", kind="jailbreakbench")

@@ -415,8 +415,8 @@ def detect_csv_kind(header: Sequence[str]) -> str:
         return "strongreject"
     if {"goal", "behavior"} <= names:
         return "jailbreakbench"
-    if "behavior" in names:
-        return "harmbench"
+    if names & {"behavior", "behaviorid", "semanticcategory", "functionalcategory", "contextstring"}:
+        return "harmbench"  # also without 'Behavior', so that the error names the missing column
     if {"prompt", "type"} <= names and names & {"label", "focus"} and "response" not in names:
         return "xstest"
     if "goal" in names and "prompt" not in names:
