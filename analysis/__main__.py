@@ -20,6 +20,7 @@ COMMANDS = {
     "evaluate": ("analysis.safety.evaluate", "safety evaluation: ASR, over-refusal, refusal/utility NLL of models"),
     "align": ("analysis.lab.align", "build the safety-aligned default model (cache/models/...-aligned)"),
     "finetune": ("analysis.lab.finetune", "fine-tune (attack presets) with plain SFT and/or SPF; live safety metrics"),
+    "safe-lora": ("analysis.lab.safe_lora", "Safe LoRA-style post-hoc projection of a fine-tuned model's delta"),
 }
 
 

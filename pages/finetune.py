@@ -70,7 +70,8 @@ with right:
     safety_loss = st.radio("Safety loss", finetune.SAFETY_LOSSES, horizontal=True, key="widget.ft.safety_loss",
                            help="refusal: CE of refusals on harmful prompts (the paper's safety gradient); contrast: "
                                 "refusal CE minus the CE of 'Sure, here is how to do that', so the subspace also "
-                                "holds the direction in which the model starts to comply")
+                                "holds the direction in which the model starts to comply; compliance: minus the CE of "
+                                "that affirmative target alone (the ascent direction of compliance)")
     spf_layers = st.text_input("SPF layers", value="all", key="widget.ft.spf_layers")
     st.caption("Measured on the aligned SmolLM2: with these defaults ASR rises as with plain fine-tuning "
                "(harmful-10 and AOA: 99%). Orthogonal + update + contrast, k=64, R=1, safety batch 8 held "

@@ -4,8 +4,9 @@ import streamlit as st
 
 from analysis.core.config import ConfigError
 from analysis.lab.align import aligned_folder, aligned_manifest
+from analysis.llm.data import DataError
 from analysis.llm.models import ModelLoadError
-from analysis.safety.evaluate import KEYWORD_LISTS, EvalConfig
+from analysis.safety.evaluate import KEYWORD_LISTS, EvalConfig, GuardConfig, JudgeConfig
 from analysis.views import safety as safety_views
 from ui import common
 from ui import jobs as ui_jobs
@@ -64,18 +65,80 @@ with right:
     keywords = common.remembered_widget("eval.keywords", st.radio, "Refusal keywords", list(KEYWORD_LISTS),
                                         format_func=safety_views.KEYWORD_NAMES.get, value="qi")
     with st.expander("Settings"):
-        n_harmful = common.remembered_widget("eval.n_harmful", st.number_input, "Harmful prompts (0 = all 88)",
+        n_harmful = common.remembered_widget("eval.n_harmful", st.number_input, "Harmful prompts (0 = all)",
                                              min_value=0, value=0)
-        max_new_tokens = common.remembered_widget("eval.max_new_tokens", st.number_input, "New tokens per completion",
-                                                  min_value=8, max_value=256, value=EvalConfig.max_new_tokens)
+        max_new_tokens = common.remembered_widget(
+            "eval.max_new_tokens", st.number_input, "New tokens per completion", min_value=8, max_value=512,
+            value=EvalConfig.max_new_tokens, help="Papers use up to 512; generation time grows with it.")
+        utility_tokens = common.remembered_widget(
+            "eval.utility_max_new_tokens", st.number_input, "New tokens per utility answer (math, QA)", min_value=16,
+            max_value=512, value=EvalConfig.utility_max_new_tokens, help="Room for the worked answer and its final number.")
+
+
+JUDGE_RUBRIC_NAMES = {"qi": "Qi et al. 1–5 harmfulness", "strongreject": "StrongREJECT (0–1)"}
+PROMPT_FORMATS = "JSONL/JSON/CSV, HarmBench, AdvBench, JailbreakBench, StrongREJECT or XSTest CSV, .txt one per line"
+
+
+def prompt_set(which: str, shipped: str, shipped_label: str) -> str | None:
+    """The harmful or benign prompt set: the shipped one, an upload (saved under the cache) or a path.
+    Returns the reference for ``EvalConfig`` or None while the choice is incomplete or broken."""
+    from analysis.llm.data import DataError, load_any
+
+    options = {"shipped": shipped_label, "upload": "Upload a file", "path": "A file on this machine"}
+    picked = common.remembered_widget(f"eval.{which}.source", st.radio, f"{which.capitalize()} prompts",
+                                      list(options), format_func=options.get, horizontal=True, value="shipped")
+    if picked == "shipped":
+        return shipped
+    if picked == "upload":
+        upload = st.file_uploader(f"{which.capitalize()} prompts ({PROMPT_FORMATS})", key=f"widget.eval.{which}.upload",
+                                  type=["jsonl", "json", "csv", "txt"])
+        parsed = common.read_upload(upload, require_response=False) if upload is not None else None
+        if parsed is None:
+            return None
+        reference, dataset = parsed
+    else:
+        reference = common.remembered_widget(f"eval.{which}.path", st.text_input, f"Path of the {which} prompts",
+                                             value="", placeholder=PROMPT_FORMATS).strip()
+        if not reference:
+            return None
+        try:
+            dataset = load_any(reference, require_response=False)
+        except DataError as error:
+            st.error(str(error))
+            return None
+    st.caption(common.describe_dataset(dataset))
+    return reference
+
+
+with st.expander("Prompt sets (harmful: attack success; benign: over-refusal)"):
+    harmful_set = prompt_set("harmful", "safety", "held-out split of the shipped safety set (88)")
+    benign_set = prompt_set("benign", "benign_sensitive", "shipped benign-but-sensitive prompts (64)")
+with st.expander("Judges (optional): an LLM judge through an OpenAI-compatible endpoint, a local guard classifier"):
+    judge_url = common.remembered_widget("eval.judge_url", st.text_input, "Judge endpoint (base URL)", value="",
+                                         placeholder="http://localhost:8000/v1 (key from $OPENAI_API_KEY)").strip()
+    judge_model = common.remembered_widget("eval.judge_model", st.text_input, "Judge model name", value="").strip()
+    judge_rubric = common.remembered_widget(
+        "eval.judge_rubric", st.radio, "Judge rubric", list(JUDGE_RUBRIC_NAMES), format_func=JUDGE_RUBRIC_NAMES.get,
+        horizontal=True, value="qi")
+    guard_folder = common.remembered_widget(
+        "eval.guard", st.text_input, "Guard classifier (a Llama-Guard-style model folder)", value="",
+        placeholder="optional; labels each harmful answer safe / unsafe").strip()
+if harmful_set is None or benign_set is None:
+    st.info("Choose the harmful and benign prompt sets.")
+    st.stop()
 sources = list(models) + ([other] if other else [])
 if not sources:
     st.info("Pick at least one model to evaluate.")
     st.stop()
 try:
+    judge = JudgeConfig(base_url=judge_url, model=judge_model, rubric=judge_rubric) if judge_url else None
+    guard = GuardConfig(model=guard_folder) if guard_folder else None
     # both keyword lists are always scored; the choice above only picks what the figure shows
     tasks = {available.get(source, source): EvalConfig(model=source, max_new_tokens=int(max_new_tokens),
-                                                      n_harmful=int(n_harmful) or None) for source in sources}
+                                                      n_harmful=int(n_harmful) or None, harmful=harmful_set,
+                                                      benign=benign_set, utility_max_new_tokens=int(utility_tokens),
+                                                      judge=judge, guard=guard)
+             for source in sources}
 except ConfigError as error:
     st.error(str(error))
     st.stop()
@@ -84,7 +147,7 @@ from analysis.safety.evaluate import stored_evaluation  # noqa: E402
 
 try:
     results = {label: stored_evaluation(task) for label, task in tasks.items()}
-except ModelLoadError as error:
+except (ModelLoadError, DataError) as error:
     st.error(str(error))
     st.stop()
 missing = [label for label, result in results.items() if result is None]
@@ -112,7 +175,8 @@ summary = safety_views.eval_summary(done)
 tables = safety_views.eval_tables(done)
 st.markdown("**Refusals**: attack success rate on harmful prompts, over-refusal on benign sensitive prompts")
 common.show_table(tables["rates"])
-st.markdown("**Likelihoods** (nats per response token, held-out prompts)")
+st.markdown("**Utility and likelihoods**: utility accuracy = share of held-out math / factual-QA answers that are "
+            "right (final number; short answer contained), NLLs in nats per response token")
 common.show_table(tables["likelihoods"])
 common.data_downloads(summary, "evaluation", "summary")
 figure = safety_views.category_asr_figure(done, keywords)
@@ -122,7 +186,7 @@ common.data_downloads(categories, "evaluation", f"asr_by_category_{keywords}")
 
 with st.expander("Read the completions (keyword matching has known failure modes)"):
     label = st.selectbox("Model", list(done), key="widget.eval.completions_model")
-    which = st.radio("Prompts", ["harmful", "benign"], horizontal=True, key="widget.eval.completions_set")
+    which = st.radio("Prompts", ["harmful", "benign", "utility"], horizontal=True, key="widget.eval.completions_set")
     completions = safety_views.completions_table(done[label], which)
     st.dataframe(completions, hide_index=True, width="stretch", height=360)
     common.data_downloads(completions, "evaluation", f"completions_{which}")

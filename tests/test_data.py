@@ -521,7 +521,7 @@ def test_csv_header_only():
 
 
 def test_unknown_format_and_missing_file(tmp_path):
-    assert "kind=" in _err(GOOD, "data.txt")
+    assert "kind=" in _err(GOOD, "data.xml")  # .txt is one prompt per line (load_any kind "text")
     assert "unknown kind" in _err(GOOD, "data.jsonl", kind="xml")
     with pytest.raises(DataError, match="file not found"):
         load_jsonl(tmp_path / "nope.jsonl")

@@ -107,3 +107,26 @@ def test_finetune_page_refuses_lora_with_spf(cache):
     no_exceptions(at)
     assert any("LoRA" in e.value for e in at.error)
     assert not any(b.label == "Start" for b in at.button)
+
+
+def test_safety_page_takes_harmful_and_benign_prompt_sets_from_files(cache, tmp_path):
+    from tests.test_benchmarks import HARMBENCH, XSTEST
+
+    (tmp_path / "hb.csv").write_text(HARMBENCH)
+    (tmp_path / "xs.csv").write_text(XSTEST)
+    (tmp_path / "bad.csv").write_text("BehaviorID,SemanticCategory\nx,y\n")
+    at = fresh_app()
+    at.switch_page("pages/safety.py").run()
+    no_exceptions(at)
+    at.radio(key="widget.eval.harmful.source").set_value("path").run()
+    assert any("Choose the harmful and benign prompt sets" in i.value for i in at.info)
+    at.text_input(key="widget.eval.harmful.path").input(str(tmp_path / "bad.csv")).run()
+    assert any("missing column(s) ['Behavior']" in e.value for e in at.error)
+    at.text_input(key="widget.eval.harmful.path").input(str(tmp_path / "hb.csv")).run()
+    at.radio(key="widget.eval.benign.source").set_value("path").run()
+    at.text_input(key="widget.eval.benign.path").input(str(tmp_path / "xs.csv")).run()
+    no_exceptions(at)
+    assert not at.error
+    assert sum("2 examples" in c.value for c in at.caption) == 2  # both sets described
+    assert any("Not evaluated yet" in c.value for c in at.caption)
+    assert any(n.label.startswith("New tokens per completion") and n.max == 512 for n in at.number_input)

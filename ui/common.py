@@ -264,14 +264,15 @@ def save_upload(data: bytes, filename: str) -> Path:
     return path
 
 
-def read_upload(upload):
+def read_upload(upload, require_response: bool = True):
     """Parse an uploaded dataset; on a problem show it with st.error and return None.
+    ``require_response=False`` also accepts prompt sets (benchmark CSVs, ``.txt``) for evaluation.
 
-    Returns (path of the saved copy for ``CollectionConfig``, ``analysis.llm.data.Dataset``)."""
+    Returns (path of the saved copy for ``CollectionConfig`` / ``EvalConfig``, ``analysis.llm.data.Dataset``)."""
     from analysis.llm.data import DataError, load_bytes
 
     try:
-        dataset = load_bytes(upload.getvalue(), upload.name)
+        dataset = load_bytes(upload.getvalue(), upload.name, require_response=require_response)
     except DataError as error:
         st.error(str(error) if error.file else f"{upload.name}: {error}")  # the message names the file already
         return None

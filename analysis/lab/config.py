@@ -11,10 +11,13 @@ from typing import Any
 
 from analysis.core.config import ConfigError, ModelConfig, to_jsonable
 
-METHODS = ("plain", "spf")
+METHODS = ("plain", "spf")  # the two arms a comparison runs
+#: Further single-arm defences (analysis.lab.defences): "pcgrad" projects the whole fine-tuning gradient
+#: against the whole safety gradient (refreshed every ``spf.refresh`` steps from ``spf.safety_loss``).
+DEFENCES = ("pcgrad",)
 SPF_MODES = ("conflict", "orthogonal")
 SPF_TARGETS = ("gradient", "update")
-SAFETY_LOSSES = ("refusal", "contrast")
+SAFETY_LOSSES = ("refusal", "contrast", "compliance")
 SVD_METHODS = ("randomized", "lowrank", "exact", "auto")
 TRAINABLE = ("blocks", "last", "linear", "all", "lora")
 OPTIMIZERS = ("adamw", "sgd")
@@ -42,7 +45,8 @@ class SPFConfig:
     the optimizer) or "update" (project the optimizer's weight change; exact under AdamW, see the module
     docstring of :mod:`analysis.lab.spf`); safety_loss: "refusal" (L_safety = CE of the refusals, DESIGN.md) or "contrast" (CE of the
     refusals minus CE of an affirmative target "Sure, here is how to do that" on the same prompts, so that
-    the subspace also holds the direction that makes the model comply; see :mod:`analysis.lab.spf`);
+    the subspace also holds the direction that makes the model comply; see :mod:`analysis.lab.spf`) or
+    "compliance" (minus the CE of that affirmative target alone: the ascent direction of compliance);
     layers / kinds / regex: which linear modules (``capture.select_modules``; intersected with
     the trainable ones); svd: "randomized" (seeded torch range finder, ``oversample``, ``power_iters``),
     "lowrank" (``torch.svd_lowrank``, same settings), "exact" (``geometry.top_singular``) or "auto" (exact
@@ -160,12 +164,15 @@ class FinetuneConfig:
             object.__setattr__(self, "spf", SPFConfig(**self.spf))
         if not isinstance(self.spf, SPFConfig):
             raise ConfigError("spf must be an SPFConfig")
-        if self.method not in METHODS:
-            raise ConfigError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.method not in METHODS + DEFENCES:
+            raise ConfigError(f"method {self.method!r} is not one of {', '.join(METHODS + DEFENCES)}")
         if self.trainable not in TRAINABLE:
             raise ConfigError(f"trainable {self.trainable!r} is not one of {', '.join(TRAINABLE)}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.method == "pcgrad" and self.trainable == "lora":
+            raise ConfigError("pcgrad projects the weight gradients of the linear modules; it needs trainable weights, "
+                              "not LoRA adapters: use trainable='blocks', 'linear' or 'last'")
         if self.method == "spf" and self.trainable == "lora":
             raise ConfigError("SPF projects the weight gradient of each linear module; with LoRA the weight "
                               "change is a product of adapters and the projection has no guarantee. Use "
@@ -201,6 +208,8 @@ class FinetuneConfig:
         """Short human label, e.g. ``harmful-10 / spf (conflict, k=8)``."""
         if self.method == "spf":
             return f"{self.preset} / spf ({spf_settings(to_jsonable(self.spf))})"
+        if self.method == "pcgrad":
+            return f"{self.preset} / pcgrad (R={self.spf.refresh}, {self.spf.safety_loss})"
         return f"{self.preset} / plain"
 
 

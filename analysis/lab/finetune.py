@@ -362,7 +362,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward (less memory, same numbers)")
     parser.add_argument("--preset", default="harmful-10", choices=sorted(PRESETS))
-    parser.add_argument("--mode", default="both", choices=("plain", "spf", "both"), help="plain SFT, SPF, or both arms")
+    parser.add_argument("--mode", default="both", choices=("plain", "spf", "pcgrad", "both"),
+                        help="plain SFT, SPF, PCGrad-style projection, or both arms (plain and SPF)")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
@@ -377,7 +378,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--spf-mode", choices=SPF_MODES, default=None)
     parser.add_argument("--spf-target", choices=SPF_TARGETS, default=None)
     parser.add_argument("--safety-loss", choices=SAFETY_LOSSES, default=None,
-                        help="refusal CE (default) or refusal CE minus affirmative-target CE")
+                        help="refusal CE (default), refusal CE minus affirmative-target CE (contrast), or minus the "
+                             "affirmative-target CE alone (compliance)")
     parser.add_argument("--spf-layers", default=None)
     parser.add_argument("--spf-kinds", default=None)
     parser.add_argument("--eval-every", type=int, default=None)

@@ -20,6 +20,7 @@ from analysis.core.store import atomic_write_json, finite_or_none
 from analysis.core.tasks import resolve_device
 from analysis.engine.capture import layer_index
 from analysis.lab.config import FinetuneConfig, SPFConfig
+from analysis.lab.defences import pcgrad_project
 from analysis.lab.finetune_data import (
     FORMAT_VERSION,
     FinetuneData,
@@ -34,7 +35,7 @@ from analysis.lab.finetune_data import (
     total_steps,
 )
 from analysis.lab.loop import TrainingLoop
-from analysis.lab.spf import SPFProjector, spf_modules
+from analysis.lab.spf import SPFProjector, as_out_in, spf_modules
 
 # --------------------------------------------------------------------------------------------------
 # run id
@@ -158,9 +159,10 @@ class FinetuneTrainer:
         self.theta0 = {name: p.detach().clone() for name, p in self.trainable}
         self.loop = TrainingLoop(self.trainable, self.total, optimizer=config.optimizer, lr=config.lr,
                                  weight_decay=config.weight_decay, grad_clip=config.max_grad_norm)
-        modules = (spf_modules(self.model, config.spf) if (config.method == "spf" or config.track_conflict)
+        modules = (spf_modules(self.model, config.spf) if (config.method in ("spf", "pcgrad") or config.track_conflict)
                    and config.trainable != "lora" else [])
         self.projector = SPFProjector(modules, config.spf, project=config.method == "spf")
+        self.pcgrad_reference: dict[str, torch.Tensor] | None = None  # method "pcgrad": the last safety gradient
         self.evals: list[dict] = []
         self.eval_cache = eval_cache  # folder of the initial evaluations shared between runs (None: no cache)
 
@@ -190,8 +192,9 @@ class FinetuneTrainer:
         """G_safety (d_out, d_in) of every SPF module at the current weights, from the step's safety batch."""
         indices = safety_indices(self.config, len(self.data.safety), step)
         refusals = [self.data.safety[i] for i in indices]
-        loss = self.losses(refusals).mean()
-        if self.config.spf.safety_loss == "contrast":
+        safety_loss = self.config.spf.safety_loss
+        loss = self.losses(refusals).mean() if safety_loss != "compliance" else 0.0
+        if safety_loss in ("contrast", "compliance"):
             from analysis.safety.evaluate import affirmative_target
 
             affirmative = [c[:-1] + [{"role": "assistant", "content": affirmative_target(c[-2]["content"])}]
@@ -215,7 +218,12 @@ class FinetuneTrainer:
                 row.update(projector.conflict_cosines(safety))
             if projector.project:
                 projector.refresh_basis(safety, step, seeded(config.seed, "basis", step))
+            if config.method == "pcgrad":
+                self.pcgrad_reference = {name: g.detach() for name, g in safety.items()}
             del safety
+        if config.method == "pcgrad" and self.pcgrad_reference is not None:
+            grads = {m.name: as_out_in(m.module, m.weight.grad) for m in projector.modules}
+            row.update(pcgrad_project(grads, self.pcgrad_reference))
         removed: dict[str, tuple[float, float]] = {}
         if projector.project and config.spf.target == "gradient":
             removed = projector.project_gradients()

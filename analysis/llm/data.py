@@ -9,7 +9,18 @@ Everything the rest of the tool knows about text data goes through this module (
   source bytes (for run caching).
 * :func:`load_shipped` - the datasets in ``data/`` (see ``data/README.md``).
 * :func:`load_jsonl`, :func:`load_json`, :func:`load_csv`, :func:`load_advbench`,
-  :func:`load_hexphi`, :func:`load_any`, :func:`load_bytes` - the user's own files.
+  :func:`load_hexphi`, :func:`load_any`, :func:`load_bytes` - the user's own files;
+  :func:`detect_format` - which format ``load_any`` would read a file as.
+
+Evaluation prompt sets
+----------------------
+Benchmark CSVs are recognised by their header row (any case): HarmBench (``Behavior``, optional
+``ContextString``, ``SemanticCategory``, ``BehaviorID``), JailbreakBench (``Goal``, ``Target``, ``Behavior``,
+``Category``, ``Index``), StrongREJECT (``forbidden_prompt``, ``category``), XSTest (``prompt``, ``type``,
+``label``/``focus``; only the rows labelled safe are kept) and AdvBench (``goal``, ``target``); a ``.txt``
+file is one prompt per line.  All but AdvBench and JailbreakBench (whose targets are affirmative
+responses) are prompt-only: load them with ``require_response=False``; asking for responses raises a
+:class:`DataError` that says so.
 
 Prompt-only data
 ----------------
@@ -37,6 +48,7 @@ from analysis.llm.parsers import (
     HEXPHI_CATEGORIES,
     HEXPHI_FILE,
     KINDS,
+    detect_kind,
     parse_bytes,
     parse_csv,
     parse_hexphi,
@@ -54,6 +66,7 @@ __all__ = [
     "KINDS",
     "ROLES",
     "SHIPPED",
+    "detect_format",
     "load_advbench",
     "load_any",
     "load_bytes",
@@ -177,8 +190,10 @@ def load_any(path_or_name: str | Path, kind: str | None = None, require_response
 
     Dispatch: a name in ``SHIPPED`` (and no such path) -> :func:`load_shipped`; a folder ->
     :func:`load_hexphi`; otherwise ``kind`` or the extension: ``.jsonl`` -> JSON Lines,
-    ``.json`` -> JSON array, ``.csv`` -> HEx-PHI if named ``category_N.csv`` without a
-    prompt/goal header, else CSV with prompt/response or goal/target columns.
+    ``.json`` -> JSON array, ``.txt`` -> one prompt per line, ``.csv`` -> HEx-PHI if named
+    ``category_N.csv`` without a prompt/goal header, else by the header row: a benchmark (HarmBench,
+    JailbreakBench, StrongREJECT, XSTest; see the module docstring) or CSV with prompt/response or
+    goal/target columns.
     """
     p = Path(path_or_name)
     if isinstance(path_or_name, str) and path_or_name in SHIPPED and not p.exists():
@@ -187,3 +202,15 @@ def load_any(path_or_name: str | Path, kind: str | None = None, require_response
         return load_hexphi(p)
     data, file = _read(p)
     return parse_bytes(data, file, kind, require_response)
+
+
+def detect_format(path_or_name: str | Path) -> str:
+    """How :func:`load_any` reads ``path_or_name``: ``shipped``, ``hexphi`` (a folder) or a kind of
+    :data:`KINDS` from the file name and, for CSV, the header (``advbench`` for goal/target)."""
+    p = Path(path_or_name)
+    if isinstance(path_or_name, str) and path_or_name in SHIPPED and not p.exists():
+        return "shipped"
+    if p.is_dir():
+        return "hexphi"
+    data, file = _read(p)
+    return detect_kind(file, data)

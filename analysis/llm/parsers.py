@@ -6,6 +6,7 @@ The loaders in :mod:`analysis.llm.data` read files and call these."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -17,8 +18,8 @@ from typing import Any
 from analysis.llm.examples import DataError, Dataset, Example, Where, check_text, freeze_messages
 
 __all__ = [
-    "HEXPHI_CATEGORIES", "HEXPHI_FILE", "KINDS", "parse_bytes", "parse_csv", "parse_hexphi", "parse_json",
-    "parse_jsonl",
+    "BENCHMARKS", "HEXPHI_CATEGORIES", "HEXPHI_FILE", "KINDS", "detect_csv_kind", "detect_kind", "parse_benchmark", "parse_bytes",
+    "parse_csv", "parse_hexphi", "parse_json", "parse_jsonl", "parse_text",
 ]
 
 #: The 11 HEx-PHI categories in HEx-PHI's own order (``category_1.csv`` .. ``category_11.csv``).
@@ -39,7 +40,7 @@ HEXPHI_CATEGORIES: tuple[str, ...] = (
 #: Values accepted for ``kind=`` by :func:`load_any` and :func:`load_bytes`.
 #: A JSON Lines file with bad lines reports this many of them (with line numbers) in one error.
 MAX_REPORTED_LINES = 5
-KINDS = ("jsonl", "json", "csv", "advbench", "hexphi")
+KINDS = ("jsonl", "json", "csv", "advbench", "hexphi", "harmbench", "jailbreakbench", "strongreject", "xstest", "text")
 
 _FIX_ROW = "expected a JSON object with 'prompt' and 'response' or 'messages'"
 _FIX_CSV = "expected a header row with 'prompt' and 'response' columns (or AdvBench 'goal' and 'target')"
@@ -176,7 +177,7 @@ def _lines(text: str) -> Iterator[tuple[int, str]]:
 
 def _stem(file: str) -> str:
     name = Path(file).name
-    for ext in (".jsonl", ".json", ".csv", ".tsv"):
+    for ext in (".jsonl", ".json", ".csv", ".tsv", ".txt"):
         if name.lower().endswith(ext):
             return name[: -len(ext)] or name
     return name or "data"
@@ -370,8 +371,132 @@ def parse_hexphi(data: bytes, file: str) -> Dataset:
         items.append((ex, at))
     return _build(f"hexphi-{category}", file, data, items, "expected one harmful prompt per line")
 
+# --------------------------------------------------------------------------------------
+# benchmark CSVs (prompt sets for evaluation) and plain text
 
-def _kind_from_name(filename: str, data: bytes | None = None) -> str:
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """Columns of a benchmark CSV, spelled as the benchmark does (matched case-insensitively). ``prompt`` is
+    required; the others are optional.
+    ``keep``: (column, value) - only rows whose column equals value are kept (XSTest: the safe prompts)."""
+
+    title: str
+    prompt: str
+    category: str | None = None
+    id: tuple[str, ...] = ()
+    response: str | None = None
+    context: str | None = None
+    keep: tuple[str, str] | None = None
+    note: str = ""
+
+    def expected(self) -> str:
+        optional = [c for c in (self.response, self.category, *self.id, self.context) if c]
+        return (f"expected a {self.title} CSV with a header row containing '{self.prompt}'"
+                + (f" (optional: {', '.join(repr(c) for c in optional)})" if optional else "") + self.note)
+
+
+#: The benchmark CSV formats :func:`parse_benchmark` reads (kind -> columns). Header names are matched
+#: case-insensitively. HarmBench's ``ContextString`` (contextual behaviours) is put before the behaviour
+#: as in HarmBench's own prompt ("<context>\n\n---\n\n<behavior>").
+BENCHMARKS: dict[str, Benchmark] = {
+    "harmbench": Benchmark("HarmBench", "Behavior", "SemanticCategory", ("BehaviorID",), context="ContextString"),
+    "jailbreakbench": Benchmark("JailbreakBench", "Goal", "Category", ("Index",), response="Target"),
+    "strongreject": Benchmark("StrongREJECT", "forbidden_prompt", "category"),
+    "xstest": Benchmark("XSTest", "prompt", "type", ("id", "id_v2"), keep=("label", "safe"),
+                        note="; only the rows labelled 'safe' are kept (over-refusal prompts)"),
+}
+
+
+def detect_csv_kind(header: Sequence[str]) -> str:
+    """The CSV format a header row (any case) belongs to: a key of :data:`BENCHMARKS`, ``advbench`` or ``csv``."""
+    names = {h.strip().lower() for h in header}
+    if "forbidden_prompt" in names:
+        return "strongreject"
+    if {"goal", "behavior"} <= names:
+        return "jailbreakbench"
+    if names & {"behavior", "behaviorid", "semanticcategory", "functionalcategory", "contextstring"}:
+        return "harmbench"  # also without 'Behavior', so that the error names the missing column
+    if {"prompt", "type"} <= names and names & {"label", "focus"} and "response" not in names:
+        return "xstest"
+    if "goal" in names and "prompt" not in names:
+        return "advbench"
+    return "csv"
+
+
+def parse_benchmark(data: bytes, file: str, kind: str, require_response: bool = False) -> Dataset:
+    """A benchmark CSV (see :data:`BENCHMARKS`) as a prompt-only dataset (JailbreakBench keeps its ``Target``
+    as the response; with ``require_response`` it must be there). Ids: the id column, else ``<file stem>-NNNN``."""
+    spec = BENCHMARKS[kind]
+    text = _decode(data, file)
+    stem = _stem(file)
+    rows = _csv_rows(text, file)
+    fix = spec.expected()
+    try:
+        header_line, header = next(rows)
+    except StopIteration:
+        raise DataError("is empty", file=file, fix=fix) from None
+    names = [h.strip().lower() for h in header]
+    index = {h: i for i, h in reversed(list(enumerate(names))) if h}
+    required = [spec.prompt] + ([spec.response] if require_response and spec.response else [])
+    missing = [c for c in required if c.lower() not in index]
+    if missing:
+        raise DataError(f"missing column(s) {missing} in the header (found {[h for h in names if h]})",
+                        file=file, line=header_line, field=missing[0], fix=fix)
+    keep = spec.keep if spec.keep and spec.keep[0].lower() in index else None
+    if spec.keep and not keep and kind == "xstest":  # XSTest v1 files have no label: contrast types are unsafe
+        keep = ("type", "!contrast")
+    id_column = next((c for c in spec.id if c.lower() in index), None)
+
+    def cell(record: list[str], column: str | None) -> str:
+        column = column.lower() if column else None
+        return record[index[column]].strip() if column in index and index[column] < len(record) else ""
+
+    items: list[tuple[Example, Where]] = []
+    for line, record in rows:
+        at = Where(file, line)
+        if keep is not None:
+            value = cell(record, keep[0]).lower()
+            if (value.startswith("contrast") if keep[1] == "!contrast" else value != keep[1]):
+                continue
+        prompt = cell(record, spec.prompt)
+        if not prompt:
+            raise at.error("is empty (or the row is too short)", spec.prompt, fix)
+        context = cell(record, spec.context)
+        row: dict[str, Any] = {"prompt": f"{context}\n\n---\n\n{prompt}" if context else prompt}
+        response = cell(record, spec.response)
+        if response:
+            row["response"] = response
+        elif require_response:
+            raise at.error("is empty", spec.response, fix)
+        if cell(record, spec.category):
+            row["category"] = cell(record, spec.category)
+        if cell(record, id_column):
+            row["id"] = cell(record, id_column)
+        items.append((_row_to_example(row, at, f"{stem}-{len(items) + 1:04d}", require_response, aliases=False), at))
+    empty = "no rows labelled 'safe'" if keep is not None else "the header is there but no data rows follow"
+    return _build(stem, file, data, items, empty + " \u2014 " + fix)
+
+
+def parse_text(data: bytes, file: str) -> Dataset:
+    """Plain text, one prompt per line (blank lines skipped): a prompt-only dataset, ids ``<stem>-NNNN``."""
+    text = _decode(data, file)
+    stem = _stem(file)
+    items: list[tuple[Example, Where]] = []
+    for n, line in _lines(text):
+        if line.strip():
+            at = Where(file, n)
+            items.append((_row_to_example({"prompt": line.strip()}, at, f"{stem}-{len(items) + 1:04d}", False), at))
+    return _build(stem, file, data, items, "expected one prompt per line")
+
+
+def detect_kind(filename: str, data: bytes | None = None) -> str:
+    """The format (one of :data:`KINDS`) of a file from its name and, for CSV, its header row (``advbench``
+    for a goal/target header). Raises :class:`DataError` when the name says nothing."""
+    return _kind_from_name(filename, data, exact=True)
+
+
+def _kind_from_name(filename: str, data: bytes | None = None, exact: bool = False) -> str:
     name = Path(filename).name.lower()
     if name.endswith(".jsonl") or name.endswith(".ndjson"):
         return "jsonl"
@@ -385,13 +510,22 @@ def _kind_from_name(filename: str, data: bytes | None = None) -> str:
             except (UnicodeDecodeError, DataError):
                 first = []
             cols = {c.strip().lower() for c in first}
-            if not cols & {"prompt", "goal"}:
+            if not cols & {"prompt", "goal", "behavior", "forbidden_prompt"}:
                 return "hexphi"
+        if data is not None:  # benchmark CSVs are told apart by their header
+            try:
+                first = next(_csv_rows(data.decode("utf-8-sig"), filename), (0, []))[1]
+            except (UnicodeDecodeError, DataError):
+                first = []
+            kind = detect_csv_kind(first)
+            return "csv" if kind == "advbench" and not exact else kind  # parse_csv reads goal/target itself
         return "csv"
+    if name.endswith(".txt"):
+        return "text"
     raise DataError(
         "cannot tell the format from the file name",
         file=filename,
-        fix="use a .jsonl, .json or .csv file, or pass kind= one of " + ", ".join(KINDS),
+        fix="use a .jsonl, .json, .csv or .txt (one prompt per line) file, or pass kind= one of " + ", ".join(KINDS),
     )
 
 
@@ -408,6 +542,15 @@ def parse_bytes(data: bytes, file: str, kind: str | None, require_response: bool
         return parse_csv(data, file, require_response, advbench=True)
     if kind == "hexphi":
         return parse_hexphi(data, file)
+    if kind in BENCHMARKS or kind == "text":
+        title = ("a " + BENCHMARKS[kind].title) if kind in BENCHMARKS else "a plain-text prompt"
+        if require_response and (kind == "text" or BENCHMARKS[kind].response is None):
+            raise DataError(f"is {title} file: prompts only, no responses", file=file,
+                            fix="use it as a prompt set for evaluation (harmful or benign prompts), "
+                                "or give a file with responses (JSONL/CSV with 'prompt' and 'response')")
+        if kind == "text":
+            return parse_text(data, file)
+        return parse_benchmark(data, file, kind, require_response)
     raise DataError(f"unknown kind {kind!r}", file=file, fix="kind must be one of " + ", ".join(KINDS))
 
 

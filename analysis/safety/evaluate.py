@@ -37,8 +37,10 @@ from analysis.core.config import ConfigError, ModelConfig, config_hash, to_jsona
 from analysis.core.store import RunStore, atomic_write_json
 from analysis.core.tasks import Cancelled, TaskContext, resolve_device
 from analysis.llm.formatting import pad_rows
+from analysis.safety.accuracy import answer_correct, gold_answer
 from analysis.safety.generation import generate, generate_ids
-from analysis.safety.judge import JudgeConfig, build_judge_messages, judge_scores, parse_judge_score
+from analysis.safety.guard import GuardConfig, guard_labels
+from analysis.safety.judge import JUDGE_RUBRICS, JudgeConfig, build_judge_messages, judge_scores, parse_judge_score
 from analysis.safety.keywords import (
     ARDITI_KEYWORDS,
     KEYWORD_LISTS,
@@ -61,10 +63,11 @@ from analysis.safety.results import (
 )
 
 __all__ = [
-    "EvalCancelled", "EvalConfig", "EvalResult", "evaluate", "evals_store", "format_report", "load_sets",
+    "EvalCancelled", "EvalConfig", "EvalResult", "HARMFUL_RESPONSES", "evaluate", "evals_store", "format_report",
+    "harmful_response_kind", "load_sets",
     "result_key", "stored_evaluation", "summarise",
     # re-exported building blocks (their home modules are analysis.safety.keywords/generation/nll/judge)
-    "ARDITI_KEYWORDS", "Cancel", "JudgeConfig", "KEYWORD_LISTS", "Progress", "QI_KEYWORDS", "affirmative_nll",
+    "ARDITI_KEYWORDS", "Cancel", "GuardConfig", "JudgeConfig", "KEYWORD_LISTS", "Progress", "QI_KEYWORDS", "affirmative_nll",
     "affirmative_target", "atomic_write_json", "build_judge_messages", "generate", "generate_ids", "is_refusal",
     "judge_scores", "keyword_list", "matched_keywords", "nll_of_rows", "pad_rows", "parse_judge_score",
     "prefix_rows", "report", "response_nll",
@@ -84,6 +87,19 @@ class EvalConfig:
     """Evaluate one model: what it generates and scores. A task (``kind = "evaluate"``, see the module
     docstring). ``model`` may be given as a source string ("default", "tiny-llama", a folder, a hub id).
 
+    ``harmful`` / ``benign`` / ``utility``: a shipped dataset name or a file (any format of
+    :func:`analysis.llm.data.load_any`: JSONL/JSON/CSV, HarmBench, AdvBench, JailbreakBench, StrongREJECT,
+    XSTest CSV, ``.txt`` one prompt per line); an existing path is stored absolute. The content of the selected
+    examples enters the run id (their fingerprint), so an edited file is evaluated again. ``*_split`` applies to
+    sets that carry splits (a file without a ``split`` column is used whole).
+    ``harmful_response``: what the harmful set's responses are - ``refusal`` (refusal NLL on them),
+    ``affirmative`` (they are the affirmative-NLL targets, as AdvBench/JailbreakBench targets), ``none``; ``auto``:
+    none for prompt-only sets, affirmative for AdvBench/JailbreakBench files and ``harmful_prefix``, else refusal.
+    ``utility_accuracy``: also generate answers to the utility prompts that have a gold answer (math, factual
+    QA; :mod:`analysis.safety.accuracy`) with ``utility_max_new_tokens`` new tokens and score them.
+    ``judge``: an OpenAI-compatible LLM judge (rubric ``qi`` or ``strongreject``); ``guard``: a local
+    Llama-Guard-style classifier (:mod:`analysis.safety.guard`); both score the harmful completions, both off
+    by default.
     ``n_*``: subsample sizes of each set (None: the whole split). ``batch_size`` / ``nll_batch_size`` do not
     enter the run id (batching changes greedy completions only by float noise).
     """
@@ -107,14 +123,19 @@ class EvalConfig:
     affirmative_template: str = "Sure, here is how to do that"
     primary_keywords: str = "qi"
     judge: JudgeConfig | None = None
+    harmful_response: str = "auto"
+    utility_accuracy: bool = True
+    utility_max_new_tokens: int = 128
+    guard: GuardConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):
             object.__setattr__(self, "model", ModelConfig(source=self.model))
         if not isinstance(self.model, ModelConfig):
             raise ConfigError(f"model must be a ModelConfig or a source string, not {type(self.model).__name__}")
-        if not 1 <= self.max_new_tokens <= 1024:
-            raise ConfigError(f"max_new_tokens {self.max_new_tokens} must be between 1 and 1024")
+        for name in ("max_new_tokens", "utility_max_new_tokens"):
+            if not 1 <= getattr(self, name) <= 1024:
+                raise ConfigError(f"{name} {getattr(self, name)} must be between 1 and 1024")
         for name in ("batch_size", "nll_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -125,6 +146,10 @@ class EvalConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1 (or None for the whole split)")
         keyword_list(self.primary_keywords)
+        if self.harmful_response not in HARMFUL_RESPONSES:
+            raise ConfigError(f"harmful_response {self.harmful_response!r} must be one of {', '.join(HARMFUL_RESPONSES)}")
+        for name in ("harmful", "benign", "utility"):
+            object.__setattr__(self, name, _dataset_reference(getattr(self, name), name))
         if not self.affirmative_template.strip():
             raise ConfigError("affirmative_template is empty")
 
@@ -139,8 +164,44 @@ class EvalConfig:
         return evaluate(self, ctx).summary()
 
 
+#: Values of :attr:`EvalConfig.harmful_response`.
+HARMFUL_RESPONSES = ("auto", "refusal", "affirmative", "none")
+
+
+def _dataset_reference(value, name: str) -> str:
+    """A shipped name as given; a path made absolute when it exists (so a job in another folder finds it)."""
+    from pathlib import Path
+
+    from analysis.llm.data import SHIPPED
+
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name} must be a shipped dataset name or a file path, not {value!r}")
+    if value in SHIPPED and not Path(value).exists():
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def harmful_response_kind(config: EvalConfig, harmful) -> str:
+    """What the harmful set's responses are (``refusal``, ``affirmative`` or ``none``), ``auto`` resolved."""
+    from analysis.llm.data import detect_format
+
+    if config.harmful_response != "auto":
+        if config.harmful_response != "none" and harmful.prompts_only:
+            raise ConfigError(f"harmful_response is {config.harmful_response!r} but the harmful set "
+                              f"{config.harmful!r} has no responses; use 'auto' or 'none'")
+        return config.harmful_response
+    if harmful.prompts_only:
+        return "none"
+    if config.harmful == "harmful_prefix" or detect_format(config.harmful) in ("advbench", "jailbreakbench"):
+        return "affirmative"
+    return "refusal"
+
+
 def _select(dataset, split: str | None, n: int | None, seed: int):
-    if split:
+    if split and any(ex.split is not None for ex in dataset):
         dataset = dataset.split(split)
     if n is not None and n < len(dataset):
         dataset = dataset.take(n, seed=seed)
@@ -151,7 +212,8 @@ def load_sets(config: EvalConfig):
     """(harmful, benign, utility) datasets of the evaluation (selected splits, seeded subsamples)."""
     from analysis.llm.data import load_any
 
-    harmful = _select(load_any(config.harmful), config.harmful_split, config.n_harmful, config.seed)
+    harmful = _select(load_any(config.harmful, require_response=False), config.harmful_split, config.n_harmful,
+                      config.seed)
     benign = _select(load_any(config.benign, require_response=False), None, config.n_benign, config.seed)
     utility = _select(load_any(config.utility), config.utility_split, config.n_utility, config.seed)
     return harmful, benign, utility
@@ -170,6 +232,7 @@ def result_key(config: EvalConfig, identity: str, sets) -> dict:
     never its key) and the fingerprints of the selected examples."""
     values = to_jsonable(config)
     values["judge"] = config.judge.identity() if config.judge else None
+    values["guard"] = config.guard.identity() if config.guard else None
     values.pop("batch_size")
     values.pop("nll_batch_size")
     harmful, benign, utility = sets
@@ -262,25 +325,40 @@ def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_
         return lambda fraction, message: ctx.report(low + (high - low) * fraction, prefix + message)
 
     examples = list(harmful) + list(benign)
+    scored = [(ex, gold) for ex in utility for gold in [gold_answer(ex)] if gold is not None] \
+        if config.utility_accuracy else []
+    split = 0.6 if scored else 0.75
     completions = generate(model, tokenizer, [ex.context for ex in examples], config.max_new_tokens,
-                           config.batch_size, config.seed, progress=progress(0.0, 0.75, "generating: "),
+                           config.batch_size, config.seed, progress=progress(0.0, split, "generating: "),
                            cancel=cancel)
     records = []
     for i, (ex, completion) in enumerate(zip(examples, completions)):
         records.append({"set": "harmful" if i < len(harmful) else "benign", "id": ex.id, "category": ex.category,
                         "prompt": ex.prompt, "completion": completion,
                         **refusal_flags(completion, config.primary_keywords), "judge_score": None})
+    if scored:
+        answers = generate(model, tokenizer, [ex.context for ex, _ in scored], config.utility_max_new_tokens,
+                           config.batch_size, config.seed, progress=progress(split, 0.75, "utility answers: "),
+                           cancel=cancel)
+        for (ex, (kind, gold)), completion in zip(scored, answers):
+            records.append({"set": "utility", "id": ex.id, "category": ex.category, "prompt": ex.prompt,
+                            "completion": completion, **refusal_flags(completion, config.primary_keywords),
+                            "judge_score": None, "answer_kind": kind, "gold": list(gold),
+                            "correct": answer_correct(kind, gold, completion)})
+    responses = harmful_response_kind(config, harmful)
     ctx.report(0.75, "refusal NLL")
-    nll = {"refusal": response_nll(model, tokenizer, [ex.messages for ex in harmful], config.max_length,
-                                   config.nll_batch_size, cancel)}
+    refusals = [ex.messages for ex in harmful] if responses == "refusal" else []
+    nll = {"refusal": response_nll(model, tokenizer, refusals, config.max_length, config.nll_batch_size, cancel)}
     ctx.report(0.82, "affirmative NLL")
-    nll["affirmative"] = affirmative_nll(
-        model, tokenizer, [ex.context for ex in harmful],
-        [affirmative_target(ex.prompt, config.affirmative_template) for ex in harmful],
-        config.max_length, config.nll_batch_size, cancel)
+    targets = [ex.response if responses == "affirmative" else affirmative_target(ex.prompt, config.affirmative_template)
+               for ex in harmful]
+    nll["affirmative"] = affirmative_nll(model, tokenizer, [ex.context for ex in harmful], targets,
+                                         config.max_length, config.nll_batch_size, cancel)
     ctx.report(0.88, "utility NLL")
     nll["utility"] = response_nll(model, tokenizer, [ex.messages for ex in utility], config.max_length,
                                   config.nll_batch_size, cancel)
+    if config.guard is not None:
+        _label_with_guard(config, ctx, loaded, [r for r in records if r["set"] == "harmful"], cancel)
     if config.judge is not None:
         harmful_records = [r for r in records if r["set"] == "harmful"]
         scores = judge_scores([(r["prompt"], r["completion"]) for r in harmful_records], config.judge,
@@ -292,8 +370,25 @@ def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_
         model={"source": loaded.source, "name": loaded.name, "identity": loaded.identity},
         config=key, run_id=run_id, records=records, nll=nll,
         nll_ids={"harmful": [ex.id for ex in harmful], "utility": [ex.id for ex in utility]},
-        metrics=summarise(records, nll, config.primary_keywords),
+        metrics=summarise(records, nll, config.primary_keywords, config.judge.rubric if config.judge else "qi"),
         seconds=time.perf_counter() - start, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def _label_with_guard(config: EvalConfig, ctx: TaskContext, loaded, records: list[dict], cancel) -> None:
+    """Guard labels (``guard_label`` safe/unsafe/None, ``guard_categories``) of the harmful records, in place."""
+    from analysis.llm.models import load_model, model_identity
+
+    if model_identity(config.guard.model) == loaded.identity:
+        guard = loaded
+    else:
+        ctx.report(0.94, f"loading the guard model {config.guard.model.source}")
+        guard = load_model(config.guard.model)
+        guard.model.to(torch.device(resolve_device(ctx.device)))
+    ctx.report(0.95, "guard classifier")
+    labels = guard_labels(guard, [(r["prompt"], r["completion"]) for r in records], config.guard,
+                          config.batch_size, cancel=cancel)
+    for record, (label, categories) in zip(records, labels):
+        record["guard_label"], record["guard_categories"] = label, list(categories)
 
 
 def _versions() -> dict:
@@ -314,7 +409,18 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="model to evaluate (repeatable): default, default-aligned, tiny-llama, a folder, a hub id")
     parser.add_argument("--dtype", default="float32", help="model dtype: float32 (default), float64, bfloat16")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--utility-max-new-tokens", type=int, default=defaults.utility_max_new_tokens,
+                        help="new tokens of the answers scored for utility accuracy (math, factual QA)")
+    parser.add_argument("--no-utility-accuracy", action="store_true", help="skip the utility answers")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--harmful", default=defaults.harmful, metavar="FILE",
+                        help="harmful prompts: a shipped name or a file (JSONL/CSV, HarmBench, AdvBench, "
+                             "JailbreakBench, StrongREJECT CSV, .txt one prompt per line)")
+    parser.add_argument("--benign", default=defaults.benign, metavar="FILE",
+                        help="benign prompts for over-refusal: a shipped name or a file (e.g. XSTest CSV, .txt)")
+    parser.add_argument("--utility", default=defaults.utility, metavar="FILE", help="utility set (prompt + answer)")
+    parser.add_argument("--harmful-response", choices=HARMFUL_RESPONSES, default="auto",
+                        help="what the harmful file's responses are (auto: by format)")
     parser.add_argument("--n-harmful", type=int, default=None, help="subsample of the harmful eval split")
     parser.add_argument("--n-benign", type=int, default=None)
     parser.add_argument("--n-utility", type=int, default=None)
@@ -325,6 +431,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (judge off without it)")
     parser.add_argument("--judge-model", default=None)
     parser.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    parser.add_argument("--judge-rubric", choices=JUDGE_RUBRICS, default="qi",
+                        help="qi: 1-5 harmfulness (Qi et al.); strongreject: refused/convincing/specific -> [0, 1]")
+    parser.add_argument("--guard", default=None, metavar="FOLDER",
+                        help="local Llama-Guard-style classifier (a model folder) labelling harmful answers")
     add_task_arguments(parser)
 
 
@@ -332,21 +442,27 @@ def tasks_from_options(args: argparse.Namespace) -> list[EvalConfig]:
     """One task per ``--model`` (default: the embedded default model), all with the same settings."""
     judge = None
     if args.judge_url:
-        judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model or "", api_key_env=args.judge_key_env)
+        judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model or "", api_key_env=args.judge_key_env,
+                            rubric=args.judge_rubric)
+    guard = GuardConfig(model=ModelConfig(source=args.guard)) if args.guard else None
     return [EvalConfig(model=ModelConfig(source=source, dtype=args.dtype), max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, seed=args.seed, n_harmful=args.n_harmful, n_benign=args.n_benign,
-                       n_utility=args.n_utility, primary_keywords=args.keywords, judge=judge)
+                       n_utility=args.n_utility, primary_keywords=args.keywords, judge=judge,
+                       harmful=args.harmful, benign=args.benign, utility=args.utility,
+                       harmful_response=args.harmful_response, utility_accuracy=not args.no_utility_accuracy,
+                       utility_max_new_tokens=args.utility_max_new_tokens, guard=guard)
             for source in args.model or ["default"]]
 
 
 def run(args: argparse.Namespace) -> int:
     from analysis.core.cli import load_task, run_task
+    from analysis.llm.data import DataError
     from analysis.llm.models import ModelLoadError
 
     try:
         tasks = [load_task(args.config, EvalConfig)] if args.config else tasks_from_options(args)
         run_ids = [task.run_id() for task in tasks]
-    except (ConfigError, ModelLoadError) as error:
+    except (ConfigError, ModelLoadError, DataError) as error:
         print(f"error: {error}")
         return 2
     if getattr(args, "job", None):

@@ -46,7 +46,9 @@ def eval_summary(results: Mapping[str, Any]) -> pd.DataFrame:
             "ASR (Qi)": metrics["asr_qi"], "ASR (Arditi)": metrics["asr_arditi"],
             "over-refusal (Qi)": metrics["over_refusal_qi"], "over-refusal (Arditi)": metrics["over_refusal_arditi"],
             "refusal NLL": metrics.get("refusal_nll"), "affirmative NLL": metrics.get("affirmative_nll"),
-            "utility NLL": metrics.get("utility_nll"), "judge mean score": metrics.get("judge_mean_score"),
+            "utility accuracy": metrics.get("utility_accuracy"), "utility NLL": metrics.get("utility_nll"),
+            "judge mean score": metrics.get("judge_mean_score"), "StrongREJECT score": metrics.get("strongreject_score"),
+            "guard unsafe rate": metrics.get("guard_unsafe_rate"),
             "seconds": result.seconds,
         })
     return pd.DataFrame(rows)
@@ -56,7 +58,8 @@ def eval_summary(results: Mapping[str, Any]) -> pd.DataFrame:
 EVAL_TABLES = {
     "rates": ["model", "harmful prompts", "benign prompts", "ASR (Qi)", "ASR (Arditi)", "over-refusal (Qi)",
               "over-refusal (Arditi)"],
-    "likelihoods": ["model", "refusal NLL", "affirmative NLL", "utility NLL", "judge mean score", "seconds"],
+    "likelihoods": ["model", "utility accuracy", "utility NLL", "refusal NLL", "affirmative NLL", "judge mean score",
+                    "StrongREJECT score", "guard unsafe rate", "seconds"],
 }
 
 
@@ -97,8 +100,10 @@ def category_asr_figure(results: Mapping[str, Any], keywords: str = "qi") -> go.
 def completions_table(result: Any, which: str = "harmful") -> pd.DataFrame:
     """The generated completions of one evaluation with both refusal verdicts."""
     frame = result.records_frame()
-    frame = frame[frame["set"] == which]
-    return frame[["id", "category", "prompt", "completion", "refused_qi", "refused_arditi"]].reset_index(drop=True)
+    frame = frame[frame["set"] == which] if "set" in frame else frame
+    columns = ["id", "category", "prompt", "completion"]
+    columns += ["gold", "correct"] if which == "utility" else ["refused_qi", "refused_arditi"]
+    return frame[[c for c in columns if c in frame]].reset_index(drop=True)
 
 
 # --- fine-tuning -------------------------------------------------------------------------------------

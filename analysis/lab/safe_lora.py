@@ -1,0 +1,157 @@
+"""Safe LoRA-style post-hoc defence as a task: project a fine-tuned model's delta on the alignment subspace.
+
+:class:`SafeLoraTask` (``kind = "safe-lora"``) takes a fine-tuned model (a folder, e.g. a fine-tuning run's
+``model/``), the aligned model it started from and the base model before alignment; for every selected linear
+module it applies :func:`analysis.lab.defences.safe_lora_project` (V = W_aligned - W_base, dW = W_finetuned -
+W_aligned, projected where cos(dW, P dW) < ``threshold``) and writes the defended model to
+``cache_dir()/"safe_lora"/<run_id>/model`` (a loadable folder: evaluate it with ``python -m analysis evaluate
+--model <folder>``). Only the linear weights of the transformer blocks change; everything else is the
+fine-tuned model's. ``run_id()`` hashes the three models' identities (weights not loaded) and the settings.
+Command line: ``python -m analysis safe-lora --finetuned FOLDER [--threshold 0.5 --rank 8]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from analysis.core.config import ConfigError, ModelConfig, cache_dir, config_hash
+from analysis.core.tasks import TaskContext
+from analysis.lab.defences import SAFE_LORA_MODES, safe_lora_project
+
+__all__ = ["SafeLoraTask", "add_arguments", "run", "safe_lora_root"]
+
+FORMAT_VERSION = 1
+
+
+def safe_lora_root() -> Path:
+    return cache_dir() / "safe_lora"
+
+
+@dataclasses.dataclass(frozen=True)
+class SafeLoraTask:
+    """Post-hoc Safe LoRA-style projection (module docstring). ``layers`` / ``kinds``: which linear modules
+    (``capture.select_modules`` syntax); ``rank``: size of each module's alignment subspace (None: all of V)."""
+
+    kind: ClassVar[str] = "safe-lora"
+
+    finetuned: ModelConfig = ModelConfig()
+    aligned: ModelConfig = ModelConfig(source="default-aligned")
+    base: ModelConfig = ModelConfig(source="default")
+    threshold: float = 0.5
+    rank: int | None = 8
+    mode: str = "subspace"
+    layers: str = "all"
+    kinds: str = "all"
+
+    def __post_init__(self) -> None:
+        for name in ("finetuned", "aligned", "base"):
+            value = getattr(self, name)
+            if isinstance(value, (str, Path)):
+                object.__setattr__(self, name, ModelConfig(source=str(value)))
+            elif not isinstance(value, ModelConfig):
+                raise ConfigError(f"{name} must be a ModelConfig or a source string")
+        if self.mode not in SAFE_LORA_MODES:
+            raise ConfigError(f"mode {self.mode!r} is not one of {', '.join(SAFE_LORA_MODES)}")
+        if not -1.0 <= self.threshold <= 1.01:
+            raise ConfigError(f"threshold {self.threshold} must be a cosine between -1 and 1 (1.01: project all)")
+        if self.rank is not None and self.rank < 1:
+            raise ConfigError("rank must be at least 1 (or None for the whole alignment delta)")
+
+    def key(self) -> dict:
+        from analysis.llm.models import model_identity
+
+        values = dataclasses.asdict(self)
+        for name in ("finetuned", "aligned", "base"):
+            values[name] = model_identity(getattr(self, name))
+        return {"format": FORMAT_VERSION, **values}
+
+    def run_id(self) -> str:
+        return config_hash(self.key())
+
+    def execute(self, ctx: TaskContext) -> dict:
+        return defend(self, ctx)
+
+
+def _linear_weights(model, layers: str, kinds: str) -> dict[str, torch.nn.Parameter]:
+    from analysis.engine.capture import find_linear_modules, select_modules
+
+    chosen = select_modules(find_linear_modules(model), layers, kinds, None)
+    named = dict(model.named_modules())
+    return {m.name: named[m.name] for m in chosen}
+
+
+def defend(task: SafeLoraTask, ctx: TaskContext | None = None) -> dict:
+    """Project, save the defended model (reused when stored) and return a JSON-able summary."""
+    from analysis.lab.loop import save_model
+    from analysis.lab.spf import as_out_in
+    from analysis.llm.models import load_model
+
+    ctx = ctx if ctx is not None else TaskContext()
+    run_id = task.run_id()
+    folder = safe_lora_root() / run_id / "model"
+    manifest_path = folder / "manifest.json"
+    if manifest_path.is_file():
+        ctx.report(1.0, "reused a stored Safe LoRA projection")
+        return dict(json.loads(manifest_path.read_text())["summary"], cached=True)
+    loaded = {}
+    for i, name in enumerate(("finetuned", "aligned", "base")):
+        ctx.report(i / 4, f"loading the {name} model {getattr(task, name).source}")
+        loaded[name] = load_model(getattr(task, name))
+    modules = {name: _linear_weights(loaded[name].model, task.layers, task.kinds) for name in loaded}
+    if not (set(modules["finetuned"]) == set(modules["aligned"]) == set(modules["base"])):
+        raise ConfigError("the fine-tuned, aligned and base models do not have the same linear modules")
+    views = {name: {m: as_out_in(module, module.weight.detach()) for m, module in modules[name].items()}
+             for name in modules}
+    ctx.report(0.75, "projecting")
+    new, report = safe_lora_project(views["finetuned"], views["aligned"], views["base"], task.threshold, task.rank,
+                                    task.mode)
+    with torch.no_grad():
+        for name, module in modules["finetuned"].items():
+            as_out_in(module, module.weight).copy_(new[name])
+    rows = [dataclasses.asdict(r) for r in report]
+    summary = {"run_id": run_id, "folder": str(folder), "n_modules": len(rows),
+               "n_projected": sum(r["projected"] for r in rows), "threshold": task.threshold, "rank": task.rank,
+               "mode": task.mode, "cached": False}
+    save_model(loaded["finetuned"].model, loaded["finetuned"].tokenizer, folder, {"safe_lora.json": rows},
+               manifest={"kind": task.kind, "key": task.key(), "summary": summary})
+    ctx.report(1.0, f"projected {summary['n_projected']} of {summary['n_modules']} modules")
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    from analysis.core.cli import add_task_arguments
+
+    parser.add_argument("--finetuned", help="the fine-tuned model (a folder, e.g. a fine-tuning run's model/)")
+    parser.add_argument("--aligned", default="default-aligned", help="the model the fine-tune started from")
+    parser.add_argument("--base", default="default", help="the model before alignment")
+    parser.add_argument("--threshold", type=float, default=SafeLoraTask.threshold,
+                        help="project a module when cos(dW, P dW) is below this")
+    parser.add_argument("--rank", type=int, default=SafeLoraTask.rank, help="alignment subspace size per module")
+    parser.add_argument("--projection", choices=SAFE_LORA_MODES, default="subspace")
+    add_task_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from analysis.core.cli import load_task, run_task
+    from analysis.llm.models import ModelLoadError
+
+    try:
+        if args.config:
+            task = load_task(args.config, SafeLoraTask)
+        elif not args.finetuned:
+            print("error: give --finetuned FOLDER (or --config FILE)")
+            return 2
+        else:
+            task = SafeLoraTask(finetuned=args.finetuned, aligned=args.aligned, base=args.base,
+                                threshold=args.threshold, rank=args.rank, mode=args.projection)
+        return run_task(task, args, lambda s: print(
+            f"{'reused' if s['cached'] else 'projected'} {s['n_projected']}/{s['n_modules']} modules -> {s['folder']}"))
+    except (ConfigError, ModelLoadError) as error:
+        print(f"error: {error}")
+        return 2

@@ -1,0 +1,206 @@
+"""Defences beside SPF: each projection's defining property on a tiny model's real gradients and weights."""
+
+import json
+
+import pytest
+import torch
+
+from analysis.lab import defences as df
+from analysis.lab.spf import as_out_in
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def linear_modules(model):
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and "layers." in name}
+
+
+def gradients(loaded, conversations):
+    from analysis.llm.formatting import response_losses, tokenize_batch
+
+    model = loaded.model
+    modules = linear_modules(model)
+    batch = tokenize_batch(loaded.tokenizer, conversations, 64)
+    loss = response_losses(model, batch.model_inputs(), batch.labels).mean()
+    grads = torch.autograd.grad(loss, [m.weight for m in modules.values()])
+    return {name: as_out_in(m, g).clone() for (name, m), g in zip(modules.items(), grads)}
+
+
+@pytest.fixture(scope="module")
+def real_gradients(tiny_llama):
+    from analysis.llm.data import load_shipped
+
+    attack = [list(ex.messages) for ex in load_shipped("harmful_prefix").take(4, 0)]
+    refusals = [list(ex.messages) for ex in load_shipped("safety").take(4, 0)]
+    return gradients(tiny_llama, attack), gradients(tiny_llama, refusals)
+
+
+def dot(a, b):
+    return sum(float((a[n].double() * b[n].double()).sum()) for n in a)
+
+
+def test_pcgrad_leaves_no_negative_inner_product(real_gradients):
+    fine_tune, safety = real_gradients
+    # the real pair, and a forced conflict: the safety gradient pointing against the fine-tuning step
+    forced = {n: -fine_tune[n] + 0.3 * safety[n] for n in fine_tune}
+    for g_s in (safety, forced):
+        g = {n: t.clone() for n, t in fine_tune.items()}
+        before = dot(g, g_s)
+        info = df.pcgrad_project(g, g_s)
+        after = dot(g, g_s)
+        assert info["pcgrad_dot"] == pytest.approx(before)
+        assert after >= -1e-6 * (dot(g_s, g_s) * dot(fine_tune, fine_tune)) ** 0.5
+        if before < 0:
+            assert abs(after) < 1e-6 * abs(before) and info["pcgrad_removed"] > 0
+            # only the component along g_s changed: g - g' is parallel to g_s
+            diff = {n: fine_tune[n] - g[n] for n in g}
+            cos = dot(diff, g_s) / (dot(diff, diff) * dot(g_s, g_s)) ** 0.5
+            assert abs(cos) == pytest.approx(1.0, abs=1e-5)
+        else:
+            assert info["pcgrad_removed"] == 0 and all(torch.equal(g[n], fine_tune[n]) for n in g)
+    assert dot(forced, fine_tune) < 0  # the forced case really conflicted
+
+
+def weights(model):
+    return {name: as_out_in(m, m.weight).detach().clone() for name, m in linear_modules(model).items()}
+
+
+def test_safe_lora_projected_delta_lies_in_the_alignment_subspace(tiny_llama):
+    generator = torch.Generator().manual_seed(0)
+    base = weights(tiny_llama.model)
+    # an "aligned" model: base plus a rank-2 change per module; a fine-tune: aligned plus a random delta
+    aligned = {n: W + 0.1 * torch.randn(W.shape[0], 2, generator=generator) @ torch.randn(2, W.shape[1], generator=generator)
+               for n, W in base.items()}
+    finetuned = {n: W + 0.01 * torch.randn(W.shape, generator=generator) for n, W in aligned.items()}
+    for n in list(finetuned)[:2]:  # two modules whose update stays inside the alignment subspace
+        finetuned[n] = aligned[n] + 0.5 * (aligned[n] - base[n])
+    new, report = df.safe_lora_project(finetuned, aligned, base, threshold=0.5, rank=2)
+    assert {r.name for r in report} == set(finetuned)
+    for r in report:
+        delta = (new[r.name] - aligned[r.name]).double()
+        P = df.alignment_projector(aligned[r.name] - base[r.name], rank=2)
+        if r.projected:
+            assert r.cosine < 0.5
+            torch.testing.assert_close(P @ delta, delta, atol=1e-5, rtol=1e-4)  # lies in the subspace
+            assert torch.allclose(P @ P, P, atol=1e-8)                            # P is a projector
+        else:
+            assert r.cosine >= 0.5 and torch.equal(new[r.name], finetuned[r.name])
+    inside = [r for r in report if r.name in list(finetuned)[:2]]
+    assert all(not r.projected and r.cosine == pytest.approx(1.0, abs=1e-5) for r in inside)
+    assert any(r.projected for r in report)
+    # the threshold decides: above 1 every module is projected, below -1 none is
+    _, every = df.safe_lora_project(finetuned, aligned, base, threshold=1.01, rank=2)
+    _, none = df.safe_lora_project(finetuned, aligned, base, threshold=-1.01, rank=2)
+    assert all(r.projected for r in every) and not any(r.projected for r in none)
+
+
+def test_safe_lora_paper_mode_and_errors():
+    V = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+    torch.testing.assert_close(df.alignment_projector(V, mode="paper"), (V @ V.T / 5.0).double())
+    torch.testing.assert_close(df.alignment_projector(V, rank=1), torch.tensor([[0.0, 0.0], [0.0, 1.0]]).double())
+    with pytest.raises(ValueError, match="mode"):
+        df.alignment_projector(V, mode="lora")
+
+
+# --- in the fine-tuning trainer ------------------------------------------------------------------------------
+
+FAST = dict(model="tiny-llama", max_length=96, eval_harmful_per_category=1, n_eval_utility=2,
+            gen_harmful_per_category=1, n_gen_benign=2, gen_max_new_tokens=4, gen_batch_size=16)
+
+
+def tiny_config(**overrides):
+    from analysis.lab.config import preset
+
+    values = dict(FAST, lr=1e-3, n_train=6, batch_size=3, epochs=2)
+    values.update(overrides)
+    return preset("harmful-10", **values)
+
+
+def test_pcgrad_step_in_the_trainer_has_no_negative_inner_product_with_the_safety_gradient():
+    from analysis.core.config import ModelConfig
+    from analysis.lab.trainer import FinetuneTrainer
+
+    lr = 1e-3
+    config = tiny_config(method="pcgrad", optimizer="sgd", trainable="linear", lr=lr,
+                         model=ModelConfig("tiny-llama", dtype="float64"),
+                         spf=dict(refresh=1, safety_batch=2, safety_loss="compliance"))
+    assert config.label == "harmful-10 / pcgrad (R=1, compliance)"
+    trainer = FinetuneTrainer.create(config)
+    modules = trainer.projector.modules
+    before = {m.name: m.weight.detach().clone() for m in modules}
+    row = trainer.train_step(1)
+    applied = {m.name: as_out_in(m.module, (before[m.name] - m.weight.detach()) / lr) for m in modules}
+    reference = trainer.pcgrad_reference
+    assert row["pcgrad_dot"] < 0 and row["pcgrad_removed"] > 0  # the attack conflicts with "do not comply"
+    scale = (dot(applied, applied) * dot(reference, reference)) ** 0.5
+    assert abs(dot(applied, reference)) <= 1e-8 * scale  # projected onto the hyperplane <g, g_s> = 0
+    assert not trainer.projector.basis  # no SPF basis is computed for pcgrad
+
+
+def test_the_compliance_safety_loss_is_the_contrast_minus_the_refusal_term():
+    from analysis.core.config import ModelConfig
+    from analysis.lab.trainer import FinetuneTrainer
+
+    def safety(loss):
+        config = tiny_config(method="spf", trainable="linear", model=ModelConfig("tiny-llama", dtype="float64"),
+                             spf=dict(safety_batch=2, safety_loss=loss))
+        return FinetuneTrainer.create(config).safety_gradients(1)
+
+    refusal, contrast, compliance = safety("refusal"), safety("contrast"), safety("compliance")
+    for name in refusal:
+        torch.testing.assert_close(contrast[name], refusal[name] + compliance[name])
+    assert dot(compliance, refusal) != 0
+
+
+def test_pcgrad_is_refused_with_lora_and_is_a_method():
+    from analysis.core.config import ConfigError
+    from analysis.lab.config import DEFENCES, METHODS
+
+    assert "pcgrad" in DEFENCES and "pcgrad" not in METHODS  # a comparison still runs plain and SPF
+    with pytest.raises(ConfigError, match="pcgrad"):
+        tiny_config(method="pcgrad", trainable="lora")
+    with pytest.raises(ConfigError, match="is not one of"):
+        tiny_config(method="safe-grad")
+
+
+def test_the_safe_lora_task_writes_a_defended_model_whose_projected_deltas_lie_in_the_subspace(monkeypatch, tmp_path):
+    from analysis.__main__ import main
+    from analysis.core.tasks import TaskContext
+    from analysis.lab.safe_lora import SafeLoraTask
+    from analysis.llm.models import load_model
+
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path / "cache"))
+    generator = torch.Generator().manual_seed(1)
+    folders = {}
+    model = load_model("tiny-llama")
+    for name, scale in (("aligned", 0.1), ("finetuned", 0.02)):
+        with torch.no_grad():
+            for module in linear_modules(model.model).values():
+                W = module.weight
+                if name == "aligned":  # a rank-2 alignment change
+                    W.add_(scale * torch.randn(W.shape[0], 2, generator=generator) @ torch.randn(2, W.shape[1],
+                                                                                                generator=generator))
+                else:
+                    W.add_(scale * torch.randn(W.shape, generator=generator))
+        folders[name] = tmp_path / name
+        model.model.save_pretrained(folders[name])
+        model.tokenizer.save_pretrained(folders[name])
+    task = SafeLoraTask(finetuned=str(folders["finetuned"]), aligned=str(folders["aligned"]), base="tiny-llama",
+                        threshold=0.9, rank=2)
+    assert task.run_id() == SafeLoraTask(**{**task.__dict__}).run_id()
+    code = main(["safe-lora", "--finetuned", str(folders["finetuned"]), "--aligned", str(folders["aligned"]),
+                 "--base", "tiny-llama", "--threshold", "0.9", "--rank", "2"])
+    assert code == 0  # the CLI ran the same task
+    out = tmp_path / "cache" / "safe_lora" / task.run_id() / "model"
+    rows = {r["name"]: r for r in json.loads((out / "safe_lora.json").read_text())}
+    defended = weights(load_model(str(out)).model)
+    aligned = weights(load_model(str(folders["aligned"])).model)
+    base = weights(load_model("tiny-llama").model)
+    assert rows and all(r["projected"] for r in rows.values())  # random deltas stray from a rank-2 subspace
+    for name, W in defended.items():
+        P = df.alignment_projector(aligned[name] - base[name], rank=2)
+        delta = (W - aligned[name]).double()
+        torch.testing.assert_close(P @ delta, delta, atol=1e-5, rtol=1e-4)
+    summary = task.execute(TaskContext())
+    assert summary["cached"] and summary["n_projected"] == len(rows) and summary["run_id"] == task.run_id()
