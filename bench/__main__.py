@@ -11,6 +11,7 @@ import sys
 # name -> (module with main(argv), one-line description)
 BENCHMARKS = {
     "engine": ("bench.engine", "per-sample gradient engine on SmolLM2-135M: capture, factored SVD, Gram, memory"),
+    "live": ("bench.live", "time to the first live answer and to the end of the Setup default collection vs one fwd+bwd"),
     "finetune": ("bench.finetune", "cost of an SPF fine-tuning step relative to a plain step (ratio in one run)"),
 }
 

@@ -39,7 +39,7 @@ from analysis.core.results import SAMPLES_FILE, SETS, TABLE_COLUMNS, TABLE_FILE,
 from analysis.core.store import RunStore, RunWriter, StoreError, finite_or_none, json_default
 from analysis.core.tasks import TaskContext, resolve_device
 from analysis.engine import geometry as geo
-from analysis.engine.analyse import analyse_module, curve_sizes, or_nan
+from analysis.engine.analyse import analyse_module, curve_sizes, or_nan, overlap_curve
 from analysis.engine.capture import BatchFactors, ModuleInfo, capture_batch, find_linear_modules, select_modules
 from analysis.engine.gradients import (
     ENGINE_VERSION,
@@ -301,14 +301,17 @@ class _Collection:
         self.losses = np.full(self.n_total, np.nan)
         self.tokens = np.zeros(self.n_total, dtype=np.int64)
         self.truncated = [False] * self.n_total
+        self.curve_indices = [i for i, m in enumerate(modules) if m.name in curve_modules]
         self.live = ctx.progress is not None  # live data (preview spectra) only when someone listens
         self.preview = _Preview(modules) if self.live else None
 
     # -- progress and cancel ------------------------------------------------------------------------
     def report(self, message: str, stage: str, done_samples: int, done_modules: int,
-               rows: Sequence[dict] | None = None) -> None:
+               rows: Sequence[dict] | None = None, done_curves: int = 0) -> None:
+        # analysis work units: one per module row, one per deferred overlap-vs-n curve (about the same cost)
+        units = len(self.modules) + len(self.curve_indices)
         fraction = min(1.0, CAPTURE_SHARE * done_samples / self.n_total
-                       + (1 - CAPTURE_SHARE) * done_modules / len(self.modules))
+                       + (1 - CAPTURE_SHARE) * (done_modules + done_curves) / units)
         live = None
         if self.live:
             table = None if rows is None else {"columns": list(TABLE_COLUMNS),
@@ -381,12 +384,14 @@ class _Collection:
         return pairs
 
     def analyse(self) -> list[dict]:
-        """Analyse every module not yet checkpointed, ``workers`` at a time (threads); checkpoints and
-        progress reports happen in module order. Returns the table rows of all modules, in order."""
+        """Analyse every module not yet checkpointed, ``workers`` at a time (threads), then add the overlap-vs-n
+        curves of the curve modules: the whole table (every answer) is there before the costliest part.
+        Checkpoints and progress reports happen in module order. Returns the table rows of all modules."""
         from concurrent.futures import ThreadPoolExecutor
 
         config, writer, modules = self.config, self.writer, self.modules
         rows: list[dict] = []
+        references: dict[int, np.ndarray] = {}  # float64 safety bases of the deferred curves
         queue: collections.deque = collections.deque()  # (index, info, future, or None if checkpointed)
 
         def finish_oldest() -> None:
@@ -394,8 +399,14 @@ class _Collection:
             if future is not None:
                 result = future.result()
                 writer.save_module(index, result.arrays, result.row)
+                if result.reference is not None:
+                    references[index] = result.reference
             rows.append(writer.load_module(index)[1])
             self.report(f"analysed {info.label} ({index + 1}/{len(modules)})", "analyse", self.n_total, index + 1, rows)
+
+        def arguments(info: ModuleInfo, curve_boot: int) -> tuple:
+            return (info, self.read_pairs(info.name), config.n_safety, config.top_k, config.gram_route, config.seed,
+                    curve_boot, self.chunk_bytes, str(self.device))
 
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             for index, info in enumerate(modules):
@@ -403,14 +414,36 @@ class _Collection:
                 if not writer.has_module(index):
                     self.check_cancel(f"after {index} of {len(modules)} modules")
                     curve_boot = config.curve_boot if info.name in self.curve_modules else 0
-                    future = pool.submit(analyse_module, info, self.read_pairs(info.name), config.n_safety,
-                                         config.top_k, config.gram_route, config.seed, curve_boot, self.chunk_bytes,
-                                         str(self.device))
+                    future = pool.submit(analyse_module, *arguments(info, curve_boot), defer_curve=True)
                 queue.append((index, info, future))
                 while queue and (queue[0][2] is None or sum(f is not None for _, _, f in queue) >= self.workers):
                     finish_oldest()
             while queue:
                 finish_oldest()
+
+            def add_curve(index: int) -> tuple[dict, dict]:
+                info = modules[index]
+                arrays, row = writer.load_module(index)
+                if index not in references:  # resumed between the two passes: redo the module with its curve
+                    result = analyse_module(*arguments(info, config.curve_boot))
+                    return result.arrays, result.row
+                pairs = self.read_pairs(info.name)[: config.n_safety]
+                arrays.update(overlap_curve(pairs, references.pop(index), config.top_k, config.curve_boot,
+                                            config.seed, self.chunk_bytes))
+                return arrays, row
+
+            todo = [i for i in self.curve_indices if rows[i]["has_curve"] and "curve.phi" not in writer.load_module(i)[0]]
+            done = len(self.curve_indices) - len(todo)
+            curves: collections.deque = collections.deque()
+            for index in todo:
+                self.check_cancel(f"after {done} of {len(self.curve_indices)} overlap-vs-n curves")
+                curves.append((index, pool.submit(add_curve, index)))
+                while curves and (len(curves) >= self.workers or index == todo[-1]):
+                    finished, future = curves.popleft()
+                    writer.save_module(finished, *future.result())
+                    done += 1
+                    self.report(f"overlap-vs-n curve of {modules[finished].label} ({done}/{len(self.curve_indices)})",
+                                "analyse", self.n_total, len(modules), rows, done_curves=done)
         return rows
 
     # -- 3. final files -----------------------------------------------------------------------------
@@ -440,5 +473,5 @@ class _Collection:
                            timings=timings, messages=messages, n_truncated=int(sum(self.truncated)),
                            total_tokens=int(self.tokens.sum()))
         results = self.writer.store.load(self.writer.run_id)
-        self.report("done", "done", self.n_total, len(self.modules), rows)
+        self.report("done", "done", self.n_total, len(self.modules), rows, done_curves=len(self.curve_indices))
         return results
