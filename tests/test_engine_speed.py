@@ -47,3 +47,40 @@ def test_curve_eig_route_equals_the_svd_route():
             np.testing.assert_allclose(new.arrays[key], value, rtol=0, atol=1e-10, err_msg=key)
         else:
             np.testing.assert_array_equal(new.arrays[key], value, err_msg=key)
+
+
+def test_collect_stores_what_the_old_per_module_route_gives(tmp_path, tiny_llama):
+    """collect() (rows first, curves deferred, curves by "eig") vs analyse_module on the stored factors with the
+    curve inline: identical arrays; vs the old "svd" curve route: equal to 1e-10."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    from analysis.core.results import result_location
+    from analysis.core.store import RunStore
+    from analysis.engine.collect import collect
+    from analysis.engine.gradients import CollectionConfig
+
+    config = CollectionConfig(model="tiny-llama", safety_split="analysis", utility_split="analysis", n_safety=5,
+                              n_utility=3, max_length=40, batch_size=3, top_k=2, curve_boot=3)
+    results = collect(config, model=tiny_llama, store=RunStore(tmp_path), keep_work=True)
+    assert results.curve_modules
+    batches = sorted((results.folder / "work").glob("batch_*"))
+    for info in results.modules:
+        pairs = []
+        for path in batches:
+            with safe_open(str(path), framework="pt") as handle:
+                offset = handle.get_tensor("row_offsets")
+                D, A = handle.get_tensor(f"D/{info.name}"), handle.get_tensor(f"A/{info.name}")
+            pairs += [(D[offset[j]:offset[j + 1]], A[offset[j]:offset[j + 1]]) for j in range(len(offset) - 1)]
+        boot = config.curve_boot if info.name in results.curve_modules else 0
+        for route in ("eig", "svd"):
+            direct = analyse_module(info, pairs, 5, 2, seed=config.seed, curve_boot=boot, curve_dense=route)
+            for quantity, value in direct.arrays.items():
+                if quantity == "curve.n":
+                    continue
+                file, key = result_location(quantity, info.name)
+                stored = load_file(str(results.folder / file))[key]
+                if route == "eig" or not quantity.startswith("curve."):
+                    np.testing.assert_array_equal(stored, value, err_msg=f"{info.label} {quantity}")
+                else:
+                    np.testing.assert_allclose(stored, value, rtol=0, atol=1e-10, err_msg=f"{info.label} {quantity}")
