@@ -6,7 +6,8 @@ workers=None) -> RunResults`` runs (or resumes, or reuses) a collection. Same co
 loaded instantly; an interrupted run resumes from its last finished batch/module; a damaged run is
 recomputed (the reason is in ``results.messages``).
 
-Progress goes to ``ctx.report(fraction, message, live)`` after every captured batch and every analysed module.
+Progress goes to ``ctx.report(fraction, message, live)`` after every captured batch, every analysed module and
+every overlap-vs-n curve (the curves come after all modules' rows: the answers first, the costliest part last).
 ``live`` is plain JSON (lists, numbers, None for NaN or missing; see :data:`LIVE_KEYS`): per-sample losses
 so far, running spectra / CER / effective rank / cosine of a few preview modules while capturing, and the
 per-module metrics rows finished so far while analysing. Cancel: ``ctx.cancel``, checked between batches
