@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="modules analysed in parallel")
     parser.add_argument("--full", action="store_true", help="also the 210-module n = 64 collection")
     parser.add_argument("--full-length", type=int, default=64, help="tokens per sample of the full collection")
+    parser.add_argument("--skip-setup", action="store_true", help="skip the Setup default collection")
     return parser
 
 
@@ -126,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     loaded = load_model("default")
     with threadpool_limits(limits=args.threads, user_api="blas"):
-        _measure(loaded, CollectionConfig(model="default", **SETUP_DEFAULTS), args.workers,
-                 "Setup defaults (28 modules, 8 + 8 samples, 128 tokens)", {"first_answer": 1.5, "total": 4.0})
+        if not args.skip_setup:
+            _measure(loaded, CollectionConfig(model="default", **SETUP_DEFAULTS), args.workers,
+                     "Setup defaults (28 modules, 8 + 8 samples, 128 tokens)", {"first_answer": 1.5, "total": 4.0})
         if args.full:
             full = CollectionConfig(model="default", n_safety=32, n_utility=32, max_length=args.full_length,
                                     batch_size=8, top_k=8, curve_layers="none")
