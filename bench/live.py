@@ -10,6 +10,7 @@ process (all threads) and in wall-clock seconds:
 * first answer: from the start of ``collect`` (model already loaded) to the first progress event with a
   numeric live answer (the preview's singular values after the first batch);
 * first cosine: the first event whose preview also has cos(G_s, G_u);
+* table: every module's row (all answers) is there; only overlap-vs-n curves may follow;
 * total: ``collect`` done (everything stored).
 Targets (issue 12): total <= 4x fb, first answer <= 1.5x fb. ``--full`` adds the full collection (all 210
 modules, n = 64 = 32 + 32, ``--full-length`` tokens, no curves as in bench/engine.py) vs its own fb, target 3x.
@@ -84,8 +85,12 @@ def _collect(loaded, config, workers: int) -> dict[str, tuple[float, float]]:
             marks["first_answer"] = _since(start)
         if "first_cosine" not in marks and any(e.get("cosine") is not None for e in preview.values()):
             marks["first_cosine"] = _since(start)
-        if (event.live or {}).get("stage") == "analyse" and "captured" not in marks:
+        live = event.live or {}
+        if live.get("stage") == "analyse" and "captured" not in marks:
             marks["captured"] = _since(start)
+        if live.get("stage") == "analyse" and live.get("done_modules") == live.get("total_modules") \
+                and "table" not in marks:
+            marks["table"] = _since(start)
 
     with tempfile.TemporaryDirectory(prefix="sse-bench-live-") as root:
         start = _clock()
@@ -103,7 +108,7 @@ def _measure(loaded, config, workers: int, title: str, targets: dict[str, float]
     print(f"  one batched forward+backward of its {config.n_total} samples: {fb[1]:.1f} s cpu, {fb[0]:.1f} s wall "
           f"(before {before[1]:.1f} / after {after[1]:.1f} s cpu)")
     print(f"  {'mark':28s} {'cpu s':>8s} {'/ fb':>7s} {'wall s':>8s} {'/ fb':>7s}  target")
-    for name in ("first_answer", "first_cosine", "captured", "total"):
+    for name in ("first_answer", "first_cosine", "captured", "table", "total"):
         if name not in marks:
             continue
         wall, cpu = marks[name]
