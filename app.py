@@ -19,6 +19,7 @@ PAGES = [
     st.Page("pages/spectra.py", title="Is safety low-rank?", icon=":material/show_chart:"),
     st.Page("pages/conflicts.py", title="Do safety and utility fight?", icon=":material/compare_arrows:"),
     st.Page("pages/single_sample.py", title="Is one sample enough?", icon=":material/filter_1:"),
+    st.Page("pages/findings.py", title="Findings: do the claims hold?", icon=":material/fact_check:"),
     st.Page("pages/safety.py", title="Is the model safe?", icon=":material/shield:"),
     st.Page("pages/finetune.py", title="Fine-tune: does SPF keep it safe?", icon=":material/model_training:"),
     st.Page("pages/runs.py", title="Runs and export", icon=":material/folder_open:"),

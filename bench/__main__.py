@@ -12,6 +12,7 @@ import sys
 BENCHMARKS = {
     "engine": ("bench.engine", "per-sample gradient engine on SmolLM2-135M: capture, factored SVD, Gram, memory"),
     "scaling": ("bench.scaling", "capture time and peak memory vs width, depth, tokens, samples; growth exponents"),
+    "live": ("bench.live", "time to the first live answer and to the end of the Setup default collection vs one fwd+bwd"),
     "finetune": ("bench.finetune", "cost of an SPF fine-tuning step relative to a plain step (ratio in one run)"),
 }
 

@@ -59,9 +59,21 @@ with model_column:
                       format_func=common.MODEL_CHOICES.get, key="widget.model_kind", on_change=remember_model)
     source, allow_pickle, trust_remote_code = picked, False, False
     if picked == "default-aligned" and not common.aligned_model_available():
-        st.warning("The safety-aligned variant has not been built yet: build it once on the page "
-                   "\"Is the model safe?\" or with `python -m analysis align` (about 15 minutes on a CPU).")
-        st.page_link("pages/safety.py", label="Build the aligned model", icon=":material/shield:")
+        align_job = ui_jobs.current("align")
+        if align_job is not None and align_job.active:
+            st.markdown(f"**{'Building' if align_job.running else 'Waiting to build'}:** {align_job.label}")
+            ui_jobs.follow(align_job)
+        else:
+            if align_job is not None:
+                ui_jobs.show_outcome(align_job, "Alignment")
+            st.warning("The safety-aligned variant has not been built yet. The seeds' claims are about aligned "
+                       "models, so build it once here (or with `python -m analysis align`; about 15–25 minutes on "
+                       "a 2-core CPU). Its details are on the page \"Is the model safe?\".")
+            if st.button("Build the aligned model", type="primary", icon=":material/shield:", key="setup.align"):
+                from analysis.lab.align import AlignTask
+
+                ui_jobs.submit(AlignTask(), "Building the safety-aligned default model")
+                st.rerun()
         st.stop()
     if picked == "other":
         source = st.text_input("Hugging Face id or local checkpoint folder",

@@ -130,6 +130,27 @@ def test_setup_texts_match_what_happens(cache):
     assert not at.button
 
 
+def test_setup_offers_to_build_the_aligned_model_when_it_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))  # no models folder here: the aligned variant is missing
+    seed_cache(tmp_path, model="default-aligned", **SMALL)
+    at = fresh_app().run()
+    no_exceptions(at)
+    assert at.radio(key="widget.model_kind").value == "default-aligned"
+    assert any("has not been built yet" in w.value for w in at.warning)
+    assert [b.label for b in at.button] == ["Build the aligned model"]  # the job itself is tested in test_jobs
+
+
+def test_findings_page(collected):
+    at = fresh_app()
+    at.switch_page("pages/findings.py").run()
+    no_exceptions(at)
+    text = " ".join(m.value for m in at.markdown)
+    assert all(f"**{claim}**" in text for claim in ("I", "II", "III")) and collected.run_id in text
+    frame = at.dataframe[0].value
+    assert list(frame["claim"]) == ["I", "I", "II", "II", "III", "III"]
+    assert {"CSV", "JSON"} <= {b.label for b in at.get("download_button")}
+
+
 def test_loading_spinner_names_the_model():
     from ui.common import loading_message
 

@@ -99,7 +99,7 @@ class Killed(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("stage, after", [("capture", 2), ("analyse", 5)])
+@pytest.mark.parametrize("stage, after", [("capture", 2), ("analyse", 5), ("curve", 3)])
 def test_interrupted_run_resumes_to_identical_arrays(tmp_path, config, llama, reference, stage, after):
     store = RunStore(tmp_path)
     seen = []
@@ -107,7 +107,10 @@ def test_interrupted_run_resumes_to_identical_arrays(tmp_path, config, llama, re
     def kill(event):
         seen.append(event.message)
         live = event.live
-        if live["stage"] == stage and (live["done_modules"] if stage == "analyse" else len(seen)) >= after:
+        if stage == "curve":  # the overlap-vs-n curves come after every module's row
+            if sum("overlap-vs-n curve" in m for m in seen) >= after:
+                raise Killed("simulated crash")
+        elif live["stage"] == stage and (live["done_modules"] if stage == "analyse" else len(seen)) >= after:
             raise Killed("simulated crash")
 
     with pytest.raises(Killed):

@@ -22,10 +22,15 @@ from analysis.engine import geometry as geo
 from analysis.engine.capture import ModuleInfo
 from analysis.engine.gram import DEFAULT_CHUNK_BYTES, dense_gradients, gram_costs, gram_matrix
 
-__all__ = ["BASIS_FLOOR", "NULL_RTOL", "ModuleAnalysis", "analyse_module", "batch_svd", "curve_sizes", "or_nan"]
+__all__ = ["BASIS_FLOOR", "CURVE_DENSE", "NULL_RTOL", "ModuleAnalysis", "analyse_module", "batch_svd", "curve_sizes",
+           "or_nan", "overlap_curve"]
 
 #: Singular directions with s <= NULL_RTOL * s_1 are treated as null (dropped from bases).
 NULL_RTOL = 1e-10
+#: How the overlap-vs-n curve decomposes its dense subset sums (``geometry.overlap_vs_n(dense=...)``): "eig"
+#: (top-k eigenpairs of the subset's Gram; ~5x cheaper than "svd", the exact SVD used before; same phi to
+#: ~1e-10, tests/test_engine_speed.py).
+CURVE_DENSE = "eig"
 
 
 @dataclasses.dataclass
@@ -35,6 +40,9 @@ class ModuleAnalysis:
 
     arrays: dict[str, np.ndarray]
     row: dict[str, Any]
+    #: the safety top-k basis U_k (d_out, k') in float64 when the curve was deferred (``defer_curve``), else None;
+    #: not stored (the stored "safety.U" is float32): :func:`overlap_curve` needs it to give the same numbers.
+    reference: np.ndarray | None = None
 
 
 def or_nan(function: Callable[[], Any]) -> Any:
@@ -107,13 +115,17 @@ def curve_sizes(n_safety: int) -> list[int]:
 
 def analyse_module(info: ModuleInfo, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], n_safety: int,
                    top_k: int, route: str = "auto", seed: int = 0, curve_boot: int = 0,
-                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, device: str = "cpu") -> ModuleAnalysis:
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, device: str = "cpu",
+                   curve_dense: str = CURVE_DENSE, defer_curve: bool = False) -> ModuleAnalysis:
     """All results of one module from the factors of all samples (safety first, then utility).
 
     pairs: (D_i (T_i, d_out), A_i (T_i, d_in)) torch tensors per sample. ``curve_boot`` > 0 adds the
     overlap-vs-n curve of the safety set (subset sizes :func:`curve_sizes`, that many draws per size).
     Undefined quantities (e.g. a module whose gradient is exactly zero) are NaN. ``device``: where the
     Gram products run (the factors are copied there for them; everything else runs on the CPU).
+    ``curve_dense``: decomposition of the curve's dense subset sums, "eig" (default) or "svd" (the old route).
+    ``defer_curve``: leave the curve out (the row still says ``has_curve``) and return its float64 reference
+    basis in ``.reference``; :func:`overlap_curve` adds it later with the same numbers.
     """
     n = len(pairs)
     n_utility = n - n_safety
@@ -168,13 +180,19 @@ def analyse_module(info: ModuleInfo, pairs: Sequence[tuple[torch.Tensor, torch.T
     row["cross_cos_frac_negative"] = geo.fraction_negative(cross) if np.ndim(cross) else float("nan")
     row["gram_phi_su"] = or_nan(lambda: geo.gram_subspace_overlap(K_ss, K_su, K_uu))
     row["has_curve"] = bool(curve_boot) and bases["safety"].shape[1] > 0
+    if row["has_curve"] and defer_curve:
+        return ModuleAnalysis(arrays, row, reference=bases["safety"])
     if row["has_curve"]:
-        arrays.update(_overlap_curve(pairs[:n_safety], bases["safety"], top_k, curve_boot, seed, chunk_bytes))
+        arrays.update(overlap_curve(pairs[:n_safety], bases["safety"], top_k, curve_boot, seed, chunk_bytes,
+                                    curve_dense))
     return ModuleAnalysis(arrays, row)
 
 
-def _overlap_curve(pairs, reference: np.ndarray, top_k: int, n_boot: int, seed: int, chunk_bytes: int) -> dict:
-    """Overlap-vs-n curve of one set (geometry.overlap_vs_n) against its batch top-k basis ``reference``.
+def overlap_curve(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], reference: np.ndarray, top_k: int, n_boot: int,
+                  seed: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, dense_route: str = CURVE_DENSE) -> dict:
+    """Overlap-vs-n curve of one set (geometry.overlap_vs_n) against its batch top-k basis ``reference``
+    (float64 (d_out, k'), e.g. ``ModuleAnalysis.reference``); pairs: (D_i, A_i) of the set's samples.
+    Returns {"curve.n" (m,), "curve.phi" (m, n_boot), "curve.top1" (m,)}.
 
     Subsets whose stacked rows are few use the factored route (a (D, A) pair); larger subsets are summed
     from dense per-sample gradients when those fit in ``chunk_bytes``. The full set (n = n_set) is one
@@ -194,8 +212,9 @@ def _overlap_curve(pairs, reference: np.ndarray, top_k: int, n_boot: int, seed: 
 
     sizes = curve_sizes(n)
     partial = geo.overlap_vs_n(subset, top_k, sizes[:-1], n_boot=n_boot, seed=seed, n_samples=n,
-                               reference=reference) if len(sizes) > 1 else None
-    full = geo.overlap_vs_n(subset, top_k, sizes[-1:], n_boot=1, seed=seed, n_samples=n, reference=reference)
+                               reference=reference, dense=dense_route) if len(sizes) > 1 else None
+    full = geo.overlap_vs_n(subset, top_k, sizes[-1:], n_boot=1, seed=seed, n_samples=n, reference=reference,
+                            dense=dense_route)
     phi = np.vstack(([] if partial is None else [partial["phi"]]) + [np.repeat(full["phi"], n_boot, axis=1)])
     top1 = np.concatenate(([] if partial is None else [partial["top1_mean"]]) + [full["top1_mean"]])
     return {"curve.n": np.asarray(sizes), "curve.phi": phi, "curve.top1": top1}

@@ -6,7 +6,8 @@ workers=None) -> RunResults`` runs (or resumes, or reuses) a collection. Same co
 loaded instantly; an interrupted run resumes from its last finished batch/module; a damaged run is
 recomputed (the reason is in ``results.messages``).
 
-Progress goes to ``ctx.report(fraction, message, live)`` after every captured batch and every analysed module.
+Progress goes to ``ctx.report(fraction, message, live)`` after every captured batch, every analysed module and
+every overlap-vs-n curve (the curves come after all modules' rows: the answers first, the costliest part last).
 ``live`` is plain JSON (lists, numbers, None for NaN or missing; see :data:`LIVE_KEYS`): per-sample losses
 so far, running spectra / CER / effective rank / cosine of a few preview modules while capturing, and the
 per-module metrics rows finished so far while analysing. Cancel: ``ctx.cancel``, checked between batches
@@ -44,7 +45,7 @@ from analysis.core.store import RunStore, RunWriter, StoreError, finite_or_none,
 from analysis.core.tasks import TaskContext, resolve_device
 from analysis.engine import distributed
 from analysis.engine import geometry as geo
-from analysis.engine.analyse import analyse_module, curve_sizes, or_nan
+from analysis.engine.analyse import analyse_module, curve_sizes, or_nan, overlap_curve
 from analysis.engine.capture import BatchFactors, ModuleInfo, capture_batch, find_linear_modules, select_modules
 from analysis.engine.gradients import (
     ENGINE_VERSION,
@@ -367,18 +368,22 @@ class _Collection:
         self.losses = np.full(self.n_total, np.nan)
         self.tokens = np.zeros(self.n_total, dtype=np.int64)
         self.truncated = [False] * self.n_total
+        self.curve_indices = [i for i, m in enumerate(modules) if m.name in curve_modules]
         self.live = ctx.progress is not None  # live data (preview spectra) only when someone listens
         self.preview = _Preview(modules) if self.live else None
         self.captured = 0  # samples captured (or read back) so far, all passes together: progress only
         self.analysed = 0  # modules analysed (or read back) so far
+        self.curves_done = 0  # overlap-vs-n curves added (or read back) so far
         self.keep_work = False
         self.ranks: distributed.Ranks | None = None  # several processes: batches captured by every rank
 
     # -- progress and cancel ------------------------------------------------------------------------
     def report(self, message: str, stage: str, done_samples: int, done_modules: int,
-               rows: Sequence[dict] | None = None) -> None:
+               rows: Sequence[dict] | None = None, done_curves: int = 0) -> None:
+        # analysis work units: one per module row, one per deferred overlap-vs-n curve (about the same cost)
+        units = len(self.modules) + len(self.curve_indices)
         fraction = min(1.0, CAPTURE_SHARE * self.captured / (self.n_total * len(self.passes()))
-                       + (1 - CAPTURE_SHARE) * done_modules / len(self.modules))
+                       + (1 - CAPTURE_SHARE) * (done_modules + done_curves) / units)
         live = None
         if self.live:
             table = None if rows is None else {"columns": list(TABLE_COLUMNS),
@@ -505,14 +510,16 @@ class _Collection:
 
     def analyse(self, indices: Sequence[int] | None = None, rows: list[dict] | None = None) -> list[dict]:
         """Analyse the modules ``indices`` (default all; all of one pass) not yet checkpointed, ``workers``
-        at a time (threads); checkpoints and progress reports happen in module order. Appends their table
-        rows, in order, to ``rows`` and returns it."""
+        at a time (threads), then add the overlap-vs-n curves of their curve modules: the rows (every answer)
+        are there before the costliest part. Checkpoints and progress reports happen in module order. Appends
+        their table rows, in order, to ``rows`` (the rows of earlier passes) and returns it."""
         from concurrent.futures import ThreadPoolExecutor
 
         config, writer, modules = self.config, self.writer, self.modules
         indices = list(range(len(modules))) if indices is None else list(indices)
         part = indices[0] // (config.modules_per_pass or len(modules)) if indices else 0
         rows = [] if rows is None else rows
+        references: dict[int, np.ndarray] = {}  # float64 safety bases of the deferred curves
         queue: collections.deque = collections.deque()  # (index, info, future, or None if checkpointed)
 
         def finish_oldest() -> None:
@@ -520,10 +527,16 @@ class _Collection:
             if future is not None:
                 result = future.result()
                 writer.save_module(index, result.arrays, result.row)
+                if result.reference is not None:
+                    references[index] = result.reference
             rows.append(writer.load_module(index)[1])
             self.analysed += 1
             self.report(f"analysed {info.label} ({index + 1}/{len(modules)})", "analyse", self.n_total,
                         self.analysed, rows)
+
+        def arguments(info: ModuleInfo, curve_boot: int) -> tuple:
+            return (info, self.read_pairs(info.name, part), config.n_safety, config.top_k, config.gram_route, config.seed,
+                    curve_boot, self.chunk_bytes, str(self.device))
 
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             for index in indices:
@@ -532,14 +545,39 @@ class _Collection:
                 if not writer.has_module(index):
                     self.check_cancel(f"after {index} of {len(modules)} modules")
                     curve_boot = config.curve_boot if info.name in self.curve_modules else 0
-                    future = pool.submit(analyse_module, info, self.read_pairs(info.name, part), config.n_safety,
-                                         config.top_k, config.gram_route, config.seed, curve_boot, self.chunk_bytes,
-                                         str(self.device))
+                    future = pool.submit(analyse_module, *arguments(info, curve_boot), defer_curve=True)
                 queue.append((index, info, future))
                 while queue and (queue[0][2] is None or sum(f is not None for _, _, f in queue) >= self.workers):
                     finish_oldest()
             while queue:
                 finish_oldest()
+
+            def add_curve(index: int) -> tuple[dict, dict]:
+                info = modules[index]
+                arrays, row = writer.load_module(index)
+                if index not in references:  # resumed between the two passes: redo the module with its curve
+                    result = analyse_module(*arguments(info, config.curve_boot))
+                    return result.arrays, result.row
+                pairs = self.read_pairs(info.name, part)[: config.n_safety]
+                arrays.update(overlap_curve(pairs, references.pop(index), config.top_k, config.curve_boot,
+                                            config.seed, self.chunk_bytes))
+                return arrays, row
+
+            in_pass = set(indices)
+            pass_curves = [i for i in self.curve_indices if i in in_pass]
+            todo = [i for i in pass_curves if rows[i]["has_curve"] and "curve.phi" not in writer.load_module(i)[0]]
+            self.curves_done += len(pass_curves) - len(todo)
+            curves: collections.deque = collections.deque()
+            for index in todo:
+                self.check_cancel(f"after {self.curves_done} of {len(self.curve_indices)} overlap-vs-n curves")
+                curves.append((index, pool.submit(add_curve, index)))
+                while curves and (len(curves) >= self.workers or index == todo[-1]):
+                    finished, future = curves.popleft()
+                    writer.save_module(finished, *future.result())
+                    self.curves_done += 1
+                    self.report(f"overlap-vs-n curve of {modules[finished].label} "
+                                f"({self.curves_done}/{len(self.curve_indices)})", "analyse", self.n_total,
+                                self.analysed, rows, done_curves=self.curves_done)
         return rows
 
     # -- 3. final files -----------------------------------------------------------------------------
@@ -569,5 +607,5 @@ class _Collection:
                            timings=timings, messages=messages, n_truncated=int(sum(self.truncated)),
                            total_tokens=int(self.tokens.sum()))
         results = self.writer.store.load(self.writer.run_id)
-        self.report("done", "done", self.n_total, len(self.modules), rows)
+        self.report("done", "done", self.n_total, len(self.modules), rows, done_curves=len(self.curve_indices))
         return results

@@ -36,7 +36,9 @@ two passes that meet on disk:
    size is bounded by ``chunk_bytes``), the set sums of G_i (dense, one module at a time), full spectra and
    top-k bases of the batch means (``analyse.batch_svd``), per-sample top-k SVDs and single-sample overlaps
    (``geometry.factored_svd_batched``, no dense G_i), cross-set cosine / principal angles / overlap, Gram-derived
-   sample-view metrics, and the overlap-vs-n curve for the curve modules (``geometry.overlap_vs_n``).
+   sample-view metrics, and the overlap-vs-n curve for the curve modules (``geometry.overlap_vs_n``). Every
+   module's row comes first; the curves (the costliest part: bootstrap subsets, their dense subset sums
+   decomposed by the top-k eigenpairs of their Gram) follow in a second pass, so the whole table is there early.
    Memory: one module's factors (gate_proj above: 35 MB) + one dense chunk (<= chunk_bytes; 226 MB).
 Measured on SmolLM2, all 210 modules, n = 64, batch 8: peak RSS 2.1 GiB, of which 0.4 GiB is the loaded
 model (bench/engine.py); the capture stage sets the peak.

@@ -61,6 +61,7 @@ from analysis.engine.geometry.subspaces import (
 )
 from analysis.engine.geometry.svd import (
     BATCHED_NULL_RTOL,
+    EIG_NULL_RTOL,
     RANDOMIZED_MAX_FRACTION,
     RANDOMIZED_MIN_DIM,
     factored_svd,
@@ -69,15 +70,17 @@ from analysis.engine.geometry.svd import (
     singular_values,
     stack_factors,
     top_singular,
+    top_singular_eig,
 )
 
 __all__ = [
-    "BATCHED_NULL_RTOL", "ORTHONORMAL_TOL", "RANDOMIZED_MAX_FRACTION", "RANDOMIZED_MIN_DIM",
+    "BATCHED_NULL_RTOL", "EIG_NULL_RTOL", "ORTHONORMAL_TOL", "RANDOMIZED_MAX_FRACTION", "RANDOMIZED_MIN_DIM",
     "GeometryError",
     "as_array",
     # matrix view
     "singular_values",
     "top_singular",
+    "top_singular_eig",
     "factored_svd",
     "factored_svd_many",
     "factored_svd_batched",

