@@ -379,11 +379,11 @@ class _Collection:
 
     # -- progress and cancel ------------------------------------------------------------------------
     def report(self, message: str, stage: str, done_samples: int, done_modules: int,
-               rows: Sequence[dict] | None = None, done_curves: int = 0) -> None:
+               rows: Sequence[dict] | None = None) -> None:
         # analysis work units: one per module row, one per deferred overlap-vs-n curve (about the same cost)
         units = len(self.modules) + len(self.curve_indices)
         fraction = min(1.0, CAPTURE_SHARE * self.captured / (self.n_total * len(self.passes()))
-                       + (1 - CAPTURE_SHARE) * (done_modules + done_curves) / units)
+                       + (1 - CAPTURE_SHARE) * (done_modules + self.curves_done) / units)
         live = None
         if self.live:
             table = None if rows is None else {"columns": list(TABLE_COLUMNS),
@@ -577,7 +577,7 @@ class _Collection:
                     self.curves_done += 1
                     self.report(f"overlap-vs-n curve of {modules[finished].label} "
                                 f"({self.curves_done}/{len(self.curve_indices)})", "analyse", self.n_total,
-                                self.analysed, rows, done_curves=self.curves_done)
+                                self.analysed, rows)
         return rows
 
     # -- 3. final files -----------------------------------------------------------------------------
@@ -607,5 +607,5 @@ class _Collection:
                            timings=timings, messages=messages, n_truncated=int(sum(self.truncated)),
                            total_tokens=int(self.tokens.sum()))
         results = self.writer.store.load(self.writer.run_id)
-        self.report("done", "done", self.n_total, len(self.modules), rows, done_curves=len(self.curve_indices))
+        self.report("done", "done", self.n_total, len(self.modules), rows)
         return results
