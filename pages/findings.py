@@ -16,7 +16,9 @@ st.caption("The seeds' claims are about aligned chat models. For the active run,
            f"{findings_views.SMALL_N} samples per set) or the model is not the aligned one.")
 frame, text = findings_views.findings(run)
 st.markdown(text)
-st.dataframe(frame.drop(columns=["statement"]), hide_index=True, width="stretch",
+# the readings and caveats are the text above; the table keeps the numbers narrow enough to read (all in the export)
+shown = frame.drop(columns=[c for c in ("statement", "reading", "caveat") if c in frame.columns])
+st.dataframe(shown, hide_index=True, width="stretch",
              column_config={"value": st.column_config.NumberColumn("ours", format="%.4g"),
                             "reference": st.column_config.NumberColumn("compared with", format="%.4g")})
 common.data_downloads(frame, run.run_id, "findings")
