@@ -71,7 +71,7 @@ def run_task(task: Task, args: argparse.Namespace, print_result: Callable[[Mappi
     if getattr(args, "job", None):
         return jobs.Worker(args.job).run(task.execute)
     bar = _Bar()
-    context = TaskContext(device=args.device, threads=args.threads, seed=getattr(task, "seed", 0), progress=bar)
+    context = TaskContext(device=args.device, threads=args.threads, progress=bar)
 
     def interrupt(signum, frame):  # noqa: ARG001
         if context.cancel.is_set():

@@ -86,13 +86,13 @@ class TaskContext:
     """What a running task gets from whoever runs it.
 
     device: where the model and its tensors live ("cpu", "cuda", "cuda:N"; see :func:`resolve_device`).
-    threads: torch CPU threads for this process (None: leave torch's default). seed: base seed of the run.
-    progress: receives :class:`Event` s (None: dropped). cancel: checked by the task between steps.
+    threads: torch CPU threads for this process (None: leave torch's default). progress: receives
+    :class:`Event` s (None: dropped). cancel: checked by the task between steps. Seeds are not here: every
+    task's randomness is seeded from its own config, so the same config gives the same numbers wherever it runs.
     """
 
     device: str = "cpu"
     threads: int | None = None
-    seed: int = 0
     progress: Callable[[Event], None] | None = None
     cancel: CancelToken = dataclasses.field(default_factory=CancelToken)
 

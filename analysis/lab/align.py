@@ -487,10 +487,6 @@ class AlignTask:
     settings: AlignSettings = AlignSettings()
     force: bool = False
 
-    @property
-    def seed(self) -> int:
-        return self.settings.seed
-
     def run_id(self) -> str:
         """``align-<hash>`` of the settings and the default model's identity (no weights loaded)."""
         from analysis.llm.models import model_identity

@@ -313,10 +313,6 @@ class FinetuneTask:
             raise ConfigError("FinetuneTask.config must be a FinetuneConfig")
 
     @property
-    def seed(self) -> int:
-        return self.config.seed
-
-    @property
     def arms(self) -> dict[str, FinetuneConfig]:
         """{method: its config}: plain and spf when comparing, else the config's own method."""
         methods = METHODS if self.compare else (self.config.method,)
