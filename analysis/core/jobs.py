@@ -217,8 +217,9 @@ def submit(task: Task, label: str = "", device: str = "cpu", threads: int | None
         process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True,
                                    env={**os.environ, "SSE_CACHE_DIR": str(cache_dir()), "PYTHONUNBUFFERED": "1"})
-    _write_status(folder, JobStatus(job_id, task.kind, label, device, run_id, QUEUED, message="queued",
-                                    pid=process.pid))
+    if not (folder / STATUS_FILE).exists():  # (the worker, still importing, has not written its own yet)
+        _write_status(folder, JobStatus(job_id, task.kind, label, device, run_id, QUEUED, message="queued",
+                                        pid=process.pid))
     _reap(process)
     return job_id
 
