@@ -67,6 +67,26 @@ def test_task_round_trips_through_its_json():
     assert again == config and again.run_id() == config.run_id()
 
 
+def test_prune_keeps_the_newest_ended_jobs_and_every_active_one(cache):
+    from analysis.core.store import atomic_write_json
+
+    waiting = None
+    for index, state in enumerate(["done", "failed", "queued", "cancelled", "done"]):
+        folder = jobs.jobs_dir() / f"job-{index}"
+        folder.mkdir(parents=True)
+        atomic_write_json(folder / jobs.TASK_FILE, {"kind": "collect", "config": {}, "label": str(index),
+                                                    "device": "cpu", "run_id": str(index), "submitted": index})
+        if state == "queued":  # a live process that names its folder, as a worker's command line does
+            waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(folder)])
+        atomic_write_json(folder / jobs.STATUS_FILE, {"state": state, "pid": waiting.pid if state == "queued" else None})
+    try:
+        assert jobs.prune(keep=2) == 2
+        assert [s.job_id for s in jobs.list_jobs()] == ["job-2", "job-3", "job-4"]
+    finally:
+        waiting.kill()
+        waiting.wait()
+
+
 def test_queued_job_shows_its_place_and_can_leave_the_queue(cache):
     first = jobs.submit(CollectionConfig(model="tiny-llama", **{**SMALL, "n_safety": 24, "n_utility": 24,
                                                                  "batch_size": 2}), label="first")

@@ -29,7 +29,7 @@ from analysis.core.config import PROJECT_ROOT, cache_dir, to_jsonable
 from analysis.core.store import atomic_write_json, json_default, process_alive
 from analysis.core.tasks import Cancelled, CancelToken, Event, Task, TaskContext, Throttle
 
-__all__ = ["ACTIVE", "JobStatus", "Worker", "cancel", "jobs_dir", "list_jobs", "live", "log_tail", "read",
+__all__ = ["ACTIVE", "JobStatus", "Worker", "cancel", "jobs_dir", "list_jobs", "live", "log_tail", "prune", "read",
            "submit", "wait"]
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
@@ -39,6 +39,7 @@ QUEUE_LOCK = "queue.lock"
 POLL_SECONDS = 0.5
 WRITE_EVERY_SECONDS = 0.5
 LOG_TAIL_LINES = 12
+KEEP_ENDED = 100  # ended jobs kept on disk (their outcome and log); older ones are removed on submit
 
 
 def jobs_dir() -> Path:
@@ -190,6 +191,17 @@ def cancel(job_id: str) -> None:
         (folder / CANCEL_FILE).touch()
 
 
+def prune(keep: int = KEEP_ENDED) -> int:
+    """Remove all but the newest ``keep`` ended jobs' folders (results live in the run store, not here);
+    returns how many were removed. Queued and running jobs are never touched."""
+    import shutil
+
+    ended = [s for s in list_jobs() if not s.active]
+    for status in ended[:max(len(ended) - keep, 0)]:
+        shutil.rmtree(_folder(status.job_id), ignore_errors=True)
+    return max(len(ended) - keep, 0)
+
+
 def _reap(process: subprocess.Popen) -> None:
     threading.Thread(target=process.wait, name=f"reap-{process.pid}", daemon=True).start()
 
@@ -203,6 +215,7 @@ def submit(task: Task, label: str = "", device: str = "cpu", threads: int | None
     for status in list_jobs(kind=task.kind, active_only=True):
         if status.run_id == run_id:
             return status.job_id
+    prune()
     root = jobs_dir()
     root.mkdir(parents=True, exist_ok=True)
     job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}-{task.kind}-{run_id[:8]}"
