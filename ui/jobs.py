@@ -52,7 +52,7 @@ def queue_text(status: JobStatus) -> str:
         return f"Starting its worker process on {status.device} (loading libraries, a few seconds)…"
     after = ", ".join(f"{s.label} ({s.state})" for s in ahead)
     place = ORDINALS.get(status.position or 1, f"{status.position}th")
-    return f"Queued: {place} in line on {status.device}" + (f", after: {after}" if after else "") + "."
+    return f"Queued: {place} in line on {status.device}, after: {after}."
 
 
 def progress_text(status: JobStatus) -> str:
