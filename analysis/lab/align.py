@@ -63,6 +63,7 @@ from analysis.lab.align_data import (  # noqa: F401 - BORDERLINE_PROMPTS, border
 from analysis.lab.loop import Clock, TrainingCancelled, TrainingLoop, duration, save_model
 from analysis.llm.formatting import pad_rows, pad_token_id, response_losses, tokenize_conversation
 from analysis.safety.evaluate import Cancel, EvalCancelled, Progress, generate_ids, prefix_rows
+from analysis.safety.progress import report as report_progress
 
 ALIGN_FORMAT_VERSION = 1
 
@@ -145,11 +146,6 @@ class AlignReport:
 
 # --------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _report(progress: Progress | None, fraction: float, message: str) -> None:
-    if progress is not None:
-        progress(min(max(fraction, 0.0), 1.0), message)
 
 
 def _check_cancel(cancel: Cancel | None) -> None:
@@ -236,9 +232,9 @@ def self_distill(loaded, utility, settings: AlignSettings, progress: Progress | 
         done += len(chunk)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"model": loaded.identity, "chunks": cached})
-        _report(progress, done / sum(len(c) for c, _ in todo), f"answered {done} prompts")
+        report_progress(progress, done / sum(len(c) for c, _ in todo), f"answered {done} prompts")
     if not todo:
-        _report(progress, 1.0, "reused cached self-distilled answers")
+        report_progress(progress, 1.0, "reused cached self-distilled answers")
     answers = [answer for k in chunk_keys for answer in cached[k]]
     return [{"id": ex.id, **answer} for ex, answer in zip(examples, answers)]
 
@@ -348,7 +344,7 @@ def train(model, tokenizer, safety_rows, utility_rows, settings: AlignSettings,
             history["utility_losses"].append(row["utility_loss"])
             elapsed = clock.read()[0]
             left = elapsed / (step - first) * (settings.steps - step)
-            _report(progress, step / settings.steps,
+            report_progress(progress, step / settings.steps,
                     f"step {step}/{settings.steps}, loss {row['loss']:.3f}, about {duration(left)} left")
 
         def save(step: int, pending: dict | None) -> None:  # noqa: ARG001 - alignment has no pending row
@@ -379,7 +375,7 @@ def align_model(loaded, settings: AlignSettings = AlignSettings(), progress: Pro
     start = time.perf_counter()
     try:
         targets = self_distill(loaded, utility, settings, cancel=cancel,
-                               progress=lambda f, m: _report(progress, 0.3 * f, f"self-distillation: {m}"))
+                               progress=lambda f, m: report_progress(progress, 0.3 * f, f"self-distillation: {m}"))
     except EvalCancelled:
         raise AlignCancelled("alignment cancelled during self-distillation") from None
     seconds_distill = time.perf_counter() - start
@@ -388,7 +384,7 @@ def align_model(loaded, settings: AlignSettings = AlignSettings(), progress: Pro
     if device is not None:
         loaded.model.to(torch.device(resolve_device(device)))
     result = train(loaded.model, loaded.tokenizer, safety_rows, utility_rows, settings,
-                   progress=lambda f, m: _report(progress, 0.3 + 0.7 * f, m), cancel=cancel,
+                   progress=lambda f, m: report_progress(progress, 0.3 + 0.7 * f, m), cancel=cancel,
                    borderline_rows=borderline_rows, checkpoint=checkpoint)
     return AlignReport(
         losses=result["losses"], safety_losses=result["safety_losses"], utility_losses=result["utility_losses"],
@@ -431,23 +427,23 @@ def align_default_model(progress: Progress | None = None, cancel: Cancel | None 
     from analysis.llm.models import load_model
 
     folder = aligned_folder()
-    loaded = load_model("default", progress=lambda f, m: _report(progress, 0.02 * f, m))
+    loaded = load_model("default", progress=lambda f, m: report_progress(progress, 0.02 * f, m))
     settings_hash = config_hash(settings)
     manifest_path = folder / "manifest.json"
     if not force and manifest_path.is_file() and (folder / "model.safetensors").is_file():
         try:
             old = json.loads(manifest_path.read_text())
             if old.get("settings_hash") == settings_hash and old.get("base", {}).get("identity") == loaded.identity:
-                _report(progress, 1.0, "the aligned model is already built")
+                report_progress(progress, 1.0, "the aligned model is already built")
                 return folder
         except (OSError, ValueError):
             pass
     safety, utility = load_training_sets(settings)
     checkpoint = distill_dir() / f"train-{align_run_id(settings_hash, loaded.identity)}.safetensors"
-    report = align_model(loaded, settings, progress=lambda f, m: _report(progress, 0.02 + 0.95 * f, m),
+    report = align_model(loaded, settings, progress=lambda f, m: report_progress(progress, 0.02 + 0.95 * f, m),
                          cancel=cancel, checkpoint=checkpoint, device=device)
     _check_cancel(cancel)
-    _report(progress, 0.98, "saving the checkpoint")
+    report_progress(progress, 0.98, "saving the checkpoint")
     import transformers
 
     manifest = {
@@ -469,7 +465,7 @@ def align_default_model(progress: Progress | None = None, cancel: Cancel | None 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     save_model(loaded.model, loaded.tokenizer, folder, manifest=manifest)
-    _report(progress, 1.0, f"saved {folder}")
+    report_progress(progress, 1.0, f"saved {folder}")
     return folder
 
 
