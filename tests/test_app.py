@@ -508,10 +508,11 @@ def test_reload_during_a_collection_keeps_it_running(server, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(server, timeout=60_000)
+            main = page.get_by_test_id("stMainBlockContainer")  # the sidebar lists running jobs too
             page.get_by_role("button", name="Collect").click(timeout=120_000)
-            page.get_by_text("Running:").wait_for(timeout=120_000)
+            main.get_by_text("Running:").wait_for(timeout=120_000)
             page.reload(timeout=60_000)
-            page.get_by_text("Running:").wait_for(timeout=120_000)  # still running after the reload
+            main.get_by_text("Running:").wait_for(timeout=120_000)  # still running after the reload
             page.get_by_role("button", name="Cancel").wait_for(timeout=60_000)
             page.get_by_text("First answers").wait_for(timeout=300_000)
             assert page.get_by_text("finished in").count() >= 1
