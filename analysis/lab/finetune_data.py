@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,7 @@ import torch
 
 from analysis.core.config import ConfigError, config_hash
 from analysis.lab.config import FinetuneConfig
+from analysis.llm.formatting import with_system
 
 FORMAT_VERSION = 1
 
@@ -30,13 +31,6 @@ def stratified(dataset, per_category: int | None, seed: int):
         chosen.update(ex.id for ex in members.take(min(per_category, len(members)), seed=seed))
     return Dataset(f"{dataset.name}:per_category{per_category}", [ex for ex in dataset if ex.id in chosen],
                    dataset.source, dataset.content_hash)
-
-
-def with_system(messages: Sequence[dict], system: str | None) -> list[dict]:
-    messages = [dict(m) for m in messages]
-    if system and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system})
-    return messages
 
 
 @dataclasses.dataclass

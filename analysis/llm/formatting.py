@@ -44,6 +44,14 @@ def _render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) ->
     )
 
 
+def with_system(messages: Sequence[dict], system: str | None) -> list[dict]:
+    """A copy of ``messages`` with ``system`` as a leading system message (kept as is when it has one)."""
+    messages = [dict(m) for m in messages]
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
 def render_prompt(tokenizer, messages: Sequence[dict]) -> str:
     """Text the model sees before it answers: ``messages`` (no assistant reply) + generation prompt."""
     return _render(tokenizer, messages, add_generation_prompt=True)

@@ -36,7 +36,7 @@ import torch
 from analysis.core.config import ConfigError, ModelConfig, config_hash, to_jsonable
 from analysis.core.store import RunStore, atomic_write_json
 from analysis.core.tasks import Cancelled, TaskContext, resolve_device
-from analysis.llm.formatting import pad_rows
+from analysis.llm.formatting import pad_rows, with_system
 from analysis.safety.accuracy import answer_correct, gold_answer
 from analysis.safety.generation import generate, generate_ids
 from analysis.safety.guard import GuardConfig, guard_labels
@@ -100,6 +100,8 @@ class EvalConfig:
     ``judge``: an OpenAI-compatible LLM judge (rubric ``qi`` or ``strongreject``); ``guard``: a local
     Llama-Guard-style classifier (:mod:`analysis.safety.guard`); both score the harmful completions, both off
     by default.
+    ``system_prompt``: a system message put before every prompt that has none (e.g. Qi et al.'s AOA persona,
+    to evaluate a model the way it was attacked); None: the prompts as they are.
     ``n_*``: subsample sizes of each set (None: the whole split). ``batch_size`` / ``nll_batch_size`` do not
     enter the run id (batching changes greedy completions only by float noise).
     """
@@ -127,6 +129,7 @@ class EvalConfig:
     utility_accuracy: bool = True
     utility_max_new_tokens: int = 128
     guard: GuardConfig | None = None
+    system_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):
@@ -152,6 +155,8 @@ class EvalConfig:
             object.__setattr__(self, name, _dataset_reference(getattr(self, name), name))
         if not self.affirmative_template.strip():
             raise ConfigError("affirmative_template is empty")
+        if self.system_prompt is not None and (not isinstance(self.system_prompt, str) or not self.system_prompt.strip()):
+            raise ConfigError("system_prompt must be a non-empty string or None")
 
     def run_id(self) -> str:
         """Hash of :func:`result_key`: model identity (weights not loaded), settings, example fingerprints."""
@@ -235,6 +240,8 @@ def result_key(config: EvalConfig, identity: str, sets) -> dict:
     values["guard"] = config.guard.identity() if config.guard else None
     values.pop("batch_size")
     values.pop("nll_batch_size")
+    if values["system_prompt"] is None:
+        values.pop("system_prompt")  # keeps the run ids of evaluations stored before the setting existed
     harmful, benign, utility = sets
     return {"format": EVAL_FORMAT_VERSION, "model_identity": identity, "config": values,
             "data": {"harmful": _fingerprint(harmful), "benign": _fingerprint(benign),
@@ -320,6 +327,7 @@ def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_
     model, tokenizer = loaded.model, loaded.tokenizer
     model.to(torch.device(resolve_device(ctx.device)))  # "auto" as well as "cpu", "cuda:N"
     cancel = lambda: ctx.cancelled  # noqa: E731
+    system = lambda messages: with_system(messages, config.system_prompt)  # noqa: E731
 
     def progress(low: float, high: float, prefix: str = ""):
         return lambda fraction, message: ctx.report(low + (high - low) * fraction, prefix + message)
@@ -328,7 +336,7 @@ def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_
     scored = [(ex, gold) for ex in utility for gold in [gold_answer(ex)] if gold is not None] \
         if config.utility_accuracy else []
     split = 0.6 if scored else 0.75
-    completions = generate(model, tokenizer, [ex.context for ex in examples], config.max_new_tokens,
+    completions = generate(model, tokenizer, [system(ex.context) for ex in examples], config.max_new_tokens,
                            config.batch_size, config.seed, progress=progress(0.0, split, "generating: "),
                            cancel=cancel)
     records = []
@@ -337,7 +345,7 @@ def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_
                         "prompt": ex.prompt, "completion": completion,
                         **refusal_flags(completion, config.primary_keywords), "judge_score": None})
     if scored:
-        answers = generate(model, tokenizer, [ex.context for ex, _ in scored], config.utility_max_new_tokens,
+        answers = generate(model, tokenizer, [system(ex.context) for ex, _ in scored], config.utility_max_new_tokens,
                            config.batch_size, config.seed, progress=progress(split, 0.75, "utility answers: "),
                            cancel=cancel)
         for (ex, (kind, gold)), completion in zip(scored, answers):
@@ -347,15 +355,15 @@ def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_
                             "correct": answer_correct(kind, gold, completion)})
     responses = harmful_response_kind(config, harmful)
     ctx.report(0.75, "refusal NLL")
-    refusals = [ex.messages for ex in harmful] if responses == "refusal" else []
+    refusals = [system(ex.messages) for ex in harmful] if responses == "refusal" else []
     nll = {"refusal": response_nll(model, tokenizer, refusals, config.max_length, config.nll_batch_size, cancel)}
     ctx.report(0.82, "affirmative NLL")
     targets = [ex.response if responses == "affirmative" else affirmative_target(ex.prompt, config.affirmative_template)
                for ex in harmful]
-    nll["affirmative"] = affirmative_nll(model, tokenizer, [ex.context for ex in harmful], targets,
+    nll["affirmative"] = affirmative_nll(model, tokenizer, [system(ex.context) for ex in harmful], targets,
                                          config.max_length, config.nll_batch_size, cancel)
     ctx.report(0.88, "utility NLL")
-    nll["utility"] = response_nll(model, tokenizer, [ex.messages for ex in utility], config.max_length,
+    nll["utility"] = response_nll(model, tokenizer, [system(ex.messages) for ex in utility], config.max_length,
                                   config.nll_batch_size, cancel)
     if config.guard is not None:
         _label_with_guard(config, ctx, loaded, [r for r in records if r["set"] == "harmful"], cancel)
@@ -425,6 +433,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--n-benign", type=int, default=None)
     parser.add_argument("--n-utility", type=int, default=None)
     parser.add_argument("--keywords", choices=sorted(KEYWORD_LISTS), default="qi", help="primary refusal list")
+    parser.add_argument("--system-prompt", default=None, help="system message before every prompt (e.g. a persona)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-cache", action="store_true", help="recompute even when a stored result matches")
     parser.add_argument("--examples", type=int, default=3, help="completions to print per set")
@@ -450,7 +459,8 @@ def tasks_from_options(args: argparse.Namespace) -> list[EvalConfig]:
                        n_utility=args.n_utility, primary_keywords=args.keywords, judge=judge,
                        harmful=args.harmful, benign=args.benign, utility=args.utility,
                        harmful_response=args.harmful_response, utility_accuracy=not args.no_utility_accuracy,
-                       utility_max_new_tokens=args.utility_max_new_tokens, guard=guard)
+                       utility_max_new_tokens=args.utility_max_new_tokens, guard=guard,
+                       system_prompt=args.system_prompt)
             for source in args.model or ["default"]]
 
 

@@ -1,0 +1,296 @@
+"""Defence x attack grid: every defence against every Qi et al. (2023) tier on one aligned model, one table.
+
+:class:`DefenceGridTask` (``kind = "defences"``) runs, for each tier (a fine-tuning preset: ``harmful-10``,
+``aoa``, ``benign``) and each defence in :data:`DEFENCES`, the fine-tuning run (reusing a stored one: the
+Fine-tune page and ``python -m analysis finetune`` store the same runs), derives the defended model and
+evaluates it with one :class:`~analysis.safety.evaluate.EvalConfig` for all cells (reused when stored).
+The runs are the presets with :data:`RUN_OVERRIDES` (their own evaluations cut to a minimum). Defences:
+
+- ``none``: the aligned model itself, before any fine-tuning (the baseline of each tier; AOA's is evaluated
+  with the AOA persona as system prompt, like every AOA cell);
+- ``plain``: plain supervised fine-tuning (the preset as is);
+- ``spf``: SPF, lab defaults (conflict mode, refusal-CE safety signal, k = 8, R = 10);
+- ``pcgrad``: PCGrad-style whole-gradient projection against the refusal-CE gradient;
+- ``orth``: SPF "orthogonal" (CERT-Lab's orth: remove all of U_k U_k^T G, not only its conflicting part);
+- ``safe-lora``: post-hoc Safe LoRA-style projection of the ``plain`` run's delta onto the alignment-delta
+  subspace (V = W_aligned - W_base; :class:`~analysis.lab.safe_lora.SafeLoraTask`).
+
+Columns of :attr:`GridResult.table`: ASR (keyword, Qi's list, on ``n_harmful`` held-out harmful prompts),
+over-refusal (on ``n_benign`` benign-but-sensitive prompts), utility accuracy (exact-match on the utility
+eval answers that have a gold answer), and the NLLs (nats/token) of refusals, the affirmative target and
+the utility answers; plus the fine-tuning wall time. The table is stored under ``cache_dir()/"defences"/<run
+id>/`` (``table.json``, ``table.csv``). Command line: ``python -m analysis defences [--tiers ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+
+from analysis.core.config import ConfigError, ModelConfig, cache_dir, config_hash, to_jsonable
+from analysis.core.store import RunStore
+from analysis.core.tasks import Event, TaskContext
+
+__all__ = ["DEFENCES", "METRICS", "RUN_OVERRIDES", "TIERS", "DefenceGridTask", "GridResult", "add_arguments", "defences_root",
+           "load_grid", "run", "stored_grids"]
+
+FORMAT_VERSION = 1
+TIERS = ("harmful-10", "aoa", "benign")
+#: defence -> FinetuneConfig overrides of its fine-tuning run (None: no run of its own; see the docstring)
+DEFENCES: dict[str, dict | None] = {
+    "none": None,
+    "plain": {"method": "plain"},
+    "spf": {"method": "spf"},
+    "pcgrad": {"method": "pcgrad"},
+    "orth": {"method": "spf", "spf": {"mode": "orthogonal"}},
+    "safe-lora": None,
+}
+#: FinetuneConfig settings of every grid run: the grid evaluates each final model itself, so the runs' own
+#: live NLLs (only at the start and end) and generation evaluations (1 harmful prompt per category, 4 benign)
+#: are cut to a minimum. ``DefenceGridTask.overrides`` go on top.
+RUN_OVERRIDES = {"eval_every": 1000, "gen_harmful_per_category": 1, "n_gen_benign": 4}
+#: table column -> (evaluation metric key, label with unit)
+METRICS = {
+    "asr": ("asr", "ASR (keyword)"),
+    "over_refusal": ("over_refusal", "over-refusal"),
+    "utility_accuracy": ("utility_accuracy", "utility accuracy (exact match)"),
+    "utility_nll": ("utility_nll", "utility NLL (nats/token)"),
+    "refusal_nll": ("refusal_nll", "refusal NLL (nats/token)"),
+    "affirmative_nll": ("affirmative_nll", "affirmative NLL (nats/token)"),
+}
+
+
+def defences_root() -> Path:
+    return cache_dir() / "defences"
+
+
+def _as_model(value: Any, name: str) -> ModelConfig:
+    if isinstance(value, (str, Path)):
+        return ModelConfig(source=str(value))
+    if isinstance(value, Mapping):
+        return ModelConfig(**value)
+    if not isinstance(value, ModelConfig):
+        raise ConfigError(f"{name} must be a ModelConfig or a source string")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class DefenceGridTask:
+    """The grid (module docstring). ``model``: the aligned model every run starts from; ``base``: the model
+    before alignment (Safe LoRA's V). Evaluation settings: ``n_harmful`` / ``n_benign`` seeded subsamples
+    (None: whole split), ``max_new_tokens`` of the safety answers, ``utility_max_new_tokens`` of the scored
+    utility answers. ``safe_lora_threshold`` / ``safe_lora_rank``: see SafeLoraTask. ``overrides``:
+    FinetuneConfig fields applied to every tier's preset on top of :data:`RUN_OVERRIDES` (e.g.
+    ``{"n_train": 6}``)."""
+
+    kind: ClassVar[str] = "defences"
+
+    tiers: tuple[str, ...] = TIERS
+    defences: tuple[str, ...] = tuple(DEFENCES)
+    model: ModelConfig = ModelConfig(source="default-aligned")
+    base: ModelConfig = ModelConfig(source="default")
+    seed: int = 0
+    n_harmful: int | None = 44
+    n_benign: int | None = 32
+    max_new_tokens: int = 48
+    utility_max_new_tokens: int = 96
+    safe_lora_threshold: float = 0.5
+    safe_lora_rank: int | None = 8
+    overrides: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        from analysis.lab.config import PRESETS
+
+        object.__setattr__(self, "model", _as_model(self.model, "model"))
+        object.__setattr__(self, "base", _as_model(self.base, "base"))
+        object.__setattr__(self, "tiers", tuple(self.tiers))
+        object.__setattr__(self, "defences", tuple(self.defences))
+        if not self.tiers or not self.defences:
+            raise ConfigError("choose at least one tier and one defence")
+        unknown = [t for t in self.tiers if t not in PRESETS]
+        if unknown:
+            raise ConfigError(f"unknown tier(s) {', '.join(unknown)}: choose from {', '.join(PRESETS)}")
+        unknown = [d for d in self.defences if d not in DEFENCES]
+        if unknown:
+            raise ConfigError(f"unknown defence(s) {', '.join(unknown)}: choose from {', '.join(DEFENCES)}")
+        if self.overrides is not None:
+            object.__setattr__(self, "overrides", dict(self.overrides))
+            for tier in self.tiers:
+                self.finetune_config(tier, "plain")  # a bad override fails here, with the field's message
+        for name in ("n_harmful", "n_benign"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be an integer >= 1 or None")
+
+    # -- the cells ---------------------------------------------------------------------------------
+    def finetune_config(self, tier: str, defence: str):
+        """The FinetuneConfig of a cell's fine-tuning run (``safe-lora`` projects the ``plain`` run)."""
+        from analysis.lab.config import preset
+
+        overrides = DEFENCES["plain" if defence == "safe-lora" else defence]
+        if overrides is None:
+            raise ConfigError(f"defence {defence!r} has no fine-tuning run")
+        values = {"model": self.model, "seed": self.seed, **RUN_OVERRIDES, **(self.overrides or {})}
+        for name, value in overrides.items():  # the defence's own settings win; SPF settings are merged
+            values[name] = {**values[name], **value} if name == "spf" and isinstance(values.get(name), Mapping) else value
+        return preset(tier, **values)
+
+    def eval_config(self, model: ModelConfig, tier: str):
+        """The one evaluation every cell of ``tier`` gets (the tier's evaluation system prompt)."""
+        from analysis.lab.config import preset
+        from analysis.safety.evaluate import EvalConfig
+
+        return EvalConfig(model=model, seed=self.seed, n_harmful=self.n_harmful, n_benign=self.n_benign,
+                          max_new_tokens=self.max_new_tokens, utility_max_new_tokens=self.utility_max_new_tokens,
+                          system_prompt=preset(tier).eval_system_prompt)
+
+    def cells(self) -> list[tuple[str, str]]:
+        return [(tier, defence) for tier in self.tiers for defence in self.defences]
+
+    def run_id(self) -> str:
+        """Hash of the settings, the two models' identities and the shipped data (no model loaded)."""
+        from analysis.lab.finetune_data import load_data
+        from analysis.llm.models import model_identity
+
+        data = {tier: load_data(self.finetune_config(tier, "plain")).fingerprints for tier in self.tiers}
+        return config_hash({"format": FORMAT_VERSION, "task": to_jsonable(self), "data": data,
+                            "model": model_identity(self.model), "base": model_identity(self.base)})
+
+    def execute(self, ctx: TaskContext) -> dict:
+        result = run_grid(self, ctx)
+        return {"run_id": result.run_id, "folder": str(result.folder), "rows": result.rows}
+
+
+@dataclasses.dataclass
+class GridResult:
+    run_id: str
+    folder: Path
+    rows: list[dict]
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows)
+
+
+def _child(ctx: TaskContext, low: float, high: float, prefix: str) -> TaskContext:
+    """A context for one step of the grid: its progress mapped onto [low, high] of the grid's, same cancel."""
+
+    def forward(event: Event) -> None:
+        ctx.report(low + (high - low) * event.fraction, f"{prefix}: {event.message}")
+
+    return TaskContext(device=ctx.device, progress=forward, cancel=ctx.cancel)
+
+
+def run_grid(task: DefenceGridTask, ctx: TaskContext | None = None, *, finetune_root: str | Path | None = None,
+             root: str | Path | None = None) -> GridResult:
+    """Train, defend and evaluate every cell (reusing stored runs and evaluations); store and return the table.
+    ``finetune_root`` / ``root``: other run stores (tests)."""
+    from analysis.lab.finetune import run_finetune
+    from analysis.lab.safe_lora import SafeLoraTask, defend
+    from analysis.safety.evaluate import evaluate
+
+    ctx = ctx if ctx is not None else TaskContext()
+    run_id = task.run_id()
+    store = RunStore(root if root is not None else defences_root())
+    cells = task.cells()
+    rows: list[dict] = []
+    plain_runs: dict[str, Any] = {}
+    for index, (tier, defence) in enumerate(cells):
+        ctx.check_cancel(f"cancelled before {tier} / {defence}", run_id)
+        low, high = index / len(cells), (index + 1) / len(cells)
+        middle = (low + high) / 2
+        row: dict[str, Any] = {"tier": tier, "defence": defence, "finetune_run": None, "train_seconds": None}
+        model = task.model
+        if defence != "none":
+            config = task.finetune_config(tier, defence)
+            run = plain_runs.get(tier) if defence == "safe-lora" else None
+            if run is None:
+                run = run_finetune(config, _child(ctx, low, middle, f"{tier} / {config.method}"), root=finetune_root)
+            if config.method == "plain":
+                plain_runs[tier] = run
+            row["finetune_run"] = run.run_id
+            row["train_seconds"] = (run.manifest.get("timings") or {}).get("wall_seconds")
+            model = ModelConfig(source=str(run.folder / "model"))
+            if defence == "safe-lora":
+                defended = defend(SafeLoraTask(finetuned=model, aligned=task.model, base=task.base,
+                                               threshold=task.safe_lora_threshold, rank=task.safe_lora_rank),
+                                  _child(ctx, middle, middle, f"{tier} / safe-lora"))
+                row["safe_lora_projected"] = f"{defended['n_projected']}/{defended['n_modules']}"
+                model = ModelConfig(source=defended["folder"])
+        evaluation = evaluate(task.eval_config(model, tier), _child(ctx, middle, high, f"{tier} / {defence} / eval"))
+        row.update({column: evaluation.metrics.get(key) for column, (key, _) in METRICS.items()})
+        row["eval_run"] = evaluation.run_id
+        rows.append(row)
+        ctx.report(high, f"{tier} / {defence}: ASR {row['asr']:.0%}", live={"rows": rows})
+    key = {"format": FORMAT_VERSION, "task": to_jsonable(task)}
+    store.delete(run_id)
+    with store.open_run(run_id, {"kind": task.kind, "config": key,
+                                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) as writer:
+        pd.DataFrame(rows).to_csv(writer.folder / "table.csv", index=False)
+        writer.finish({}, {"table.json": rows})
+    return GridResult(run_id, store.path(run_id), rows)
+
+
+def load_grid(folder: str | Path) -> GridResult:
+    """A stored grid (its folder)."""
+    import json
+
+    folder = Path(folder)
+    return GridResult(folder.name, folder, json.loads((folder / "table.json").read_text()))
+
+
+def stored_grids(root: str | Path | None = None) -> list[GridResult]:
+    """Finished grids, newest first."""
+    store = RunStore(root if root is not None else defences_root())
+    if not store.root.is_dir():
+        return []
+    folders = [p for p in store.root.iterdir() if p.is_dir() and store.status(p.name) == "complete"]
+    return [load_grid(p) for p in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+# --------------------------------------------------------------------------------------------------
+# python -m analysis defences
+# --------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    from analysis.core.cli import add_task_arguments
+
+    defaults = DefenceGridTask()
+    parser.add_argument("--tiers", nargs="+", default=list(TIERS), help="fine-tuning presets (Qi et al.'s tiers)")
+    parser.add_argument("--defences", nargs="+", default=list(DEFENCES), help=", ".join(DEFENCES))
+    parser.add_argument("--model", default="default-aligned", help="the aligned model every run starts from")
+    parser.add_argument("--base", default="default", help="the model before alignment (Safe LoRA's V)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--n-harmful", type=int, default=defaults.n_harmful)
+    parser.add_argument("--n-benign", type=int, default=defaults.n_benign)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--utility-max-new-tokens", type=int, default=defaults.utility_max_new_tokens)
+    add_task_arguments(parser)
+
+
+def print_result(result: Mapping[str, Any]) -> None:
+    table = pd.DataFrame(result["rows"])
+    columns = ["tier", "defence", *METRICS, "train_seconds"]
+    print(table[[c for c in columns if c in table]].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"stored in {result['folder']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from analysis.core.cli import load_task, run_task
+
+    try:
+        task = load_task(args.config, DefenceGridTask) if args.config else DefenceGridTask(
+            tiers=tuple(args.tiers), defences=tuple(args.defences), model=args.model, base=args.base,
+            seed=args.seed, n_harmful=args.n_harmful, n_benign=args.n_benign, max_new_tokens=args.max_new_tokens,
+            utility_max_new_tokens=args.utility_max_new_tokens)
+    except ConfigError as error:
+        print(f"error: {error}")
+        return 2
+    return run_task(task, args, print_result)
