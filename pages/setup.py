@@ -197,11 +197,43 @@ with right:
                                               min_value=1, max_value=200, value=10)
         gram_route = common.remembered_widget("gram_route", st.selectbox, "Gram route (both exact)",
                                               ["auto", "ghost", "dense"])
+        modules_per_pass = common.remembered_widget(
+            "modules_per_pass", st.number_input, "Modules per pass (0: all in one)", min_value=0, value=0,
+            help="capture only this many modules per forward+backward pass, analyse and release them, then the "
+                 "next ones: less memory, one more pass each, identical results")
         common.remembered_widget("device", st.selectbox, "Compute device (every job)", common.devices(),
                                  help="where collections, evaluations and fine-tuning run; one job at a time per device")
 
 # ---- collect ----------------------------------------------------------------------------------------
 st.header("4 · Collect", divider="gray")
+
+
+def show_plan(config, model) -> None:
+    """The planner's prediction for ``config`` against the memory free on the job device, and the modules
+    per pass that fit when it does not."""
+    from analysis.engine.planner import (
+        PlanError,
+        architecture,
+        available_memory,
+        fit_modules_per_pass,
+        plan_collection,
+        size_text,
+    )
+
+    device = common.choice("device", "cpu")
+    arch = architecture(config.model, model=model)
+    plan = plan_collection(config, arch, device=device)
+    free = available_memory(device)
+    st.caption(f"Predicted: memory peak ~{size_text(plan.peak_bytes)} ({size_text(free)} free on {device}), "
+               f"~{size_text(plan.disk_bytes)} of temporary factor files, ~{plan.seconds / 60:.1f} min of "
+               f"forward+backward in {plan.passes} pass(es).")
+    if plan.peak_bytes > free:
+        try:
+            fit = fit_modules_per_pass(config, arch, free, device=device)
+            st.warning(f"This may not fit the free memory: set Advanced → Modules per pass to {fit} (or fewer), "
+                       "or lower the batch size / sequence length.", icon=":material/memory:")
+        except PlanError as error:
+            st.warning(f"This may not fit the free memory: {error}", icon=":material/memory:")
 config = stored_id = None
 if safety_ref and utility_ref and selected and not size_problems:
     from analysis.engine.gradients import CollectionConfig
@@ -212,12 +244,14 @@ if safety_ref and utility_ref and selected and not size_problems:
             safety_split=safety_split, utility_split=utility_split, n_safety=int(n_safety), n_utility=int(n_utility),
             layers=layers, kinds=",".join(kinds), max_length=int(max_length), batch_size=int(batch_size),
             top_k=int(top_k), seed=int(seed), gram_route=gram_route, curve_layers=curve_layers,
-            curve_boot=int(curve_boot),
+            curve_boot=int(curve_boot), modules_per_pass=int(modules_per_pass),
         )
         stored_id = config.run_id()
     except (ConfigError, DataError, SelectionError, ModelLoadError) as error:
         st.error(readable(error))
         config = None
+if config is not None:
+    show_plan(config, loaded.model)
 elif not size_problems:
     st.info("Choose a safety set, a utility set and at least one module to collect.")
 

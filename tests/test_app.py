@@ -81,6 +81,24 @@ def test_setup_shows_model_summary_and_widgets(cache):
     assert "No results yet" not in " ".join(i.value for i in at.info)
 
 
+def test_setup_shows_the_plan_and_warns_when_it_does_not_fit(cache, monkeypatch):
+    from analysis.engine import planner
+
+    free = planner.available_memory
+    at = fresh_app().run()
+    no_exceptions(at)
+    plan = next(c.value for c in at.caption if c.value.startswith("Predicted: memory peak"))
+    assert "free on cpu" in plan and "1 pass(es)" in plan
+    assert not any("Modules per pass to" in w.value for w in at.warning)
+    monkeypatch.setattr(planner, "available_memory", lambda device="cpu": 1)  # nothing fits: says what to lower
+    at.run()
+    assert any("may not fit the free memory" in w.value and "lower" in w.value for w in at.warning)
+    monkeypatch.setattr(planner, "available_memory", free)
+    at.number_input(key="widget.modules_per_pass").set_value(1).run()
+    no_exceptions(at)
+    assert "14 pass(es)" in next(c.value for c in at.caption if c.value.startswith("Predicted"))
+
+
 def test_switching_model_updates_summary(cache):
     at = fresh_app().run()
     at.radio(key="widget.model_kind").set_value("tiny-gpt2").run()

@@ -234,3 +234,18 @@ def measure_capture_peak(model, batch, modules: Sequence[ModuleInfo]) -> int:
     peak = status("VmHWM")
     del factors
     return peak - before
+
+
+def available_memory(device: str = "cpu") -> int:
+    """Bytes free for a collection on ``device``: free GPU memory (``torch.cuda.mem_get_info``) for a CUDA
+    device, else the memory the OS can hand out without swapping (``psutil.virtual_memory().available``)."""
+    import torch
+
+    from analysis.core.tasks import resolve_device
+
+    device = resolve_device(device)
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
