@@ -96,10 +96,10 @@ class DefenceGridTask:
     model: ModelConfig = ModelConfig(source="default-aligned")
     base: ModelConfig = ModelConfig(source="default")
     seed: int = 0
-    n_harmful: int | None = 44
-    n_benign: int | None = 32
-    max_new_tokens: int = 48
-    utility_max_new_tokens: int = 96
+    n_harmful: int | None = 22
+    n_benign: int | None = 16
+    max_new_tokens: int = 32
+    utility_max_new_tokens: int = 64
     safe_lora_threshold: float = 0.5
     safe_lora_rank: int | None = 8
     overrides: Mapping[str, Any] | None = None
