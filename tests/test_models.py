@@ -169,3 +169,38 @@ def test_model_identity_without_loading_equals_the_loaded_identity(tmp_path, mon
     monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(ModelLoadError, match="python -m analysis align"):
         model_identity("default-aligned")
+
+
+# --------------------------------------------------------------------------------------------------
+# device_map: accelerate places the model (a model larger than one GPU); tasks must not move it
+
+
+@pytest.mark.parametrize("source", ["tiny-llama", "folder"])
+def test_device_map_auto_gives_the_same_logits_and_is_not_in_run_ids(source, tmp_path, tiny_llama):
+    from analysis.core.config import config_hash
+    from analysis.llm.models import dispatched, input_device, place
+
+    if source == "folder":  # the from_pretrained path
+        tiny_llama.model.save_pretrained(tmp_path)
+        tiny_llama.tokenizer.save_pretrained(tmp_path)
+        source = str(tmp_path)
+    plain = load_model(ModelConfig(source))
+    mapped = load_model(ModelConfig(source, device_map="auto"))
+    assert dispatched(mapped.model) and not dispatched(plain.model) and mapped.identity == plain.identity
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(plain.model(ids).logits, mapped.model(ids).logits)
+    first = input_device(mapped.model)
+    assert first == next(mapped.model.parameters()).device  # the CPU here, the first GPU on a GPU machine
+    assert place(mapped.model, "meta") is mapped.model and input_device(mapped.model) == first  # not moved
+    assert config_hash(ModelConfig(source, device_map="auto")) == config_hash(ModelConfig(source))
+    with pytest.raises(ConfigError, match="device_map"):
+        ModelConfig(source, device_map="everywhere")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a GPU")
+def test_device_map_auto_puts_the_model_on_the_gpu():
+    from analysis.llm.models import input_device
+
+    mapped = load_model(ModelConfig("tiny-llama", device_map="auto"))
+    assert input_device(mapped.model).type == "cuda"
