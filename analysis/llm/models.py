@@ -215,10 +215,13 @@ def _load_pretrained(location: str, config: ModelConfig, dtype: torch.dtype, loc
 # placement: one device (the task's) or dispatched by accelerate (ModelConfig.device_map)
 
 
+#: Attribute of a model placed by ``ModelConfig.device_map``: the strategy (see :func:`dispatched`).
+PLACED_BY = "device_map_strategy"
+
+
 def dispatch(model: nn.Module, strategy: str = "auto") -> nn.Module:
     """Spread an in-memory model over the visible GPUs (then CPU memory) with accelerate, as
-    ``from_pretrained(device_map=strategy)`` does; on a machine without GPUs it stays on the CPU. Sets
-    ``model.hf_device_map`` (even for a single device), which :func:`place` reads."""
+    ``from_pretrained(device_map=strategy)`` does; on a machine without GPUs it stays on the CPU."""
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
@@ -229,9 +232,20 @@ def dispatch(model: nn.Module, strategy: str = "auto") -> nn.Module:
                                                                  no_split_module_classes=no_split))
 
 
+def mark_placed(model: nn.Module, strategy: str) -> None:
+    """Mark a model that ``device_map=strategy`` placed. Over several devices accelerate's ``hf_device_map``
+    stays; on one device it is dropped, as transformers does (``save_pretrained`` would take a lone "cpu"
+    for offloaded modules)."""
+    setattr(model, PLACED_BY, strategy)
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map is not None and len(set(device_map.values())) <= 1:
+        del model.hf_device_map
+
+
 def dispatched(model: nn.Module) -> bool:
-    """Whether accelerate placed the model (``hf_device_map``): tasks must not move it."""
-    return getattr(model, "hf_device_map", None) is not None
+    """Whether accelerate placed the model (``ModelConfig.device_map``, or an ``hf_device_map`` of its own):
+    tasks must not move it."""
+    return getattr(model, PLACED_BY, None) is not None or getattr(model, "hf_device_map", None) is not None
 
 
 def place(model: nn.Module, device: torch.device | str) -> nn.Module:
@@ -339,7 +353,7 @@ def load_model(config: ModelConfig | str = "default", progress: Progress | None 
     if config.source in TINY_SOURCES:
         model, tokenizer = tiny_model(config.source, seed=config.seed, dtype=dtype)
         if config.device_map is not None:
-            dispatch(model, config.device_map)
+            mark_placed(dispatch(model, config.device_map), config.device_map)
         identity = tiny_identity(config)
         return LoadedModel(model, tokenizer, config.source, config.source, identity, time.perf_counter() - start)
     if config.source == "default":
@@ -351,8 +365,8 @@ def load_model(config: ModelConfig | str = "default", progress: Progress | None 
         location = str(Path(location).expanduser())
     model, tokenizer = _load_with_clear_errors(location, config, dtype, is_folder)
     model.eval()
-    if config.device_map is not None and not dispatched(model):  # transformers marks multi-device maps only
-        model.hf_device_map = {"": str(input_device(model))}
+    if config.device_map is not None:
+        mark_placed(model, config.device_map)
     if is_folder:
         identity = checkpoint_identity(Path(location))
     else:  # hub id: the resolved commit hash identifies the weights
