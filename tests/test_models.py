@@ -204,3 +204,25 @@ def test_device_map_auto_puts_the_model_on_the_gpu():
 
     mapped = load_model(ModelConfig("tiny-llama", device_map="auto"))
     assert input_device(mapped.model).type == "cuda"
+
+
+def test_the_model_commands_take_device_map():
+    import argparse
+
+    from analysis.engine import cli as collect_cli
+    from analysis.lab import align, finetune
+    from analysis.safety import evaluate
+
+    def parse(module, command, *options):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser, command)
+        return parser.parse_args(["--device-map", "auto", *options])
+
+    assert parse(collect_cli, "collect").device_map == "auto"
+    assert parse(collect_cli, "collect", "--device-map", "sequential").device_map == "sequential"
+    assert evaluate.tasks_from_options(parse(evaluate, "evaluate", "--model", "tiny-llama"))[0].model.device_map == "auto"
+    assert finetune.task_from_args(parse(finetune, "finetune", "--model", "tiny-llama")).config.model.device_map == "auto"
+    task = align.task_from_args(parse(align, "align", "--dtype", "bfloat16"))
+    assert task.device_map == "auto" and task.settings.dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        parse(collect_cli, "collect", "--device-map", "everywhere")
