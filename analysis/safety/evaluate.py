@@ -21,6 +21,9 @@ Results live in the run folder ``cache_dir()/"evals"/<run_id>/`` of a :class:`~a
 and are reused only when the stored config equals the task's (else recomputed, never mixed).
 Command line: ``python -m analysis evaluate --model default --model default-aligned`` runs one task per model
 in turn and prints them side by side; ``--config FILE`` runs the one task in the file.
+``torchrun --nproc-per-node N -m analysis evaluate ...`` deals the generation batches over N processes (gloo on
+the CPU, nccl on GPUs) with the same records as one process (:func:`evaluate`); ``--device-map auto`` instead
+spreads one model over the GPUs (``ModelConfig.device_map``).
 """
 
 from __future__ import annotations
