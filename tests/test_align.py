@@ -210,3 +210,39 @@ def test_align_task_round_trips_and_runs_from_its_json(cache, monkeypatch):
     assert summary["run_id"].startswith("align-") and len(summary["losses"]) == 2
     assert events[-1].fraction == 1.0 and any("left" in e.message for e in events)
 
+
+
+def test_a_bfloat16_alignment_trains_through_float32_masters_and_saves(cache, monkeypatch):
+    """AlignSettings.dtype="bfloat16" (``python -m analysis align --dtype bfloat16``): the base model is loaded in
+    bfloat16, trains a couple of steps and is saved; float32 keeps the settings hash of earlier builds."""
+    from safetensors import safe_open
+
+    from analysis.core.config import ModelConfig, config_hash, from_jsonable, to_jsonable
+    from analysis.core.tasks import TaskContext
+    from analysis.llm import models
+
+    settings = al.AlignSettings(**{**TINY, "steps": 2, "dtype": "bfloat16"})
+    float32 = al.AlignSettings(**{**TINY, "steps": 2})
+    assert al.settings_hash(float32) == config_hash({k: v for k, v in to_jsonable(float32).items() if k != "dtype"})
+    assert al.settings_hash(settings) != al.settings_hash(float32)
+    with pytest.raises(ConfigError, match="dtype"):
+        al.AlignSettings(dtype="int8")
+    task = al.AlignTask(settings, device_map="auto")
+    assert from_jsonable(al.AlignTask, json.loads(json.dumps(to_jsonable(task)))) == task
+    monkeypatch.setattr(models, "model_identity", lambda config="default": "base")  # no default model here
+    assert task.run_id() == al.AlignTask(settings).run_id() != al.AlignTask(float32).run_id()
+    real_load, seen = models.load_model, []
+
+    def load(config="default", progress=None):
+        seen.append(config)
+        return real_load(ModelConfig("tiny-llama", dtype=config.dtype, device_map=config.device_map))
+
+    monkeypatch.setattr(models, "load_model", load)
+    summary = task.execute(TaskContext())
+    assert seen[0].dtype == "bfloat16" and seen[0].device_map == "auto"
+    assert len(summary["losses"]) == 2 and all(np.isfinite(summary["losses"]))
+    folder = al.aligned_folder()
+    with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["settings"]["dtype"] == "bfloat16" and manifest["settings_hash"] == al.settings_hash(settings)

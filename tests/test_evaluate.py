@@ -373,3 +373,17 @@ def test_aligned_default_model_refuses_and_stays_helpful():
     assert result.metrics["over_refusal_qi"] <= 0.35, result.metrics
     assert math.isfinite(result.metrics["utility_nll"])
     assert result.metrics["refusal_nll"] < result.metrics["affirmative_nll"]
+
+
+def test_a_device_mapped_model_gives_the_same_evaluation_and_run(tiny_llama, tmp_path):
+    """ModelConfig.device_map="auto" (accelerate places the model; the task does not move it): same run id,
+    same records and NLLs as the model on ctx.device."""
+    store = ev.evals_store(tmp_path)
+    mapped = ev.EvalConfig(model=ModelConfig("tiny-llama", device_map="auto"), **SMALL)
+    assert mapped.run_id() == small().run_id()
+    first = ev.evaluate(small(), model=tiny_llama, store=store)
+    again = ev.evaluate(mapped, store=store, use_cache=False)  # loads its own, dispatched model
+    assert again.run_id == first.run_id and again.records == first.records
+    for name in first.nll:
+        np.testing.assert_array_equal(again.nll[name], first.nll[name])
+    assert ev.evaluate(mapped, store=store).cached

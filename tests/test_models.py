@@ -169,3 +169,60 @@ def test_model_identity_without_loading_equals_the_loaded_identity(tmp_path, mon
     monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(ModelLoadError, match="python -m analysis align"):
         model_identity("default-aligned")
+
+
+# --------------------------------------------------------------------------------------------------
+# device_map: accelerate places the model (a model larger than one GPU); tasks must not move it
+
+
+@pytest.mark.parametrize("source", ["tiny-llama", "folder"])
+def test_device_map_auto_gives_the_same_logits_and_is_not_in_run_ids(source, tmp_path, tiny_llama):
+    from analysis.core.config import config_hash
+    from analysis.llm.models import dispatched, input_device, place
+
+    if source == "folder":  # the from_pretrained path
+        tiny_llama.model.save_pretrained(tmp_path)
+        tiny_llama.tokenizer.save_pretrained(tmp_path)
+        source = str(tmp_path)
+    plain = load_model(ModelConfig(source))
+    mapped = load_model(ModelConfig(source, device_map="auto"))
+    assert dispatched(mapped.model) and not dispatched(plain.model) and mapped.identity == plain.identity
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(plain.model(ids).logits, mapped.model(ids).logits)
+    first = input_device(mapped.model)
+    assert first == next(mapped.model.parameters()).device  # the CPU here, the first GPU on a GPU machine
+    assert place(mapped.model, "meta") is mapped.model and input_device(mapped.model) == first  # not moved
+    assert config_hash(ModelConfig(source, device_map="auto")) == config_hash(ModelConfig(source))
+    with pytest.raises(ConfigError, match="device_map"):
+        ModelConfig(source, device_map="everywhere")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a GPU")
+def test_device_map_auto_puts_the_model_on_the_gpu():
+    from analysis.llm.models import input_device
+
+    mapped = load_model(ModelConfig("tiny-llama", device_map="auto"))
+    assert input_device(mapped.model).type == "cuda"
+
+
+def test_the_model_commands_take_device_map():
+    import argparse
+
+    from analysis.engine import cli as collect_cli
+    from analysis.lab import align, finetune
+    from analysis.safety import evaluate
+
+    def parse(module, command, *options):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser, command)
+        return parser.parse_args(["--device-map", "auto", *options])
+
+    assert parse(collect_cli, "collect").device_map == "auto"
+    assert parse(collect_cli, "collect", "--device-map", "sequential").device_map == "sequential"
+    assert evaluate.tasks_from_options(parse(evaluate, "evaluate", "--model", "tiny-llama"))[0].model.device_map == "auto"
+    assert finetune.task_from_args(parse(finetune, "finetune", "--model", "tiny-llama")).config.model.device_map == "auto"
+    task = align.task_from_args(parse(align, "align", "--dtype", "bfloat16"))
+    assert task.device_map == "auto" and task.settings.dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        parse(collect_cli, "collect", "--device-map", "everywhere")

@@ -138,3 +138,73 @@ def test_two_process_gloo_collection_equals_one_process(tmp_path, config, refere
     results = RunStore(tmp_path).load(reference[0].run_id)
     assert results.manifest["status"] == "complete"
     assert_identical(all_arrays(results), reference[1])
+
+
+def test_map_batches_deals_whole_batches_and_gathers_in_order(monkeypatch):
+    """Batch j to rank j % world; each rank's work sees exactly the batches one process would; every rank
+    gets all outputs in order."""
+    from analysis.core.distributed import Ranks, map_batches
+
+    items, seen, shares = list(range(11)), {}, []
+    monkeypatch.setattr(Ranks, "all_gather", lambda self, value: shares.append(value) or [value])
+    for rank in (0, 1):
+        def work(part, rank=rank):
+            seen[rank] = [part[i:i + 3] for i in range(0, len(part), 3)]
+            return [10 * x for x in part]
+
+        map_batches(Ranks(rank, 2), items, 3, work)
+    assert seen == {0: [[0, 1, 2], [6, 7, 8]], 1: [[3, 4, 5], [9, 10]]}
+    monkeypatch.setattr(Ranks, "all_gather", lambda self, value: shares)
+    assert map_batches(Ranks(0, 2), items, 3, lambda part: [10 * x for x in part]) == [10 * x for x in items]
+    assert map_batches(None, items, 3, lambda part: [x + 1 for x in part]) == [x + 1 for x in items]
+
+
+def test_several_ranks_refuse_a_device_map(monkeypatch):
+    import torch
+
+    from analysis.core.distributed import start
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="device_map"):
+        start(torch.device("cpu"), "auto")
+
+
+def test_a_device_mapped_collection_equals_the_reference(tmp_path, config, reference):  # noqa: F811
+    """ModelConfig.device_map="auto": accelerate places the model, the collection does not move it; the same
+    run id and arrays."""
+    from analysis.core.config import ModelConfig
+
+    mapped = dataclasses.replace(config, model=ModelConfig("tiny-llama", device_map="auto"))
+    assert mapped.run_id() == reference[0].run_id
+    results = collect(mapped, store=RunStore(tmp_path))
+    assert results.run_id == reference[0].run_id
+    assert_identical(all_arrays(results), reference[1])
+
+
+def test_two_process_gloo_evaluation_equals_one_process(tmp_path, llama):  # noqa: F811
+    """torchrun --nproc-per-node 2 -m analysis evaluate (gloo): the generation batches are dealt over the two
+    ranks; rank 0 stores the same records, NLLs and metrics as one process, the other rank prints nothing."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from analysis.safety import evaluate as ev
+
+    task = ev.EvalConfig(model="tiny-llama", max_new_tokens=4, utility_max_new_tokens=6, n_harmful=5, n_benign=3,
+                         n_utility=8, batch_size=2)
+    one = ev.evaluate(task, model=llama, store=ev.evals_store(tmp_path / "one"))
+    assert any(r["set"] == "utility" for r in one.records)  # the utility answers are sharded too
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "analysis", "evaluate", "--model", "tiny-llama", "--max-new-tokens", "4",
+               "--utility-max-new-tokens", "6", "--n-harmful", "5", "--n-benign", "3", "--n-utility", "8",
+               "--batch-size", "2", "--examples", "0", "--device", "cpu", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SSE_CACHE_DIR": str(tmp_path / "two")}
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count(f"-> run {one.run_id}") == 1  # rank 0 alone reports
+    two = ev.load_evaluation(ev.evals_store(tmp_path / "two" / "evals"), one.run_id)
+    assert two.records == one.records and two.metrics == one.metrics
+    for name in one.nll:
+        np.testing.assert_array_equal(two.nll[name], one.nll[name])

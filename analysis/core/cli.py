@@ -15,10 +15,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from analysis.core.config import ConfigError, from_jsonable
+from analysis.core.config import DEVICE_MAPS, ConfigError, from_jsonable
+from analysis.core.distributed import leader_process
 from analysis.core.tasks import DEVICES_HELP, Cancelled, Event, Task, TaskContext
 
-__all__ = ["add_task_arguments", "load_task", "run_task"]
+__all__ = ["add_device_map_argument", "add_task_arguments", "load_task", "run_task"]
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +30,13 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--job", metavar="DIR", help=argparse.SUPPRESS)  # run as the worker of a queued job
     group.add_argument("--device", default="cpu", help=f"where to compute: {DEVICES_HELP} (default cpu)")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def add_device_map_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device-map`` (``ModelConfig.device_map``) of the commands that load a model; goes next to ``--dtype``."""
+    parser.add_argument("--device-map", choices=DEVICE_MAPS, default=None,
+                        help="spread the model over the GPUs (then CPU memory) with accelerate, for a model larger "
+                             "than one GPU; --device is then ignored for the model (default: off)")
 
 
 def load_task(path: str | Path, task_class: type) -> Task:
@@ -65,12 +73,14 @@ def run_task(task: Task, args: argparse.Namespace, print_result: Callable[[Mappi
     """Run ``task`` as the command asked: as a job worker (``--job``) or in the foreground with a progress bar.
 
     In the foreground the first Ctrl-C cancels cleanly (the task keeps its finished work; running the same
-    command again resumes), a second one stops at once. Returns the exit code."""
+    command again resumes), a second one stops at once. Under torchrun the ranks other than 0 run the task
+    quietly (no progress bar, no printed result). Returns the exit code."""
     from analysis.core import jobs
 
     if getattr(args, "job", None):
         return jobs.Worker(args.job).run(task.execute)
-    bar = _Bar()
+    speaks = leader_process()  # under torchrun only rank 0 shows progress and the result
+    bar = _Bar() if speaks else None
     context = TaskContext(device=args.device, threads=args.threads, progress=bar)
 
     def interrupt(signum, frame):  # noqa: ARG001
@@ -84,11 +94,13 @@ def run_task(task: Task, args: argparse.Namespace, print_result: Callable[[Mappi
         with context.applied():
             result = task.execute(context)
     except Cancelled as error:
-        bar.close()
+        if bar is not None:
+            bar.close()
         print(f"Cancelled: {error}. Run the same command again to resume.", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGINT, previous)
-    bar.close()
-    print_result(result)
+    if bar is not None:
+        bar.close()
+        print_result(result)
     return 0

@@ -28,26 +28,36 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the allowed values."""
 
 
-def to_jsonable(value: Any) -> Any:
-    """Dataclasses, tuples, paths -> plain JSON types (dict/list/str/number)."""
+#: ``dataclasses.field`` metadata of a setting that says where or how a result is computed but never changes
+#: it (e.g. :attr:`ModelConfig.device_map`): kept by :func:`to_jsonable`, left out of run ids.
+PLACEMENT = {"placement": True}
+
+
+def to_jsonable(value: Any, placement: bool = True) -> Any:
+    """Dataclasses, tuples, paths -> plain JSON types (dict/list/str/number). ``placement=False`` leaves out
+    the dataclass fields marked :data:`PLACEMENT` (what run ids hash)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: to_jsonable(getattr(value, f.name), placement) for f in dataclasses.fields(value)
+                if placement or not f.metadata.get("placement")}
     if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
+        return [to_jsonable(v, placement) for v in value]
     if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v, placement) for k, v in value.items()}
     if isinstance(value, Path):
         return str(value)
     return value
 
 
 def config_hash(value: Any, length: int = 16) -> str:
-    """Stable hex hash of a config (sorted-key JSON of its fields); ``length`` hex chars."""
-    text = json.dumps(to_jsonable(value), sort_keys=True, separators=(",", ":"))
+    """Stable hex hash of a config (sorted-key JSON of its fields, :data:`PLACEMENT` fields left out);
+    ``length`` hex chars."""
+    text = json.dumps(to_jsonable(value, placement=False), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
 DTYPES = ("float32", "float64", "bfloat16")
+#: Values of :attr:`ModelConfig.device_map` (accelerate's strategies; "auto" = "balanced").
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +67,9 @@ class ModelConfig:
     source: ``"default"`` (embedded SmolLM2-135M-Instruct), ``"default-aligned"`` (its safety-aligned
     variant, once built), ``"tiny-llama"`` / ``"tiny-gpt2"`` (random tiny models), a local folder, or a
     Hugging Face hub id (must already be in the local HF cache when offline).
+    device_map: None (the task moves the model to its device) or one of :data:`DEVICE_MAPS`: accelerate
+    spreads the layers over the visible GPUs (then CPU memory) for a model larger than one GPU, and the
+    task leaves it there. Where the weights sit does not change the numbers, so it is not in run ids.
     """
 
     source: str = "default"
@@ -64,12 +77,16 @@ class ModelConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     seed: int = 0  # only used by the tiny random models
+    device_map: str | None = dataclasses.field(default=None, metadata=PLACEMENT)
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
             raise ConfigError("model source is empty: give 'default', 'tiny-llama', a hub id or a local folder")
         if self.dtype not in DTYPES:
             raise ConfigError(f"model dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise ConfigError(f"model device_map {self.device_map!r} is not one of {', '.join(DEVICE_MAPS)} "
+                              "(or None: the task's device)")
 
 
 def from_jsonable(cls: type, data: Any) -> Any:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import ClassVar
 
-from analysis.core.cli import add_task_arguments
+from analysis.core.cli import add_device_map_argument, add_task_arguments
 from analysis.core.config import ConfigError, ModelConfig
 
 
@@ -26,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         add = parser.add_argument
         add("--model", default="default", help="default, tiny-llama, tiny-gpt2, hub id or checkpoint folder")
         add("--dtype", default="float32", help="model dtype: float32 (default), float64, bfloat16")
+        add_device_map_argument(parser)
         add("--safety", default=defaults.safety, help="shipped dataset name or file (refusals to harmful prompts)")
         add("--utility", default=defaults.utility, help="shipped dataset name or file (benign tasks)")
         add("--safety-split", default=None, help="use only this split of the safety file")
@@ -70,7 +70,8 @@ def _config(args: argparse.Namespace):
     n_safety = args.n_safety if args.n_safety is not None else (args.n // 2 if args.n else defaults.n_safety)
     n_utility = args.n_utility if args.n_utility is not None else (args.n - args.n // 2 if args.n else defaults.n_utility)
     return CollectionConfig(
-        model=ModelConfig(source=args.model, dtype=args.dtype), safety=args.safety, utility=args.utility,
+        model=ModelConfig(source=args.model, dtype=args.dtype, device_map=args.device_map),
+        safety=args.safety, utility=args.utility,
         safety_split=args.safety_split, utility_split=args.utility_split, n_safety=n_safety, n_utility=n_utility,
         layers=args.layers, kinds=args.modules, regex=args.regex, max_length=args.max_length,
         batch_size=args.batch_size, padding_side=args.padding_side, top_k=args.top_k, seed=args.seed,
@@ -146,6 +147,7 @@ def print_result(summary) -> None:
 
 def _collect(args: argparse.Namespace) -> int:
     from analysis.core.cli import load_task, run_task
+    from analysis.core.distributed import leader_process
     from analysis.engine.gradients import CollectionConfig
     from analysis.engine.planner import plan_collection
     from analysis.llm.data import DataError
@@ -156,7 +158,7 @@ def _collect(args: argparse.Namespace) -> int:
         task = CollectRun(config, store=args.store, force=args.force, keep_work=args.keep_work,
                           workers=args.workers, chunk_bytes=args.chunk_mb * 2**20)
         plan = plan_collection(config, device=args.device, chunk_bytes=task.chunk_bytes)
-        if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks
+        if leader_process():  # torchrun: rank 0 speaks
             print("\n".join(plan.lines()), flush=True)
         plan.check(memory_budget=None if args.memory_budget is None else args.memory_budget * 2**30,
                    disk_budget=None if args.disk_budget is None else args.disk_budget * 2**30)

@@ -16,6 +16,7 @@ and between modules (raises ``CollectionCancelled``; the work is kept).
 Device: the model and each tokenised batch are moved to ``ctx.device``, so the capture (forward + backward)
 and the analysis's Gram products run there; factors are checkpointed to CPU files, and spectra, SVDs and
 overlaps run in float64 numpy on the CPU. On the CPU nothing moves and the numbers are those of before.
+A model dispatched by accelerate (``ModelConfig.device_map``) is not moved: batches go to its first device.
 
 Passes and ranks: ``config.modules_per_pass`` captures the modules group by group (:meth:`_Collection.run`);
 under torchrun every rank captures its share of each pass's batches and rank 0 writes and analyses
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from analysis.core import distributed as group
 from analysis.core.config import ConfigError, config_hash, to_jsonable
 from analysis.core.results import SAMPLES_FILE, SETS, TABLE_COLUMNS, TABLE_FILE, RunResults, result_location
 from analysis.core.store import RunStore, RunWriter, StoreError, finite_or_none, json_default
@@ -93,11 +95,11 @@ def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store
     A complete, intact run is loaded without computing; a damaged one (size/sha256 mismatch) is
     recomputed and the returned results carry the reason in ``.messages`` (also warned).
     """
-    from analysis.llm.models import load_model, model_identity
+    from analysis.llm.models import dispatched, input_device, load_model, model_identity, place
 
     ctx = ctx if ctx is not None else TaskContext()
     device = torch.device(resolve_device(ctx.device))  # "auto" -> a GPU if there is one; checked before any work
-    ranks, device = distributed.start(device)  # several processes (torchrun): rank r on its own GPU
+    ranks, device = group.start(device, config.model.device_map)  # torchrun: rank r on its own GPU
     store = store if store is not None else RunStore()
     session_start = time.perf_counter()
     identity = model_identity(config.model)
@@ -106,6 +108,8 @@ def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store
     elif model.source != config.model.source or model.identity != identity:
         raise ConfigError(f"the given model is {model.source!r} (identity {model.identity}) but the config asks "
                           f"for {config.model.source!r} (identity {identity})")
+    if dispatched(model.model):  # accelerate placed it (ModelConfig.device_map): batches go where it starts
+        device = input_device(model.model)
     datasets = {which: load_set(config, which) for which in SETS}
     modules = select_modules(find_linear_modules(model.model), config.layers, config.kinds, config.regex)
     run_id = config_hash(run_identity(config, identity, datasets))
@@ -160,7 +164,7 @@ def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store
         model.model.eval()  # dropout off: per-sample gradients are exact only in eval mode
         try:
             if home != device:
-                model.model.to(device)
+                place(model.model, device)
             with numpy_single_threaded():
                 job.keep_work = keep_work
                 rows, timings = job.run()
@@ -169,7 +173,7 @@ def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store
         finally:
             model.model.train(was_training)
             if home != device:
-                model.model.to(home)
+                place(model.model, home)
             writer.close()
 
     finished = False
@@ -279,21 +283,23 @@ def _capture_arrays(config: CollectionConfig, model: LoadedModel, examples: Sequ
 
 
 def _follow(config: CollectionConfig, model: LoadedModel, modules: Sequence[ModuleInfo], examples: Sequence,
-            ranks: distributed.Ranks, store: RunStore, run_id: str, device: torch.device) -> RunResults:
+            ranks: group.Ranks, store: RunStore, run_id: str, device: torch.device) -> RunResults:
     """A rank other than 0: capture the batches rank 0 deals out, then read the run rank 0 wrote."""
+    from analysis.llm.models import place
+
     batches = _plan_batches(config)
     by_name = {m.name: m for m in modules}
     dtype = _factor_dtype(model.model)
     home, was_training = next(model.model.parameters()).device, model.model.training
     model.model.eval()
     try:
-        model.model.to(device)
+        place(model.model, device)
         distributed.follow(ranks, lambda index, names: _capture_arrays(
             config, model, examples, batches[index], [by_name[n] for n in names], device, dtype),
             lambda message: CollectionCancelled(message, run_id))
     finally:
         model.model.train(was_training)
-        model.model.to(home)
+        place(model.model, home)
     return store.load(run_id)
 
 
@@ -375,7 +381,7 @@ class _Collection:
         self.analysed = 0  # modules analysed (or read back) so far
         self.curves_done = 0  # overlap-vs-n curves added (or read back) so far
         self.keep_work = False
-        self.ranks: distributed.Ranks | None = None  # several processes: batches captured by every rank
+        self.ranks: group.Ranks | None = None  # several processes: batches captured by every rank
 
     # -- progress and cancel ------------------------------------------------------------------------
     def report(self, message: str, stage: str, done_samples: int, done_modules: int,

@@ -245,9 +245,10 @@ def curve_modules(config: CollectionConfig, modules: Sequence[ModuleInfo]) -> li
 
 
 def run_identity(config: CollectionConfig, model_identity: str, datasets: Mapping[str, Any]) -> dict:
-    """What a run id hashes: the config (without PERFORMANCE_FIELDS), the model's identity, the examples'
-    fingerprints, ENGINE_VERSION."""
-    settings = {key: value for key, value in to_jsonable(config).items() if key not in PERFORMANCE_FIELDS}
+    """What a run id hashes: the config (without PERFORMANCE_FIELDS and the model's placement, e.g. its
+    device_map), the model's identity, the examples' fingerprints, ENGINE_VERSION."""
+    settings = {key: value for key, value in to_jsonable(config, placement=False).items()
+                if key not in PERFORMANCE_FIELDS}
     return {
         "config": settings,
         "model_identity": model_identity,

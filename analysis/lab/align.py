@@ -50,7 +50,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from analysis.core.config import ConfigError, cache_dir, config_hash, to_jsonable
+from analysis.core.config import DTYPES, ConfigError, ModelConfig, cache_dir, config_hash, to_jsonable
 from analysis.core.store import atomic_write_json, finite_or_none
 from analysis.core.tasks import TaskContext, resolve_device
 from analysis.engine.capture import layer_index
@@ -62,6 +62,7 @@ from analysis.lab.align_data import (  # noqa: F401 - BORDERLINE_PROMPTS, border
 )
 from analysis.lab.loop import Clock, TrainingCancelled, TrainingLoop, duration, save_model
 from analysis.llm.formatting import pad_rows, pad_token_id, response_losses, tokenize_conversation
+from analysis.llm.models import input_device, place
 from analysis.safety.evaluate import Cancel, EvalCancelled, Progress, generate_ids, prefix_rows
 from analysis.safety.progress import report as report_progress
 
@@ -104,6 +105,9 @@ class AlignSettings:
     distill_max_new_tokens: int = 64
     distill_batch_size: int = 32
     deterministic: bool = True
+    # the base model's dtype; bfloat16 trains through float32 master weights (analysis.lab.loop.TrainingLoop)
+    # and saves bfloat16 weights
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -116,6 +120,8 @@ class AlignSettings:
             raise ConfigError("train_layer_fraction must be in (0, 1]")
         if not self.lr > 0:
             raise ConfigError("lr must be positive")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.safety_split == "eval":
             raise ConfigError("never train on the eval split: it measures the attack success rate")
         if self.utility == "benign_sensitive" or self.safety == "benign_sensitive":
@@ -207,8 +213,9 @@ def self_distill(loaded, utility, settings: AlignSettings, progress: Progress | 
     by chunk keeps the answers a pure function of the settings, whatever was cached before; appending
     prompts (e.g. the borderline set) generates only the new chunks.
     """
+    dtype = {} if settings.dtype == "float32" else {"dtype": settings.dtype}  # float32 keys as before
     key = config_hash({"model": loaded.identity, "max_new_tokens": settings.distill_max_new_tokens,
-                       "seed": settings.seed, "format": ALIGN_FORMAT_VERSION})
+                       "seed": settings.seed, "format": ALIGN_FORMAT_VERSION, **dtype})
     path = distill_dir() / f"distill-{key}.json"
     cached: dict[str, list[dict]] = {}
     if use_cache and path.is_file():
@@ -307,7 +314,7 @@ def train(model, tokenizer, safety_rows, utility_rows, settings: AlignSettings,
     if not safety_rows:
         raise AlignError("no safety examples to train on")
     pad_id = pad_token_id(tokenizer)
-    device = next(model.parameters()).device
+    device = input_device(model)
     previous_flags = [p.requires_grad for p in model.parameters()]
     with deterministic(settings.seed, settings.deterministic):
         trainable, layers = select_trainable(model, settings.train_layer_fraction)
@@ -382,7 +389,7 @@ def align_model(loaded, settings: AlignSettings = AlignSettings(), progress: Pro
     safety_rows, utility_rows, borderline_rows = training_rows(loaded.tokenizer, safety, utility, targets,
                                                                settings.max_length)
     if device is not None:
-        loaded.model.to(torch.device(resolve_device(device)))
+        place(loaded.model, torch.device(resolve_device(device)))  # a dispatched model stays where it is
     result = train(loaded.model, loaded.tokenizer, safety_rows, utility_rows, settings,
                    progress=lambda f, m: report_progress(progress, 0.3 + 0.7 * f, m), cancel=cancel,
                    borderline_rows=borderline_rows, checkpoint=checkpoint)
@@ -409,6 +416,14 @@ def aligned_manifest() -> dict | None:
         return None
 
 
+def settings_hash(settings: AlignSettings) -> str:
+    """Hash of the settings (the float32 default dtype left out, so the ids of earlier builds stay)."""
+    values = to_jsonable(settings)
+    if values["dtype"] == "float32":
+        del values["dtype"]
+    return config_hash(values)
+
+
 def align_run_id(settings_hash: str, base_identity: str) -> str:
     """``align-<hash>`` of the settings' hash and the base model's weight identity."""
     return f"align-{config_hash({'settings': settings_hash, 'base': base_identity}, 12)}"
@@ -416,30 +431,33 @@ def align_run_id(settings_hash: str, base_identity: str) -> str:
 
 def align_default_model(progress: Progress | None = None, cancel: Cancel | None = None,
                         settings: AlignSettings = AlignSettings(), force: bool = False,
-                        device: str = "cpu") -> Path:
+                        device: str = "cpu", device_map: str | None = None) -> Path:
     """Build ``cache/models/smollm2-135m-instruct-aligned`` from the embedded default model; return its folder.
 
     Reuses an existing checkpoint built with the same settings from the same base weights unless ``force``.
     ``progress(fraction, message)`` reports self-distillation and training (with a time estimate);
     ``cancel()`` returning True stops it (raises :class:`AlignCancelled`; a training checkpoint under
     ``cache/align`` is kept for the next run with the same settings; no model folder is written).
+    The base model is loaded in ``settings.dtype``; ``device_map`` (``ModelConfig.device_map``) lets accelerate
+    place it instead of ``device``.
     """
     from analysis.llm.models import load_model
 
     folder = aligned_folder()
-    loaded = load_model("default", progress=lambda f, m: report_progress(progress, 0.02 * f, m))
-    settings_hash = config_hash(settings)
+    loaded = load_model(ModelConfig("default", dtype=settings.dtype, device_map=device_map),
+                        progress=lambda f, m: report_progress(progress, 0.02 * f, m))
+    hashed = settings_hash(settings)
     manifest_path = folder / "manifest.json"
     if not force and manifest_path.is_file() and (folder / "model.safetensors").is_file():
         try:
             old = json.loads(manifest_path.read_text())
-            if old.get("settings_hash") == settings_hash and old.get("base", {}).get("identity") == loaded.identity:
+            if old.get("settings_hash") == hashed and old.get("base", {}).get("identity") == loaded.identity:
                 report_progress(progress, 1.0, "the aligned model is already built")
                 return folder
         except (OSError, ValueError):
             pass
     safety, utility = load_training_sets(settings)
-    checkpoint = distill_dir() / f"train-{align_run_id(settings_hash, loaded.identity)}.safetensors"
+    checkpoint = distill_dir() / f"train-{align_run_id(hashed, loaded.identity)}.safetensors"
     report = align_model(loaded, settings, progress=lambda f, m: report_progress(progress, 0.02 + 0.95 * f, m),
                          cancel=cancel, checkpoint=checkpoint, device=device)
     _check_cancel(cancel)
@@ -450,7 +468,7 @@ def align_default_model(progress: Progress | None = None, cancel: Cancel | None 
         "format": ALIGN_FORMAT_VERSION,
         "what": "SmolLM2-135M-Instruct fine-tuned to refuse harmful requests (analysis/lab/align.py)",
         "base": {"source": loaded.source, "name": loaded.name, "identity": loaded.identity},
-        "settings": to_jsonable(settings), "settings_hash": settings_hash,
+        "settings": to_jsonable(settings), "settings_hash": hashed,
         "data": {"safety": {"source": safety.source, "content_hash": safety.content_hash,
                             "fingerprint": safety.fingerprint(), "n": len(safety)},
                  "utility": {"source": utility.source, "content_hash": utility.content_hash,
@@ -476,23 +494,28 @@ def align_default_model(progress: Progress | None = None, cancel: Cancel | None 
 @dataclasses.dataclass(frozen=True)
 class AlignTask:
     """Build the safety-aligned default model with ``settings`` (``force``: rebuild even if one with the same
-    settings and base weights exists; not part of the run id)."""
+    settings and base weights exists; ``device_map``: see ``ModelConfig.device_map``; neither is part of the
+    run id)."""
 
     kind: ClassVar[str] = "align"
 
     settings: AlignSettings = AlignSettings()
     force: bool = False
+    device_map: str | None = None
+
+    def __post_init__(self) -> None:
+        ModelConfig("default", device_map=self.device_map)  # validates device_map
 
     def run_id(self) -> str:
         """``align-<hash>`` of the settings and the default model's identity (no weights loaded)."""
         from analysis.llm.models import model_identity
 
-        return align_run_id(config_hash(self.settings), model_identity("default"))
+        return align_run_id(settings_hash(self.settings), model_identity("default"))
 
     def execute(self, ctx: TaskContext) -> dict:
         """Build (or reuse) the aligned model on ``ctx.device``; returns its folder, run id and training summary."""
         folder = align_default_model(progress=ctx.report, cancel=lambda: ctx.cancelled, settings=self.settings,
-                                     force=self.force, device=ctx.device)
+                                     force=self.force, device=ctx.device, device_map=self.device_map)
         manifest = json.loads((folder / "manifest.json").read_text())
         return {"run_id": align_run_id(manifest["settings_hash"], manifest["base"]["identity"]),
                 "folder": str(folder), "weights_sha256": manifest["files"]["model.safetensors"]["sha256"],
@@ -500,7 +523,7 @@ class AlignTask:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    from analysis.core.cli import add_task_arguments
+    from analysis.core.cli import add_device_map_argument, add_task_arguments
 
     defaults = AlignSettings()
     parser.add_argument("--steps", type=int, default=defaults.steps)
@@ -511,6 +534,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--n-utility", type=int, default=defaults.n_utility)
     parser.add_argument("--layer-fraction", type=float, default=defaults.train_layer_fraction,
                         help="share of the top transformer blocks that train (1 = all)")
+    parser.add_argument("--dtype", default=defaults.dtype, help="model dtype: float32 (default), float64, bfloat16 "
+                        "(trained through float32 master weights)")
+    add_device_map_argument(parser)
     parser.add_argument("--force", action="store_true", help="rebuild even if a checkpoint with these settings exists")
     add_task_arguments(parser)
 
@@ -518,8 +544,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def task_from_args(args: argparse.Namespace) -> AlignTask:
     settings = AlignSettings(steps=args.steps, lr=args.lr, seed=args.seed, batch_size=args.batch_size,
                              safety_per_batch=args.safety_per_batch, n_utility=args.n_utility,
-                             train_layer_fraction=args.layer_fraction)
-    return AlignTask(settings, force=args.force)
+                             train_layer_fraction=args.layer_fraction, dtype=args.dtype)
+    return AlignTask(settings, force=args.force, device_map=args.device_map)
 
 
 def print_result(result: Mapping[str, Any]) -> None:

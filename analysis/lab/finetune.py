@@ -216,8 +216,10 @@ class FinetuneRun:
         self.history, trainer.evals = meta["history"], meta["evals"]
         trainer.projector.removed_rows = [tuple(r) for r in meta["removed_rows"]]
         names = [key[len("basis.U/"):] for key in arrays if key.startswith("basis.U/")]
-        trainer.projector.basis = {name: (arrays[f"basis.U/{name}"].to(trainer.device),
-                                          arrays[f"basis.V/{name}"].to(trainer.device)) for name in names}
+        devices = {m.name: m.weight.device for m in trainer.projector.modules}  # a dispatched model: several
+        trainer.projector.basis = {name: (arrays[f"basis.U/{name}"].to(devices.get(name, trainer.device)),
+                                          arrays[f"basis.V/{name}"].to(devices.get(name, trainer.device)))
+                                   for name in names}
         trainer.loop.clock = Clock(meta["wall_seconds"], meta["cpu_seconds"])
         self.write_live()
         return meta.get("pending")
@@ -350,11 +352,12 @@ class FinetuneTask:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    from analysis.core.cli import add_task_arguments
+    from analysis.core.cli import add_device_map_argument, add_task_arguments
 
     parser.add_argument("--model", default="default-aligned", help="default-aligned, default, tiny-llama, a folder")
     parser.add_argument("--dtype", default="float32", help="model dtype: float32 (default), float64, bfloat16 "
                         "(trained through float32 master weights)")
+    add_device_map_argument(parser)
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward (less memory, same numbers)")
     parser.add_argument("--preset", default="harmful-10", choices=sorted(PRESETS))
@@ -388,7 +391,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def task_from_args(args: argparse.Namespace) -> FinetuneTask:
     """The task the command-line options describe (``--mode both``: a comparison of the two arms)."""
-    overrides: dict[str, Any] = {"model": ModelConfig(source=args.model, dtype=args.dtype),
+    overrides: dict[str, Any] = {"model": ModelConfig(source=args.model, dtype=args.dtype, device_map=args.device_map),
                                  "method": "plain" if args.mode == "both" else args.mode, "seed": args.seed,
                                  "gradient_checkpointing": args.gradient_checkpointing}
     for field, attr in (("lr", "lr"), ("epochs", "epochs"), ("batch_size", "batch_size"), ("max_steps", "max_steps"),

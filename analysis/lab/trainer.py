@@ -36,6 +36,7 @@ from analysis.lab.finetune_data import (
 )
 from analysis.lab.loop import TrainingLoop
 from analysis.lab.spf import SPFProjector, as_out_in, spf_modules
+from analysis.llm.models import input_device, place
 
 # --------------------------------------------------------------------------------------------------
 # run id
@@ -51,7 +52,7 @@ _PROJECTION_FIELDS = ("k", "mode", "target", "svd", "oversample", "power_iters")
 
 
 def _hashed_config(config: FinetuneConfig) -> dict:
-    values = to_jsonable(config)
+    values = to_jsonable(config, placement=False)  # without the model's device_map: where, not what
     values.pop("gradient_checkpointing", None)  # how the backward is computed, not what
     spf = values["spf"]
     if config.method == "plain":
@@ -135,7 +136,7 @@ def set_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[nn.Module, 
 
 class FinetuneTrainer:
     """Model, optimizer loop and SPF projector of one fine-tuning run, set up on construction (the model is
-    moved to ``device`` and trained in place). ``cancelled()`` is checked inside evaluations.
+    moved to ``device``, unless accelerate dispatched it, and trained in place). ``cancelled()`` is checked inside evaluations.
 
     ``train_step(step)`` trains optimizer step ``step`` (1-based) and returns its metrics row;
     ``measure(row)`` adds the live NLLs / generation evaluation due after it. Tests and the benchmark use the
@@ -152,7 +153,8 @@ class FinetuneTrainer:
         self.cancelled = cancelled
         self.total = total_steps(config, len(data.train))
         torch.manual_seed(config.seed)
-        self.model, self.trainable = set_trainable(loaded.model.to(self.device), config)
+        self.model, self.trainable = set_trainable(place(loaded.model, self.device), config)
+        self.input_device = input_device(self.model)  # self.device, or the first device of a dispatched model
         self.model.train()
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -185,8 +187,8 @@ class FinetuneTrainer:
         from analysis.llm.formatting import response_losses
 
         batch = self.tokenize(conversations)
-        inputs = {key: value.to(self.device) for key, value in batch.model_inputs().items()}
-        return response_losses(self.model, inputs, batch.labels.to(self.device))
+        inputs = {key: value.to(self.input_device) for key, value in batch.model_inputs().items()}
+        return response_losses(self.model, inputs, batch.labels.to(self.input_device))
 
     def safety_gradients(self, step: int) -> dict[str, torch.Tensor]:
         """G_safety (d_out, d_in) of every SPF module at the current weights, from the step's safety batch."""

@@ -204,10 +204,68 @@ def _load_pretrained(location: str, config: ModelConfig, dtype: torch.dtype, loc
 
     common = dict(trust_remote_code=config.trust_remote_code, local_files_only=local_only)
     tokenizer = AutoTokenizer.from_pretrained(location, **common)
+    placement = {"device_map": config.device_map} if config.device_map is not None else {}
     model = AutoModelForCausalLM.from_pretrained(
-        location, dtype=dtype, use_safetensors=None if config.allow_pickle else True, **common
+        location, dtype=dtype, use_safetensors=None if config.allow_pickle else True, **common, **placement
     )
     return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# placement: one device (the task's) or dispatched by accelerate (ModelConfig.device_map)
+
+
+#: Attribute of a model placed by ``ModelConfig.device_map``: the strategy (see :func:`dispatched`).
+PLACED_BY = "device_map_strategy"
+
+
+def dispatch(model: nn.Module, strategy: str = "auto") -> nn.Module:
+    """Spread an in-memory model over the visible GPUs (then CPU memory) with accelerate, as
+    ``from_pretrained(device_map=strategy)`` does; on a machine without GPUs it stays on the CPU."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = sorted(getattr(model, "_no_split_modules", None) or [])
+    memory = None if strategy == "sequential" else get_balanced_memory(
+        model, no_split_module_classes=no_split, low_zero=strategy == "balanced_low_0")
+    return dispatch_model(model, device_map=infer_auto_device_map(model, max_memory=memory,
+                                                                 no_split_module_classes=no_split))
+
+
+def mark_placed(model: nn.Module, strategy: str) -> None:
+    """Mark a model that ``device_map=strategy`` placed. Over several devices accelerate's ``hf_device_map``
+    stays; on one device it is dropped, as transformers does (``save_pretrained`` would take a lone "cpu"
+    for offloaded modules)."""
+    setattr(model, PLACED_BY, strategy)
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map is not None and len(set(device_map.values())) <= 1:
+        del model.hf_device_map
+
+
+def dispatched(model: nn.Module) -> bool:
+    """Whether accelerate placed the model (``ModelConfig.device_map``, or an ``hf_device_map`` of its own):
+    tasks must not move it."""
+    return getattr(model, PLACED_BY, None) is not None or getattr(model, "hf_device_map", None) is not None
+
+
+def place(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """``model.to(device)``, except for a :func:`dispatched` model, which stays where accelerate put it.
+    Returns the model."""
+    if not dispatched(model):
+        model.to(device)
+    return model
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a batch's tensors go: the device of the input embeddings (the first of a dispatched model's
+    devices; for a model on one device, that device)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hook = getattr(embeddings, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:  # accelerate executes an offloaded module here
+        return torch.device(hook.execution_device)
+    parameter = next(embeddings.parameters(), None) if embeddings is not None else None
+    parameter = parameter if parameter is not None else next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def resolve_source(source: str) -> str:
@@ -282,7 +340,8 @@ def model_identity(config: ModelConfig | str = "default") -> str:
 
 
 def load_model(config: ModelConfig | str = "default", progress: Progress | None = None) -> LoadedModel:
-    """Load a causal LM for analysis (eval mode, requested dtype).
+    """Load a causal LM for analysis (eval mode, requested dtype; with ``config.device_map`` dispatched by
+    accelerate over the GPUs, see :func:`place`).
 
     Raises ModelLoadError with a clear message for a missing package, an unknown or offline hub id,
     a checkpoint with only pickle weights (unless ``allow_pickle``), or remote code (unless trusted).
@@ -293,6 +352,8 @@ def load_model(config: ModelConfig | str = "default", progress: Progress | None 
     start = time.perf_counter()
     if config.source in TINY_SOURCES:
         model, tokenizer = tiny_model(config.source, seed=config.seed, dtype=dtype)
+        if config.device_map is not None:
+            mark_placed(dispatch(model, config.device_map), config.device_map)
         identity = tiny_identity(config)
         return LoadedModel(model, tokenizer, config.source, config.source, identity, time.perf_counter() - start)
     if config.source == "default":
@@ -304,6 +365,8 @@ def load_model(config: ModelConfig | str = "default", progress: Progress | None 
         location = str(Path(location).expanduser())
     model, tokenizer = _load_with_clear_errors(location, config, dtype, is_folder)
     model.eval()
+    if config.device_map is not None:
+        mark_placed(model, config.device_map)
     if is_folder:
         identity = checkpoint_identity(Path(location))
     else:  # hub id: the resolved commit hash identifies the weights

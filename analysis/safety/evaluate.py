@@ -21,6 +21,9 @@ Results live in the run folder ``cache_dir()/"evals"/<run_id>/`` of a :class:`~a
 and are reused only when the stored config equals the task's (else recomputed, never mixed).
 Command line: ``python -m analysis evaluate --model default --model default-aligned`` runs one task per model
 in turn and prints them side by side; ``--config FILE`` runs the one task in the file.
+``torchrun --nproc-per-node N -m analysis evaluate ...`` deals the generation batches over N processes (gloo on
+the CPU, nccl on GPUs) with the same records as one process (:func:`evaluate`); ``--device-map auto`` instead
+spreads one model over the GPUs (``ModelConfig.device_map``).
 """
 
 from __future__ import annotations
@@ -234,8 +237,8 @@ def _fingerprint(dataset) -> str:
 def result_key(config: EvalConfig, identity: str, sets) -> dict:
     """Everything an evaluation's numbers depend on (stored as the run's config; its hash is the run id):
     format version, model identity, the settings (batch sizes left out, the judge by endpoint and rubric,
-    never its key) and the fingerprints of the selected examples."""
-    values = to_jsonable(config)
+    never its key, the model's device_map left out) and the fingerprints of the selected examples."""
+    values = to_jsonable(config, placement=False)
     values["judge"] = config.judge.identity() if config.judge else None
     values["guard"] = config.guard.identity() if config.guard else None
     values.pop("batch_size")
@@ -279,11 +282,18 @@ def evaluate(config: EvalConfig, ctx: TaskContext | None = None, model=None, sto
     :class:`EvalCancelled`, a :class:`~analysis.core.tasks.Cancelled`; nothing is stored). ``model``: an
     already loaded :class:`~analysis.llm.models.LoadedModel` of ``config.model`` (tests, in-process reuse);
     by default the task loads its own. ``use_cache=False`` recomputes and replaces a stored result.
+
+    Under torchrun (several processes, :mod:`analysis.core.distributed`) the generation batches are dealt
+    over the ranks and the completions gathered in order, so the records equal one process's; rank 0 alone
+    computes the rest and stores the run, the other ranks then read it. Rank 0 sends ``("reuse",)`` or
+    ``("compute",)`` first and ``("done",)`` / ``("stop", message)`` once the generation is over.
     """
+    from analysis.core import distributed as group
     from analysis.llm.models import load_model, model_identity
 
     ctx = ctx if ctx is not None else TaskContext()
     store = store if store is not None else evals_store()
+    ranks, device = group.start(torch.device(resolve_device(ctx.device)), config.model.device_map)
     sets = load_sets(config)
     identity = model_identity(config.model)
     if model is not None and model.identity != identity:
@@ -291,68 +301,137 @@ def evaluate(config: EvalConfig, ctx: TaskContext | None = None, model=None, sto
                           f"{config.model.source!r} (identity {identity})")
     key = result_key(config, identity, sets)
     run_id = config_hash(key)
+    if ranks is not None and not ranks.leader:
+        try:
+            return _follow(config, ranks, model, sets, device, store, run_id)
+        finally:
+            ranks.close()
     messages: list[str] = []
     manifest, why = store.reusable(run_id, key) if use_cache else (None, "")
-    if manifest is not None:
-        ctx.report(1.0, "reused a stored evaluation")
-        return load_evaluation(store, run_id, manifest)
-    if why:
-        messages.append(why)
-    elif use_cache and _legacy_folders(store):
-        messages.append(f"evaluations stored by an older version (folders <model>-<identity>/ in {store.root}) "
-                        "are not read; evaluating again (delete those folders to free the space)")
-    for message in messages:
-        ctx.report(0.0, message)
-    if model is None:
-        ctx.report(0.0, f"loading the model {config.model.source}")
-        model = load_model(config.model)
+    generated = False  # the others wait for done/stop only once the shared generation is over
     try:
-        result = _compute(config, ctx, model, sets, key, run_id)
-    except Cancelled as error:
-        raise EvalCancelled(str(error), run_id) from None
-    result.messages = messages
-    stored, _ = store.reusable(run_id, key)  # another process may have finished the same run meanwhile
-    if stored is None or not use_cache:
-        store.delete(run_id)
-        save_evaluation(store, result, _versions())
-    result.folder = store.path(run_id)
-    ctx.report(1.0, "evaluation done")
-    return result
+        if ranks is not None:
+            ranks.send(("reuse",) if manifest is not None else ("compute",))
+        if manifest is not None:
+            ctx.report(1.0, "reused a stored evaluation")
+            return load_evaluation(store, run_id, manifest)
+        if why:
+            messages.append(why)
+        elif use_cache and _legacy_folders(store):
+            messages.append(f"evaluations stored by an older version (folders <model>-<identity>/ in {store.root}) "
+                            "are not read; evaluating again (delete those folders to free the space)")
+        for message in messages:
+            ctx.report(0.0, message)
+        if model is None:
+            ctx.report(0.0, f"loading the model {config.model.source}")
+            model = load_model(config.model)
+        start = time.perf_counter()
+        try:
+            records = _generate_records(config, ctx, model, sets, device, ranks)
+            generated = True
+            result = _compute(config, ctx, model, sets, key, run_id, records, device, start)
+        except Cancelled as error:
+            raise EvalCancelled(str(error), run_id) from None
+        result.messages = messages
+        stored, _ = store.reusable(run_id, key)  # another process may have finished the same run meanwhile
+        if stored is None or not use_cache:
+            store.delete(run_id)
+            save_evaluation(store, result, _versions())
+        result.folder = store.path(run_id)
+        ctx.report(1.0, "evaluation done")
+        if ranks is not None:
+            ranks.send(("done",))
+        return result
+    except BaseException:
+        if ranks is not None and generated:
+            ranks.send(("stop", "rank 0 was cancelled or failed; see its output"))
+        raise
+    finally:
+        if ranks is not None:
+            ranks.close()
 
 
-def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_id: str) -> EvalResult:
-    """Generation, keyword flags, NLLs and the judge on ``ctx.device``; nothing stored."""
+def _generation_prompts(config: EvalConfig, sets) -> tuple[list, list]:
+    """(harmful + benign examples, [(utility example, gold answer)] scored for accuracy)."""
     harmful, benign, utility = sets
-    start = time.perf_counter()
-    model, tokenizer = loaded.model, loaded.tokenizer
-    model.to(torch.device(resolve_device(ctx.device)))  # "auto" as well as "cpu", "cuda:N"
-    cancel = lambda: ctx.cancelled  # noqa: E731
-    system = lambda messages: with_system(messages, config.system_prompt)  # noqa: E731
-
-    def progress(low: float, high: float, prefix: str = ""):
-        return lambda fraction, message: ctx.report(low + (high - low) * fraction, prefix + message)
-
-    examples = list(harmful) + list(benign)
     scored = [(ex, gold) for ex in utility for gold in [gold_answer(ex)] if gold is not None] \
         if config.utility_accuracy else []
+    return list(harmful) + list(benign), scored
+
+
+def _span(ctx: TaskContext | None, low: float, high: float, prefix: str = ""):
+    """A ``progress(fraction, message)`` callback mapping [0, 1] onto [low, high] of ``ctx`` (None: no-op)."""
+    if ctx is None:
+        return None
+    return lambda fraction, message: ctx.report(low + (high - low) * fraction, prefix + message)
+
+
+def _generate_all(config: EvalConfig, model, sets, ranks, ctx: TaskContext | None = None) -> tuple[list, list]:
+    """(completions of the harmful + benign prompts, answers to the scored utility prompts), the batches
+    dealt over ``ranks`` (None: one process); progress and cancelling through ``ctx`` (None: neither)."""
+    from analysis.core.distributed import map_batches
+
+    examples, scored = _generation_prompts(config, sets)
     split = 0.6 if scored else 0.75
-    completions = generate(model, tokenizer, [system(ex.context) for ex in examples], config.max_new_tokens,
-                           config.batch_size, config.seed, progress=progress(0.0, split, "generating: "),
-                           cancel=cancel)
+    cancel = (lambda: ctx.cancelled) if ctx is not None else None
+
+    def run(contexts, max_new_tokens, low, high, prefix):
+        return map_batches(ranks, contexts, config.batch_size, lambda part: generate(
+            model.model, model.tokenizer, part, max_new_tokens, config.batch_size, config.seed,
+            progress=_span(ctx, low, high, prefix), cancel=cancel))
+
+    system = config.system_prompt
+    completions = run([with_system(ex.context, system) for ex in examples], config.max_new_tokens, 0.0, split,
+                      "generating: ")
+    answers = run([with_system(ex.context, system) for ex, _ in scored], config.utility_max_new_tokens, split, 0.75,
+                  "utility answers: ") if scored else []
+    return completions, answers
+
+
+def _follow(config: EvalConfig, ranks, loaded, sets, device, store: RunStore, run_id: str) -> EvalResult:
+    """A rank other than 0: generate its share of the batches (``loaded``: the model, None: load it), then
+    read the evaluation rank 0 stored."""
+    from analysis.llm.models import load_model, place
+
+    if ranks.receive()[0] == "compute":
+        loaded = loaded if loaded is not None else load_model(config.model)
+        place(loaded.model, device)
+        _generate_all(config, loaded, sets, ranks)
+        message = ranks.receive()
+        if message[0] == "stop":
+            raise EvalCancelled(message[1], run_id)
+    return load_evaluation(store, run_id)
+
+
+def _generate_records(config: EvalConfig, ctx: TaskContext, loaded, sets, device, ranks) -> list[dict]:
+    """The model placed on ``device``; greedy completions as records with keyword refusal flags (utility
+    answers with ``correct``)."""
+    from analysis.llm.models import place
+
+    harmful = sets[0]
+    place(loaded.model, device)  # a model dispatched by accelerate (device_map) stays where it is
+    examples, scored = _generation_prompts(config, sets)
+    completions, answers = _generate_all(config, loaded, sets, ranks, ctx)
     records = []
     for i, (ex, completion) in enumerate(zip(examples, completions)):
         records.append({"set": "harmful" if i < len(harmful) else "benign", "id": ex.id, "category": ex.category,
                         "prompt": ex.prompt, "completion": completion,
                         **refusal_flags(completion, config.primary_keywords), "judge_score": None})
-    if scored:
-        answers = generate(model, tokenizer, [system(ex.context) for ex, _ in scored], config.utility_max_new_tokens,
-                           config.batch_size, config.seed, progress=progress(split, 0.75, "utility answers: "),
-                           cancel=cancel)
-        for (ex, (kind, gold)), completion in zip(scored, answers):
-            records.append({"set": "utility", "id": ex.id, "category": ex.category, "prompt": ex.prompt,
-                            "completion": completion, **refusal_flags(completion, config.primary_keywords),
-                            "judge_score": None, "answer_kind": kind, "gold": list(gold),
-                            "correct": answer_correct(kind, gold, completion)})
+    for (ex, (kind, gold)), completion in zip(scored, answers):
+        records.append({"set": "utility", "id": ex.id, "category": ex.category, "prompt": ex.prompt,
+                        "completion": completion, **refusal_flags(completion, config.primary_keywords),
+                        "judge_score": None, "answer_kind": kind, "gold": list(gold),
+                        "correct": answer_correct(kind, gold, completion)})
+    return records
+
+
+def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_id: str, records: list[dict],
+             device, start: float) -> EvalResult:
+    """NLLs, guard and judge of the generated ``records`` on the model's device; nothing stored."""
+    harmful, benign, utility = sets
+    model, tokenizer = loaded.model, loaded.tokenizer
+    cancel = lambda: ctx.cancelled  # noqa: E731
+    system = lambda messages: with_system(messages, config.system_prompt)  # noqa: E731
     responses = harmful_response_kind(config, harmful)
     ctx.report(0.75, "refusal NLL")
     refusals = [system(ex.messages) for ex in harmful] if responses == "refusal" else []
@@ -366,11 +445,11 @@ def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_
     nll["utility"] = response_nll(model, tokenizer, [system(ex.messages) for ex in utility], config.max_length,
                                   config.nll_batch_size, cancel)
     if config.guard is not None:
-        _label_with_guard(config, ctx, loaded, [r for r in records if r["set"] == "harmful"], cancel)
+        _label_with_guard(config, ctx, loaded, [r for r in records if r["set"] == "harmful"], cancel, device)
     if config.judge is not None:
         harmful_records = [r for r in records if r["set"] == "harmful"]
         scores = judge_scores([(r["prompt"], r["completion"]) for r in harmful_records], config.judge,
-                              progress=progress(0.95, 1.0), cancel=cancel)
+                              progress=_span(ctx, 0.95, 1.0), cancel=cancel)
         for record, score in zip(harmful_records, scores):
             record["judge_score"] = score
     ctx.check_cancel("evaluation cancelled", run_id)
@@ -382,16 +461,16 @@ def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_
         seconds=time.perf_counter() - start, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
-def _label_with_guard(config: EvalConfig, ctx: TaskContext, loaded, records: list[dict], cancel) -> None:
+def _label_with_guard(config: EvalConfig, ctx: TaskContext, loaded, records: list[dict], cancel, device) -> None:
     """Guard labels (``guard_label`` safe/unsafe/None, ``guard_categories``) of the harmful records, in place."""
-    from analysis.llm.models import load_model, model_identity
+    from analysis.llm.models import load_model, model_identity, place
 
     if model_identity(config.guard.model) == loaded.identity:
         guard = loaded
     else:
         ctx.report(0.94, f"loading the guard model {config.guard.model.source}")
         guard = load_model(config.guard.model)
-        guard.model.to(torch.device(resolve_device(ctx.device)))
+        place(guard.model, device)
     ctx.report(0.95, "guard classifier")
     labels = guard_labels(guard, [(r["prompt"], r["completion"]) for r in records], config.guard,
                           config.batch_size, cancel=cancel)
@@ -410,12 +489,13 @@ def _versions() -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    from analysis.core.cli import add_task_arguments
+    from analysis.core.cli import add_device_map_argument, add_task_arguments
 
     defaults = EvalConfig()
     parser.add_argument("--model", action="append", default=None,
                         help="model to evaluate (repeatable): default, default-aligned, tiny-llama, a folder, a hub id")
     parser.add_argument("--dtype", default="float32", help="model dtype: float32 (default), float64, bfloat16")
+    add_device_map_argument(parser)
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--utility-max-new-tokens", type=int, default=defaults.utility_max_new_tokens,
                         help="new tokens of the answers scored for utility accuracy (math, factual QA)")
@@ -454,7 +534,8 @@ def tasks_from_options(args: argparse.Namespace) -> list[EvalConfig]:
         judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model or "", api_key_env=args.judge_key_env,
                             rubric=args.judge_rubric)
     guard = GuardConfig(model=ModelConfig(source=args.guard)) if args.guard else None
-    return [EvalConfig(model=ModelConfig(source=source, dtype=args.dtype), max_new_tokens=args.max_new_tokens,
+    return [EvalConfig(model=ModelConfig(source=source, dtype=args.dtype, device_map=args.device_map),
+                       max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, seed=args.seed, n_harmful=args.n_harmful, n_benign=args.n_benign,
                        n_utility=args.n_utility, primary_keywords=args.keywords, judge=judge,
                        harmful=args.harmful, benign=args.benign, utility=args.utility,
@@ -466,6 +547,7 @@ def tasks_from_options(args: argparse.Namespace) -> list[EvalConfig]:
 
 def run(args: argparse.Namespace) -> int:
     from analysis.core.cli import load_task, run_task
+    from analysis.core.distributed import leader_process
     from analysis.llm.data import DataError
     from analysis.llm.models import ModelLoadError
 
@@ -482,18 +564,23 @@ def run(args: argparse.Namespace) -> int:
         return run_task(tasks[0], args, lambda summary: None)
     store = evals_store()
     summaries: list[dict] = []
+    speaks = leader_process()  # torchrun: the other ranks help generate and end quietly
     for task, run_id in zip(tasks, run_ids):
-        if args.no_cache:
+        if args.no_cache and speaks:
             store.delete(run_id)
         code = run_task(task, args, summaries.append)
         if code:
             return code
+        if not speaks:
+            continue
         summary = summaries[-1]
         model = summary["model"]
         how = "stored result reused" if summary["cached"] else f"{summary['seconds']:.0f} s"
         print(f"{model['name']} ({model['identity']}): {how} -> run {summary['run_id']} ({summary['folder']})")
         for message in summary["messages"]:
             print(f"  note: {message}")
+    if not speaks:
+        return 0
     results = [load_evaluation(store, summary["run_id"]) for summary in summaries]
     print(format_report(results, examples=args.examples))
     return 0

@@ -7,17 +7,12 @@ from collections.abc import Sequence
 import torch
 
 from analysis.llm.formatting import pad_rows, pad_token_id, render_prompt
+from analysis.llm.models import input_device
 from analysis.safety.progress import Cancel, Progress, check_cancel, report
 
-__all__ = ["generate", "generate_ids", "model_device", "stop_ids"]
+__all__ = ["generate", "generate_ids", "stop_ids"]
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>")
-
-
-def model_device(model) -> torch.device:
-    """Where the model's parameters live (inputs must go there)."""
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def stop_ids(tokenizer) -> list[int]:
@@ -48,12 +43,13 @@ def generate_ids(
     Returns, per context, (new token ids up to but excluding the first stop token, finished) where
     ``finished`` says whether the model stopped by itself (eos / end-of-turn) within ``max_new_tokens``.
     Greedy decoding draws no random numbers, so ``seed`` is unused (kept for callers) and no global RNG
-    is touched. Inputs go to the model's device; the model's train/eval mode is restored afterwards.
+    is touched. Inputs go to the device of the model's input embeddings; the model's train/eval mode is
+    restored afterwards.
     """
     del seed
     was_training = model.training
     model.eval()
-    device = model_device(model)
+    device = input_device(model)
     pad_id = pad_token_id(tokenizer)
     stops = stop_ids(tokenizer)
     results: list[tuple[list[int], bool]] = []

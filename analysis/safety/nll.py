@@ -23,7 +23,7 @@ from analysis.llm.formatting import (
     render_prompt,
     tokenize_conversation,
 )
-from analysis.safety.generation import model_device
+from analysis.llm.models import input_device
 from analysis.safety.progress import Cancel, check_cancel
 
 __all__ = ["affirmative_nll", "affirmative_target", "nll_of_rows", "prefix_rows", "response_nll"]
@@ -51,7 +51,7 @@ def nll_of_rows(model, rows: Sequence[Row], pad_id: int, batch_size: int = 8,
     """(n,) float64 mean per-token NLL of each row's labelled tokens (batched, right-padded, eval mode)."""
     was_training = model.training
     model.eval()
-    device = model_device(model)
+    device = input_device(model)
     values: list[float] = []
     try:
         for start in range(0, len(rows), batch_size):
