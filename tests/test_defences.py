@@ -310,3 +310,32 @@ def test_kl_at_step_one_is_zero_and_keeps_no_basis(method):
         assert trainer.projector.basis and second["spf_removed_mean"] > 0
     else:
         assert trainer.pcgrad_reference is not None and "pcgrad_dot" in second
+
+
+def test_a_resumed_pcgrad_run_keeps_its_reference_gradient(tmp_path):
+    """The PCGrad reference (refreshed at step 1 only here) is checkpointed: cancelled after step 2 and resumed,
+    steps 3 and 4 project against the same reference as an uninterrupted run."""
+    import pandas.testing
+    from safetensors.torch import load_file
+
+    from analysis.core.tasks import TaskContext
+    from analysis.lab.finetune import FinetuneCancelled, run_finetune
+
+    config = tiny_config(method="pcgrad", trainable="linear", eval_every=2, checkpoint_every=1,
+                         spf=dict(refresh=4, safety_batch=2, safety_loss="compliance"))
+    whole = run_finetune(config, root=tmp_path / "a")
+
+    def progress(event):
+        (history,) = event.live["rows"].values()
+        if history[-1]["step"] == 2:
+            ctx.cancel.set()
+
+    ctx = TaskContext(progress=progress)
+    with pytest.raises(FinetuneCancelled):
+        run_finetune(config, ctx, root=tmp_path / "b")
+    resumed = run_finetune(config, root=tmp_path / "b")
+    assert whole.history["pcgrad_dot"].notna().sum() == 4
+    for key in ("pcgrad_dot", "pcgrad_removed", "train_loss"):
+        pandas.testing.assert_series_equal(resumed.history[key], whole.history[key], check_exact=True)
+    a, b = (load_file(str(r.model_path / "model.safetensors")) for r in (whole, resumed))
+    assert all(torch.equal(a[key], b[key]) for key in a)
