@@ -356,3 +356,19 @@ def test_the_cli_accepts_the_same_mode_and_the_kl_loss():
     ids = {run_id_for(tiny_config(method="spf", spf=dict(mode=mode, safety_loss=loss)), "weights")
            for mode in ("orthogonal", "same") for loss in ("refusal", "kl")}
     assert len(ids) == 4
+
+
+def test_spf_with_the_kl_signal_trains_a_bfloat16_model():
+    """bfloat16: the reference is the bf16 initial weights; the basis is computed (and kept) in float32, since
+    QR / LAPACK have no bf16 kernels (this used to raise in ``top_k_basis``)."""
+    from analysis.core.config import ModelConfig
+    from analysis.lab.trainer import FinetuneTrainer
+
+    trainer = FinetuneTrainer.create(kl_config(model=ModelConfig("tiny-llama", dtype="bfloat16"), lr=0.05,
+                                               spf=dict(k=4, refresh=1, safety_batch=2, safety_loss="kl",
+                                                        svd="randomized", oversample=2)))
+    assert trainer.train_step(1)["basis_skipped"] == 1.0
+    second = trainer.train_step(2)
+    assert second["basis_skipped"] == 0.0 and second["spf_removed_mean"] > 0
+    assert {U.dtype for U, _ in trainer.projector.basis.values()} == {torch.float32}
+    assert all(m.weight.dtype == torch.bfloat16 for m in trainer.projector.modules)

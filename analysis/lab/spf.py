@@ -57,8 +57,10 @@ refresh; for "pcgrad" no reference gradient) and says so in its metrics row (``s
 trainable weights it already keeps for ``weight_distance``, one copy of the trainable weights, in the model's
 dtype), evaluated with ``torch.func.functional_call`` on the same modules (frozen weights are shared), under
 ``no_grad``: the price is one more forward pass per refresh. bfloat16 models: theta0 is the bf16 initial
-weights; updates smaller than bf16's rounding leave weights at theta0, so the KL gradient stays small (or
-zero) longer. LoRA: SPF / PCGrad refuse LoRA, and a plain LoRA run computes no safety gradient.
+weights and the model holds the float32 master weights rounded to bf16, so KL sees only the part of the
+update that survives bf16 rounding (a coordinate whose change is below bf16 resolution stays at theta0); the
+basis is computed and kept in float32 (no QR / LAPACK in bf16). LoRA: SPF / PCGrad refuse LoRA, and a plain
+LoRA run computes no safety gradient (no SPF modules), so the reference is never evaluated.
 """
 
 from __future__ import annotations
@@ -131,7 +133,8 @@ def spf_modules(model: nn.Module, spf: SPFConfig) -> list[SPFModule]:
 def top_k_basis(G: torch.Tensor, k: int, method: str = "randomized", oversample: int = 8, power_iters: int = 2,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k singular triplets (U (m, k'), s (k',), V (p, k')) of a gradient G (m, p), k' <= k after dropping
-    directions with s_j <= BASIS_RTOL * s_1 (and all of them for a zero matrix); on G's device and dtype.
+    directions with s_j <= BASIS_RTOL * s_1 (and all of them for a zero matrix); on G's device and dtype
+    (float32 for a bfloat16 / float16 G).
 
     "exact" uses ``geometry.top_singular`` (float64 LAPACK); "randomized" a seeded range finder with
     ``power_iters`` QR-stabilised power iterations in the gradient's dtype (orthonormal columns by
@@ -144,6 +147,8 @@ def top_k_basis(G: torch.Tensor, k: int, method: str = "randomized", oversample:
     if method == "auto":
         method = "exact" if min(m, p) <= 128 else "randomized"
     G = G.detach()
+    if G.dtype in (torch.bfloat16, torch.float16):  # no QR / LAPACK in half precision: the basis is float32
+        G = G.float()
     if method == "exact" or k + oversample >= min(m, p):
         from analysis.engine.geometry import top_singular
 
