@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.core.config import ConfigError
-from analysis.lab import finetune
+from analysis.lab import finetune, safe_lora
 from analysis.llm.data import DataError
 from analysis.llm.models import ModelLoadError
 from analysis.views import safety as safety_views
@@ -15,7 +15,19 @@ from ui import jobs as ui_jobs
 
 common.run_inside_app()
 
-ARMS = {"both": "Plain and SPF, side by side", "plain": "Plain fine-tuning only", "spf": "SPF only"}
+ARMS = {"both": "Plain vs SPF, side by side", "plain": "Plain fine-tuning only", "spf": "SPF only",
+        "pcgrad": "PCGrad only (whole-gradient projection)"}
+ARM_LABELS = {"plain": "plain fine-tuning", "spf": "SPF", "pcgrad": "PCGrad"}
+SPF_MODE_HELP = ("conflict: remove only the components that would raise the safety loss; orthogonal (CERT-Lab "
+                 "'orth'): remove the whole safety-subspace component U_k U_k^T G; same (CERT-Lab 'same', the control "
+                 "arm): keep only U_k U_k^T G, i.e. update only along safety directions")
+SAFETY_LOSS_HELP = ("refusal: CE of refusals on harmful prompts (the paper's safety gradient); contrast: refusal CE minus "
+                    "the CE of 'Sure, here is how to do that', so the subspace also holds the direction in which the "
+                    "model starts to comply; compliance: minus the CE of that affirmative target alone (the ascent "
+                    "direction of compliance); kl: KL(aligned || current) on the refusals' response tokens "
+                    "(SafeGrad's reading). KL is zero at the first step, so its first refresh keeps no subspace and "
+                    "projects nothing (the history's basis_skipped column says so); the reference is the initial "
+                    "weights the trainer already keeps: no extra memory, one more forward per refresh")
 MAIN_METRICS = ("asr", "refusal_nll", "utility_nll", "cos_mean")
 
 st.title("Fine-tune: does SPF keep the model safe?")
@@ -39,7 +51,9 @@ with left:
     preset_name = common.remembered_widget("ft.preset", st.selectbox, "Attack (preset after Qi et al.)",
                                            list(finetune.PRESETS), value="harmful-10")
     st.caption(finetune.PRESETS[preset_name].description.split(" Scaled for")[0])
-    arms = common.remembered_widget("ft.arms", st.radio, "Arms", list(ARMS), format_func=ARMS.get, value="both")
+    arms = common.remembered_widget("ft.arms", st.radio, "Method", list(ARMS), format_func=ARMS.get, value="both",
+                                    help="PCGrad: the whole fine-tuning gradient loses its component along the whole "
+                                         "safety gradient when they conflict (uses R, safety batch and safety loss)")
 base = finetune.preset(preset_name)
 with middle:
     st.markdown("**Training**")
@@ -54,24 +68,19 @@ with middle:
                                   "the blocks' linear weights; all: with embeddings; lora: adapters (plain arm only)")
     seed = st.number_input("Seed", min_value=0, value=0, key="widget.ft.seed")
 with right:
-    st.markdown("**SPF**")
+    st.markdown("**SPF** (PCGrad uses R, the safety batch and the safety loss)")
     k = st.number_input("Safety subspace size k (per module)", min_value=1, max_value=256, value=base.spf.k,
                         key="widget.ft.k")
     refresh = st.number_input("Refresh the subspace every R steps", min_value=1, max_value=1000,
                               value=base.spf.refresh, key="widget.ft.refresh")
     safety_batch = st.number_input("Safety batch (refusals per refresh; 1 allowed)", min_value=1, max_value=64,
                                    value=base.spf.safety_batch, key="widget.ft.safety_batch")
-    mode = st.radio("Projection", finetune.SPF_MODES, horizontal=True, key="widget.ft.mode",
-                    help="conflict: remove only the components that would raise the safety loss; "
-                         "orthogonal: remove the whole safety-subspace component")
+    mode = st.radio("Projection", finetune.SPF_MODES, horizontal=True, key="widget.ft.mode", help=SPF_MODE_HELP)
     target = st.radio("Project", finetune.SPF_TARGETS, horizontal=True, key="widget.ft.target",
                       help="gradient: the fine-tuning gradient before AdamW (the paper's reading); update: AdamW's actual "
                            "weight change (keeps the first-order guarantee under Adam)")
-    safety_loss = st.radio("Safety loss", finetune.SAFETY_LOSSES, horizontal=True, key="widget.ft.safety_loss",
-                           help="refusal: CE of refusals on harmful prompts (the paper's safety gradient); contrast: "
-                                "refusal CE minus the CE of 'Sure, here is how to do that', so the subspace also "
-                                "holds the direction in which the model starts to comply; compliance: minus the CE of "
-                                "that affirmative target alone (the ascent direction of compliance)")
+    safety_loss = st.radio("Safety signal", finetune.SAFETY_LOSSES, horizontal=True, key="widget.ft.safety_loss",
+                           help=SAFETY_LOSS_HELP)
     spf_layers = st.text_input("SPF layers", value="all", key="widget.ft.spf_layers")
     st.caption("Measured on the aligned SmolLM2: with these defaults ASR rises as with plain fine-tuning "
                "(harmful-10 and AOA: 99%). Orthogonal + update + contrast, k=64, R=1, safety batch 8 held "
@@ -97,7 +106,7 @@ job = ui_jobs.current("finetune", task.run_id())
 
 def live_curves(live: dict) -> None:
     """The job's live history of each arm, on shared axes."""
-    histories = {("SPF" if method == "spf" else "plain fine-tuning"): pd.DataFrame(history)
+    histories = {ARM_LABELS.get(method, method): pd.DataFrame(history)
                  for method, history in (live.get("rows") or {}).items() if history}
     columns = st.columns(2)
     for index, metric in enumerate(MAIN_METRICS):
@@ -159,8 +168,63 @@ if model_paths:
             common.set_choice("model", str(path))
             st.switch_page("pages/setup.py")
 
+# ---- Safe LoRA (post-hoc) -------------------------------------------------------------------------------
+st.header("4 · Safe LoRA (post-hoc)", divider="gray")
+st.caption("Project a finished run's weight change onto the alignment subspace (Hsu et al. 2024, our reading): per "
+           "linear module, V = W_aligned − W_before-alignment, dW = W_fine-tuned − W_aligned; where cos(dW, P dW) is "
+           "below the threshold the module becomes W_aligned + P dW (P: the top-r left singular vectors of V), "
+           "otherwise it keeps its fine-tuned weights. The defended model is a new folder; evaluate it on “Is the "
+           "model safe?” or analyse it on Setup.")
+if not model_paths:
+    st.caption("No saved fine-tuned model among these runs.")
+else:
+    left, middle, right = st.columns(3, gap="large")
+    with left:
+        defended_arm = st.radio("Fine-tuned model", list(model_paths), format_func=lambda m: ARM_LABELS.get(m, m),
+                                horizontal=True, key="widget.ft.sl.arm")
+        before_alignment = st.text_input("Model before alignment", key="widget.ft.sl.base",
+                                         value="default" if source == "default-aligned" else source,
+                                         help="the alignment delta V is the aligned (starting) model minus this one")
+    threshold = middle.number_input("Threshold: project a module when cos(dW, P dW) is below", min_value=-1.0,
+                                    max_value=1.01, value=safe_lora.SafeLoraTask.threshold, step=0.05,
+                                    key="widget.ft.sl.threshold", help="1.01 projects every module")
+    rank = right.number_input("Alignment subspace rank r per module", min_value=1, max_value=4096,
+                              value=safe_lora.SafeLoraTask.rank, key="widget.ft.sl.rank")
+    try:
+        defence = safe_lora.SafeLoraTask(finetuned=str(model_paths[defended_arm]), aligned=config.model,
+                                         base=before_alignment.strip() or "default", threshold=float(threshold),
+                                         rank=int(rank))
+        defence_id = defence.run_id()
+    except (ConfigError, ModelLoadError) as error:
+        st.error(str(error))
+        defence = None
+    if defence is not None:
+        if defence.base.source == defence.aligned.source:
+            st.warning("The model before alignment is the aligned model itself: the alignment delta is zero, so every "
+                       "projected module falls back to the aligned weights.")
+        defence_job = ui_jobs.current("safe-lora", defence_id)
+        outcome = safe_lora.load_outcome(defence_id)
+        if defence_job is not None and defence_job.active:
+            ui_jobs.follow(defence_job)
+        else:
+            if defence_job is not None:
+                ui_jobs.show_outcome(defence_job, "Safe LoRA projection")
+            if outcome is None:
+                if st.button("Project (Safe LoRA)", icon=":material/shield:", key="ft.sl.start"):
+                    ui_jobs.submit(defence, f"Safe LoRA on the {defended_arm} model of {config.preset}")
+                    st.rerun()
+            else:
+                summary, modules = outcome
+                st.success(f"Projected {summary['n_projected']} of {summary['n_modules']} modules (threshold "
+                           f"{summary['threshold']:g}, rank {summary['rank']}). Defended model: `{summary['folder']}`")
+                common.show_table(modules)
+                common.data_downloads(modules, f"safe_lora_{defence_id}", "modules")
+                if st.button("Use the defended model on Setup", key="ft.sl.use", icon=":material/arrow_forward:"):
+                    common.set_choice("model", summary["folder"])
+                    st.switch_page("pages/setup.py")
+
 # ---- earlier runs ---------------------------------------------------------------------------------------
-st.header("4 · Earlier runs", divider="gray")
+st.header("5 · Earlier runs", divider="gray")
 runs = finetune.list_finetune_runs()
 common.show_table(runs.rename(columns={"asr": "final ASR", "utility_nll": "final utility NLL"}))
 finished = list(runs.loc[runs["status"] == "complete", "run_id"])

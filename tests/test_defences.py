@@ -204,3 +204,171 @@ def test_the_safe_lora_task_writes_a_defended_model_whose_projected_deltas_lie_i
         torch.testing.assert_close(P @ delta, delta, atol=1e-5, rtol=1e-4)
     summary = task.execute(TaskContext())
     assert summary["cached"] and summary["n_projected"] == len(rows) and summary["run_id"] == task.run_id()
+
+
+# --- CERT-Lab's "same" / "orth" arms as SPF modes -------------------------------------------------------------
+
+
+def test_same_and_orthogonal_modes_split_a_known_matrix_along_the_subspace():
+    from analysis.lab.spf import project_gradients
+
+    G = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=torch.float64)
+    U = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # rows 1 and 3 span the subspace
+    V = torch.eye(2, dtype=torch.float64)
+    same, orth = G.clone(), G.clone()
+    info_same = project_gradients({"m": same}, {"m": (U, V)}, "same")["m"]
+    info_orth = project_gradients({"m": orth}, {"m": (U, V)}, "orthogonal")["m"]
+    torch.testing.assert_close(same, torch.tensor([[1.0, 2.0], [0.0, 0.0], [5.0, 6.0]], dtype=torch.float64))
+    torch.testing.assert_close(orth, torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(same + orth, G)  # the two arms split the plain step
+    eye = torch.eye(3, dtype=torch.float64)
+    assert float(((eye - U @ U.T) @ same).abs().max()) == 0 and float((U.T @ orth).abs().max()) == 0
+    assert info_same[0] == pytest.approx(5.0 / float(G.norm())) and info_same[1] == pytest.approx(float(G.norm()))
+    assert info_orth[0] == pytest.approx(float(same.norm() / G.norm()))
+    # an empty basis projects nothing, in every mode
+    for mode in ("same", "orthogonal", "conflict"):
+        kept = G.clone()
+        assert project_gradients({"m": kept}, {"m": (G.new_zeros(3, 0), G.new_zeros(2, 0))}, mode)["m"][0] == 0
+        assert torch.equal(kept, G)
+
+
+def test_same_and_orthogonal_on_real_gradients(real_gradients):
+    from analysis.lab.spf import project_gradients, top_k_basis
+
+    fine_tune, safety = real_gradients
+    basis = {}
+    for name, G_s in safety.items():
+        U, _, V = top_k_basis(G_s.double(), 3, "exact")
+        basis[name] = (U, V)
+    same = {n: g.double().clone() for n, g in fine_tune.items()}
+    orth = {n: g.double().clone() for n, g in fine_tune.items()}
+    project_gradients(same, basis, "same")
+    project_gradients(orth, basis, "orthogonal")
+    for name, G in fine_tune.items():
+        U = basis[name][0]
+        scale = float(G.norm()) + 1e-30
+        assert float((same[name] - U @ (U.T @ same[name])).abs().max()) <= 1e-10 * scale  # (I - U U^T) G' = 0
+        assert float((U.T @ orth[name]).abs().max()) <= 1e-10 * scale                      # U^T G' = 0
+        torch.testing.assert_close(same[name] + orth[name], G.double())
+
+
+# --- the KL-to-aligned safety signal ----------------------------------------------------------------------------
+
+
+def kl_config(**overrides):
+    from analysis.core.config import ModelConfig
+
+    values = dict(method="spf", optimizer="sgd", trainable="linear", model=ModelConfig("tiny-llama", dtype="float64"),
+                  spf=dict(k=4, refresh=1, safety_batch=2, safety_loss="kl"))
+    values.update(overrides)
+    return tiny_config(**values)
+
+
+def test_the_kl_safety_gradient_matches_a_direct_autograd_computation():
+    from analysis.lab.finetune_data import safety_indices
+    from analysis.lab.trainer import FinetuneTrainer
+    from analysis.llm.formatting import tokenize_batch
+    from analysis.llm.models import load_model
+
+    config = kl_config(lr=0.05)
+    trainer = FinetuneTrainer.create(config)
+    reference = load_model(config.model).model  # the initial weights, a separate copy
+    trainer.train_step(1)
+    trainer.train_step(2)  # theta != theta_0 now
+    step = 3
+    refusals = [trainer.data.safety[i] for i in safety_indices(config, len(trainer.data.safety), step)]
+    batch = tokenize_batch(trainer.tokenizer, refusals, config.max_length)
+    with torch.no_grad():
+        log_ref = torch.log_softmax(reference(**batch.model_inputs()).logits[:, :-1], dim=-1)
+    log_theta = torch.log_softmax(trainer.model(**batch.model_inputs()).logits[:, :-1], dim=-1)
+    mask = batch.labels[:, 1:] != -100
+    token_kl = (log_ref.exp() * (log_ref - log_theta)).sum(dim=-1)  # (n, T-1)
+    kl = ((token_kl * mask).sum(dim=1) / mask.sum(dim=1)).mean()
+    assert float(kl.detach()) > 1e-8
+    modules = trainer.projector.modules
+    expected = torch.autograd.grad(kl, [m.weight for m in modules])
+    got = trainer.safety_gradients(step)
+    for module, g in zip(modules, expected):
+        torch.testing.assert_close(got[module.name], as_out_in(module.module, g), rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(trainer.kl_losses(refusals).mean(), kl.detach(), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["spf", "pcgrad"])
+def test_kl_at_step_one_is_zero_and_keeps_no_basis(method):
+    from analysis.lab.trainer import FinetuneTrainer
+
+    trainer = FinetuneTrainer.create(kl_config(method=method, lr=0.05))
+    safety = trainer.safety_gradients(1)
+    assert all(float(g.abs().max()) == 0 for g in safety.values())  # theta = theta_0: exactly zero
+    first = trainer.train_step(1)
+    assert first["basis_skipped"] == 1.0 and first["safety_grad_norm"] == 0
+    assert not trainer.projector.basis and trainer.pcgrad_reference is None
+    assert "spf_removed_mean" not in first and "pcgrad_dot" not in first  # nothing projected
+    second = trainer.train_step(2)
+    assert second["basis_skipped"] == 0.0 and second["safety_grad_norm"] > 0
+    if method == "spf":
+        assert trainer.projector.basis and second["spf_removed_mean"] > 0
+    else:
+        assert trainer.pcgrad_reference is not None and "pcgrad_dot" in second
+
+
+def test_a_resumed_pcgrad_run_keeps_its_reference_gradient(tmp_path):
+    """The PCGrad reference (refreshed at step 1 only here) is checkpointed: cancelled after step 2 and resumed,
+    steps 3 and 4 project against the same reference as an uninterrupted run."""
+    import pandas.testing
+    from safetensors.torch import load_file
+
+    from analysis.core.tasks import TaskContext
+    from analysis.lab.finetune import FinetuneCancelled, run_finetune
+
+    config = tiny_config(method="pcgrad", trainable="linear", eval_every=2, checkpoint_every=1,
+                         spf=dict(refresh=4, safety_batch=2, safety_loss="compliance"))
+    whole = run_finetune(config, root=tmp_path / "a")
+
+    def progress(event):
+        (history,) = event.live["rows"].values()
+        if history[-1]["step"] == 2:
+            ctx.cancel.set()
+
+    ctx = TaskContext(progress=progress)
+    with pytest.raises(FinetuneCancelled):
+        run_finetune(config, ctx, root=tmp_path / "b")
+    resumed = run_finetune(config, root=tmp_path / "b")
+    assert whole.history["pcgrad_dot"].notna().sum() == 4
+    for key in ("pcgrad_dot", "pcgrad_removed", "train_loss"):
+        pandas.testing.assert_series_equal(resumed.history[key], whole.history[key], check_exact=True)
+    a, b = (load_file(str(r.model_path / "model.safetensors")) for r in (whole, resumed))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_the_cli_accepts_the_same_mode_and_the_kl_loss():
+    import argparse
+
+    from analysis.lab import finetune
+    from analysis.lab.trainer import run_id_for
+
+    parser = argparse.ArgumentParser()
+    finetune.add_arguments(parser, "finetune")
+    task = finetune.task_from_args(parser.parse_args(["--model", "tiny-llama", "--mode", "spf", "--spf-mode", "same",
+                                                      "--safety-loss", "kl"]))
+    assert task.config.spf.mode == "same" and task.config.spf.safety_loss == "kl"
+    assert task.config.label == "harmful-10 / spf (same, kl, k=8, R=10)"
+    ids = {run_id_for(tiny_config(method="spf", spf=dict(mode=mode, safety_loss=loss)), "weights")
+           for mode in ("orthogonal", "same") for loss in ("refusal", "kl")}
+    assert len(ids) == 4
+
+
+def test_spf_with_the_kl_signal_trains_a_bfloat16_model():
+    """bfloat16: the reference is the bf16 initial weights; the basis is computed (and kept) in float32, since
+    QR / LAPACK have no bf16 kernels (this used to raise in ``top_k_basis``)."""
+    from analysis.core.config import ModelConfig
+    from analysis.lab.trainer import FinetuneTrainer
+
+    trainer = FinetuneTrainer.create(kl_config(model=ModelConfig("tiny-llama", dtype="bfloat16"), lr=0.05,
+                                               spf=dict(k=4, refresh=1, safety_batch=2, safety_loss="kl",
+                                                        svd="randomized", oversample=2)))
+    assert trainer.train_step(1)["basis_skipped"] == 1.0
+    second = trainer.train_step(2)
+    assert second["basis_skipped"] == 0.0 and second["spf_removed_mean"] > 0
+    assert {U.dtype for U, _ in trainer.projector.basis.values()} == {torch.float32}
+    assert all(m.weight.dtype == torch.bfloat16 for m in trainer.projector.modules)

@@ -116,7 +116,7 @@ def test_top_k_basis_randomized_matches_exact():
     assert top_k_basis(torch.zeros(5, 4), 3, "exact")[0].shape == (5, 0)
 
 
-@pytest.mark.parametrize("mode", ["conflict", "orthogonal"])
+@pytest.mark.parametrize("mode", ["conflict", "orthogonal", "same"])
 def test_project_gradients_in_place(mode):
     generator = torch.Generator().manual_seed(0)
     G = torch.randn(12, 9, generator=generator, dtype=torch.float64)
@@ -128,6 +128,11 @@ def test_project_gradients_in_place(mode):
         assert bool((c >= -1e-12).all())
         c0 = ((U.T @ original) * V.T).sum(dim=1)
         assert fraction == pytest.approx(float(c0.clamp(max=0).norm() / original.norm()))
+    elif mode == "same":  # only the safety-subspace part is kept: (I - U U^T) G' = 0, U^T G' = U^T G
+        outside = original - U @ (U.T @ original)
+        assert float((G - U @ (U.T @ G)).abs().max()) < 1e-12
+        torch.testing.assert_close(U.T @ G, U.T @ original, rtol=0, atol=1e-12)
+        assert fraction == pytest.approx(float(outside.norm() / original.norm()))
     else:
         assert float((U.T @ G).abs().max()) < 1e-12
     assert norm == pytest.approx(float(original.norm()))
@@ -144,11 +149,11 @@ def _applied(trainer: FinetuneTrainer, step: int, lr: float) -> tuple[dict, dict
     return {m.name: as_out_in(m.module, (before[m.name] - m.weight.detach()) / lr) for m in trainer.projector.modules}, before
 
 
-@pytest.mark.parametrize("mode", ["conflict", "orthogonal"])
+@pytest.mark.parametrize("mode", ["conflict", "orthogonal", "same"])
 @pytest.mark.parametrize("target,optimizer", [("gradient", "sgd"), ("update", "adamw")])
 def test_projection_applied_as_specified(tiny_llama, mode, target, optimizer):
     """After the step, the weight change's pseudo-gradient P has <P, u_j v_j^T> >= 0 for every basis direction
-    (conflict) or U_k^T P = 0 (orthogonal), for the basis the trainer actually used."""
+    (conflict), U_k^T P = 0 (orthogonal) or (I - U_k U_k^T) P = 0 (same), for the basis the trainer used."""
     lr = 1e-3
     config = tiny(method="spf", optimizer=optimizer, trainable="linear", lr=lr,
                   model=ModelConfig("tiny-llama", dtype="float64"),  # exact (W_before - W_after) / lr
@@ -163,6 +168,8 @@ def test_projection_applied_as_specified(tiny_llama, mode, target, optimizer):
         if mode == "conflict":
             c = ((U.T @ P) * V.T).sum(dim=1)
             assert float(c.min()) >= -1e-9 * scale, name
+        elif mode == "same":
+            assert float((P - U @ (U.T @ P)).abs().max()) <= 1e-9 * scale, name
         else:
             assert float((U.T @ P).abs().max()) <= 1e-9 * scale, name
     removed_any = trainer.projector.removed_rows[-1][1]

@@ -94,10 +94,61 @@ def test_finetune_page_runs_both_arms_and_shows_the_comparison(cache):
     assert legends == {"plain fine-tuning", "SPF (conflict, k=8, R=10)"}
     assert len(finetune.list_finetune_runs(cache / "finetune")) == 2
     assert not any(b.label in ("Start", "Resume") for b in at.button)
+    # Safe LoRA (post-hoc) on the SPF arm's saved model: a "safe-lora" job, then its per-module outcome
+    assert at.text_input(key="widget.ft.sl.base").value == "tiny-llama"
+    assert any("alignment delta is zero" in w.value for w in at.warning)  # tiny: no separate base model
+    at.radio(key="widget.ft.sl.arm").set_value("spf").run()
+    at.number_input(key="widget.ft.sl.threshold").set_value(0.9).run()
+    at.number_input(key="widget.ft.sl.rank").set_value(2).run()
+    next(b for b in at.button if b.label == "Project (Safe LoRA)").click().run()
+    no_exceptions(at)
+    status = finish("safe-lora")
+    assert status.result["n_modules"] > 0 and status.result["threshold"] == 0.9 and status.result["rank"] == 2
+    at.run()
+    no_exceptions(at)
+    assert any(s.value.startswith("Safe LoRA projection finished") for s in at.success)
+    assert any(s.value.startswith(f"Projected {status.result['n_projected']} of {status.result['n_modules']}")
+               for s in at.success)
+    modules = next(d.value for d in at.dataframe if "cosine" in d.value)
+    assert len(modules) == status.result["n_modules"] and set(modules.columns) >= {"module", "projected"}
+    assert not any(b.label == "Project (Safe LoRA)" for b in at.button)  # stored
+    assert any(b.label == "Use the defended model on Setup" for b in at.button)
     # the fine-tuned model can be analysed on Setup
     next(b for b in at.button if b.label == "Use the spf model on Setup").click().run()
     no_exceptions(at)
     assert json.loads((cache / "ui_state.json").read_text())["model"].endswith("model")
+
+
+def test_finetune_page_offers_pcgrad_the_same_mode_and_the_kl_signal(cache):
+    """The new choices reach the task: a PCGrad arm with the KL signal; its first refresh keeps no reference."""
+    at = fresh_app()
+    at.switch_page("pages/finetune.py").run()
+    no_exceptions(at)
+    assert set(at.radio(key="widget.ft.arms").options) >= {"Plain vs SPF, side by side", "PCGrad only (whole-gradient projection)"}
+    assert list(at.radio(key="widget.ft.mode").options) == ["conflict", "orthogonal", "same"]
+    assert list(at.radio(key="widget.ft.safety_loss").options) == ["refusal", "contrast", "compliance", "kl"]
+    at.radio(key="widget.ft.mode").set_value("same").run()
+    no_exceptions(at)
+    assert any(b.label == "Start" for b in at.button)
+    at.radio(key="widget.ft.arms").set_value("pcgrad").run()
+    at.radio(key="widget.ft.safety_loss").set_value("kl").run()
+    at.number_input(key="widget.ft.epochs.harmful-10").set_value(2).run()
+    at.number_input(key="widget.ft.refresh").set_value(1).run()
+    no_exceptions(at)
+    next(b for b in at.button if b.label == "Start").click().run()
+    status = finish("finetune")
+    assert list(status.result["runs"]) == ["pcgrad"]
+    rows = jobs.live(status.job_id)["rows"]["pcgrad"]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[1]["basis_skipped"] == 1 and rows[1]["safety_grad_norm"] == 0 and "pcgrad_dot" not in rows[1]
+    assert rows[2]["basis_skipped"] == 0 and rows[2]["safety_grad_norm"] > 0 and "pcgrad_dot" in rows[2]
+    at.run()
+    no_exceptions(at)
+    assert list(at.dataframe[0].value["method"]) == ["pcgrad"]
+    legends = {trace["name"] for s in chart_specs(at) for trace in s["data"]}
+    assert "PCGrad (R=1, kl)" in legends
+    at.selectbox(key="widget.ft.trainable").set_value("lora").run()
+    assert any("pcgrad" in e.value and "LoRA" in e.value for e in at.error)
 
 
 def test_finetune_page_refuses_lora_with_spf(cache):

@@ -65,3 +65,4 @@ def test_finetune_verdict_applies_both_tolerances():
     lost = safety_views.finetune_verdict(comparison_rows(0.5, 2.5))
     assert "did not keep" in lost and "+25.0%, outside 10%" in lost
     assert safety_views.finetune_verdict(comparison_rows(0.15, 2.1).iloc[:1]) is None
+    assert safety_views.finetune_verdict(comparison_rows(0.15, 2.1).iloc[:1].assign(method="pcgrad")) is None

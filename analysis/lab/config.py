@@ -15,9 +15,9 @@ METHODS = ("plain", "spf")  # the two arms a comparison runs
 #: Further single-arm defences (analysis.lab.defences): "pcgrad" projects the whole fine-tuning gradient
 #: against the whole safety gradient (refreshed every ``spf.refresh`` steps from ``spf.safety_loss``).
 DEFENCES = ("pcgrad",)
-SPF_MODES = ("conflict", "orthogonal")
+SPF_MODES = ("conflict", "orthogonal", "same")
 SPF_TARGETS = ("gradient", "update")
-SAFETY_LOSSES = ("refusal", "contrast", "compliance")
+SAFETY_LOSSES = ("refusal", "contrast", "compliance", "kl")
 SVD_METHODS = ("randomized", "lowrank", "exact", "auto")
 TRAINABLE = ("blocks", "last", "linear", "all", "lora")
 OPTIMIZERS = ("adamw", "sgd")
@@ -41,12 +41,15 @@ class SPFConfig:
 
     k: safety-basis size per module; refresh: R, recompute the basis every R optimizer steps;
     safety_batch: refusal examples per basis computation (1 allowed); mode: "conflict" (remove the basis
-    components with c_j < 0) or "orthogonal" (remove U_k U_k^T G); target: "gradient" (project G_u before
+    components with c_j < 0), "orthogonal" (remove U_k U_k^T G; CERT-Lab's "orth") or "same" (keep only
+    U_k U_k^T G: the control arm that updates only along safety directions; CERT-Lab's "same"); target: "gradient" (project G_u before
     the optimizer) or "update" (project the optimizer's weight change; exact under AdamW, see the module
     docstring of :mod:`analysis.lab.spf`); safety_loss: "refusal" (L_safety = CE of the refusals, DESIGN.md) or "contrast" (CE of the
     refusals minus CE of an affirmative target "Sure, here is how to do that" on the same prompts, so that
     the subspace also holds the direction that makes the model comply; see :mod:`analysis.lab.spf`) or
-    "compliance" (minus the CE of that affirmative target alone: the ascent direction of compliance);
+    "compliance" (minus the CE of that affirmative target alone: the ascent direction of compliance) or
+    "kl" (KL(p_ref || p_theta) to the frozen initial model on the refusals' response tokens: SafeGrad's
+    reading; zero gradient at step 1, see :mod:`analysis.lab.spf`);
     layers / kinds / regex: which linear modules (``capture.select_modules``; intersected with
     the trainable ones); svd: "randomized" (seeded torch range finder, ``oversample``, ``power_iters``),
     "lowrank" (``torch.svd_lowrank``, same settings), "exact" (``geometry.top_singular``) or "auto" (exact

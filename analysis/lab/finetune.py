@@ -28,7 +28,9 @@ run started; CPU time of this process, all threads); every ``eval_every`` steps 
 refusal_nll, affirmative_nll, utility_nll (nats/token, on fixed held-out subsets), weight_distance
 (||theta - theta_0||_2 over the trainable parameters); at every safety-gradient step (every ``spf.refresh``
 steps, in the plain arm too when ``track_conflict``): cos_mean and ``cos/L<layer>`` = cos(G_safety, G_utility)
-of that layer's SPF modules taken together; at step 0, every ``gen_every`` steps and at the end:
+of that layer's SPF modules taken together, and safety_grad_norm (||G_safety|| over the SPF modules); with
+method spf / pcgrad also basis_skipped (1: the safety gradient was ~0, e.g. ``safety_loss="kl"`` at step 1, so
+no basis / reference was kept and nothing is projected until the next refresh; else 0); at step 0, every ``gen_every`` steps and at the end:
 asr, over_refusal (keyword "qi" list, Qi et al.), asr_arditi, over_refusal_arditi by greedy generation.
 
 Design choices
@@ -220,6 +222,9 @@ class FinetuneRun:
         trainer.projector.basis = {name: (arrays[f"basis.U/{name}"].to(devices.get(name, trainer.device)),
                                           arrays[f"basis.V/{name}"].to(devices.get(name, trainer.device)))
                                    for name in names}
+        reference = {key[len("pcgrad/"):]: value.to(devices.get(key[len("pcgrad/"):], trainer.device))
+                     for key, value in arrays.items() if key.startswith("pcgrad/")}
+        trainer.pcgrad_reference = reference or None
         trainer.loop.clock = Clock(meta["wall_seconds"], meta["cpu_seconds"])
         self.write_live()
         return meta.get("pending")
@@ -234,6 +239,8 @@ class FinetuneRun:
         for name, (U, V) in trainer.projector.basis.items():
             arrays[f"basis.U/{name}"] = U
             arrays[f"basis.V/{name}"] = V
+        for name, G in (trainer.pcgrad_reference or {}).items():  # method "pcgrad": the last safety gradient
+            arrays[f"pcgrad/{name}"] = G.contiguous()
         trainer.loop.save(self.writer.work / CHECKPOINT, finite_or_none(state), arrays)
         self.writer.write_manifest(checkpoint_step=step)
 
@@ -374,11 +381,13 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--k", type=int, default=None, help="SPF basis size")
     parser.add_argument("--refresh", type=int, default=None, help="SPF basis refresh interval R (steps)")
     parser.add_argument("--safety-batch", type=int, default=None)
-    parser.add_argument("--spf-mode", choices=SPF_MODES, default=None)
+    parser.add_argument("--spf-mode", choices=SPF_MODES, default=None,
+                        help="conflict: drop the basis components that raise the safety loss; orthogonal: drop "
+                             "U_k U_k^T G (CERT-Lab 'orth'); same: keep only U_k U_k^T G (CERT-Lab 'same', control)")
     parser.add_argument("--spf-target", choices=SPF_TARGETS, default=None)
     parser.add_argument("--safety-loss", choices=SAFETY_LOSSES, default=None,
-                        help="refusal CE (default), refusal CE minus affirmative-target CE (contrast), or minus the "
-                             "affirmative-target CE alone (compliance)")
+                        help="refusal CE (default), refusal CE minus affirmative-target CE (contrast), minus the "
+                             "affirmative-target CE alone (compliance), or KL(p_aligned || p_theta) on the refusals (kl)")
     parser.add_argument("--spf-layers", default=None)
     parser.add_argument("--spf-kinds", default=None)
     parser.add_argument("--eval-every", type=int, default=None)

@@ -24,7 +24,7 @@ from analysis.core.config import ConfigError, ModelConfig, cache_dir, config_has
 from analysis.core.tasks import TaskContext
 from analysis.lab.defences import SAFE_LORA_MODES, safe_lora_project
 
-__all__ = ["SafeLoraTask", "add_arguments", "run", "safe_lora_root"]
+__all__ = ["SafeLoraTask", "add_arguments", "load_outcome", "run", "safe_lora_root"]
 
 FORMAT_VERSION = 1
 
@@ -122,6 +122,21 @@ def defend(task: SafeLoraTask, ctx: TaskContext | None = None) -> dict:
                manifest={"kind": task.kind, "key": task.key(), "summary": summary})
     ctx.report(1.0, f"projected {summary['n_projected']} of {summary['n_modules']} modules")
     return summary
+
+
+def load_outcome(run_id: str):
+    """A stored projection: (summary dict as :func:`defend` returned it, per-module frame with columns module,
+    cosine (cos(dW, P dW)), projected (bool), delta_norm (||dW||_F)), or None when ``run_id`` is not stored."""
+    import pandas as pd
+
+    folder = safe_lora_root() / run_id / "model"
+    try:
+        summary = json.loads((folder / "manifest.json").read_text())["summary"]
+        rows = json.loads((folder / "safe_lora.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    frame = pd.DataFrame(rows, columns=["name", "cosine", "projected", "delta_norm"]).rename(columns={"name": "module"})
+    return dict(summary, cached=True), frame
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:

@@ -13,8 +13,14 @@ the conflict, and "conflict" mode removes those components (``geometry.project_c
 c'_j = max(c_j, 0) >= 0, so within the top-k safety subspace the step can only lower the safety loss.
 The rule is right *because* the basis comes from the safety *gradient* (positive coefficients s_j). If one
 built the basis from the descent direction -G_s, or from a harmful/affirmative gradient, the sign flips.
-"orthogonal" mode removes U_k U_k^T G_u entirely (``geometry.project_orthogonal``): then
-<G_s, G'_u> = 0 when k covers the rank of G_s, i.e. no first-order change of the safety loss.
+"orthogonal" mode removes U_k U_k^T G_u entirely (``geometry.project_orthogonal``): G'_u = (I - U_k U_k^T) G_u,
+so U_k^T G'_u = 0, and <G_s, G'_u> = 0 when k covers the rank of G_s, i.e. no first-order change of the safety
+loss (CERT-Lab's "orth" arm).
+"same" mode is its complement, the control arm (CERT-Lab's "same"): G'_u = U_k U_k^T G_u keeps only the
+part of the fine-tuning gradient inside the (left) safety subspace, so (I - U_k U_k^T) G'_u = 0: the model is
+updated only along safety directions. "orthogonal" + "same" = the plain step; comparing the three tells
+whether the harm travels inside or outside the safety subspace.
+A module whose basis is empty (its safety gradient is zero) is not projected in any mode.
 
 Refinement 1 (AdamW). Adam rescales every coordinate (update = -lr * m / (sqrt(v) + eps)), which destroys
 the orthogonality of a projected *gradient*: with ``spf.target="gradient"`` (DESIGN.md's reading, the
@@ -39,6 +45,22 @@ fine-tuning makes the model comply while the refusal NLL barely moves (the attac
 rather than lowering the refusal), so a basis of the refusal-CE gradient keeps the refusal NLL flat and
 still lets ASR rise. "contrast" uses L_safety = CE(refusal) - CE(affirmative target) on the same prompts:
 its gradient also points along the compliance direction, and the same projection rules apply.
+Option (``spf.safety_loss="kl"``, SafeGrad's reading). L_safety = KL(p_ref || p_theta), p_ref the frozen
+initial (aligned) model, per refusal example the mean over its response tokens of
+sum_v p_ref(v) (log p_ref(v) - log p_theta(v)), then the mean over the safety batch (nats/token); its gradient
+points away from the aligned model's behaviour on harmful prompts. At theta = theta_0 (update 1) KL and its
+gradient are exactly zero (the logit gradient p_theta - p_ref is formed so that it vanishes bitwise), and a
+basis of a zero gradient is meaningless: a refresh whose safety-gradient norm is below
+``ZERO_SAFETY_RTOL`` x the fine-tuning gradient's norm keeps *no* basis (no projection until the next
+refresh; for "pcgrad" no reference gradient) and says so in its metrics row (``safety_grad_norm``,
+``basis_skipped`` = 1). The reference costs no extra copy: it is the trainer's ``theta0`` (the initial
+trainable weights it already keeps for ``weight_distance``, one copy of the trainable weights, in the model's
+dtype), evaluated with ``torch.func.functional_call`` on the same modules (frozen weights are shared), under
+``no_grad``: the price is one more forward pass per refresh. bfloat16 models: theta0 is the bf16 initial
+weights and the model holds the float32 master weights rounded to bf16, so KL sees only the part of the
+update that survives bf16 rounding (a coordinate whose change is below bf16 resolution stays at theta0); the
+basis is computed and kept in float32 (no QR / LAPACK in bf16). LoRA: SPF / PCGrad refuse LoRA, and a plain
+LoRA run computes no safety gradient (no SPF modules), so the reference is never evaluated.
 """
 
 from __future__ import annotations
@@ -55,9 +77,12 @@ from analysis.core.config import ConfigError
 from analysis.lab.config import SPFConfig
 
 BASIS_RTOL = 1e-6
+#: A safety gradient whose norm (over the SPF modules) is at most this times the fine-tuning gradient's norm is
+#: treated as zero: no basis is kept (e.g. the "kl" safety loss at theta = theta_0).
+ZERO_SAFETY_RTOL = 1e-6
 
-__all__ = ["BASIS_RTOL", "SPFModule", "SPFProjector", "as_out_in", "project_gradients", "spf_modules",
-           "top_k_basis"]
+__all__ = ["BASIS_RTOL", "ZERO_SAFETY_RTOL", "SPFModule", "SPFProjector", "as_out_in", "project_gradients",
+           "project_same", "spf_modules", "top_k_basis"]
 
 
 def as_out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
@@ -108,7 +133,8 @@ def spf_modules(model: nn.Module, spf: SPFConfig) -> list[SPFModule]:
 def top_k_basis(G: torch.Tensor, k: int, method: str = "randomized", oversample: int = 8, power_iters: int = 2,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k singular triplets (U (m, k'), s (k',), V (p, k')) of a gradient G (m, p), k' <= k after dropping
-    directions with s_j <= BASIS_RTOL * s_1 (and all of them for a zero matrix); on G's device and dtype.
+    directions with s_j <= BASIS_RTOL * s_1 (and all of them for a zero matrix); on G's device and dtype
+    (float32 for a bfloat16 / float16 G).
 
     "exact" uses ``geometry.top_singular`` (float64 LAPACK); "randomized" a seeded range finder with
     ``power_iters`` QR-stabilised power iterations in the gradient's dtype (orthonormal columns by
@@ -121,6 +147,8 @@ def top_k_basis(G: torch.Tensor, k: int, method: str = "randomized", oversample:
     if method == "auto":
         method = "exact" if min(m, p) <= 128 else "randomized"
     G = G.detach()
+    if G.dtype in (torch.bfloat16, torch.float16):  # no QR / LAPACK in half precision: the basis is float32
+        G = G.float()
     if method == "exact" or k + oversample >= min(m, p):
         from analysis.engine.geometry import top_singular
 
@@ -146,24 +174,39 @@ def top_k_basis(G: torch.Tensor, k: int, method: str = "randomized", oversample:
     return U[:, :keep].contiguous(), s[:keep].contiguous(), V[:, :keep].contiguous()
 
 
+def project_same(G: torch.Tensor, U: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """"same" projection: G' = U U^T G (keep only the part of G (m, p) in the span of U (m, k), orthonormal).
+
+    Returns (G' in G's dtype, removed fraction ||(I - U U^T) G|| / ||G||, 0 for a zero G); computed in
+    float32 (float64 for float64 input)."""
+    work = torch.float64 if G.dtype == torch.float64 else torch.float32
+    Gw, Uw = G.to(work), U.to(work)
+    new = Uw @ (Uw.T @ Gw)
+    norm = float(Gw.norm())
+    return new.to(G.dtype), float((Gw - new).norm()) / norm if norm > 0 else 0.0
+
+
 def project_gradients(grads: Mapping[str, torch.Tensor], basis: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                       mode: str) -> dict[str, tuple[float, float]]:
     """Project each (d_out, d_in) gradient view in place against its module's safety basis (U_k, V_k).
 
-    mode "conflict" -> ``geometry.project_conflict``, "orthogonal" -> ``geometry.project_orthogonal``.
+    mode "conflict" -> ``geometry.project_conflict``, "orthogonal" -> ``geometry.project_orthogonal``
+    (G' = G - U U^T G), "same" -> G' = U U^T G. A module with an empty basis (or none) is left as it is.
     Returns {module: (removed fraction ||G - G'|| / ||G||, ||G||)}.
     """
     from analysis.engine.geometry import project_conflict, project_orthogonal
 
     out = {}
     for name, G in grads.items():
-        U, V = basis[name]
+        U, V = basis.get(name, (G.new_zeros(G.shape[0], 0), None))
         norm = float(G.norm())
         if U.shape[1] == 0:
             out[name] = (0.0, norm)
             continue
         if mode == "conflict":
             new, fraction = project_conflict(G, U, V, check=False)
+        elif mode == "same":
+            new, fraction = project_same(G, U)
         else:
             new, fraction = project_orthogonal(G, U, check=False)
         G.copy_(new)

@@ -35,7 +35,7 @@ from analysis.lab.finetune_data import (
     total_steps,
 )
 from analysis.lab.loop import TrainingLoop
-from analysis.lab.spf import SPFProjector, as_out_in, spf_modules
+from analysis.lab.spf import ZERO_SAFETY_RTOL, SPFProjector, as_out_in, spf_modules
 from analysis.llm.models import input_device, place
 
 # --------------------------------------------------------------------------------------------------
@@ -134,6 +134,19 @@ def set_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[nn.Module, 
 # --------------------------------------------------------------------------------------------------
 
 
+class _ResponseLogits(nn.Module):
+    """``formatting.response_logits`` of ``model`` as a module, so that ``functional_call`` can swap weights."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor):
+        from analysis.llm.formatting import response_logits
+
+        return response_logits(self.model, inputs, labels)
+
+
 class FinetuneTrainer:
     """Model, optimizer loop and SPF projector of one fine-tuning run, set up on construction (the model is
     moved to ``device``, unless accelerate dispatched it, and trained in place). ``cancelled()`` is checked inside evaluations.
@@ -190,11 +203,35 @@ class FinetuneTrainer:
         inputs = {key: value.to(self.input_device) for key, value in batch.model_inputs().items()}
         return response_losses(self.model, inputs, batch.labels.to(self.input_device))
 
+    def kl_losses(self, conversations) -> torch.Tensor:
+        """(n,) per-sample KL(p_ref || p_theta) (nats/token, mean over each sample's response tokens), p_ref the
+        initial weights ``theta0`` (same modules, ``torch.func.functional_call``, no grad). Formed so that its
+        gradient w.r.t. the logits, p_theta - p_ref, is exactly zero where the logits equal the reference's."""
+        from analysis.llm.formatting import response_logits
+
+        batch = self.tokenize(conversations)
+        inputs = {key: value.to(self.input_device) for key, value in batch.model_inputs().items()}
+        labels = batch.labels.to(self.input_device)
+        logits, rows = response_logits(self.model, inputs, labels)  # (N, V)
+        with torch.no_grad():
+            reference = {f"model.{name}": tensor for name, tensor in self.theta0.items()}
+            ref, _ = torch.func.functional_call(_ResponseLogits(self.model), reference, (inputs, labels))
+            log_ref = ref - torch.logsumexp(ref, dim=-1, keepdim=True)
+            p_ref = log_ref.exp()
+            neg_entropy = (p_ref * log_ref).sum(dim=-1)
+        # sum_v p_ref (log p_ref - z + lse(z)): the gradient exp(z - lse) - p_ref vanishes bitwise at z = ref
+        token_kl = neg_entropy + torch.logsumexp(logits, dim=-1) - (p_ref * logits).sum(dim=-1)
+        n = labels.shape[0]
+        sums = torch.zeros(n, dtype=token_kl.dtype, device=token_kl.device).index_add(0, rows, token_kl)
+        return sums / torch.bincount(rows, minlength=n).clamp(min=1).to(sums.dtype)
+
     def safety_gradients(self, step: int) -> dict[str, torch.Tensor]:
         """G_safety (d_out, d_in) of every SPF module at the current weights, from the step's safety batch."""
         indices = safety_indices(self.config, len(self.data.safety), step)
         refusals = [self.data.safety[i] for i in indices]
         safety_loss = self.config.spf.safety_loss
+        if safety_loss == "kl":
+            return self.projector.safety_gradients(self.kl_losses(refusals).mean())
         loss = self.losses(refusals).mean() if safety_loss != "compliance" else 0.0
         if safety_loss in ("contrast", "compliance"):
             from analysis.safety.evaluate import affirmative_target
@@ -216,20 +253,29 @@ class FinetuneTrainer:
                                "train_loss": float(loss.detach()), "grad_norm": self.loop.grad_norm()}
         if projector.refresh_due(step):
             safety = self.safety_gradients(step)
+            norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in safety.values()))
+            zero = norm <= ZERO_SAFETY_RTOL * row["grad_norm"]  # e.g. "kl" at theta = theta_0: no direction
+            row["safety_grad_norm"] = norm
             if config.track_conflict:
                 row.update(projector.conflict_cosines(safety))
             if projector.project:
-                projector.refresh_basis(safety, step, seeded(config.seed, "basis", step))
+                if zero:
+                    projector.basis = {}
+                else:
+                    projector.refresh_basis(safety, step, seeded(config.seed, "basis", step))
             if config.method == "pcgrad":
-                self.pcgrad_reference = {name: g.detach() for name, g in safety.items()}
+                self.pcgrad_reference = None if zero else {name: g.detach() for name, g in safety.items()}
+            if projector.project or config.method == "pcgrad":
+                row["basis_skipped"] = float(zero)  # 1: zero safety gradient, no projection until the next refresh
             del safety
         if config.method == "pcgrad" and self.pcgrad_reference is not None:
             grads = {m.name: as_out_in(m.module, m.weight.grad) for m in projector.modules}
             row.update(pcgrad_project(grads, self.pcgrad_reference))
         removed: dict[str, tuple[float, float]] = {}
-        if projector.project and config.spf.target == "gradient":
+        projecting = projector.project and bool(projector.basis)
+        if projecting and config.spf.target == "gradient":
             removed = projector.project_gradients()
-        if projector.project and config.spf.target == "update":
+        if projecting and config.spf.target == "update":
             removed = self.loop.update(projector.projected_step)
         else:
             self.loop.update()

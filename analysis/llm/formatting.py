@@ -226,3 +226,22 @@ def response_losses(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor
     token_loss = torch.nn.functional.cross_entropy(logits, targets[mask], reduction="none")
     sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=token_loss.device).index_add(0, rows, token_loss)
     return sums / mask.sum(dim=1).clamp(min=1)
+
+
+def response_logits(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, V) at the N positions that predict a response token (sample-major order; float32, or float64
+    for a float64 model) and the sample index (N,) of each; the LM head is applied only there, as in
+    :func:`response_losses` (the same logits that function's cross-entropy sees)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    rows = mask.nonzero(as_tuple=True)[0]
+    if _uses_plain_lm_head(model):
+        hidden = model.base_model(**inputs).last_hidden_state  # (n, T, d)
+        logits = model.get_output_embeddings()(hidden[:, :-1][mask])
+    else:
+        logits = model(**inputs).logits[:, :-1][mask]
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return logits, rows
