@@ -20,6 +20,7 @@ DESCRIPTIONS = {
     "spf": "SPF: remove the update's components that conflict with the top-k refusal-gradient subspace",
     "pcgrad": "PCGrad: remove the whole gradient's conflicting component along the whole safety gradient",
     "orth": "SPF orthogonal (CERT-Lab orth): remove the whole safety-subspace component",
+    "same": "SPF same (CERT-Lab same): keep only the safety-subspace component (a control)",
     "safe-lora": "Safe LoRA: project the plain run's weight change onto the alignment delta's subspace, post hoc",
 }
 

@@ -12,6 +12,8 @@ The runs are the presets with :data:`RUN_OVERRIDES` (their own evaluations cut t
 - ``spf``: SPF, lab defaults (conflict mode, refusal-CE safety signal, k = 8, R = 10);
 - ``pcgrad``: PCGrad-style whole-gradient projection against the refusal-CE gradient;
 - ``orth``: SPF "orthogonal" (CERT-Lab's orth: remove all of U_k U_k^T G, not only its conflicting part);
+- ``same``: SPF "same" (CERT-Lab's same: keep only U_k U_k^T G, the control arm that moves only along the
+  safety directions);
 - ``safe-lora``: post-hoc Safe LoRA-style projection of the ``plain`` run's delta onto the alignment-delta
   subspace (V = W_aligned - W_base; :class:`~analysis.lab.safe_lora.SafeLoraTask`).
 
@@ -49,6 +51,7 @@ DEFENCES: dict[str, dict | None] = {
     "spf": {"method": "spf"},
     "pcgrad": {"method": "pcgrad"},
     "orth": {"method": "spf", "spf": {"mode": "orthogonal"}},
+    "same": {"method": "spf", "spf": {"mode": "same"}},
     "safe-lora": None,
 }
 #: FinetuneConfig settings of every grid run: the grid evaluates each final model itself, so the runs' own
