@@ -391,7 +391,8 @@ def sidebar() -> None:
             st.markdown("**Run:** none yet")
         else:
             summary = views.run_summary(run)
-            st.markdown(f"**Run:** `{run.run_id}`  \n{summary['model']} · {summary['modules']} modules  \n"
+            sketch = f" · {summary['projection']}" if summary["projection"] != "exact" else ""
+            st.markdown(f"**Run:** `{run.run_id}`  \n{summary['model']} · {summary['modules']} modules{sketch}  \n"
                         f"safety set: {summary['safety']}  \nutility set: {summary['utility']}")
         sidebar_jobs()
 
