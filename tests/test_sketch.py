@@ -26,6 +26,7 @@ from analysis.engine.sketch import (
 )
 from analysis.llm.formatting import tokenize_batch
 from analysis.llm.models import load_model
+from analysis.views import collection as views
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -105,6 +106,7 @@ def test_projection_wider_than_every_module_equals_the_exact_route(tmp_path, dat
     exact, same = collect(exact_config, model=gpt2_64, store=store), collect(wide, model=gpt2_64, store=store)
     assert same.run_id != exact.run_id and same.manifest["projection"]["modules"] == []
     assert label(exact.manifest) == "exact" and exact.manifest["projection"] is None
+    assert views.projection_notice(exact) is None and views.run_summary(exact)["projection"] == "exact"
     np.testing.assert_array_equal(exact.losses(), same.losses())
     for m in exact.modules:
         np.testing.assert_array_equal(exact.gram(m.name), same.gram(m.name))
@@ -121,6 +123,8 @@ def test_projected_run_stores_the_sketched_gradients_and_labels_itself(tmp_path,
     projected = [m for m in modules if min(m.d_out, m.d_in) > p]
     assert projected and results.manifest["projection"]["modules"] == [m.name for m in projected]
     assert label(results.manifest) == f"projected p={p} ({len(projected)} modules)"
+    assert "Projected run" in views.projection_notice(results)
+    assert views.run_summary(results)["projection"] == label(results.manifest)
     # the stored Gram is that of P_out G_i P_in^T, G_i from a direct exact capture of the same samples
     from analysis.llm.data import load_any
     examples = load_any(config.safety).take(3, 0).examples + load_any(config.utility).take(2, 0).examples

@@ -229,6 +229,9 @@ def require_run():
         st.page_link("pages/setup.py", label="Go to Setup", icon=":material/tune:")
         st.page_link("pages/runs.py", label="Go to Runs", icon=":material/folder_open:")
         st.stop()
+    note = views.projection_notice(run)
+    if note:
+        st.warning(note, icon=":material/compress:")
     return run
 
 

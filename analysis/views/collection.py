@@ -338,6 +338,17 @@ def run_summary(run) -> dict[str, Any]:
             "created": manifest.get("created"), "projection": projection_label(manifest)}
 
 
+def projection_notice(run) -> str | None:
+    """What a projected run's numbers mean (None for an exact run): shown above every result page."""
+    projection = run.manifest.get("projection")
+    if not projection:
+        return None
+    return (f"**Projected run** (random sketch to p = {projection['dim']} dims, {len(projection['modules'])} of "
+            f"{len(run.modules)} modules): singular values, CER, ranks and cosines of those modules are "
+            "Johnson-Lindenstrauss estimates; principal angles, overlaps φ and singular vectors are those of the "
+            "sketched gradients, not of weight space.")
+
+
 COMPARE_METRICS = {
     "safety_effective_rank": "safety effective rank", "utility_effective_rank": "utility effective rank",
     "safety_k90": "safety k@0.9", "utility_k90": "utility k@0.9", "cosine_su": "cos(safety, utility)",
