@@ -186,3 +186,12 @@ def test_cli_projection_flag(tmp_path, datasets, capsys):
                               max_length=32, kinds="up,down", curve_layers="none", projection_dim=16)
     printed = capsys.readouterr().out
     assert f"run {config.run_id()}:" in printed and "projected p=16" in printed
+
+
+def test_bench_sketch_runs_on_the_tiny_model(capsys):
+    from bench import sketch as bench_sketch
+
+    assert bench_sketch.main(["--model", "tiny-llama", "-n", "2", "--layers", "all", "--max-length", "32",
+                              "--projection-dim", "16,1000"]) == 0
+    printed = capsys.readouterr().out
+    assert "p = 16:" in printed and "cosine_abs" in printed and "no module is wider than p" in printed
