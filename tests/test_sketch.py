@@ -163,6 +163,9 @@ def test_planner_counts_the_sketched_factors(datasets):
     widths = sum(sum(factor_widths(m, 16)) for m in arch.modules)
     assert sketched.disk_bytes == 16 * 64 * widths * 4 < exact.disk_bytes
     assert sketched.analysis_bytes < exact.analysis_bytes
+    assert sketched.projected_modules == sum(is_projected(m, 16) for m in arch.modules) < len(arch.modules)  # k, v: 16 wide
+    assert "sketched to p = 16" in sketched.lines()[-1]
+    assert exact.projection_dim is None and "projected" not in " ".join(exact.lines())
 
 
 def test_compare_projection_reports_errors_per_kind(tmp_path, datasets, gpt2_64):

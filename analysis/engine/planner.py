@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from analysis.core.config import ConfigError, ModelConfig
 from analysis.engine.capture import ModuleInfo, find_linear_modules, select_modules
-from analysis.engine.sketch import Sketch, factor_widths
+from analysis.engine.sketch import Sketch, factor_widths, is_projected
 
 if TYPE_CHECKING:
     from analysis.engine.gradients import CollectionConfig
@@ -134,6 +134,9 @@ class CollectionPlan:
     n_modules: int
     seconds: float
     device: str
+    #: modules whose factors are sketched (``projection_dim``), and that dimension (None: exact)
+    projected_modules: int = 0
+    projection_dim: int | None = None
 
     @property
     def capture_bytes(self) -> int:
@@ -154,7 +157,8 @@ class CollectionPlan:
             f"factors {gib(self.capture_factor_bytes)}], analysis {gib(self.analysis_bytes)})",
             f"  disk ~{gib(self.disk_bytes)} of factor files at once (deleted when the run completes)",
             f"  time ~{self.seconds / 60:.1f} min of forward+backward on {self.device} (rough)",
-        ]
+        ] + ([f"  projected: {self.projected_modules} modules sketched to p = {self.projection_dim} (approximate "
+              "spectra and cosines; angles in sketch space)"] if self.projection_dim is not None else [])
 
     def check(self, memory_budget: float | None = None, disk_budget: float | None = None) -> None:
         """Raise PlanError naming the setting to change when the peak memory or disk exceed the budgets
@@ -197,7 +201,9 @@ def plan_collection(config: CollectionConfig, arch: Architecture | None = None, 
     return CollectionPlan(model_bytes=arch.n_params * e, activation_bytes=int(activation), logit_bytes=int(logits),
                           capture_factor_bytes=int(factors), analysis_bytes=int(analysis),
                           disk_bytes=int(n * T * widest * f), passes=len(groups), modules_per_pass=per_pass,
-                          n_modules=len(modules), seconds=flops / rate, device=device)
+                          n_modules=len(modules), seconds=flops / rate, device=device,
+                          projected_modules=sum(is_projected(m, config.projection_dim) for m in modules),
+                          projection_dim=config.projection_dim)
 
 
 def fit_modules_per_pass(config: CollectionConfig, arch: Architecture, memory_budget: float,

@@ -23,7 +23,11 @@ What stays meaningful on a projected module (a Johnson-Lindenstrauss sketch on b
   cosines between gradients (cos(G_s, G_u), per-sample cross cosines, fraction negative) up to
   O(1 / sqrt(p)) additive error.
 * only roughly: effective rank exp(H(s / sum s)) weighs the small singular values; the sketch keeps at most p
-  of them and mixes the tail, so on gradients of rank > p it is biased (measured: ``bench sketch``).
+  of them and mixes the tail, so on gradients of rank > p it is biased low.
+Measured (``python -m bench sketch``: SmolLM2-135M, layers 0/15/29, n = 32 + 32, <= 64 tokens, mean over
+modules and sets, per kind): p = 128 (factors 122 -> 22 kB per token): top-8 singular values 6-9 %, s_1 4-9 %,
+CER(1) 2-8 %, CER(4) 0.4-6 %, CER(16) 0.5-8 %, stable rank 2-7 %, |cos error| 0.02-0.06, effective rank
+31-67 %; p = 64 about 1.5x those, p = 256 about 0.7x (effective rank 28-46 %).
 * NOT preserved: singular vectors / subspaces. U_k, V_k live in the p-dim sketch space; principal angles,
   overlaps phi (safety vs utility, single-sample vs batch, the overlap-vs-n curve) are angles between
   sketched subspaces, not between subspaces of weight space (their random baseline is k / p there, which
