@@ -13,6 +13,7 @@ BENCHMARKS = {
     "engine": ("bench.engine", "per-sample gradient engine on SmolLM2-135M: capture, factored SVD, Gram, memory"),
     "scaling": ("bench.scaling", "capture time and peak memory vs width, depth, tokens, samples; growth exponents"),
     "live": ("bench.live", "time to the first live answer and to the end of the Setup default collection vs one fwd+bwd"),
+    "sketch": ("bench.sketch", "error of the random projection (projection_dim) vs the exact route: spectra, CER, ranks, cosine"),
     "finetune": ("bench.finetune", "cost of an SPF fine-tuning step relative to a plain step (ratio in one run)"),
 }
 

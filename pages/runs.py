@@ -26,7 +26,10 @@ if len(complete) < len(runs):
 
 def describe(run_id: str) -> str:
     row = runs[runs["run_id"] == run_id].iloc[0]
-    return f"{run_id} · {row['model']} · {row['n_safety']}+{row['n_utility']} samples · {row['n_modules']} modules"
+    projected = row.get("projection_dim")
+    sketch = f" · projected p={int(projected)}" if projected is not None and projected == projected else ""
+    return (f"{run_id} · {row['model']} · {row['n_safety']}+{row['n_utility']} samples · {row['n_modules']} "
+            f"modules{sketch}")
 
 
 ids = list(runs["run_id"])

@@ -229,6 +229,9 @@ def require_run():
         st.page_link("pages/setup.py", label="Go to Setup", icon=":material/tune:")
         st.page_link("pages/runs.py", label="Go to Runs", icon=":material/folder_open:")
         st.stop()
+    note = views.projection_notice(run)
+    if note:
+        st.warning(note, icon=":material/compress:")
     return run
 
 
@@ -391,7 +394,8 @@ def sidebar() -> None:
             st.markdown("**Run:** none yet")
         else:
             summary = views.run_summary(run)
-            st.markdown(f"**Run:** `{run.run_id}`  \n{summary['model']} · {summary['modules']} modules  \n"
+            sketch = f" · {summary['projection']}" if summary["projection"] != "exact" else ""
+            st.markdown(f"**Run:** `{run.run_id}`  \n{summary['model']} · {summary['modules']} modules{sketch}  \n"
                         f"safety set: {summary['safety']}  \nutility set: {summary['utility']}")
         sidebar_jobs()
 

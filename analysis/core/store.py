@@ -4,7 +4,8 @@ Public API
 ----------
 ``RunStore(root=None)``          the store; ``root`` defaults to ``cache_dir() / "runs"`` (tests pass a tmp dir).
   ``.list_runs() -> pandas.DataFrame``   one row per run: run_id, status, created, model, safety, utility,
-                                         n_safety, n_utility, n_modules, top_k, size_mb (newest first).
+                                         n_safety, n_utility, n_modules, top_k, projection_dim (None: exact),
+                                         size_mb (newest first).
   ``.load(run_id) -> RunResults``        a complete run (raises ``RunNotFound`` / ``RunIncomplete`` /
                                          ``RunCorrupted`` with a clear message).
   ``.status(run_id) -> str``            "missing", "running" (being collected now), "interrupted" (resumable),
@@ -349,10 +350,11 @@ class RunStore:
                 "n_utility": config.get("n_utility"),
                 "n_modules": len(m.get("modules", [])),
                 "top_k": config.get("top_k"),
+                "projection_dim": config.get("projection_dim"),
                 "size_mb": round(_folder_size(self.path(run_id)) / 2**20, 2),
             })
         columns = ["run_id", "status", "created", "model", "safety", "utility", "n_safety", "n_utility",
-                   "n_modules", "top_k", "size_mb"]
+                   "n_modules", "top_k", "projection_dim", "size_mb"]
         frame = pd.DataFrame(rows, columns=columns)
         return frame.sort_values("created", ascending=False, na_position="last").reset_index(drop=True)
 

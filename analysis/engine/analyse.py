@@ -119,7 +119,9 @@ def analyse_module(info: ModuleInfo, pairs: Sequence[tuple[torch.Tensor, torch.T
                    curve_dense: str = CURVE_DENSE, defer_curve: bool = False) -> ModuleAnalysis:
     """All results of one module from the factors of all samples (safety first, then utility).
 
-    pairs: (D_i (T_i, d_out), A_i (T_i, d_in)) torch tensors per sample. ``curve_boot`` > 0 adds the
+    pairs: (D_i (T_i, d_out), A_i (T_i, d_in)) torch tensors per sample (sketched factors (T_i, p) of a
+    projected module, :mod:`analysis.engine.sketch`: the row keeps ``info``'s shape, the costs and the random
+    overlap baseline use the factors' widths). ``curve_boot`` > 0 adds the
     overlap-vs-n curve of the safety set (subset sizes :func:`curve_sizes`, that many draws per size).
     Undefined quantities (e.g. a module whose gradient is exactly zero) are NaN. ``device``: where the
     Gram products run (the factors are copied there for them; everything else runs on the CPU).
@@ -131,9 +133,10 @@ def analyse_module(info: ModuleInfo, pairs: Sequence[tuple[torch.Tensor, torch.T
     n_utility = n - n_safety
     tokens = [D.shape[0] for D, _ in pairs]
     itemsize = pairs[0][0].element_size()
-    per_chunk = max(1, int(chunk_bytes // (2 * info.d_out * info.d_in * itemsize)))
+    d_out, d_in = pairs[0][0].shape[1], pairs[0][1].shape[1]  # info's shape, or (p, p) when sketched
+    per_chunk = max(1, int(chunk_bytes // (2 * d_out * d_in * itemsize)))
     if route == "auto":
-        costs = gram_costs(tokens, info.d_out, info.d_in, per_chunk)
+        costs = gram_costs(tokens, d_out, d_in, per_chunk)
         route = min(costs, key=costs.get)
     on_device = pairs if torch.device(device).type == "cpu" else [(D.to(device), A.to(device)) for D, A in pairs]
     K, sums = gram_matrix(on_device, route, chunk_bytes, (n_safety, n_utility))
@@ -172,7 +175,7 @@ def analyse_module(info: ModuleInfo, pairs: Sequence[tuple[torch.Tensor, torch.T
     arrays["angles"] = np.atleast_1d(np.asarray(angles, dtype=float))
     row["angle_su_min"] = float(np.nanmin(arrays["angles"])) if np.isfinite(arrays["angles"]).any() else float("nan")
     row["phi_su"] = or_nan(lambda: geo.subspace_overlap(bases["safety"], bases["utility"]))
-    baseline = _random_baseline(info.d_out, max(1, min(top_k, info.d_out)))
+    baseline = _random_baseline(d_out, max(1, min(top_k, d_out)))
     row.update(phi_baseline=baseline["expected"], phi_baseline_q05=baseline["q05"], phi_baseline_q95=baseline["q95"])
     K_ss, K_su, K_uu = K[:n_safety, :n_safety], K[:n_safety, n_safety:], K[n_safety:, n_safety:]
     cross = or_nan(lambda: geo.cross_cosines_from_gram(K_su, np.diag(K_ss), np.diag(K_uu)))

@@ -29,12 +29,16 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from analysis.llm.formatting import IGNORE_INDEX, TokenizedBatch, per_sample_loss
+
+if TYPE_CHECKING:
+    from analysis.engine.sketch import Sketch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,8 +263,9 @@ class FactorCapture:
     gets zero output gradients. ``graph_input`` is the embedding output the backward differentiates against.
     """
 
-    def __init__(self, model: nn.Module, modules: Sequence[ModuleInfo | str]):
+    def __init__(self, model: nn.Module, modules: Sequence[ModuleInfo | str], sketch: Sketch | None = None):
         self.model = model
+        self.sketch = sketch
         names = [m.name if isinstance(m, ModuleInfo) else m for m in modules]
         lookup = dict(model.named_modules())
         missing = [n for n in names if n not in lookup]
@@ -327,10 +332,15 @@ class FactorCapture:
 
             def tensor_hook(grad):
                 if self._active and name not in self.output_grads:
-                    self.output_grads[name] = self._select(grad)
-                    self.inputs[name] = self._select(self._raw_inputs.pop(name))
+                    self._store(name, self._select(grad), self._select(self._raw_inputs.pop(name)))
             output.register_hook(tensor_hook)
         return forward_hook
+
+    def _store(self, name: str, output_grads: torch.Tensor, inputs: torch.Tensor) -> None:
+        """Keep one module's selected rows (sketched first when ``sketch`` projects the module)."""
+        if self.sketch is not None:
+            output_grads, inputs = self.sketch.project(name, output_grads, inputs)
+        self.output_grads[name], self.inputs[name] = output_grads, inputs
 
     def backward(self, total_loss: torch.Tensor) -> None:
         """Backpropagate ``total_loss`` to the embedding output only (no parameter ``.grad`` is written)."""
@@ -339,9 +349,8 @@ class FactorCapture:
         torch.autograd.grad(total_loss, [self.graph_input])
         for name, module in self.modules.items():
             if name in self._raw_inputs:  # its output does not reach the loss: zero output gradient
-                self.inputs[name] = self._select(self._raw_inputs.pop(name))
-                self.output_grads[name] = self.inputs[name].new_zeros(self.inputs[name].shape[0],
-                                                                       _out_features(module))
+                inputs = self._select(self._raw_inputs.pop(name))
+                self._store(name, inputs.new_zeros(inputs.shape[0], _out_features(module)), inputs)
             elif name not in self.inputs:
                 raise CaptureError(f"module {name} did not run in the forward pass")
 
@@ -350,19 +359,21 @@ def _out_features(module: nn.Module) -> int:
     return LAYER_TYPES[type(module)].weight_as_out_in(module).shape[0]
 
 
-def capture_batch(model: nn.Module, batch: TokenizedBatch, modules: Sequence[ModuleInfo | str]) -> BatchFactors:
+def capture_batch(model: nn.Module, batch: TokenizedBatch, modules: Sequence[ModuleInfo | str],
+                  sketch: Sketch | None = None) -> BatchFactors:
     """Per-sample factors and losses of one tokenised batch (:class:`analysis.llm.formatting.TokenizedBatch`).
 
     One forward (``use_cache=False``) and one backward of sum_i L_i. Factors are in the model's dtype
     (load the model in float64 for reference-precision tests). Parameters and their ``.grad`` are left
     untouched; the model should be in eval mode (dropout off) for exact per-sample gradients.
+    ``sketch`` (:class:`analysis.engine.sketch.Sketch`): project the factors of its modules as they arrive.
     """
     kept = kept_positions(batch.attention_mask, batch.labels)
     width = batch.input_ids.shape[1]
     flat_rows = torch.cat([i * width + positions for i, positions in enumerate(kept)])
     row_offsets = torch.zeros(len(kept) + 1, dtype=torch.long)
     row_offsets[1:] = torch.cumsum(torch.tensor([len(p) for p in kept]), 0)
-    with FactorCapture(model, modules) as capture:
+    with FactorCapture(model, modules, sketch) as capture:
         capture.set_rows(flat_rows)
         logits = model(**batch.model_inputs(), use_cache=False).logits
         losses = per_sample_loss(logits, batch.labels)

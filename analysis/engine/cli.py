@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         add("--curve-boot", type=int, default=defaults.curve_boot, help="random subsets per n for the curve")
         add("--modules-per-pass", type=int, default=defaults.modules_per_pass,
             help="capture at most this many modules per forward+backward pass (0: all; bounds memory and disk)")
+        add("--projection-dim", type=int, default=None, metavar="P",
+            help="sketch the factors of modules with min(d_out, d_in) > P to P dims (random projection; "
+                 "spectra/cosines approximate, angles in sketch space; default: exact)")
         add("--memory-budget", type=float, default=None, metavar="GiB",
             help="refuse to start when the planned peak memory is above this (the plan is printed first)")
         add("--disk-budget", type=float, default=None, metavar="GiB",
@@ -76,15 +79,18 @@ def _config(args: argparse.Namespace):
         layers=args.layers, kinds=args.modules, regex=args.regex, max_length=args.max_length,
         batch_size=args.batch_size, padding_side=args.padding_side, top_k=args.top_k, seed=args.seed,
         gram_route=args.gram_route, curve_layers=args.curve_layers, curve_boot=args.curve_boot,
-        modules_per_pass=args.modules_per_pass)
+        modules_per_pass=args.modules_per_pass, projection_dim=args.projection_dim)
 
 
 def print_summary(results) -> None:
     """A few headline numbers of a run (medians over modules)."""
     table = results.table
     timings = results.manifest.get("timings", {})
+    from analysis.engine.sketch import label
+
     print(f"run {results.run_id}: {len(results.modules)} modules, {results.config['n_safety']} safety + "
-          f"{results.config['n_utility']} utility samples, k = {results.top_k}  ({results.folder})")
+          f"{results.config['n_utility']} utility samples, k = {results.top_k}, {label(results.manifest)}  "
+          f"({results.folder})")
     if timings:
         print(f"  capture {timings.get('capture_seconds', 0):.1f} s, analysis {timings.get('analyse_seconds', 0):.1f} s")
     if results.manifest.get("n_truncated"):

@@ -58,6 +58,7 @@ from analysis.engine.gradients import (
     run_identity,
 )
 from analysis.engine.gram import DEFAULT_CHUNK_BYTES
+from analysis.engine.sketch import Sketch, describe
 from analysis.llm.formatting import tokenize_batch
 
 if TYPE_CHECKING:
@@ -113,11 +114,12 @@ def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store
     datasets = {which: load_set(config, which) for which in SETS}
     modules = select_modules(find_linear_modules(model.model), config.layers, config.kinds, config.regex)
     run_id = config_hash(run_identity(config, identity, datasets))
+    sketch = Sketch(config.projection_dim, config.seed, modules) if config.projection_dim is not None else None
 
     examples = [ex for which in SETS for ex in datasets[which].examples]
     if ranks is not None and not ranks.leader:
         try:
-            return _follow(config, model, modules, examples, ranks, store, run_id, device)
+            return _follow(config, model, modules, examples, ranks, store, run_id, device, sketch)
         finally:
             ranks.close()
 
@@ -152,13 +154,14 @@ def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store
             "modules": [dataclasses.asdict(m) for m in modules],
             "curve_modules": [m.name for m in modules if m.name in curves],
             "n_batches": len(_plan_batches(config)),
+            "projection": describe(config.projection_dim, config.seed, modules),
             "versions": _versions(),
             "engine": ENGINE_VERSION,
         }
         writer = store.open_run(run_id, manifest)
         job = _Collection(config, model, modules, examples, curves, writer, ctx, device, chunk_bytes,
                           workers or default_workers())
-        job.ranks = ranks
+        job.ranks, job.sketch = ranks, sketch
         was_training = model.model.training
         home = next(model.model.parameters()).device
         model.model.eval()  # dropout off: per-sample gradients are exact only in eval mode
@@ -273,17 +276,19 @@ def _holds(writer: RunWriter, index: int, names: set[str]) -> bool:
 
 
 def _capture_arrays(config: CollectionConfig, model: LoadedModel, examples: Sequence, batch: _Batch,
-                    modules: Sequence[ModuleInfo], device: torch.device,
-                    dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list[bool]]:
-    """One batch's checkpoint arrays (:func:`_batch_arrays`, on the CPU) and its truncation flags."""
+                    modules: Sequence[ModuleInfo], device: torch.device, dtype: torch.dtype,
+                    sketch: Sketch | None = None) -> tuple[dict[str, torch.Tensor], list[bool]]:
+    """One batch's checkpoint arrays (:func:`_batch_arrays`, on the CPU; sketched factors for the modules
+    ``sketch`` projects) and its truncation flags."""
     tokenized = tokenize_batch(model.tokenizer, [examples[i].messages for i in batch.samples],
                                config.max_length, config.padding_side)
-    factors = capture_batch(model.model, _to_device(tokenized, device), modules)
+    factors = capture_batch(model.model, _to_device(tokenized, device), modules, sketch)
     return _batch_arrays(factors, dtype), list(tokenized.truncated)
 
 
 def _follow(config: CollectionConfig, model: LoadedModel, modules: Sequence[ModuleInfo], examples: Sequence,
-            ranks: group.Ranks, store: RunStore, run_id: str, device: torch.device) -> RunResults:
+            ranks: group.Ranks, store: RunStore, run_id: str, device: torch.device,
+            sketch: Sketch | None = None) -> RunResults:
     """A rank other than 0: capture the batches rank 0 deals out, then read the run rank 0 wrote."""
     from analysis.llm.models import place
 
@@ -295,7 +300,7 @@ def _follow(config: CollectionConfig, model: LoadedModel, modules: Sequence[Modu
     try:
         place(model.model, device)
         distributed.follow(ranks, lambda index, names: _capture_arrays(
-            config, model, examples, batches[index], [by_name[n] for n in names], device, dtype),
+            config, model, examples, batches[index], [by_name[n] for n in names], device, dtype, sketch),
             lambda message: CollectionCancelled(message, run_id))
     finally:
         model.model.train(was_training)
@@ -382,6 +387,7 @@ class _Collection:
         self.curves_done = 0  # overlap-vs-n curves added (or read back) so far
         self.keep_work = False
         self.ranks: group.Ranks | None = None  # several processes: batches captured by every rank
+        self.sketch: Sketch | None = None  # config.projection_dim: factors of wide modules sketched at capture
 
     # -- progress and cancel ------------------------------------------------------------------------
     def report(self, message: str, stage: str, done_samples: int, done_modules: int,
@@ -479,7 +485,7 @@ class _Collection:
                     if self.ranks is not None:
                         self.ranks.send(("go",))
                     mine = _capture_arrays(self.config, self.model, self.examples, self.batches[shares[0]], modules,
-                                           self.device, dtype)
+                                           self.device, dtype, self.sketch)
                     gathered = self.ranks.gather(mine) if self.ranks is not None else [mine]
                     pending.update(zip(shares, gathered))
                 arrays, truncated = pending.pop(batch.index)

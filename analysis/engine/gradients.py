@@ -42,7 +42,9 @@ two passes that meet on disk:
    Memory: one module's factors (gate_proj above: 35 MB) + one dense chunk (<= chunk_bytes; 226 MB).
 Measured on SmolLM2, all 210 modules, n = 64, batch 8: peak RSS 2.1 GiB, of which 0.4 GiB is the loaded
 model (bench/engine.py); the capture stage sets the peak.
-Every number is exact up to floating-point rounding; no random projection is used. Products run in the
+Every number is exact up to floating-point rounding unless ``projection_dim`` is set (off by default): then
+the factors of modules wider than it are sketched at capture (:mod:`analysis.engine.sketch`, which says
+which metrics stay meaningful) and the run's manifest says so (``"projection"``). Products run in the
 model dtype (float32: Gram entries to ~1e-6 relative); spectra, SVDs and overlaps in float64 (geometry).
 numpy's BLAS runs single-threaded (``analysis.engine.collect.numpy_single_threaded``) with ``workers``
 modules analysed in parallel; torch keeps the threads its process was given (``TaskContext.threads``).
@@ -109,6 +111,10 @@ class CollectionConfig:
         backward pass over all samples, analyse and delete them, then the next group (0: all in one pass).
         Bounds the memory and disk of the factors by the group's; costs one more pass per group. A
         performance setting: the results are identical, so it is not part of the run id (PERFORMANCE_FIELDS).
+    projection_dim: None (default, exact) or p: modules with min(d_out, d_in) > p get their factors sketched
+        to p dims on both sides at capture (gradients P_out G_i P_in^T (p, p); memory and disk / (d/p)^2).
+        Spectra, CER, ranks and cosines become Johnson-Lindenstrauss estimates; angles, overlaps and bases
+        are in the sketch space, not weight space (:mod:`analysis.engine.sketch`). In the run id when set.
     """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -130,6 +136,7 @@ class CollectionConfig:
     curve_layers: str = "auto"
     curve_boot: int = 8
     modules_per_pass: int = 0
+    projection_dim: int | None = None
 
     kind: ClassVar[str] = "collect"
 
@@ -158,6 +165,9 @@ class CollectionConfig:
                 or self.modules_per_pass < 0:
             raise ConfigError(f"modules_per_pass must be an integer >= 0 (0: all modules in one pass), "
                               f"got {self.modules_per_pass!r}")
+        if self.projection_dim is not None and (isinstance(self.projection_dim, bool)
+                                                or not isinstance(self.projection_dim, int) or self.projection_dim < 1):
+            raise ConfigError(f"projection_dim must be None (exact) or an integer >= 1, got {self.projection_dim!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if self.padding_side not in PADDING_SIDES:
@@ -245,10 +255,13 @@ def curve_modules(config: CollectionConfig, modules: Sequence[ModuleInfo]) -> li
 
 
 def run_identity(config: CollectionConfig, model_identity: str, datasets: Mapping[str, Any]) -> dict:
-    """What a run id hashes: the config (without PERFORMANCE_FIELDS and the model's placement, e.g. its
-    device_map), the model's identity, the examples' fingerprints, ENGINE_VERSION."""
+    """What a run id hashes: the config (without PERFORMANCE_FIELDS, the model's placement, e.g. its
+    device_map, and ``projection_dim`` when it is None, so exact runs keep their ids), the model's identity,
+    the examples' fingerprints, ENGINE_VERSION."""
     settings = {key: value for key, value in to_jsonable(config, placement=False).items()
                 if key not in PERFORMANCE_FIELDS}
+    if settings.get("projection_dim") is None:
+        settings.pop("projection_dim", None)
     return {
         "config": settings,
         "model_identity": model_identity,

@@ -19,6 +19,9 @@ i intermediate, V vocabulary, e = bytes per element of the model dtype, f = 4 (f
   plus the dense G_i chunk (<= chunk_bytes, and <= n d_out d_in f);
 * peak = model + max(capture, analysis). Disk: every factor of one pass, n T sum(d_in + d_out) f, plus the
   results (small).
+* ``projection_dim`` = p (:mod:`analysis.engine.sketch`): a projected module's (d_out, d_in) above read (p, p)
+  (its factors are sketched in the capture hook; the full-width rows of one module exist only while it is
+  sketched), and the capture holds the sketch matrices, p x (each distinct width and side) f.
 
 ACT_H, ACT_I, LOGIT_COPIES were fitted on random-initialised Llama configs (bench/scaling.py, CPU, float32,
 peak RSS of a fresh process: see :func:`measure_capture_peak`) and checked against the embedded SmolLM2 in
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from analysis.core.config import ConfigError, ModelConfig
 from analysis.engine.capture import ModuleInfo, find_linear_modules, select_modules
+from analysis.engine.sketch import Sketch, factor_widths, is_projected
 
 if TYPE_CHECKING:
     from analysis.engine.gradients import CollectionConfig
@@ -130,6 +134,9 @@ class CollectionPlan:
     n_modules: int
     seconds: float
     device: str
+    #: modules whose factors are sketched (``projection_dim``), and that dimension (None: exact)
+    projected_modules: int = 0
+    projection_dim: int | None = None
 
     @property
     def capture_bytes(self) -> int:
@@ -150,7 +157,8 @@ class CollectionPlan:
             f"factors {gib(self.capture_factor_bytes)}], analysis {gib(self.analysis_bytes)})",
             f"  disk ~{gib(self.disk_bytes)} of factor files at once (deleted when the run completes)",
             f"  time ~{self.seconds / 60:.1f} min of forward+backward on {self.device} (rough)",
-        ]
+        ] + ([f"  projected: {self.projected_modules} modules sketched to p = {self.projection_dim} (approximate "
+              "spectra and cosines; angles in sketch space)"] if self.projection_dim is not None else [])
 
     def check(self, memory_budget: float | None = None, disk_budget: float | None = None) -> None:
         """Raise PlanError naming the setting to change when the peak memory or disk exceed the budgets
@@ -177,19 +185,25 @@ def plan_collection(config: CollectionConfig, arch: Architecture | None = None, 
     groups = [modules[start:start + per_pass] for start in range(0, len(modules), per_pass)]
     e, f = arch.param_bytes, 4
     tokens = min(config.batch_size, max(config.n_safety, config.n_utility)) * config.max_length
-    widest = max(sum(m.d_in + m.d_out for m in group) for group in groups)
+    widths = {m.name: factor_widths(m, config.projection_dim) for m in modules}  # (p, p) when sketched
+    widest = max(sum(sum(widths[m.name]) for m in group) for group in groups)
     activation = tokens * (arch.layers * (ACT_H * arch.hidden + ACT_I * arch.intermediate) + ACT_OUTSIDE * arch.hidden) * e
     logits = LOGIT_COPIES * tokens * arch.vocab * 4
     factors = tokens * widest * (e + (f if f != e else 0))
+    if config.projection_dim is not None:
+        factors += Sketch(config.projection_dim, config.seed, modules).matrix_bytes(f)
     n, T = config.n_total, config.max_length
-    analysis = max(n * T * (m.d_in + m.d_out) * f + min(chunk_bytes, n * m.d_out * m.d_in * f) for m in modules)
+    analysis = max(n * T * sum(widths[m.name]) * f + min(chunk_bytes, n * widths[m.name][0] * widths[m.name][1] * f)
+                   for m in modules)
     analysis *= max(1, min(workers, len(modules)))
     flops = 4.0 * arch.n_params * n * T * len(groups)  # forward 2P + input-gradient backward ~2P per token
     rate = GPU_FLOPS if device.startswith("cuda") else CPU_FLOPS
     return CollectionPlan(model_bytes=arch.n_params * e, activation_bytes=int(activation), logit_bytes=int(logits),
                           capture_factor_bytes=int(factors), analysis_bytes=int(analysis),
                           disk_bytes=int(n * T * widest * f), passes=len(groups), modules_per_pass=per_pass,
-                          n_modules=len(modules), seconds=flops / rate, device=device)
+                          n_modules=len(modules), seconds=flops / rate, device=device,
+                          projected_modules=sum(is_projected(m, config.projection_dim) for m in modules),
+                          projection_dim=config.projection_dim)
 
 
 def fit_modules_per_pass(config: CollectionConfig, arch: Architecture, memory_budget: float,

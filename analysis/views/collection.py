@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 
 from analysis.core.results import ETAS, SETS  # ETAS: the eta values whose k@eta is stored per module
 from analysis.engine import geometry
+from analysis.engine.sketch import label as projection_label
 from analysis.views import figures as fig
 
 RANK_METRICS = {
@@ -334,7 +335,18 @@ def run_summary(run) -> dict[str, Any]:
             "utility": f"{config.get('utility')} (n={config.get('n_utility')})",
             "modules": len(run.modules), "layers": config.get("layers"), "kinds": config.get("kinds"),
             "max_length": config.get("max_length"), "top_k": run.top_k, "seed": config.get("seed"),
-            "created": manifest.get("created")}
+            "created": manifest.get("created"), "projection": projection_label(manifest)}
+
+
+def projection_notice(run) -> str | None:
+    """What a projected run's numbers mean (None for an exact run): shown above every result page."""
+    projection = run.manifest.get("projection")
+    if not projection:
+        return None
+    return (f"**Projected run** (random sketch to p = {projection['dim']} dims, {len(projection['modules'])} of "
+            f"{len(run.modules)} modules): singular values, CER, ranks and cosines of those modules are "
+            "Johnson-Lindenstrauss estimates; principal angles, overlaps φ and singular vectors are those of the "
+            "sketched gradients, not of weight space.")
 
 
 COMPARE_METRICS = {
