@@ -28,7 +28,9 @@ run started; CPU time of this process, all threads); every ``eval_every`` steps 
 refusal_nll, affirmative_nll, utility_nll (nats/token, on fixed held-out subsets), weight_distance
 (||theta - theta_0||_2 over the trainable parameters); at every safety-gradient step (every ``spf.refresh``
 steps, in the plain arm too when ``track_conflict``): cos_mean and ``cos/L<layer>`` = cos(G_safety, G_utility)
-of that layer's SPF modules taken together; at step 0, every ``gen_every`` steps and at the end:
+of that layer's SPF modules taken together, and (plain and SPF arms) drift_overlap / drift_overlap_right = mean
+over modules of the overlap phi between the safety basis of this step and that of step 1 (left / right singular
+subspaces; the run's ``drift.safetensors`` keeps the per-module principal-angle cosines); at step 0, every ``gen_every`` steps and at the end:
 asr, over_refusal (keyword "qi" list, Qi et al.), asr_arditi, over_refusal_arditi by greedy generation.
 
 Design choices
@@ -215,9 +217,12 @@ class FinetuneRun:
         trainer.loop.step = meta["step"]
         self.history, trainer.evals = meta["history"], meta["evals"]
         trainer.projector.removed_rows = [tuple(r) for r in meta["removed_rows"]]
-        names = [key[len("basis.U/"):] for key in arrays if key.startswith("basis.U/")]
-        trainer.projector.basis = {name: (arrays[f"basis.U/{name}"].to(trainer.device),
-                                          arrays[f"basis.V/{name}"].to(trainer.device)) for name in names}
+        trainer.projector.drift_rows = [tuple(r) for r in meta.get("drift_rows", [])]
+        for prefix, attribute in (("basis", "basis"), ("reference", "reference")):
+            names = [key[len(f"{prefix}.U/"):] for key in arrays if key.startswith(f"{prefix}.U/")]
+            setattr(trainer.projector, attribute, {name: (arrays[f"{prefix}.U/{name}"].to(trainer.device),
+                                                          arrays[f"{prefix}.V/{name}"].to(trainer.device))
+                                                   for name in names})
         trainer.loop.clock = Clock(meta["wall_seconds"], meta["cpu_seconds"])
         self.write_live()
         return meta.get("pending")
@@ -226,12 +231,13 @@ class FinetuneRun:
         trainer = self.trainer
         wall, cpu = trainer.loop.clock.read()
         state = {"step": step, "history": self.history, "evals": trainer.evals, "pending": pending,
-                 "removed_rows": trainer.projector.removed_rows, "wall_seconds": wall, "cpu_seconds": cpu,
-                 "format": FORMAT_VERSION}
+                 "removed_rows": trainer.projector.removed_rows, "drift_rows": trainer.projector.drift_rows,
+                 "wall_seconds": wall, "cpu_seconds": cpu, "format": FORMAT_VERSION}
         arrays = {}
-        for name, (U, V) in trainer.projector.basis.items():
-            arrays[f"basis.U/{name}"] = U
-            arrays[f"basis.V/{name}"] = V
+        for prefix, basis in (("basis", trainer.projector.basis), ("reference", trainer.projector.reference)):
+            for name, (U, V) in basis.items():
+                arrays[f"{prefix}.U/{name}"] = U
+                arrays[f"{prefix}.V/{name}"] = V
         trainer.loop.save(self.writer.work / CHECKPOINT, finite_or_none(state), arrays)
         self.writer.write_manifest(checkpoint_step=step)
 
@@ -272,6 +278,11 @@ class FinetuneRun:
         if rows:
             arrays["spf.safetensors"] = {"steps": np.array([r[0] for r in rows], dtype=np.int64),
                                          "removed": np.array([r[1] for r in rows], dtype=np.float32)}
+        drift = trainer.projector.drift_rows
+        if drift:
+            arrays["drift.safetensors"] = {"steps": np.array([r[0] for r in drift], dtype=np.int64),
+                                           "cos_left": np.array([r[1] for r in drift], dtype=np.float32),
+                                           "cos_right": np.array([r[2] for r in drift], dtype=np.float32)}
         final = next((e for e in reversed(trainer.evals) if e.get("final")), None)
         final_metrics = None
         if final is not None:
@@ -281,7 +292,8 @@ class FinetuneRun:
         self.writer.finish(arrays, {"history.json": finite_or_none(self.history),
                                     "evals.json": finite_or_none(trainer.evals)},
                            keep_work=self.keep_checkpoint, timings={"wall_seconds": wall, "cpu_seconds": cpu},
-                           final_metrics=finite_or_none(final_metrics))
+                           final_metrics=finite_or_none(final_metrics),
+                           drift_modules=[m.name for m in trainer.projector.modules] if drift else [])
         files = dict(self.writer.manifest["files"])
         for path in sorted((self.writer.folder / "model").iterdir()):
             if path.is_file():

@@ -216,8 +216,14 @@ class FinetuneTrainer:
             safety = self.safety_gradients(step)
             if config.track_conflict:
                 row.update(projector.conflict_cosines(safety))
+            generator = seeded(config.seed, "basis", step)
             if projector.project:
-                projector.refresh_basis(safety, step, seeded(config.seed, "basis", step))
+                projector.refresh_basis(safety, step, generator)
+                row.update(projector.record_drift(step, projector.basis))
+            elif config.method == "plain":  # a measurement only: its own seeded generator, training unchanged;
+                # the default basis settings, since they are not part of a plain run's id
+                row.update(projector.record_drift(step, projector.top_k_bases(safety, generator, SPFConfig()),
+                                                  SPFConfig.k))
             if config.method == "pcgrad":
                 self.pcgrad_reference = {name: g.detach() for name, g in safety.items()}
             del safety
