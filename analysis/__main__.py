@@ -21,6 +21,7 @@ COMMANDS = {
     "align": ("analysis.lab.align", "build the safety-aligned default model (cache/models/...-aligned)"),
     "finetune": ("analysis.lab.finetune", "fine-tune (attack presets) with plain SFT and/or SPF; live safety metrics"),
     "safe-lora": ("analysis.lab.safe_lora", "Safe LoRA-style post-hoc projection of a fine-tuned model's delta"),
+    "why": ("analysis.lab.why", "why a defence fails: a fine-tuning run's update vs the safety subspaces"),
 }
 
 
