@@ -106,6 +106,11 @@ st.header("4 · How deep is the alignment?", divider="gray")
 energy = why_views.token_energy_frame(arrays)
 common.show_figure(why_views.token_energy_figure(energy, summary["first_tokens"], subtitle=subtitle), export_id,
                    "token_energy")
+with st.expander("Per layer: where in the response is each layer's safety gradient?"):
+    energy_set = st.radio("Gradient", list(why_views.ENERGY_SETS), format_func=why_views.ENERGY_SETS.get,
+                          horizontal=True, key="widget.why.energy_set")
+    common.show_figure(why_views.energy_by_layer_figure(arrays, energy_set, subtitle=subtitle), export_id,
+                       f"energy_by_layer_{energy_set}")
 shares = {name: {"token energy, first N": summary["energy_first_share"].get(name),
                  "‖G_first N‖ / ‖G‖": summary["first_norm_share"].get(name),
                  "⟨G_first N, G⟩ / ‖G‖²": summary["first_share"].get(name)}

@@ -50,6 +50,7 @@ def test_why_page_shows_drift_runs_the_analysis_and_its_figures(cache):
     assert "Overlap with the safety subspaces per layer, left singular vectors" in titles
     assert "Where does the safety gradient live? Token energy by response position" in titles
     assert any(t.startswith("Smallest principal angle") for t in titles)
+    assert "Token energy by layer and response position: refusal CE, aligned model" in titles
     overlap = next(s for s in chart_specs(at) if s["layout"]["title"]["text"].startswith("Overlap"))
     assert overlap["layout"]["yaxis"]["title"]["text"].startswith("overlap φ")
     assert "random subspaces, k/d" in {t["name"] for t in overlap["data"]}

@@ -19,7 +19,7 @@ from analysis.views.figures import (
     new_figure,
 )
 
-__all__ = ["ENERGY_SETS", "PAIR_LABELS", "drift_figure", "drift_frame", "group_summary", "min_angle_heatmap",
+__all__ = ["ENERGY_SETS", "PAIR_LABELS", "drift_figure", "drift_frame", "energy_by_layer_figure", "group_summary", "min_angle_heatmap",
            "overlap_by_layer_figure", "token_energy_figure", "token_energy_frame", "why_verdict"]
 
 PAIR_LABELS = {
@@ -131,6 +131,28 @@ def token_energy_figure(frame: pd.DataFrame, first_tokens: int = 5, max_position
                      annotation_text=f"first {first_tokens}", annotation_position="top right")
     figure.update_yaxes(rangemode="tozero", tickformat=".0%")
     figure.update_layout(legend=dict(x=0.98, xanchor="right", y=0.98, yanchor="top"))
+    return figure
+
+
+def energy_by_layer_figure(arrays: Mapping[str, np.ndarray], name: str = "refusal", max_position: int = 32,
+                           subtitle: str = "") -> go.Figure:
+    """Heatmap layer (y) x response position (x): each layer's share of its own token energy (prompt rows
+    included in the total) per position, mean over samples: where in the response each layer's safety gradient is."""
+    title = f"Token energy by layer and response position: {ENERGY_SETS.get(name, name)}"
+    if f"energy/{name}" not in arrays:
+        return empty_figure(title, "no token energies")
+    energy, prompt = arrays[f"energy/{name}"], arrays[f"prompt_energy/{name}"]  # (n, L, P), (n, L)
+    total = energy.sum(2) + prompt
+    with np.errstate(all="ignore"):
+        share = np.nanmean(energy / np.where(total > 0, total, np.nan)[:, :, None], axis=0)[:, :max_position]
+    layers = [str(int(i)) for i in arrays["layers"]]
+    figure = new_figure(title, "response position j (0 = predicts the first response token)", "layer", subtitle)
+    figure.add_trace(go.Heatmap(z=share, x=list(range(share.shape[1])), y=layers, colorscale="Viridis", xgap=1, ygap=1,
+                                colorbar=dict(title=dict(text="share of the layer's energy", side="right")),
+                                hovertemplate="layer %{y}, j=%{x}: %{z:.1%}<extra></extra>"))
+    figure.update_yaxes(autorange="reversed", type="category", showgrid=False)
+    figure.update_xaxes(showgrid=False)
+    figure.update_layout(height=max(340, 90 + 18 * len(layers)))
     return figure
 
 
