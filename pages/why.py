@@ -55,6 +55,10 @@ with right:
 
 # ---- 2 · drift during training (from the run itself) --------------------------------------------------------
 st.header("2 · Does the safety subspace move during fine-tuning?", divider="gray")
+st.caption("At every refresh of the safety basis (every R steps; in plain runs too, as a measurement) the top-k "
+           "subspace of that step's safety gradient is compared with the step-1 subspace. Each refresh draws its own "
+           "safety batch, as SPF does, so this includes the batch-to-batch variation; section 3 compares the aligned "
+           "and the fine-tuned model on the same prompts.")
 drift = why_views.drift_frame(result.drift())
 export_id = f"why_{run_id}"
 common.show_figure(why_views.drift_figure(drift, result.config.get("preset", "")), export_id, "drift")

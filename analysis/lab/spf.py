@@ -191,7 +191,9 @@ class SPFProjector:
     Drift (a measurement, :meth:`record_drift`): the first basis is kept as ``reference`` {module: (U_0, V_0)}
     and every refresh appends (step, cos_left, cos_right) to ``drift_rows``, cos_* (n_modules, k) the cosines
     of the principal angles between the new and the first basis (descending, NaN-padded to k). Only these
-    cosines are kept, not the bases (memory: 2 k floats per module and refresh).
+    cosines are kept, not the bases (memory: 2 k floats per module and refresh). Each basis comes from that
+    step's seeded safety batch (as SPF uses it), so the drift includes the batch-to-batch variation of the
+    subspace, not only the change of the weights (:mod:`analysis.lab.why` compares start and end on fixed prompts).
     """
 
     def __init__(self, modules: list[SPFModule], spf: SPFConfig, project: bool):
