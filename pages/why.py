@@ -77,6 +77,10 @@ try:
 except (ConfigError, DataError, ModelLoadError) as error:
     st.error(str(error))
     st.stop()
+st.caption("Measured on the aligned SmolLM2, harmful-10 plain (ASR 9% → 99%), k = 8, 16 prompts: the update's "
+           "subspace overlaps the compliance subspace φ = 0.22 / 0.38 (left / right; random 0.019 / 0.013) but the "
+           "refusal subspace only 0.07 / 0.13, and cos(dW, G_refusal) ≈ 0 while cos(dW, G_compliance) ≈ −0.21: the attack "
+           "raises “Sure, here is” along directions a refusal-gradient basis barely holds.")
 job = ui_jobs.current("why", why_id)
 stored = lab_why.load_why(task)
 if job is not None and job.active:
