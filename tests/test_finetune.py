@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -342,6 +343,8 @@ def test_resume_after_cancel_and_after_crash_equals_uninterrupted(tmp_path):
             assert torch.equal(tensor, _weights(resumed)[key]), key
         assert resumed.evals == whole.evals
         assert resumed.spf_removed().equals(whole.spf_removed())
+        for key in ("steps", "cos_left", "cos_right"):  # the drift reference basis survives the checkpoint
+            np.testing.assert_array_equal(resumed.drift()[key], whole.drift()[key])
 
 
 def test_cancel_during_evaluation_resumes(tmp_path, monkeypatch):

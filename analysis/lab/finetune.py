@@ -30,7 +30,10 @@ refusal_nll, affirmative_nll, utility_nll (nats/token, on fixed held-out subsets
 steps, in the plain arm too when ``track_conflict``): cos_mean and ``cos/L<layer>`` = cos(G_safety, G_utility)
 of that layer's SPF modules taken together, and safety_grad_norm (||G_safety|| over the SPF modules); with
 method spf / pcgrad also basis_skipped (1: the safety gradient was ~0, e.g. ``safety_loss="kl"`` at step 1, so
-no basis / reference was kept and nothing is projected until the next refresh; else 0); at step 0, every ``gen_every`` steps and at the end:
+no basis / reference was kept and nothing is projected until the next refresh; else 0); (plain and SPF arms)
+drift_overlap / drift_overlap_right = mean over modules of the overlap phi between the safety basis of this step
+and that of the first refresh (left / right singular subspaces; the run's ``drift.safetensors`` keeps the
+per-module principal-angle cosines); at step 0, every ``gen_every`` steps and at the end:
 asr, over_refusal (keyword "qi" list, Qi et al.), asr_arditi, over_refusal_arditi by greedy generation.
 
 Design choices
@@ -217,11 +220,13 @@ class FinetuneRun:
         trainer.loop.step = meta["step"]
         self.history, trainer.evals = meta["history"], meta["evals"]
         trainer.projector.removed_rows = [tuple(r) for r in meta["removed_rows"]]
-        names = [key[len("basis.U/"):] for key in arrays if key.startswith("basis.U/")]
+        trainer.projector.drift_rows = [tuple(r) for r in meta.get("drift_rows", [])]
         devices = {m.name: m.weight.device for m in trainer.projector.modules}  # a dispatched model: several
-        trainer.projector.basis = {name: (arrays[f"basis.U/{name}"].to(devices.get(name, trainer.device)),
-                                          arrays[f"basis.V/{name}"].to(devices.get(name, trainer.device)))
-                                   for name in names}
+        for prefix, attribute in (("basis", "basis"), ("reference", "reference")):
+            names = [key[len(f"{prefix}.U/"):] for key in arrays if key.startswith(f"{prefix}.U/")]
+            setattr(trainer.projector, attribute, {
+                name: (arrays[f"{prefix}.U/{name}"].to(devices.get(name, trainer.device)),
+                       arrays[f"{prefix}.V/{name}"].to(devices.get(name, trainer.device))) for name in names})
         reference = {key[len("pcgrad/"):]: value.to(devices.get(key[len("pcgrad/"):], trainer.device))
                      for key, value in arrays.items() if key.startswith("pcgrad/")}
         trainer.pcgrad_reference = reference or None
@@ -233,12 +238,13 @@ class FinetuneRun:
         trainer = self.trainer
         wall, cpu = trainer.loop.clock.read()
         state = {"step": step, "history": self.history, "evals": trainer.evals, "pending": pending,
-                 "removed_rows": trainer.projector.removed_rows, "wall_seconds": wall, "cpu_seconds": cpu,
-                 "format": FORMAT_VERSION}
+                 "removed_rows": trainer.projector.removed_rows, "drift_rows": trainer.projector.drift_rows,
+                 "wall_seconds": wall, "cpu_seconds": cpu, "format": FORMAT_VERSION}
         arrays = {}
-        for name, (U, V) in trainer.projector.basis.items():
-            arrays[f"basis.U/{name}"] = U
-            arrays[f"basis.V/{name}"] = V
+        for prefix, basis in (("basis", trainer.projector.basis), ("reference", trainer.projector.reference)):
+            for name, (U, V) in basis.items():
+                arrays[f"{prefix}.U/{name}"] = U
+                arrays[f"{prefix}.V/{name}"] = V
         for name, G in (trainer.pcgrad_reference or {}).items():  # method "pcgrad": the last safety gradient
             arrays[f"pcgrad/{name}"] = G.contiguous()
         trainer.loop.save(self.writer.work / CHECKPOINT, finite_or_none(state), arrays)
@@ -281,6 +287,11 @@ class FinetuneRun:
         if rows:
             arrays["spf.safetensors"] = {"steps": np.array([r[0] for r in rows], dtype=np.int64),
                                          "removed": np.array([r[1] for r in rows], dtype=np.float32)}
+        drift = trainer.projector.drift_rows
+        if drift:
+            arrays["drift.safetensors"] = {"steps": np.array([r[0] for r in drift], dtype=np.int64),
+                                           "cos_left": np.array([r[1] for r in drift], dtype=np.float32),
+                                           "cos_right": np.array([r[2] for r in drift], dtype=np.float32)}
         final = next((e for e in reversed(trainer.evals) if e.get("final")), None)
         final_metrics = None
         if final is not None:
@@ -290,7 +301,8 @@ class FinetuneRun:
         self.writer.finish(arrays, {"history.json": finite_or_none(self.history),
                                     "evals.json": finite_or_none(trainer.evals)},
                            keep_work=self.keep_checkpoint, timings={"wall_seconds": wall, "cpu_seconds": cpu},
-                           final_metrics=finite_or_none(final_metrics))
+                           final_metrics=finite_or_none(final_metrics),
+                           drift_modules=[m.name for m in trainer.projector.modules] if drift else [])
         files = dict(self.writer.manifest["files"])
         for path in sorted((self.writer.folder / "model").iterdir()):
             if path.is_file():

@@ -91,6 +91,19 @@ class FinetuneResults:
         arrays = load_file(str(path))
         return pd.DataFrame(arrays["removed"], index=arrays["steps"].astype(int), columns=self.manifest["spf_modules"])
 
+    def drift(self) -> dict | None:
+        """Drift of the safety subspace during the run (see ``SPFProjector.record_drift``), or None if the run
+        recorded none: {"steps" (r,), "modules" [n_modules HF paths], "cos_left" / "cos_right" (r, n_modules, k)
+        principal-angle cosines of each refresh's basis vs the first one (NaN-padded)}."""
+        from safetensors.numpy import load_file
+
+        path = self.folder / "drift.safetensors"
+        if not path.is_file():
+            return None
+        arrays = load_file(str(path))
+        return {"steps": arrays["steps"].astype(int), "modules": list(self.manifest.get("drift_modules") or []),
+                "cos_left": arrays["cos_left"], "cos_right": arrays["cos_right"]}
+
     @property
     def model_path(self) -> Path | None:
         path = self.folder / "model"

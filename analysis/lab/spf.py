@@ -81,8 +81,8 @@ BASIS_RTOL = 1e-6
 #: treated as zero: no basis is kept (e.g. the "kl" safety loss at theta = theta_0).
 ZERO_SAFETY_RTOL = 1e-6
 
-__all__ = ["BASIS_RTOL", "ZERO_SAFETY_RTOL", "SPFModule", "SPFProjector", "as_out_in", "project_gradients",
-           "project_same", "spf_modules", "top_k_basis"]
+__all__ = ["BASIS_RTOL", "ZERO_SAFETY_RTOL", "SPFModule", "SPFProjector", "as_out_in", "principal_cosines",
+           "project_gradients", "project_same", "spf_modules", "top_k_basis"]
 
 
 def as_out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
@@ -215,12 +215,28 @@ def project_gradients(grads: Mapping[str, torch.Tensor], basis: Mapping[str, tup
 
 
 
+def principal_cosines(Q_a: torch.Tensor, Q_b: torch.Tensor) -> list[float]:
+    """Cosines (descending, in [0, 1]) of the principal angles between span(Q_a) and span(Q_b) (d, k_a / k_b),
+    via ``geometry.principal_angles`` (float64)."""
+    from analysis.engine.geometry import principal_angles
+
+    theta = principal_angles(Q_a.detach().to("cpu", torch.float64), Q_b.detach().to("cpu", torch.float64))
+    return [float(c) for c in np.cos(theta)]
+
+
 class SPFProjector:
     """The SPF state of one run: the selected ``modules``, their safety basis {module: (U_k, V_k)}, and the
     removed share per projected step (``removed_rows``: (step, [||removed|| / ||G|| per module])).
 
-    ``project``: False for a plain run that only measures conflicts (basis never computed). The basis is
+    ``project``: False for a plain run that only measures conflicts (basis never used). The basis is
     refreshed at steps 1, R+1, ... from the safety gradient (:meth:`safety_gradients`).
+
+    Drift (a measurement, :meth:`record_drift`): the first basis is kept as ``reference`` {module: (U_0, V_0)}
+    and every refresh appends (step, cos_left, cos_right) to ``drift_rows``, cos_* (n_modules, k) the cosines
+    of the principal angles between the new and the first basis (descending, NaN-padded to k). Only these
+    cosines are kept, not the bases (memory: 2 k floats per module and refresh). Each basis comes from that
+    step's seeded safety batch (as SPF uses it), so the drift includes the batch-to-batch variation of the
+    subspace, not only the change of the weights (:mod:`analysis.lab.why` compares start and end on fixed prompts).
     """
 
     def __init__(self, modules: list[SPFModule], spf: SPFConfig, project: bool):
@@ -229,6 +245,8 @@ class SPFProjector:
         self.project = project
         self.basis: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.removed_rows: list[tuple[int, list[float]]] = []
+        self.reference: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.drift_rows: list[tuple[int, list[list[float]], list[list[float]]]] = []
 
     def refresh_due(self, step: int) -> bool:
         return bool(self.modules) and (step - 1) % self.config.refresh == 0
@@ -240,10 +258,44 @@ class SPFProjector:
 
     def refresh_basis(self, safety: Mapping[str, torch.Tensor], step: int, generator: torch.Generator) -> None:
         """Top-k basis of every module's safety gradient (``generator``: the step's seeded generator)."""
-        spf = self.config
+        self.basis.update(self.top_k_bases(safety, generator))
+
+    def top_k_bases(self, safety: Mapping[str, torch.Tensor], generator: torch.Generator,
+                    spf: SPFConfig | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{module: (U_k, V_k)} of the safety gradients, as :meth:`refresh_basis` computes them (not stored);
+        ``spf``: other basis settings (k, svd, ...) than the run's."""
+        spf = spf if spf is not None else self.config
+        out = {}
         for module in self.modules:
             U, _, V = top_k_basis(safety[module.name], spf.k, spf.svd, spf.oversample, spf.power_iters, generator)
-            self.basis[module.name] = (U, V)
+            out[module.name] = (U, V)
+        return out
+
+    def record_drift(self, step: int, basis: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                     k: int | None = None) -> dict[str, float]:
+        """Append the principal-angle cosines of ``basis`` vs the first recorded basis (which it becomes when
+        there is none yet) to ``drift_rows``; returns ``drift_overlap`` / ``drift_overlap_right``: the mean over
+        modules of the subspace overlap phi (mean cos^2, 1 = unchanged, random ~ k/d) of the left / right
+        singular subspaces."""
+        if not self.reference:
+            self.reference = {name: (U.detach().clone(), V.detach().clone()) for name, (U, V) in basis.items()}
+        k = k if k is not None else self.config.k
+        rows: tuple[list[list[float]], list[list[float]]] = ([], [])
+        for module in self.modules:
+            for side in (0, 1):
+                row = [float("nan")] * k
+                now, first = basis[module.name][side], self.reference[module.name][side]
+                if now.shape[1] and first.shape[1]:
+                    cosines = principal_cosines(first, now)
+                    row[:len(cosines)] = cosines
+                rows[side].append(row)
+        self.drift_rows.append((step, rows[0], rows[1]))
+        out = {}
+        for side, key in ((0, "drift_overlap"), (1, "drift_overlap_right")):
+            cos = np.array(rows[side], dtype=np.float64)
+            phi = np.nanmean(cos ** 2, axis=1) if cos.size and np.isfinite(cos).any() else np.array([np.nan])
+            out[key] = float(np.nanmean(phi)) if np.isfinite(phi).any() else float("nan")
+        return out
 
     def conflict_cosines(self, safety: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """cos(G_safety, G_utility) per layer (the layer's modules taken together, ``cos/L<layer>``) and

@@ -258,11 +258,17 @@ class FinetuneTrainer:
             row["safety_grad_norm"] = norm
             if config.track_conflict:
                 row.update(projector.conflict_cosines(safety))
+            generator = seeded(config.seed, "basis", step)
             if projector.project:
                 if zero:
                     projector.basis = {}
                 else:
-                    projector.refresh_basis(safety, step, seeded(config.seed, "basis", step))
+                    projector.refresh_basis(safety, step, generator)
+                    row.update(projector.record_drift(step, projector.basis))
+            elif config.method == "plain":  # a measurement only: its own seeded generator, training unchanged;
+                # the default basis settings, since they are not part of a plain run's id
+                row.update(projector.record_drift(step, projector.top_k_bases(safety, generator, SPFConfig()),
+                                                  SPFConfig.k))
             if config.method == "pcgrad":
                 self.pcgrad_reference = None if zero else {name: g.detach() for name, g in safety.items()}
             if projector.project or config.method == "pcgrad":
