@@ -45,8 +45,8 @@ with left:
                                     list(models), format_func=models.get, value="default")
     tiers = st.multiselect("Attack tiers", list(PRESETS), default=list(grid.TIERS), key="widget.grid.tiers",
                            help="; ".join(f"{name}: {preset.description.split('. ')[0]}" for name, preset in PRESETS.items()))
-    defences = st.multiselect("Defences", list(grid.DEFENCES), default=list(grid.DEFENCES), key="widget.grid.defences",
-                              format_func=lambda name: f"{name} — {DESCRIPTIONS[name]}")
+    defences = st.multiselect("Defences", list(grid.DEFENCES), default=list(grid.DEFENCES), key="widget.grid.defences")
+    st.caption(" · ".join(f"**{name}**: {DESCRIPTIONS[name]}" for name in grid.DEFENCES))
 with right:
     n_harmful = st.number_input("Harmful prompts evaluated (held-out split, seeded subsample)", 1, 88,
                                 grid.DefenceGridTask.n_harmful, key="widget.grid.n_harmful")
@@ -74,7 +74,7 @@ def live_rows(live: dict) -> None:
 
 st.header("2 · Run", divider="gray")
 job = ui_jobs.current("defences", run_id)
-stored = {result.run_id: result for result in grid.stored_grids()}
+stored = {result.run_id: result for result in grid.stored_grids()}  # finished grids
 if job is not None and job.active:
     ui_jobs.follow(job, live_view=live_rows, cancel_label="Cancel (finished cells are kept)")
 else:
@@ -87,20 +87,21 @@ else:
         st.rerun()
 
 st.header("3 · Results", divider="gray")
-if not stored:
-    st.info("No grid has finished yet.")
-    st.stop()
 shown = stored.get(run_id)
-if shown is None:
-    shown = next(iter(stored.values()))
-    st.caption(f"Showing the latest stored grid ({shown.run_id}); the settings above have not been run.")
-for line in views.grid_verdict(shown.rows):
+if shown is not None:
+    rows, export_id = shown.rows, f"defences_{shown.run_id}"
+else:
+    rows, export_id = grid.stored_rows(task), f"defences_{run_id}_partial"
+    if not rows:
+        st.info("No cell of this grid is stored yet.")
+        st.stop()
+    st.caption(f"{len(rows)} of {len(cells)} cells are stored so far (their runs and evaluations are reused when "
+               "the grid runs).")
+for line in views.grid_verdict(rows):
     st.markdown(f"- {line}")
-table = views.grid_table(shown.rows)
-common.show_table(table)
-export_id = f"defences_{shown.run_id}"
-common.data_downloads(pd.DataFrame(shown.rows), export_id, "grid")
+common.show_table(views.grid_table(rows))
+common.data_downloads(pd.DataFrame(rows), export_id, "grid")
 columns = st.columns(2)
 for index, metric in enumerate(("asr", "utility_accuracy", "over_refusal", "utility_nll")):
     with columns[index % 2]:
-        common.show_figure(views.grid_figure(shown.rows, metric), export_id, metric)
+        common.show_figure(views.grid_figure(rows, metric), export_id, metric)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from analysis.core.config import ConfigError, to_jsonable
-from analysis.lab.grid import DEFENCES, METRICS, DefenceGridTask, run_grid, stored_grids
+from analysis.lab.grid import DEFENCES, METRICS, DefenceGridTask, run_grid, stored_grids, stored_rows
 
 FAST = dict(max_length=96, eval_harmful_per_category=1, n_eval_utility=2, gen_harmful_per_category=1, n_gen_benign=2,
             gen_max_new_tokens=4, gen_batch_size=16, lr=1e-3, n_train=4, batch_size=2, epochs=1, eval_every=1,
@@ -47,7 +47,9 @@ def test_the_grid_trains_defends_and_evaluates_every_cell_then_reuses_them(tiny_
     from analysis.safety.evaluate import evals_store
 
     task = grid(tiny_aligned)
+    assert stored_rows(task) == []  # nothing trained yet: nothing to show, nothing computed
     result = run_grid(task)
+    assert stored_rows(task) == result.rows  # every cell is found without training or evaluating
     table = result.table
     assert list(zip(table.tier, table.defence)) == task.cells()
     assert set(METRICS) <= set(table.columns)
@@ -96,7 +98,7 @@ def test_the_defence_lab_page_runs_a_grid_as_a_job_and_shows_its_table(tmp_path,
         at = fresh_app()
         at.switch_page("pages/defences.py").run()
         no_exceptions(at)
-        assert any("No grid has finished yet" in i.value for i in at.info)
+        assert any("No cell of this grid is stored yet" in i.value for i in at.info)
         at.multiselect(key="widget.grid.tiers").set_value(["harmful-10"])
         at.multiselect(key="widget.grid.defences").set_value(["none", "plain"])
         at.number_input(key="widget.grid.n_harmful").set_value(4)

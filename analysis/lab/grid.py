@@ -40,7 +40,7 @@ from analysis.core.store import RunStore
 from analysis.core.tasks import Event, TaskContext
 
 __all__ = ["DEFENCES", "METRICS", "RUN_OVERRIDES", "TIERS", "DefenceGridTask", "GridResult", "add_arguments", "defences_root",
-           "load_grid", "run", "stored_grids"]
+           "load_grid", "run", "stored_grids", "stored_rows"]
 
 FORMAT_VERSION = 1
 TIERS = ("harmful-10", "aoa", "benign")
@@ -190,14 +190,60 @@ def _child(ctx: TaskContext, low: float, high: float, prefix: str) -> TaskContex
     return TaskContext(device=ctx.device, progress=forward, cancel=ctx.cancel)
 
 
+def _cell(task: DefenceGridTask, tier: str, defence: str, plain_runs: dict[str, Any], *, compute: bool,
+          ctx: TaskContext, low: float = 0.0, high: float = 1.0,
+          finetune_root: str | Path | None = None) -> dict | None:
+    """One row of the table: the cell's run (trained, or only looked up when not ``compute``), its defended
+    model and evaluation. None when ``compute`` is False and something is not stored yet."""
+    from analysis.lab.finetune import FinetuneResults, finetune_store, run_finetune, run_id_for
+    from analysis.lab.finetune_data import load_data
+    from analysis.lab.safe_lora import SafeLoraTask, defend, safe_lora_root
+    from analysis.llm.models import model_identity
+    from analysis.safety.evaluate import evaluate, stored_evaluation
+
+    middle = (low + high) / 2
+    row: dict[str, Any] = {"tier": tier, "defence": defence, "finetune_run": None, "train_seconds": None}
+    model = task.model
+    if defence != "none":
+        config = task.finetune_config(tier, defence)
+        run = plain_runs.get(tier) if config.method == "plain" else None
+        if run is None and compute:
+            run = run_finetune(config, _child(ctx, low, middle, f"{tier} / {config.method}"), root=finetune_root)
+        elif run is None:
+            store = finetune_store(finetune_root)
+            run_id = run_id_for(config, model_identity(config.model), load_data(config).fingerprints)
+            if store.status(run_id) != "complete":
+                return None
+            run = FinetuneResults(store.path(run_id), store.manifest(run_id))
+        if config.method == "plain":
+            plain_runs[tier] = run
+        row["finetune_run"] = run.run_id
+        row["train_seconds"] = (run.manifest.get("timings") or {}).get("wall_seconds")
+        model = ModelConfig(source=str(run.folder / "model"))
+        if defence == "safe-lora":
+            safe_lora = SafeLoraTask(finetuned=model, aligned=task.model, base=task.base,
+                                     threshold=task.safe_lora_threshold, rank=task.safe_lora_rank)
+            if not compute and not (safe_lora_root() / safe_lora.run_id() / "model" / "manifest.json").is_file():
+                return None
+            defended = defend(safe_lora, _child(ctx, middle, middle, f"{tier} / safe-lora"))
+            row["safe_lora_projected"] = f"{defended['n_projected']}/{defended['n_modules']}"
+            model = ModelConfig(source=defended["folder"])
+    eval_config = task.eval_config(model, tier)
+    if compute:
+        evaluation = evaluate(eval_config, _child(ctx, middle, high, f"{tier} / {defence} / eval"))
+    else:
+        evaluation = stored_evaluation(eval_config)
+        if evaluation is None:
+            return None
+    row.update({column: evaluation.metrics.get(key) for column, (key, _) in METRICS.items()})
+    row["eval_run"] = evaluation.run_id
+    return row
+
+
 def run_grid(task: DefenceGridTask, ctx: TaskContext | None = None, *, finetune_root: str | Path | None = None,
              root: str | Path | None = None) -> GridResult:
     """Train, defend and evaluate every cell (reusing stored runs and evaluations); store and return the table.
     ``finetune_root`` / ``root``: other run stores (tests)."""
-    from analysis.lab.finetune import run_finetune
-    from analysis.lab.safe_lora import SafeLoraTask, defend
-    from analysis.safety.evaluate import evaluate
-
     ctx = ctx if ctx is not None else TaskContext()
     run_id = task.run_id()
     store = RunStore(root if root is not None else defences_root())
@@ -207,28 +253,8 @@ def run_grid(task: DefenceGridTask, ctx: TaskContext | None = None, *, finetune_
     for index, (tier, defence) in enumerate(cells):
         ctx.check_cancel(f"cancelled before {tier} / {defence}", run_id)
         low, high = index / len(cells), (index + 1) / len(cells)
-        middle = (low + high) / 2
-        row: dict[str, Any] = {"tier": tier, "defence": defence, "finetune_run": None, "train_seconds": None}
-        model = task.model
-        if defence != "none":
-            config = task.finetune_config(tier, defence)
-            run = plain_runs.get(tier) if defence == "safe-lora" else None
-            if run is None:
-                run = run_finetune(config, _child(ctx, low, middle, f"{tier} / {config.method}"), root=finetune_root)
-            if config.method == "plain":
-                plain_runs[tier] = run
-            row["finetune_run"] = run.run_id
-            row["train_seconds"] = (run.manifest.get("timings") or {}).get("wall_seconds")
-            model = ModelConfig(source=str(run.folder / "model"))
-            if defence == "safe-lora":
-                defended = defend(SafeLoraTask(finetuned=model, aligned=task.model, base=task.base,
-                                               threshold=task.safe_lora_threshold, rank=task.safe_lora_rank),
-                                  _child(ctx, middle, middle, f"{tier} / safe-lora"))
-                row["safe_lora_projected"] = f"{defended['n_projected']}/{defended['n_modules']}"
-                model = ModelConfig(source=defended["folder"])
-        evaluation = evaluate(task.eval_config(model, tier), _child(ctx, middle, high, f"{tier} / {defence} / eval"))
-        row.update({column: evaluation.metrics.get(key) for column, (key, _) in METRICS.items()})
-        row["eval_run"] = evaluation.run_id
+        row = _cell(task, tier, defence, plain_runs, compute=True, ctx=ctx, low=low, high=high,
+                    finetune_root=finetune_root)
         rows.append(row)
         ctx.report(high, f"{tier} / {defence}: ASR {row['asr']:.0%}", live={"rows": rows})
     key = {"format": FORMAT_VERSION, "task": to_jsonable(task)}
@@ -238,6 +264,15 @@ def run_grid(task: DefenceGridTask, ctx: TaskContext | None = None, *, finetune_
         pd.DataFrame(rows).to_csv(writer.folder / "table.csv", index=False)
         writer.finish({}, {"table.json": rows})
     return GridResult(run_id, store.path(run_id), rows)
+
+
+def stored_rows(task: DefenceGridTask, *, finetune_root: str | Path | None = None) -> list[dict]:
+    """The rows of the cells whose run, defended model and evaluation are all stored already (nothing is
+    trained or evaluated; cheap: no model is loaded), in the grid's order."""
+    plain_runs: dict[str, Any] = {}
+    rows = [_cell(task, tier, defence, plain_runs, compute=False, ctx=TaskContext(), finetune_root=finetune_root)
+            for tier, defence in task.cells()]
+    return [row for row in rows if row is not None]
 
 
 def load_grid(folder: str | Path) -> GridResult:
