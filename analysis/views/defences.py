@@ -61,7 +61,12 @@ def grid_verdict(rows: Sequence[dict], tolerance: float = 0.10) -> list[str]:
                 for name, row in by_defence.items()
                 if name not in ("none", "plain") and np.isfinite(row["asr"]) and row["asr"] - start["asr"] <= tolerance
                 and row["utility_accuracy"] is not None and np.isfinite(row["utility_accuracy"])]
-        text += (f"; within {tolerance:.0%} of the start: {', '.join(held)}." if held
-                 else f"; no defence kept ASR within {tolerance:.0%} of the start.")
+        defended = [name for name in by_defence if name not in ("none", "plain")]
+        if not defended:
+            text += " (no defence evaluated yet)."
+        elif held:
+            text += f"; within {tolerance:.0%} of the start: {', '.join(held)}."
+        else:
+            text += f"; none of {', '.join(defended)} kept ASR within {tolerance:.0%} of the start."
         lines.append(text)
     return lines
