@@ -3,11 +3,9 @@
 import pandas as pd
 import streamlit as st
 
-from analysis.core.config import ConfigError
+from analysis.core.config import InputError
 from analysis.lab import grid
 from analysis.lab.config import PRESETS
-from analysis.llm.data import DataError
-from analysis.llm.models import ModelLoadError
 from analysis.views import defences as views
 from ui import common
 from ui import jobs as ui_jobs
@@ -58,7 +56,7 @@ try:
     task = grid.DefenceGridTask(model=source, base=base, tiers=tuple(tiers), defences=tuple(defences), n_harmful=int(n_harmful),
                                 n_benign=int(n_benign), max_new_tokens=int(max_new_tokens))
     run_id = task.run_id()
-except (ConfigError, DataError, ModelLoadError) as error:
+except InputError as error:
     st.error(str(error))
     st.stop()
 cells = task.cells()

@@ -5,10 +5,8 @@ import dataclasses
 import pandas as pd
 import streamlit as st
 
-from analysis.core.config import ConfigError
+from analysis.core.config import InputError
 from analysis.lab import finetune, safe_lora
-from analysis.llm.data import DataError
-from analysis.llm.models import ModelLoadError
 from analysis.views import safety as safety_views
 from ui import common
 from ui import jobs as ui_jobs
@@ -95,7 +93,7 @@ try:
                                  compare=arms == "both")
     run_ids = task.run_ids()
     methods = tuple(run_ids)
-except (ConfigError, DataError, ModelLoadError) as error:
+except InputError as error:
     st.error(str(error))
     st.stop()
 
@@ -195,7 +193,7 @@ else:
                                          base=before_alignment.strip() or "default", threshold=float(threshold),
                                          rank=int(rank))
         defence_id = defence.run_id()
-    except (ConfigError, ModelLoadError) as error:
+    except InputError as error:
         st.error(str(error))
         defence = None
     if defence is not None:

@@ -2,10 +2,9 @@
 
 import streamlit as st
 
-from analysis.core.config import ConfigError
+from analysis.core.config import ConfigError, InputError
 from analysis.lab.align import aligned_folder, aligned_manifest
 from analysis.llm.data import DataError
-from analysis.llm.models import ModelLoadError
 from analysis.safety.evaluate import KEYWORD_LISTS, EvalConfig, GuardConfig, JudgeConfig
 from analysis.views import safety as safety_views
 from ui import common
@@ -82,7 +81,7 @@ PROMPT_FORMATS = "JSONL/JSON/CSV, HarmBench, AdvBench, JailbreakBench, StrongREJ
 def prompt_set(which: str, shipped: str, shipped_label: str) -> str | None:
     """The harmful or benign prompt set: the shipped one, an upload (saved under the cache) or a path.
     Returns the reference for ``EvalConfig`` or None while the choice is incomplete or broken."""
-    from analysis.llm.data import DataError, load_any
+    from analysis.llm.data import load_any
 
     options = {"shipped": shipped_label, "upload": "Upload a file", "path": "A file on this machine"}
     picked = common.remembered_widget(f"eval.{which}.source", st.radio, f"{which.capitalize()} prompts",
@@ -147,7 +146,7 @@ from analysis.safety.evaluate import stored_evaluation  # noqa: E402
 
 try:
     results = {label: stored_evaluation(task) for label, task in tasks.items()}
-except (ModelLoadError, DataError) as error:
+except InputError as error:
     st.error(str(error))
     st.stop()
 missing = [label for label, result in results.items() if result is None]

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from analysis.core.config import ConfigError, ModelConfig
+from analysis.core.config import InputError, ModelConfig
 from analysis.core.store import RunStore
 from analysis.engine.capture import ALL_KINDS, SelectionError, select_modules
 from analysis.engine.gradients import CURVE_AUTO_LAYERS
-from analysis.llm.data import DataError, load_shipped
+from analysis.llm.data import load_shipped
 from analysis.llm.models import ModelLoadError, summarize
 from ui import common
 from ui import jobs as ui_jobs
@@ -247,7 +247,7 @@ if safety_ref and utility_ref and selected and not size_problems:
             curve_boot=int(curve_boot), modules_per_pass=int(modules_per_pass),
         )
         stored_id = config.run_id()
-    except (ConfigError, DataError, SelectionError, ModelLoadError) as error:
+    except InputError as error:
         st.error(readable(error))
         config = None
 if config is not None:

@@ -3,11 +3,9 @@
 import pandas as pd
 import streamlit as st
 
-from analysis.core.config import ConfigError
+from analysis.core.config import InputError
 from analysis.lab import finetune
 from analysis.lab import why as lab_why
-from analysis.llm.data import DataError
-from analysis.llm.models import ModelLoadError
 from analysis.views import why as why_views
 from ui import common
 from ui import jobs as ui_jobs
@@ -74,7 +72,7 @@ st.header("3 · The update against the safety subspaces", divider="gray")
 try:
     task = lab_why.WhyTask(run=run_id, base=base, k=int(k), n_prompts=int(n_prompts), first_tokens=int(first_tokens))
     why_id = task.run_id()
-except (ConfigError, DataError, ModelLoadError) as error:
+except InputError as error:
     st.error(str(error))
     st.stop()
 st.caption("Measured on the aligned SmolLM2, harmful-10 plain (ASR 9% → 99%), k = 8, 16 prompts: the update's "

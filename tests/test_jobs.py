@@ -167,3 +167,23 @@ def test_cli_and_app_give_the_same_run(cache, tmp_path_factory):
     assert submitted.result["run_id"] == config.run_id() and config.run_id() in out.stdout
     os.environ["SSE_CACHE_DIR"] = str(other)
     assert_same_arrays(from_app, arrays(config.run_id()))
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["why"], "give --run RUN_ID"),
+    (["safe-lora"], "give --finetuned FOLDER"),
+    (["defences", "--tiers", "harmful-11"], "unknown tier(s) harmful-11"),
+    (["finetune", "--config", "missing.json"], "cannot read the task file missing.json"),
+    (["align", "--config", "task.json"], "holds a 'defences' task, not 'align'"),
+    (["evaluate", "--model", "no/such-model"], "no/such-model"),
+])
+def test_task_commands_print_bad_input_and_exit_2(argv, message, tmp_path, monkeypatch, capsys):
+    """Every task command turns an InputError (config, data, model loading) into ``error: ...`` and exit 2."""
+    from analysis.__main__ import main
+
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "task.json").write_text(json.dumps({"kind": "defences", "config": {}}))
+    assert main(argv) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("error: ") and message in out, out

@@ -15,11 +15,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from analysis.core.config import DEVICE_MAPS, ConfigError, from_jsonable
+from analysis.core.config import DEVICE_MAPS, ConfigError, InputError, from_jsonable
 from analysis.core.distributed import leader_process
 from analysis.core.tasks import DEVICES_HELP, Cancelled, Event, Task, TaskContext
 
-__all__ = ["add_device_map_argument", "add_task_arguments", "load_task", "run_task"]
+__all__ = ["add_device_map_argument", "add_task_arguments", "load_task", "run_command", "run_task"]
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +50,19 @@ def load_task(path: str | Path, task_class: type) -> Task:
             raise ConfigError(f"{path} holds a {data['kind']!r} task, not {task_class.kind!r}")
         data = data["config"]
     return from_jsonable(task_class, data)
+
+
+def run_command(args: argparse.Namespace, task_class: type, build: Callable[[argparse.Namespace], Task],
+                print_result: Callable[[Mapping[str, Any]], None]) -> int:
+    """The ``run(args)`` of a task command: the task from ``--config FILE`` or ``build(args)``, run by
+    :func:`run_task`. Bad input (an :class:`~analysis.core.config.InputError`) prints ``error: ...`` and
+    returns 2."""
+    try:
+        task = load_task(args.config, task_class) if args.config else build(args)
+        return run_task(task, args, print_result)
+    except InputError as error:
+        print(f"error: {error}")
+        return 2
 
 
 class _Bar:

@@ -24,7 +24,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SSE_CACHE_DIR", PROJECT_ROOT / "cache")).resolve()
 
 
-class ConfigError(ValueError):
+class InputError(Exception):
+    """Bad input the user can fix (a setting, a data file, a model that cannot be loaded); the message says
+    what is wrong and how to fix it. Commands print it and exit with 2; pages show it and keep running."""
+
+
+class ConfigError(InputError, ValueError):
     """A configuration value is invalid; the message names the field and the allowed values."""
 
 

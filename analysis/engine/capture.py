@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from analysis.core.config import InputError
 from analysis.llm.formatting import IGNORE_INDEX, TokenizedBatch, per_sample_loss
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ def find_linear_modules(model: nn.Module, include_output_head: bool = False) -> 
     return infos
 
 
-class SelectionError(ValueError):
+class SelectionError(InputError, ValueError):
     """A module selection matches nothing or is malformed; the message lists what exists."""
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from analysis.core.cli import add_device_map_argument, add_task_arguments
-from analysis.core.config import ConfigError, ModelConfig
+from analysis.core.config import InputError, ModelConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -156,8 +156,6 @@ def _collect(args: argparse.Namespace) -> int:
     from analysis.core.distributed import leader_process
     from analysis.engine.gradients import CollectionConfig
     from analysis.engine.planner import plan_collection
-    from analysis.llm.data import DataError
-    from analysis.llm.models import ModelLoadError
 
     try:
         config = load_task(args.config, CollectionConfig) if args.config else _config(args)
@@ -169,7 +167,7 @@ def _collect(args: argparse.Namespace) -> int:
         plan.check(memory_budget=None if args.memory_budget is None else args.memory_budget * 2**30,
                    disk_budget=None if args.disk_budget is None else args.disk_budget * 2**30)
         return run_task(task, args, print_result)
-    except (ModelLoadError, ConfigError, DataError, ValueError) as error:
+    except (InputError, ValueError) as error:
         print(f"error: {error}")
         return 2
     except KeyboardInterrupt:

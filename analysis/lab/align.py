@@ -50,7 +50,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from analysis.core.config import DTYPES, ConfigError, ModelConfig, cache_dir, config_hash, to_jsonable
+from analysis.core.config import DTYPES, ConfigError, InputError, ModelConfig, cache_dir, config_hash, to_jsonable
 from analysis.core.store import atomic_write_json, finite_or_none
 from analysis.core.tasks import TaskContext, resolve_device
 from analysis.engine.capture import layer_index
@@ -74,7 +74,7 @@ class AlignCancelled(TrainingCancelled):
     same settings resume from it. No model folder is written."""
 
 
-class AlignError(RuntimeError):
+class AlignError(InputError, RuntimeError):
     """The alignment cannot run (e.g. no trainable layers found)."""
 
 
@@ -560,12 +560,6 @@ def print_result(result: Mapping[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from analysis.core.cli import load_task, run_task
-    from analysis.llm.models import ModelLoadError
+    from analysis.core.cli import run_command
 
-    try:
-        task = load_task(args.config, AlignTask) if args.config else task_from_args(args)
-        return run_task(task, args, print_result)
-    except (ConfigError, ModelLoadError, AlignError) as error:
-        print(f"error: {error}")
-        return 2
+    return run_command(args, AlignTask, task_from_args, print_result)

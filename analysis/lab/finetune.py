@@ -444,16 +444,9 @@ def print_result(result: Mapping[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from analysis.core.cli import load_task, run_task
-    from analysis.llm.data import DataError
-    from analysis.llm.models import ModelLoadError
+    from analysis.core.cli import run_command
 
     if args.list:
         print(list_finetune_runs().to_string(index=False))
         return 0
-    try:
-        task = load_task(args.config, FinetuneTask) if args.config else task_from_args(args)
-        return run_task(task, args, print_result)
-    except (ConfigError, DataError, ModelLoadError) as error:
-        print(f"error: {error}")
-        return 2
+    return run_command(args, FinetuneTask, task_from_args, print_result)

@@ -321,14 +321,9 @@ def print_result(result: Mapping[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from analysis.core.cli import load_task, run_task
+    from analysis.core.cli import run_command
 
-    try:
-        task = load_task(args.config, DefenceGridTask) if args.config else DefenceGridTask(
-            tiers=tuple(args.tiers), defences=tuple(args.defences), model=args.model, base=args.base,
-            seed=args.seed, n_harmful=args.n_harmful, n_benign=args.n_benign, max_new_tokens=args.max_new_tokens,
-            utility_max_new_tokens=args.utility_max_new_tokens)
-    except ConfigError as error:
-        print(f"error: {error}")
-        return 2
-    return run_task(task, args, print_result)
+    return run_command(args, DefenceGridTask, lambda args: DefenceGridTask(
+        tiers=tuple(args.tiers), defences=tuple(args.defences), model=args.model, base=args.base, seed=args.seed,
+        n_harmful=args.n_harmful, n_benign=args.n_benign, max_new_tokens=args.max_new_tokens,
+        utility_max_new_tokens=args.utility_max_new_tokens), print_result)

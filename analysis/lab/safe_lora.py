@@ -152,21 +152,15 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     add_task_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    from analysis.core.cli import load_task, run_task
-    from analysis.llm.models import ModelLoadError
+def task_from_args(args: argparse.Namespace) -> SafeLoraTask:
+    if not args.finetuned:
+        raise ConfigError("give --finetuned FOLDER (or --config FILE)")
+    return SafeLoraTask(finetuned=args.finetuned, aligned=args.aligned, base=args.base, threshold=args.threshold,
+                        rank=args.rank, mode=args.projection)
 
-    try:
-        if args.config:
-            task = load_task(args.config, SafeLoraTask)
-        elif not args.finetuned:
-            print("error: give --finetuned FOLDER (or --config FILE)")
-            return 2
-        else:
-            task = SafeLoraTask(finetuned=args.finetuned, aligned=args.aligned, base=args.base,
-                                threshold=args.threshold, rank=args.rank, mode=args.projection)
-        return run_task(task, args, lambda s: print(
-            f"{'reused' if s['cached'] else 'projected'} {s['n_projected']}/{s['n_modules']} modules -> {s['folder']}"))
-    except (ConfigError, ModelLoadError) as error:
-        print(f"error: {error}")
-        return 2
+
+def run(args: argparse.Namespace) -> int:
+    from analysis.core.cli import run_command
+
+    return run_command(args, SafeLoraTask, task_from_args, lambda s: print(
+        f"{'reused' if s['cached'] else 'projected'} {s['n_projected']}/{s['n_modules']} modules -> {s['folder']}"))

@@ -519,22 +519,14 @@ def print_result(summary: Mapping[str, Any]) -> None:
               f"{number(summary['first_share'][name])}")
 
 
-def run(args: argparse.Namespace) -> int:
-    from analysis.core.cli import load_task, run_task
-    from analysis.llm.data import DataError
-    from analysis.llm.models import ModelLoadError
+def task_from_args(args: argparse.Namespace) -> WhyTask:
+    if not args.run:
+        raise ConfigError("give --run RUN_ID (or --config FILE)")
+    return WhyTask(run=args.run, base=args.base, k=args.k, n_prompts=args.n_prompts, first_tokens=args.first_tokens,
+                   layers=args.layers, kinds=args.kinds, batch_size=args.batch_size)
 
-    try:
-        if args.config:
-            task = load_task(args.config, WhyTask)
-        elif not args.run:
-            print("error: give --run RUN_ID (or --config FILE)")
-            return 2
-        else:
-            task = WhyTask(run=args.run, base=args.base, k=args.k, n_prompts=args.n_prompts,
-                           first_tokens=args.first_tokens, layers=args.layers, kinds=args.kinds,
-                           batch_size=args.batch_size)
-        return run_task(task, args, print_result)
-    except (ConfigError, DataError, ModelLoadError) as error:
-        print(f"error: {error}")
-        return 2
+
+def run(args: argparse.Namespace) -> int:
+    from analysis.core.cli import run_command
+
+    return run_command(args, WhyTask, task_from_args, print_result)

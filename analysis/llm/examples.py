@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from analysis.core.config import InputError
+
 __all__ = ["ROLES", "DataError", "Dataset", "Example", "Where", "check_text", "freeze_messages"]
 
 ROLES = ("system", "user", "assistant")
@@ -20,7 +22,7 @@ ROLES = ("system", "user", "assistant")
 # errors
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """A problem with input data; the message says where (file, line, field) and how to fix it."""
 
     def __init__(

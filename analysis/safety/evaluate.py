@@ -36,7 +36,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from analysis.core.config import ConfigError, ModelConfig, config_hash, to_jsonable
+from analysis.core.config import ConfigError, InputError, ModelConfig, config_hash, to_jsonable
 from analysis.core.store import RunStore, atomic_write_json
 from analysis.core.tasks import Cancelled, TaskContext, resolve_device
 from analysis.llm.formatting import pad_rows, with_system
@@ -548,13 +548,11 @@ def tasks_from_options(args: argparse.Namespace) -> list[EvalConfig]:
 def run(args: argparse.Namespace) -> int:
     from analysis.core.cli import load_task, run_task
     from analysis.core.distributed import leader_process
-    from analysis.llm.data import DataError
-    from analysis.llm.models import ModelLoadError
 
     try:
         tasks = [load_task(args.config, EvalConfig)] if args.config else tasks_from_options(args)
         run_ids = [task.run_id() for task in tasks]
-    except (ConfigError, ModelLoadError, DataError) as error:
+    except InputError as error:
         print(f"error: {error}")
         return 2
     if getattr(args, "job", None):
