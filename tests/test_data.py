@@ -629,3 +629,12 @@ def test_fuzz_mutated_valid_files(name, req, edits):
 def test_no_streamlit_in_data_module():
     src = Path(D.__file__).read_text(encoding="utf-8")
     assert "streamlit" not in src
+
+
+def test_shipped_datasets_are_parsed_once_and_each_caller_gets_its_own_list():
+    first = load_shipped("safety")
+    n = len(first)
+    first.examples.clear()  # a caller changing its list does not change the next caller's
+    second = load_shipped("safety")
+    assert len(second) == n > 0
+    assert second.examples[0] is load_shipped("safety").examples[0]  # parsed once (the file has not changed)

@@ -40,6 +40,7 @@ For any ``bytes`` handed to :func:`load_bytes` no other exception type escapes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -182,6 +183,14 @@ def load_shipped(name: str) -> Dataset:
     path = DATA_DIR / f"{name}.jsonl"
     if not path.is_file():
         raise DataError("shipped dataset file is missing", file=str(path), fix="restore data/ from the repository")
+    stat = path.stat()
+    parsed = _parse_shipped(path, stat.st_mtime_ns, stat.st_size)
+    return Dataset(parsed.name, parsed.examples, parsed.source, parsed.content_hash)  # its own list of examples
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_shipped(path: Path, mtime_ns: int, size: int) -> Dataset:  # noqa: ARG001 - the file's version is the key
+    """A shipped file parsed once per version (pages and the grid ask for the same files many times)."""
     return load_jsonl(path)
 
 
