@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random models (no download), offline hub, quiet progress bars."""
 
 import os
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -42,14 +43,20 @@ def stop_all_jobs() -> None:
     import signal
 
     from analysis.core import jobs
+    from analysis.core.store import process_alive
 
+    killed = []
     for status in jobs.list_jobs(active_only=True):
         jobs.cancel(status.job_id)
         if status.pid:
             try:
                 os.killpg(status.pid, signal.SIGKILL)
+                killed.append(status.pid)
             except OSError:
                 pass
+    deadline = time.monotonic() + 30  # SIGKILL is delivered asynchronously: wait until the workers are gone
+    while any(process_alive(pid) for pid in killed) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def wait_for_job(kind: str, timeout: float = 600):
