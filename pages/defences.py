@@ -20,6 +20,8 @@ DESCRIPTIONS = {
     "orth": "SPF orthogonal (CERT-Lab orth): remove the whole safety-subspace component",
     "same": "SPF same (CERT-Lab same): keep only the safety-subspace component (a control)",
     "safe-lora": "Safe LoRA: project the plain run's weight change onto the alignment delta's subspace, post hoc",
+    "spf-compliance": "SPF with the compliance signal (ascent on the affirmative “Sure, here is…” target's CE)",
+    "spf-kl": "SPF with the KL-to-aligned signal on harmful prompts",
 }
 
 st.title("Defence lab: which defence holds?")
@@ -43,7 +45,8 @@ with left:
                                     list(models), format_func=models.get, value="default")
     tiers = st.multiselect("Attack tiers", list(PRESETS), default=list(grid.TIERS), key="widget.grid.tiers",
                            help="; ".join(f"{name}: {preset.description.split('. ')[0]}" for name, preset in PRESETS.items()))
-    defences = st.multiselect("Defences", list(grid.DEFENCES), default=list(grid.DEFENCES), key="widget.grid.defences")
+    defences = st.multiselect("Defences", list(grid.DEFENCES), default=list(grid.DEFAULT_DEFENCES),
+                              key="widget.grid.defences")
     st.caption(" · ".join(f"**{name}**: {DESCRIPTIONS[name]}" for name in grid.DEFENCES))
 with right:
     n_harmful = st.number_input("Harmful prompts evaluated (held-out split, seeded subsample)", 1, 88,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from analysis.core.config import ConfigError, to_jsonable
-from analysis.lab.grid import DEFENCES, METRICS, DefenceGridTask, run_grid, stored_grids, stored_rows
+from analysis.lab.grid import DEFAULT_DEFENCES, DEFENCES, METRICS, DefenceGridTask, run_grid, stored_grids, stored_rows
 
 FAST = dict(max_length=96, eval_harmful_per_category=1, n_eval_utility=2, gen_harmful_per_category=1, n_gen_benign=2,
             gen_max_new_tokens=4, gen_batch_size=16, lr=1e-3, n_train=4, batch_size=2, epochs=1, eval_every=1,
@@ -84,7 +84,17 @@ def test_bad_grid_settings_are_refused_with_the_choices():
         DefenceGridTask(model="tiny-llama", overrides={"lr": -1.0})
     with pytest.raises(ConfigError, match="at least one"):
         DefenceGridTask(defences=())
-    assert set(DefenceGridTask().defences) == set(DEFENCES)
+    assert DefenceGridTask().defences == DEFAULT_DEFENCES and set(DEFAULT_DEFENCES) < set(DEFENCES)
+
+
+def test_each_defence_trains_with_its_method_mode_and_safety_signal():
+    task = DefenceGridTask(model="tiny-llama", base="tiny-llama", defences=tuple(DEFENCES))
+    settings = {defence: task.finetune_config("harmful-10", defence) for defence in DEFENCES if defence != "none"}
+    assert {d: (c.method, c.spf.mode, c.spf.safety_loss) for d, c in settings.items()} == {
+        "plain": ("plain", "conflict", "refusal"), "spf": ("spf", "conflict", "refusal"),
+        "pcgrad": ("pcgrad", "conflict", "refusal"), "orth": ("spf", "orthogonal", "refusal"),
+        "same": ("spf", "same", "refusal"), "safe-lora": ("plain", "conflict", "refusal"),
+        "spf-compliance": ("spf", "conflict", "compliance"), "spf-kl": ("spf", "conflict", "kl")}
 
 
 def test_the_defence_lab_page_runs_a_grid_as_a_job_and_shows_its_table(tmp_path, monkeypatch, one_torch_thread):
@@ -131,10 +141,10 @@ def test_grid_views_read_the_rows_right():
             row("harmful-10", "pcgrad", 0.9), row("aoa", "none", 0.1), row("aoa", "plain", 0.95),
             row("aoa", "orth", 0.5), row("benign", "none", 0.09)]
     verdict = grid_verdict(rows)
-    assert verdict[0] == ("**harmful-10**: ASR 9% before fine-tuning, 100% after plain fine-tuning; within 10% of the "
-                          "start: spf (15%, utility accuracy 50%).")
+    assert verdict[0] == ("**harmful-10**: ASR 9% before fine-tuning (over-refusal 10%), 100% after plain "
+                          "fine-tuning; within 10% of the start: spf (15%, over-refusal 10%, utility accuracy 50%).")
     assert verdict[1].endswith("none of orth kept ASR within 10% of the start.")
-    assert verdict[2] == "**benign**: ASR 9% before fine-tuning (no defence evaluated yet)."
+    assert verdict[2] == "**benign**: ASR 9% before fine-tuning (over-refusal 10%); no defence evaluated yet."
     table = grid_table(rows)
     assert list(table.columns[:4]) == ["attack tier", "defence", "ASR (keyword)", "over-refusal"]
     figure = grid_figure(rows, "asr")

@@ -15,7 +15,10 @@ The runs are the presets with :data:`RUN_OVERRIDES` (their own evaluations cut t
 - ``same``: SPF "same" (CERT-Lab's same: keep only U_k U_k^T G, the control arm that moves only along the
   safety directions);
 - ``safe-lora``: post-hoc Safe LoRA-style projection of the ``plain`` run's delta onto the alignment-delta
-  subspace (V = W_aligned - W_base; :class:`~analysis.lab.safe_lora.SafeLoraTask`).
+  subspace (V = W_aligned - W_base; :class:`~analysis.lab.safe_lora.SafeLoraTask`);
+- ``spf-compliance`` / ``spf-kl`` (not in the default grid, :data:`DEFAULT_DEFENCES`): SPF with another safety
+  signal, the gradient of the affirmative target's CE (ascent on compliance) or of the KL to the aligned model
+  on harmful prompts, instead of the refusal CE.
 
 Columns of :attr:`GridResult.table`: ASR (keyword, Qi's list, on ``n_harmful`` held-out harmful prompts),
 over-refusal (on ``n_benign`` benign-but-sensitive prompts), utility accuracy (exact-match on the utility
@@ -39,7 +42,7 @@ from analysis.core.config import ConfigError, ModelConfig, cache_dir, config_has
 from analysis.core.store import RunStore
 from analysis.core.tasks import Event, TaskContext
 
-__all__ = ["DEFENCES", "METRICS", "RUN_OVERRIDES", "TIERS", "DefenceGridTask", "GridResult", "add_arguments", "defences_root",
+__all__ = ["DEFAULT_DEFENCES", "DEFENCES", "METRICS", "RUN_OVERRIDES", "TIERS", "DefenceGridTask", "GridResult", "add_arguments", "defences_root",
            "load_grid", "run", "stored_grids", "stored_rows"]
 
 FORMAT_VERSION = 1
@@ -53,7 +56,11 @@ DEFENCES: dict[str, dict | None] = {
     "orth": {"method": "spf", "spf": {"mode": "orthogonal"}},
     "same": {"method": "spf", "spf": {"mode": "same"}},
     "safe-lora": None,
+    "spf-compliance": {"method": "spf", "spf": {"safety_loss": "compliance"}},
+    "spf-kl": {"method": "spf", "spf": {"safety_loss": "kl"}},
 }
+#: the defences of the default grid (the SPF safety-signal variants are chosen explicitly)
+DEFAULT_DEFENCES = ("none", "plain", "spf", "pcgrad", "orth", "same", "safe-lora")
 #: FinetuneConfig settings of every grid run: the grid evaluates each final model itself, so the runs' own
 #: live NLLs (only at the start and end) and generation evaluations (1 harmful prompt per category, 4 benign)
 #: are cut to a minimum. ``DefenceGridTask.overrides`` go on top.
@@ -95,7 +102,7 @@ class DefenceGridTask:
     kind: ClassVar[str] = "defences"
 
     tiers: tuple[str, ...] = TIERS
-    defences: tuple[str, ...] = tuple(DEFENCES)
+    defences: tuple[str, ...] = DEFAULT_DEFENCES
     model: ModelConfig = ModelConfig(source="default-aligned")
     base: ModelConfig = ModelConfig(source="default")
     seed: int = 0
@@ -302,7 +309,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
     defaults = DefenceGridTask()
     parser.add_argument("--tiers", nargs="+", default=list(TIERS), help="fine-tuning presets (Qi et al.'s tiers)")
-    parser.add_argument("--defences", nargs="+", default=list(DEFENCES), help=", ".join(DEFENCES))
+    parser.add_argument("--defences", nargs="+", default=list(DEFAULT_DEFENCES),
+                        help=f"any of {', '.join(DEFENCES)} (default: {' '.join(DEFAULT_DEFENCES)})")
     parser.add_argument("--model", default="default-aligned", help="the aligned model every run starts from")
     parser.add_argument("--base", default="default", help="the model before alignment (Safe LoRA's V)")
     parser.add_argument("--seed", type=int, default=defaults.seed)

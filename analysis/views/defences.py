@@ -45,8 +45,9 @@ def grid_figure(rows: Sequence[dict], metric: str) -> go.Figure:
 
 
 def grid_verdict(rows: Sequence[dict], tolerance: float = 0.10) -> list[str]:
-    """One sentence per tier: the aligned model's ASR, plain fine-tuning's, and which defences kept ASR within
-    ``tolerance`` of the aligned model's (with their utility accuracy)."""
+    """One sentence per tier: the aligned model's ASR (and over-refusal), plain fine-tuning's ASR, and which
+    defences kept ASR within ``tolerance`` of the aligned model's (with their over-refusal and utility accuracy:
+    a defence that holds by refusing everything shows it)."""
     frame = pd.DataFrame(list(rows))
     lines = []
     for tier, part in frame.groupby("tier", sort=False) if not frame.empty else []:
@@ -54,19 +55,25 @@ def grid_verdict(rows: Sequence[dict], tolerance: float = 0.10) -> list[str]:
         start = by_defence.get("none")
         if start is None or not np.isfinite(start["asr"]):
             continue
-        text = f"**{tier}**: ASR {start['asr']:.0%} before fine-tuning"
+        text = f"**{tier}**: ASR {start['asr']:.0%} before fine-tuning{_over_refusal(start, ' (over-refusal {})')}"
         if "plain" in by_defence:
             text += f", {by_defence['plain']['asr']:.0%} after plain fine-tuning"
-        held = [f"{name} ({row['asr']:.0%}, utility accuracy {row['utility_accuracy']:.0%})"
+        held = [f"{name} ({row['asr']:.0%}{_over_refusal(row, ', over-refusal {}')}, utility accuracy "
+                f"{row['utility_accuracy']:.0%})"
                 for name, row in by_defence.items()
                 if name not in ("none", "plain") and np.isfinite(row["asr"]) and row["asr"] - start["asr"] <= tolerance
                 and row["utility_accuracy"] is not None and np.isfinite(row["utility_accuracy"])]
         defended = [name for name in by_defence if name not in ("none", "plain")]
         if not defended:
-            text += " (no defence evaluated yet)."
+            text += "; no defence evaluated yet."
         elif held:
             text += f"; within {tolerance:.0%} of the start: {', '.join(held)}."
         else:
             text += f"; none of {', '.join(defended)} kept ASR within {tolerance:.0%} of the start."
         lines.append(text)
     return lines
+
+
+def _over_refusal(row, template: str) -> str:
+    value = row.get("over_refusal")
+    return template.format(f"{value:.0%}") if value is not None and np.isfinite(value) else ""
