@@ -64,7 +64,8 @@ except InputError as error:
     st.stop()
 cells = task.cells()
 st.caption(f"{len(cells)} cells: {len({c for c in cells if c[1] not in ('none', 'safe-lora')})} fine-tuning runs "
-           "(a few minutes each on a 2-core CPU, reused when stored) and one evaluation per cell.")
+           "(5 to 25 minutes each for the shipped presets on one CPU core of a 2-core machine, reused when stored) and one "
+           "evaluation per cell (about 5 minutes each there).")
 
 
 def live_rows(live: dict) -> None:

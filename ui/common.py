@@ -360,9 +360,9 @@ def figure_downloads(figure: go.Figure, run_id: str, name: str) -> None:
 
 
 def show_table(frame: pd.DataFrame, **kwargs: Any) -> None:
-    """A dataframe with rates (ASR, over-refusal, removed shares) as percentages and NLLs to 3 decimals."""
+    """A dataframe with rates (ASR, over-refusal, accuracy, removed shares) as percentages and NLLs to 3 decimals."""
     def is_rate(column: str) -> bool:
-        return any(word in column.lower() for word in ("asr", "over_refusal", "over-refusal", "removed"))
+        return any(word in column.lower() for word in ("asr", "over_refusal", "over-refusal", "accuracy", "removed"))
 
     formats = {column: st.column_config.NumberColumn(format="percent") for column in frame.columns if is_rate(column)}
     formats |= {column: st.column_config.NumberColumn(format="%.3f") for column in frame.columns
