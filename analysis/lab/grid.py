@@ -42,8 +42,8 @@ from analysis.core.config import ConfigError, ModelConfig, cache_dir, config_has
 from analysis.core.store import RunStore
 from analysis.core.tasks import Event, TaskContext
 
-__all__ = ["DEFAULT_DEFENCES", "DEFENCES", "METRICS", "RUN_OVERRIDES", "TIERS", "DefenceGridTask", "GridResult", "add_arguments", "defences_root",
-           "load_grid", "run", "stored_grids", "stored_rows"]
+__all__ = ["DEFAULT_DEFENCES", "DEFENCES", "METRICS", "RUN_OVERRIDES", "TIERS", "DefenceGridTask", "GridResult",
+           "add_arguments", "defences_root", "load_grid", "run", "stored_grids", "stored_rows"]
 
 FORMAT_VERSION = 1
 TIERS = ("harmful-10", "aoa", "benign")
