@@ -64,7 +64,7 @@ except InputError as error:
     st.stop()
 cells = task.cells()
 st.caption(f"{len(cells)} cells: {len({c for c in cells if c[1] not in ('none', 'safe-lora')})} fine-tuning runs "
-           "(5 to 25 minutes each for the shipped presets on one CPU core of a 2-core machine, reused when stored) and one "
+           "(4 to 23 minutes each for the shipped presets on one CPU core of a 2-core machine, reused when stored) and one "
            "evaluation per cell (about 5 minutes each there).")
 
 
