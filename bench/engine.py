@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args):
-    from analysis.engine.gradients import CollectionConfig
+    from analysis.engine.collect_task import CollectionConfig
 
     return CollectionConfig(model="default", n_safety=args.n // 2, n_utility=args.n - args.n // 2,
                             max_length=args.max_length, batch_size=args.batch_size, top_k=args.top_k,
@@ -106,9 +106,9 @@ def _set_threads(threads: int) -> None:
 def _worker(args) -> int:
     """Run the full collection in this (fresh) process and print one JSON line with timings and memory."""
     _set_threads(args.threads)
-    from analysis.core.store import RunStore
     from analysis.core.tasks import TaskContext
     from analysis.engine.collect import collect
+    from analysis.engine.results import CollectionStore
     from analysis.llm.models import load_model
 
     loaded = load_model("default")
@@ -126,7 +126,7 @@ def _worker(args) -> int:
             print(f"  [collect {event.fraction:4.0%}] {event.message}", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="sse-bench-") as root:
-        results = collect(_config(args), model=loaded, store=RunStore(root), ctx=TaskContext(progress=progress),
+        results = collect(_config(args), model=loaded, store=CollectionStore(root), ctx=TaskContext(progress=progress),
                           workers=1, keep_work=True)
         marks["end"] = (time.perf_counter(), time.process_time())
         work_bytes = sum(p.stat().st_size for p in (results.folder / "work").glob("batch_*"))
@@ -161,7 +161,7 @@ def _full_collection(args) -> dict:
 
 
 def _batches(args, tokenizer):
-    from analysis.engine.gradients import load_set
+    from analysis.engine.collect_task import load_set
     from analysis.llm.formatting import tokenize_batch
 
     config = _config(args)
@@ -176,7 +176,8 @@ def _batches(args, tokenizer):
 
 def _capture_ratio(args, loaded, batches, clock: Clock) -> None:
     """Interleaved: plain forward+backward (parameter grads) and factor capture, on the same batches."""
-    from analysis.engine.capture import capture_batch, find_linear_modules
+    from analysis.engine.capture import capture_batch
+    from analysis.llm.anatomy import find_linear_modules
     from analysis.llm.formatting import per_sample_loss
 
     model = loaded.model
@@ -221,8 +222,9 @@ def _naive_and_subset(args, loaded, config, clock: Clock) -> dict:
 
     from analysis.engine import geometry as geo
     from analysis.engine.analyse import analyse_module
-    from analysis.engine.capture import capture_batch, find_linear_modules, weight_grad_as_out_in
-    from analysis.engine.gradients import load_set
+    from analysis.engine.capture import capture_batch
+    from analysis.engine.collect_task import load_set
+    from analysis.llm.anatomy import find_linear_modules, weight_grad_as_out_in
     from analysis.llm.formatting import per_sample_loss, tokenize_batch
 
     model = loaded.model

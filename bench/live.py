@@ -51,7 +51,7 @@ def _since(start: tuple[float, float]) -> tuple[float, float]:
 
 def _plain_fb(loaded, config) -> tuple[float, float]:
     """(wall, cpu) seconds of a plain forward + backward of ``config``'s samples, batch by batch."""
-    from analysis.engine.gradients import load_set
+    from analysis.engine.collect_task import load_set
     from analysis.llm.formatting import per_sample_loss, tokenize_batch
 
     model = loaded.model
@@ -73,9 +73,9 @@ def _plain_fb(loaded, config) -> tuple[float, float]:
 
 def _collect(loaded, config, workers: int) -> dict[str, tuple[float, float]]:
     """Marks (wall, cpu) of one fresh collection: first answer, first cosine, total."""
-    from analysis.core.store import RunStore
     from analysis.core.tasks import TaskContext
     from analysis.engine.collect import collect
+    from analysis.engine.results import CollectionStore
 
     marks: dict[str, tuple[float, float]] = {}
 
@@ -94,7 +94,7 @@ def _collect(loaded, config, workers: int) -> dict[str, tuple[float, float]]:
 
     with tempfile.TemporaryDirectory(prefix="sse-bench-live-") as root:
         start = _clock()
-        collect(config, model=loaded, store=RunStore(root), ctx=TaskContext(progress=progress), workers=workers)
+        collect(config, model=loaded, store=CollectionStore(root), ctx=TaskContext(progress=progress), workers=workers)
         marks["total"] = _since(start)
     return marks
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from threadpoolctl import threadpool_limits
 
-    from analysis.engine.gradients import CollectionConfig
+    from analysis.engine.collect_task import CollectionConfig
     from analysis.llm.models import load_model
 
     print(f"live benchmark: SmolLM2-135M, {args.threads} thread(s), {args.workers} worker(s); load average "

@@ -22,9 +22,10 @@ import sys
 POINT = r"""
 import json, sys, time, torch
 from transformers import AutoModelForCausalLM, LlamaConfig
-from analysis.engine.capture import capture_batch, find_linear_modules
+from analysis.llm.anatomy import find_linear_modules
+from analysis.engine.capture import capture_batch
 from analysis.engine.planner import architecture, measure_capture_peak, plan_collection
-from analysis.engine.gradients import CollectionConfig
+from analysis.engine.collect_task import CollectionConfig
 from analysis.llm.formatting import TokenizedBatch
 p = json.loads(sys.argv[1])
 torch.set_num_threads(p["threads"])

@@ -22,8 +22,8 @@ COLUMNS = ("s_top_rel", "s1_rel", "cer1_rel", "cer4_rel", "cer16_rel", "effectiv
 
 def main(argv: list[str] | None = None) -> int:
     from analysis.core.config import ModelConfig
-    from analysis.core.store import RunStore
-    from analysis.engine.gradients import CollectionConfig
+    from analysis.engine.collect_task import CollectionConfig
+    from analysis.engine.results import CollectionStore
     from analysis.engine.sketch import compare_projection
     from analysis.llm.models import load_model
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model.name}, layers {args.layers}, n = {args.n} + {args.n}, <= {args.max_length} tokens, "
           f"errors of the projected run vs the exact run (mean / max over modules and the two sets)")
     with tempfile.TemporaryDirectory() as folder:
-        store = RunStore(folder)
+        store = CollectionStore(folder)
         for p in (int(x) for x in args.projection_dim.split(",")):
             start = time.perf_counter()
             out = compare_projection(config, p, model=model, store=store)

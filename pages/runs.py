@@ -3,7 +3,8 @@
 import pandas as pd
 import streamlit as st
 
-from analysis.core.store import RunStore, StoreError
+from analysis.core.store import StoreError
+from analysis.engine.results import CollectionStore
 from analysis.views import collection as views
 from analysis.views import export
 from ui import common
@@ -11,7 +12,7 @@ from ui import common
 common.run_inside_app()
 
 st.title("What have I got?")
-runs = RunStore().list_runs()
+runs = CollectionStore().list_runs()
 if runs.empty:
     st.info("No stored runs yet: collect one on the Setup page.")
     st.page_link("pages/setup.py", label="Go to Setup", icon=":material/tune:")
@@ -36,7 +37,7 @@ ids = list(runs["run_id"])
 active = common.choice("run_id")
 run_id = st.selectbox("Run", ids, index=ids.index(active) if active in ids else 0, format_func=describe,
                       key="widget.runs.selected")
-status = RunStore().status(run_id)
+status = CollectionStore().status(run_id)
 
 actions = st.columns([1, 1, 3])
 if status == "complete" and actions[0].button("Make active", disabled=run_id == active, icon=":material/check:"):
@@ -46,7 +47,7 @@ with actions[1].popover("Delete", icon=":material/delete:"):
     st.write(f"Delete run `{run_id}` and its files?")
     if st.button("Delete for good", type="primary", key="delete.confirm"):
         try:
-            RunStore().delete(run_id)
+            CollectionStore().delete(run_id)
         except StoreError as error:
             st.error(str(error))
         else:

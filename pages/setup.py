@@ -6,9 +6,9 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.core.config import InputError, ModelConfig
-from analysis.core.store import RunStore
-from analysis.engine.capture import ALL_KINDS, SelectionError, select_modules
-from analysis.engine.gradients import CURVE_AUTO_LAYERS
+from analysis.engine.collect_task import CURVE_AUTO_LAYERS
+from analysis.engine.results import CollectionStore
+from analysis.llm.anatomy import ALL_KINDS, SelectionError, select_modules
 from analysis.llm.data import load_shipped
 from analysis.llm.models import ModelLoadError, summarize
 from ui import common
@@ -236,7 +236,7 @@ def show_plan(config, model) -> None:
             st.warning(f"This may not fit the free memory: {error}", icon=":material/memory:")
 config = stored_id = None
 if safety_ref and utility_ref and selected and not size_problems:
-    from analysis.engine.gradients import CollectionConfig
+    from analysis.engine.collect_task import CollectionConfig
 
     try:
         config = CollectionConfig(
@@ -257,7 +257,7 @@ elif not size_problems:
 
 
 job = ui_jobs.current("collect")
-complete = stored_id is not None and RunStore().status(stored_id) == "complete"
+complete = stored_id is not None and CollectionStore().status(stored_id) == "complete"
 if job is not None and job.active:
     ui_jobs.follow(job, live_view=common.show_live_collection)
     if job.run_id != stored_id and config is not None and not complete:

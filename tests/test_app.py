@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from analysis.core import jobs
 from analysis.engine.collect import collect
-from analysis.engine.gradients import CollectionConfig
+from analysis.engine.collect_task import CollectionConfig
 from tests.conftest import stop_all_jobs, wait_for_job
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,7 +134,7 @@ def test_empty_layers_field_asks_for_all_instead_of_selecting_everything(cache):
 
 
 def test_setup_texts_match_what_happens(cache):
-    from analysis.engine.gradients import CURVE_AUTO_LAYERS
+    from analysis.engine.collect_task import CURVE_AUTO_LAYERS
 
     at = fresh_app().run()
     no_exceptions(at)

@@ -8,10 +8,9 @@ from analysis.engine.capture import (
     CaptureError,
     FactorCapture,
     capture_batch,
-    find_linear_modules,
     kept_positions,
-    weight_grad_as_out_in,
 )
+from analysis.llm.anatomy import find_linear_modules, weight_grad_as_out_in
 from analysis.llm.formatting import per_sample_loss, tokenize_batch
 from analysis.llm.models import load_model
 

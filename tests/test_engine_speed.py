@@ -7,7 +7,7 @@ import torch
 
 from analysis.engine import geometry as geo
 from analysis.engine.analyse import CURVE_DENSE, analyse_module
-from analysis.engine.capture import ModuleInfo
+from analysis.llm.anatomy import ModuleInfo
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,14 +55,13 @@ def test_collect_stores_what_the_old_per_module_route_gives(tmp_path, tiny_llama
     from safetensors import safe_open
     from safetensors.numpy import load_file
 
-    from analysis.core.results import result_location
-    from analysis.core.store import RunStore
     from analysis.engine.collect import collect
-    from analysis.engine.gradients import CollectionConfig
+    from analysis.engine.collect_task import CollectionConfig
+    from analysis.engine.results import CollectionStore, result_location
 
     config = CollectionConfig(model="tiny-llama", safety_split="analysis", utility_split="analysis", n_safety=5,
                               n_utility=3, max_length=40, batch_size=3, top_k=2, curve_boot=3)
-    results = collect(config, model=tiny_llama, store=RunStore(tmp_path), keep_work=True)
+    results = collect(config, model=tiny_llama, store=CollectionStore(tmp_path), keep_work=True)
     assert results.curve_modules
     batches = sorted((results.folder / "work").glob("batch_*"))
     for info in results.modules:

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.core.store import RunStore
 from analysis.engine.collect import collect
-from analysis.engine.gradients import CollectionConfig
+from analysis.engine.collect_task import CollectionConfig
+from analysis.engine.results import CollectionStore
 from analysis.views import findings as fv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def tiny_run(tmp_path_factory, tiny_llama):
     config = CollectionConfig(model="tiny-llama", safety_split="analysis", utility_split="analysis", n_safety=4,
                               n_utility=4, max_length=32, batch_size=4, top_k=2, curve_boot=2)
-    return collect(config, model=tiny_llama, store=RunStore(tmp_path_factory.mktemp("runs")))
+    return collect(config, model=tiny_llama, store=CollectionStore(tmp_path_factory.mktemp("runs")))
 
 
 def test_findings_of_a_stored_run(tiny_run):

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from analysis.core.config import ConfigError, ModelConfig, from_jsonable, to_jsonable
-from analysis.core.results import TABLE_COLUMNS
-from analysis.core.store import RunStore
 from analysis.core.tasks import Cancelled, TaskContext
 from analysis.engine import geometry as geo
 from analysis.engine.analyse import analyse_module, curve_sizes
-from analysis.engine.capture import capture_batch, find_linear_modules
+from analysis.engine.capture import capture_batch
 from analysis.engine.collect import collect
-from analysis.engine.gradients import CollectionCancelled, CollectionConfig
+from analysis.engine.collect_task import CollectionCancelled, CollectionConfig
 from analysis.engine.gram import gram_costs, gram_matrix
+from analysis.engine.results import TABLE_COLUMNS, CollectionStore
+from analysis.llm.anatomy import find_linear_modules
 from analysis.llm.formatting import tokenize_batch
 from analysis.llm.models import load_model
 from analysis.views import collection as views
@@ -74,7 +74,7 @@ def test_gram_cost_model_prefers_ghost_for_few_tokens_and_dense_for_many():
 
 
 def test_analyse_module_matches_dense_reference():
-    from analysis.engine.capture import ModuleInfo
+    from analysis.llm.anatomy import ModuleInfo
 
     d_out, d_in, n_safety, k = 9, 7, 5, 3
     pairs = random_pairs(9, d_out, d_in, seed=1)
@@ -136,7 +136,7 @@ def small_config(datasets, **changes):
 def test_collect_end_to_end_matches_direct_capture(tmp_path, datasets, gpt2_64):
     config = small_config(datasets)
     events = []
-    results = collect(config, model=gpt2_64, store=RunStore(tmp_path), ctx=TaskContext(progress=events.append))
+    results = collect(config, model=gpt2_64, store=CollectionStore(tmp_path), ctx=TaskContext(progress=events.append))
     assert results.run_id == config.run_id()  # the cheap run id (no model loaded) is the stored run's
     # progress: after each of the 4 capture batches (3+2 safety, 3+1 utility) and each module; live data for charts
     lives = [event.live for event in events]
@@ -176,7 +176,7 @@ def test_collect_end_to_end_matches_direct_capture(tmp_path, datasets, gpt2_64):
 def test_cancel_raises_and_keeps_work(tmp_path, datasets, gpt2_64):
     context = TaskContext()
     context.progress = lambda event: context.cancel.set() if event.live["done_samples"] >= 3 else None
-    store = RunStore(tmp_path)
+    store = CollectionStore(tmp_path)
     with pytest.raises(CollectionCancelled) as error:
         collect(small_config(datasets), model=gpt2_64, store=store, ctx=context)
     assert isinstance(error.value, Cancelled) and error.value.run_id == small_config(datasets).run_id()
@@ -185,7 +185,7 @@ def test_cancel_raises_and_keeps_work(tmp_path, datasets, gpt2_64):
 
 def test_live_data_is_json_and_the_live_charts_draw_from_it(tmp_path, datasets, gpt2_64):
     lives = []
-    collect(small_config(datasets), model=gpt2_64, store=RunStore(tmp_path),
+    collect(small_config(datasets), model=gpt2_64, store=CollectionStore(tmp_path),
             ctx=TaskContext(progress=lambda event: lives.append(json.dumps(event.live, allow_nan=False))))
     decoded = [json.loads(text) for text in lives]
     capture = [live for live in decoded if live["stage"] == "capture"][-1]
@@ -206,26 +206,26 @@ def test_the_collect_task_round_trips_through_json_and_executes(tmp_path, datase
     assert small_config(datasets, model=ModelConfig("tiny-llama"), top_k=2).run_id() != config.run_id()
     summary = again.execute(TaskContext())
     assert json.loads(json.dumps(summary)) == summary and summary["run_id"] == config.run_id()
-    assert RunStore().status(summary["run_id"]) == "complete" and summary["n_modules"] == 14
+    assert CollectionStore().status(summary["run_id"]) == "complete" and summary["n_modules"] == 14
 
 
 def test_model_mismatch_is_refused(tmp_path, datasets, gpt2_64):
     with pytest.raises(ConfigError, match="tiny-gpt2"):
-        collect(small_config(datasets, model="tiny-llama"), model=gpt2_64, store=RunStore(tmp_path))
+        collect(small_config(datasets, model="tiny-llama"), model=gpt2_64, store=CollectionStore(tmp_path))
     with pytest.raises(ConfigError, match="identity"):  # same source, other weights (dtype)
-        collect(small_config(datasets, model=ModelConfig("tiny-gpt2")), model=gpt2_64, store=RunStore(tmp_path))
+        collect(small_config(datasets, model=ModelConfig("tiny-gpt2")), model=gpt2_64, store=CollectionStore(tmp_path))
 
 
 def test_an_unknown_device_is_refused_before_any_work(tmp_path, datasets, gpt2_64):
     with pytest.raises(ValueError, match="tpu"):
-        collect(small_config(datasets), model=gpt2_64, store=RunStore(tmp_path), ctx=TaskContext(device="tpu"))
-    assert RunStore(tmp_path).run_ids() == []
+        collect(small_config(datasets), model=gpt2_64, store=CollectionStore(tmp_path), ctx=TaskContext(device="tpu"))
+    assert CollectionStore(tmp_path).run_ids() == []
 
 
 @pytest.mark.slow
 def test_real_model_per_sample_gradients_match_one_sample_autograd(default_model):
     """SmolLM2-135M (float32): factors of two modules equal a per-sample autograd loop."""
-    from analysis.engine.capture import weight_grad_as_out_in
+    from analysis.llm.anatomy import weight_grad_as_out_in
     from analysis.llm.formatting import per_sample_loss
 
     model = default_model.model
@@ -259,7 +259,7 @@ def test_real_model_per_sample_gradients_match_one_sample_autograd(default_model
 def test_real_model_small_collection(tmp_path, default_model):
     config = CollectionConfig(model="default", n_safety=3, n_utility=3, layers="0,29", kinds="v,down",
                               max_length=48, batch_size=3, top_k=4, curve_boot=2)
-    store = RunStore(tmp_path)
+    store = CollectionStore(tmp_path)
     results = collect(config, model=default_model, store=store)
     assert results.run_id == config.run_id()
     table = results.table
@@ -303,7 +303,7 @@ def test_cli_with_a_config_file_gives_the_same_run_as_with_options(tmp_path, dat
     task_file.write_text(json.dumps({"kind": "collect", "config": to_jsonable(config)}))  # a job's task.json
     assert main(["collect", "--config", str(task_file), "--store", str(tmp_path / "b")]) == 0
     assert f"run {config.run_id()}:" in capsys.readouterr().out
-    first, second = RunStore(tmp_path / "a").load(config.run_id()), RunStore(tmp_path / "b").load(config.run_id())
+    first, second = CollectionStore(tmp_path / "a").load(config.run_id()), CollectionStore(tmp_path / "b").load(config.run_id())
     for module in first.module_names:
         np.testing.assert_array_equal(first.gram(module), second.gram(module))
         np.testing.assert_array_equal(first.singular_values(module, "safety"), second.singular_values(module, "safety"))

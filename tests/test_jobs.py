@@ -14,8 +14,8 @@ import pytest
 
 from analysis.core import jobs
 from analysis.core.config import from_jsonable, to_jsonable
-from analysis.core.store import RunStore
-from analysis.engine.gradients import CollectionConfig
+from analysis.engine.collect_task import CollectionConfig
+from analysis.engine.results import CollectionStore
 from tests.conftest import stop_all_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +33,7 @@ def arrays(run) -> dict[str, np.ndarray]:
     """Every stored array of a collection run, by file and key."""
     from safetensors.numpy import load_file
 
-    folder = RunStore().path(run)
+    folder = CollectionStore().path(run)
     return {f"{path.name}/{key}": value for path in sorted(folder.glob("*.safetensors"))
             for key, value in load_file(path).items()}
 
@@ -140,7 +140,7 @@ def test_killed_worker_shows_failed_and_resubmission_resumes_identically(cache, 
     time.sleep(0.5)
     dead = jobs.read(job_id)
     assert dead.state == "failed" and "ended without a result" in dead.error
-    assert RunStore().status(config.run_id()) == "interrupted"
+    assert CollectionStore().status(config.run_id()) == "interrupted"
     again = jobs.wait(jobs.submit(config, "resubmitted"), 300)
     assert again.state == "done", jobs.log_tail(again.job_id)
     assert "read from checkpoint" in jobs.log_tail(again.job_id, 200)  # resumed, not recomputed

@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 
 from analysis.core.config import ModelConfig
-from analysis.core.store import RunStore, atomic_save_arrays
+from analysis.core.store import atomic_save_arrays
 from analysis.engine.collect import collect
+from analysis.engine.results import CollectionStore
 from analysis.lab.finetune import FinetuneCancelled, run_finetune
 from analysis.lab.loop import TrainingLoop
 from tests.test_finetune import RESUME, _same_history, _weights, rows_context, tiny
@@ -36,8 +37,8 @@ def test_bfloat16_collection_is_close_to_float32(tmp_path, collection_config):  
     config32 = collection_config
     config16 = dataclasses.replace(config32, model=BF16)
     assert config16.run_id() != config32.run_id()
-    r32 = all_arrays(collect(config32, store=RunStore(tmp_path / "32")))
-    r16 = all_arrays(collect(config16, store=RunStore(tmp_path / "16")))
+    r32 = all_arrays(collect(config32, store=CollectionStore(tmp_path / "32")))
+    r16 = all_arrays(collect(config16, store=CollectionStore(tmp_path / "16")))
     assert r16.keys() == r32.keys()
     for key in ("spectra.safetensors:safety/model.layers.0.mlp.down_proj", "per_sample.safetensors:loss"):
         assert r16[key].dtype == r32[key].dtype  # accumulated in float32/float64, not bfloat16
@@ -79,8 +80,8 @@ def test_bfloat16_finetune_checkpoint_cancel_resume(tmp_path):
 def test_cuda_collection_equals_cpu(tmp_path, collection_config):  # noqa: F811
     from analysis.core.tasks import TaskContext
 
-    cpu = all_arrays(collect(collection_config, store=RunStore(tmp_path / "cpu")))
-    gpu = all_arrays(collect(collection_config, store=RunStore(tmp_path / "gpu"), ctx=TaskContext(device="cuda")))
+    cpu = all_arrays(collect(collection_config, store=CollectionStore(tmp_path / "cpu")))
+    gpu = all_arrays(collect(collection_config, store=CollectionStore(tmp_path / "gpu"), ctx=TaskContext(device="cuda")))
     for key in cpu:
         np.testing.assert_allclose(gpu[key], cpu[key], rtol=1e-3, atol=1e-5 * (np.abs(cpu[key]).max() + 1e-30),
                                    err_msg=key)

@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 
 from analysis.core.config import ConfigError
-from analysis.core.store import RunStore
 from analysis.core.tasks import TaskContext
 from analysis.engine.collect import collect
-from analysis.engine.gradients import CollectionCancelled, CollectionConfig
+from analysis.engine.collect_task import CollectionCancelled, CollectionConfig
+from analysis.engine.results import CollectionStore
 from tests.test_store import all_arrays, assert_identical, config, llama, reference  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -26,7 +26,7 @@ def test_modules_per_pass_is_validated_and_not_in_the_run_id(config):  # noqa: F
 def test_partitions_equal_one_pass(tmp_path, config, llama, reference):  # noqa: F811
     events = []
     ctx = TaskContext(progress=events.append)
-    results = collect(dataclasses.replace(config, modules_per_pass=5), model=llama, store=RunStore(tmp_path), ctx=ctx)
+    results = collect(dataclasses.replace(config, modules_per_pass=5), model=llama, store=CollectionStore(tmp_path), ctx=ctx)
     assert results.run_id == reference[0].run_id
     assert_identical(all_arrays(results), reference[1])
     assert results.table.equals(reference[0].table)
@@ -36,7 +36,7 @@ def test_partitions_equal_one_pass(tmp_path, config, llama, reference):  # noqa:
 
 
 def test_resume_with_another_partitioning(tmp_path, config, llama, reference):  # noqa: F811
-    store = RunStore(tmp_path)
+    store = CollectionStore(tmp_path)
     ctx = TaskContext()
     seen = []
 
@@ -61,8 +61,8 @@ MEASURE = """
 import json, sys, torch
 torch.set_num_threads(1)
 from analysis.engine.collect import _to_device  # noqa: F401 (same import path as a collection)
-from analysis.engine.capture import find_linear_modules, select_modules
-from analysis.engine.gradients import CollectionConfig, load_set
+from analysis.llm.anatomy import find_linear_modules, select_modules
+from analysis.engine.collect_task import CollectionConfig, load_set
 from analysis.engine.planner import measure_capture_peak
 from analysis.llm.formatting import tokenize_batch
 from analysis.llm.models import load_model
@@ -135,7 +135,7 @@ def test_two_process_gloo_collection_equals_one_process(tmp_path, config, refere
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    results = RunStore(tmp_path).load(reference[0].run_id)
+    results = CollectionStore(tmp_path).load(reference[0].run_id)
     assert results.manifest["status"] == "complete"
     assert_identical(all_arrays(results), reference[1])
 
@@ -176,7 +176,7 @@ def test_a_device_mapped_collection_equals_the_reference(tmp_path, config, refer
 
     mapped = dataclasses.replace(config, model=ModelConfig("tiny-llama", device_map="auto"))
     assert mapped.run_id() == reference[0].run_id
-    results = collect(mapped, store=RunStore(tmp_path))
+    results = collect(mapped, store=CollectionStore(tmp_path))
     assert results.run_id == reference[0].run_id
     assert_identical(all_arrays(results), reference[1])
 

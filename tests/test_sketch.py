@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from analysis.core.config import ConfigError, ModelConfig
-from analysis.core.store import RunStore
-from analysis.engine.capture import ModuleInfo, capture_batch, find_linear_modules
+from analysis.engine.capture import capture_batch
 from analysis.engine.collect import collect
-from analysis.engine.gradients import CollectionConfig, run_identity
+from analysis.engine.collect_task import CollectionConfig, run_identity
 from analysis.engine.planner import architecture, plan_collection
+from analysis.engine.results import CollectionStore
 from analysis.engine.sketch import (
     Sketch,
     compare_projection,
@@ -24,6 +24,7 @@ from analysis.engine.sketch import (
     projection_error,
     sketch_matrix,
 )
+from analysis.llm.anatomy import ModuleInfo, find_linear_modules
 from analysis.llm.formatting import tokenize_batch
 from analysis.llm.models import load_model
 from analysis.views import collection as views
@@ -102,7 +103,7 @@ def test_a_known_spectrum_keeps_its_top_singular_values_within_the_jl_bound(seed
 def test_projection_wider_than_every_module_equals_the_exact_route(tmp_path, datasets, gpt2_64):
     exact_config = small_config(datasets)
     wide = small_config(datasets, projection_dim=10_000)
-    store = RunStore(tmp_path)
+    store = CollectionStore(tmp_path)
     exact, same = collect(exact_config, model=gpt2_64, store=store), collect(wide, model=gpt2_64, store=store)
     assert same.run_id != exact.run_id and same.manifest["projection"]["modules"] == []
     assert label(exact.manifest) == "exact" and exact.manifest["projection"] is None
@@ -118,7 +119,7 @@ def test_projection_wider_than_every_module_equals_the_exact_route(tmp_path, dat
 def test_projected_run_stores_the_sketched_gradients_and_labels_itself(tmp_path, datasets, gpt2_64):
     p = 24
     config = small_config(datasets, projection_dim=p, n_safety=3, n_utility=2, curve_layers="none")
-    results = collect(config, model=gpt2_64, store=RunStore(tmp_path))
+    results = collect(config, model=gpt2_64, store=CollectionStore(tmp_path))
     modules = find_linear_modules(gpt2_64.model)
     projected = [m for m in modules if min(m.d_out, m.d_in) > p]
     assert projected and results.manifest["projection"]["modules"] == [m.name for m in projected]
@@ -169,7 +170,7 @@ def test_planner_counts_the_sketched_factors(datasets):
 
 
 def test_compare_projection_reports_errors_per_kind(tmp_path, datasets, gpt2_64):
-    out = compare_projection(small_config(datasets, curve_layers="none"), 24, model=gpt2_64, store=RunStore(tmp_path))
+    out = compare_projection(small_config(datasets, curve_layers="none"), 24, model=gpt2_64, store=CollectionStore(tmp_path))
     errors, summary = out["errors"], out["summary"]
     assert set(errors["kind"]) == {"qkv", "o", "up", "down"} and set(summary.index) == set(errors["kind"])
     assert {"s_top_rel mean", "cer1_rel max", "cer16_rel mean", "effective_rank_rel mean", "cosine_abs max"} <= set(summary.columns)

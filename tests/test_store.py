@@ -7,19 +7,18 @@ import pytest
 from safetensors.numpy import load_file
 
 from analysis.core.config import ModelConfig
-from analysis.core.results import ARRAY_FILES
 from analysis.core.store import (
     RunBusy,
     RunCorrupted,
     RunIncomplete,
     RunNotFound,
-    RunStore,
     safetensors_intact,
 )
 from analysis.core.tasks import TaskContext
 from analysis.engine import collect as collect_module
 from analysis.engine.collect import collect
-from analysis.engine.gradients import CollectionCancelled, CollectionConfig
+from analysis.engine.collect_task import CollectionCancelled, CollectionConfig
+from analysis.engine.results import ARRAY_FILES, CollectionStore
 from analysis.llm.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -63,12 +62,12 @@ def assert_identical(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, config, llama):
     """An uninterrupted run, for comparisons."""
-    results = collect(config, model=llama, store=RunStore(tmp_path_factory.mktemp("reference")))
+    results = collect(config, model=llama, store=CollectionStore(tmp_path_factory.mktemp("reference")))
     return results, all_arrays(results)
 
 
 def test_same_config_reuses_the_run(tmp_path, config, llama, monkeypatch):
-    store = RunStore(tmp_path)
+    store = CollectionStore(tmp_path)
     first = collect(config, model=llama, store=store)
 
     def no_capture(*args, **kwargs):
@@ -83,7 +82,7 @@ def test_same_config_reuses_the_run(tmp_path, config, llama, monkeypatch):
 
 
 def test_changed_config_makes_a_new_run(tmp_path, config, llama, reference):
-    store = RunStore(tmp_path)
+    store = CollectionStore(tmp_path)
     first = collect(config, model=llama, store=store)
     assert first.run_id == reference[0].run_id  # run id does not depend on the store
     second = collect(CollectionConfig.from_dict({**first.config, "top_k": 3}), model=llama, store=store)
@@ -101,7 +100,7 @@ class Killed(RuntimeError):
 
 @pytest.mark.parametrize("stage, after", [("capture", 2), ("analyse", 5), ("curve", 3)])
 def test_interrupted_run_resumes_to_identical_arrays(tmp_path, config, llama, reference, stage, after):
-    store = RunStore(tmp_path)
+    store = CollectionStore(tmp_path)
     seen = []
 
     def kill(event):
@@ -129,7 +128,7 @@ def test_interrupted_run_resumes_to_identical_arrays(tmp_path, config, llama, re
 
 
 def test_cancel_then_resume(tmp_path, config, llama, reference):
-    store = RunStore(tmp_path)
+    store = CollectionStore(tmp_path)
     context = TaskContext()
     context.progress = lambda event: context.cancel.set() if event.live["done_samples"] >= 4 else None
     with pytest.raises(CollectionCancelled, match="resume"):
@@ -138,7 +137,7 @@ def test_cancel_then_resume(tmp_path, config, llama, reference):
 
 
 def test_damaged_checkpoint_is_recomputed(tmp_path, config, llama, reference):
-    store = RunStore(tmp_path)
+    store = CollectionStore(tmp_path)
     with pytest.raises(Killed):
         collect(config, model=llama, store=store, ctx=TaskContext(
             progress=lambda event: (_ for _ in ()).throw(Killed()) if event.live["done_samples"] >= 6 else None))
@@ -153,7 +152,7 @@ def test_damaged_checkpoint_is_recomputed(tmp_path, config, llama, reference):
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_result_file_is_detected_and_recomputed(tmp_path, config, llama, reference, damage):
-    store = RunStore(tmp_path)
+    store = CollectionStore(tmp_path)
     run_id = collect(config, model=llama, store=store).run_id
     path = store.path(run_id) / "gram.safetensors"
     data = bytearray(path.read_bytes())
@@ -174,7 +173,7 @@ def test_damaged_result_file_is_detected_and_recomputed(tmp_path, config, llama,
 
 
 def test_delete_and_errors(tmp_path, config, llama):
-    store = RunStore(tmp_path)
+    store = CollectionStore(tmp_path)
     run_id = collect(config, model=llama, store=store).run_id
     with pytest.raises(RunBusy):
         with store.open_run(run_id + "x", {}) as writer:

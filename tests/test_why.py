@@ -103,7 +103,8 @@ def per_token_gradient(model, batch, module_name: str, sample: int, position: in
 
 
 def test_token_energy_matches_a_direct_per_token_autograd_gradient(tiny_llama):
-    from analysis.engine.capture import find_linear_modules, kept_positions
+    from analysis.engine.capture import kept_positions
+    from analysis.llm.anatomy import find_linear_modules
     from analysis.llm.data import load_any
 
     model, tokenizer = tiny_llama.model.eval(), tiny_llama.tokenizer

@@ -170,17 +170,17 @@ def load_model(source: str, dtype: str = "float32", allow_pickle: bool = False, 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def _load_run(run_id: str, stamp: str):
-    from analysis.core.store import load
+    from analysis.engine.results import load_run as load
 
     return load(run_id)
 
 
 def _run_stamp(run_id: str) -> str:
     """Changes when the run is rewritten (manifest mtime), so a recomputed run is reloaded."""
-    from analysis.core.store import RunStore
+    from analysis.engine.results import CollectionStore
 
     try:
-        return str((RunStore().path(run_id) / "manifest.json").stat().st_mtime_ns)
+        return str((CollectionStore().path(run_id) / "manifest.json").stat().st_mtime_ns)
     except OSError:
         return "missing"
 

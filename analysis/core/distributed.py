@@ -1,7 +1,7 @@
 """Several processes on torch.distributed (``torchrun --nproc-per-node N -m analysis <command> ...``): joining
 the process group, rank 0's messages, gathering, and batches dealt out over the ranks.
 
-Used by the sharded collection (:mod:`analysis.engine.distributed`) and the sharded generation of an
+Used by the sharded collection (:mod:`analysis.engine.sharded`) and the sharded generation of an
 evaluation (:mod:`analysis.safety.evaluate`). Backend: gloo on the CPU, nccl on GPUs (rank r uses
 ``cuda:<LOCAL_RANK>``). Only rank 0 speaks (:func:`leader_process`) and writes results; a failed rank ends
 the run, since torchrun stops every rank when one exits with an error.

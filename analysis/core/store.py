@@ -1,40 +1,38 @@
-"""Results on disk: one folder per collection run under ``cache_dir()/"runs"``.
+"""Results on disk, for every kind of run: one folder per run under a root, a manifest, atomic checksummed files.
+
+A generic store: it knows manifests, files, locks and statuses, never what a run computes. Each domain owns
+its results class and its listing columns (the collection's: :class:`analysis.engine.results.CollectionStore`;
+evaluations, fine-tuning runs, defence grids and "why" runs use a ``RunStore`` on their own root).
 
 Public API
 ----------
-``RunStore(root=None)``          the store; ``root`` defaults to ``cache_dir() / "runs"`` (tests pass a tmp dir).
-  ``.list_runs() -> pandas.DataFrame``   one row per run: run_id, status, created, model, safety, utility,
-                                         n_safety, n_utility, n_modules, top_k, projection_dim (None: exact),
-                                         size_mb (newest first).
-  ``.load(run_id) -> RunResults``        a complete run (raises ``RunNotFound`` / ``RunIncomplete`` /
-                                         ``RunCorrupted`` with a clear message).
-  ``.status(run_id) -> str``            "missing", "running" (being collected now), "interrupted" (resumable),
+``RunStore(root=None)``          the store; ``root`` defaults to ``cache_dir() / RunStore.folder`` (tests pass a tmp dir).
+  ``.list_runs(columns=None) -> pandas.DataFrame``  one row per run: run_id, status, created, the caller's
+                                         ``columns`` ({name: function of the manifest}), size_mb (newest first).
+  ``.load(run_id) -> results``           a complete run, read by ``.read(folder, manifest)`` (a domain's store
+                                         returns its results class; the generic one a :class:`StoredRun`);
+                                         raises ``RunNotFound`` / ``RunIncomplete`` / ``RunCorrupted`` clearly.
+  ``.status(run_id) -> str``            "missing", "running" (being written now), "interrupted" (resumable),
                                          "complete" or "corrupted".
   ``.verify(run_id, full=True) -> list[str]``  problems found (sizes; sha256 when ``full``); [] if fine.
   ``.reusable(run_id, config) -> (manifest | None, message)``  a complete run whose stored config equals
-                                         ``config``, else None and why it is recomputed (any collection).
+                                         ``config``, else None and why it is recomputed.
   ``.open_run(run_id, manifest) -> RunWriter``  write a run (``finish(arrays, json_files)`` commits it).
   ``.delete(run_id) -> bool``
-Module-level ``list_runs()``, ``load(run_id)``, ``delete(run_id)`` use the default store.
-
-``RunResults`` (what pages read) lives in :mod:`analysis.core.results`; ``RunStore.load`` returns one.
 
 Layout of a run folder (``<root>/<run_id>/``)
 --------------------------------------------
 ``manifest.json``   run id, status ("running" until complete, then "complete"), created/updated times, full
-                    config, model (source, name, identity), datasets (source, content hash, fingerprint of
-                    the examples used), package versions, timings, modules, curve modules, messages, and
+                    config, what the domain records (model, datasets, versions, timings ...), and
                     ``files``: {name: {sha256, size}} of every result file.
-``samples.json``    per-sample metadata (ids, set, category, texts, kept token counts, truncation).
-``table.json``      the per-module metrics table ({"columns", "data", "dtypes"}).
-``*.safetensors``   arrays; tensor key = ``"<quantity>/<module HF path>"`` (see ``analysis.core.results.ARRAY_FILES``).
-``work/``           checkpoints of an unfinished run (per-batch factors, per-module results).
+result files        written by ``RunWriter.finish`` (JSON and safetensors; the domain documents its own).
+``work/``           checkpoints of an unfinished run (e.g. the collection's per-batch factors).
 Every file is written to a temporary name and moved into place (``os.replace``), so a crash never leaves a
 half-written file under a final name; sizes and sha256 in the manifest detect later damage.
 """
-
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -42,19 +40,18 @@ import os
 import shutil
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from analysis.core.config import cache_dir
-from analysis.core.results import RunResults
 
 __all__ = [
-    "RunBusy", "RunCorrupted", "RunIncomplete", "RunNotFound", "RunResults", "RunStore", "RunWriter", "StoreError",
-    "atomic_save_arrays", "atomic_write_bytes", "atomic_write_json", "delete", "file_sha256", "finite_or_none",
-    "json_default", "list_runs", "load", "safetensors_intact",
+    "RunBusy", "RunCorrupted", "RunIncomplete", "RunNotFound", "RunStore", "RunWriter", "StoreError", "StoredRun",
+    "atomic_save_arrays", "atomic_write_bytes", "atomic_write_json", "file_sha256", "finite_or_none",
+    "json_default", "safetensors_intact",
 ]
 
 MANIFEST = "manifest.json"
@@ -237,11 +234,31 @@ def process_alive(pid: int | None, marker: str = "") -> bool:
     return not Path("/proc").is_dir()
 
 
+@dataclasses.dataclass
+class StoredRun:
+    """A complete run as the generic store reads it: its ``folder`` and ``manifest`` (a domain's results class
+    adds its own accessors)."""
+
+    folder: Path
+    manifest: dict
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest["run_id"]
+
+
 class RunStore:
-    """Runs on disk under ``root`` (default ``cache_dir() / "runs"``); see the module docstring."""
+    """Runs on disk under ``root`` (default ``cache_dir() / folder``); see the module docstring."""
+
+    #: Sub-folder of ``cache_dir()`` that a store of this class uses by default.
+    folder = "runs"
 
     def __init__(self, root: str | Path | None = None):
-        self.root = Path(root) if root is not None else cache_dir() / "runs"
+        self.root = Path(root) if root is not None else cache_dir() / self.folder
+
+    def read(self, folder: Path, manifest: dict) -> Any:
+        """The results object of a complete, verified run (a domain's store overrides this)."""
+        return StoredRun(folder, manifest)
 
     def path(self, run_id: str) -> Path:
         if not run_id or "/" in run_id or run_id.startswith("."):
@@ -302,7 +319,7 @@ class RunStore:
                           "version); computing it afresh instead of mixing results")
         return manifest, ""
 
-    def load(self, run_id: str, verify: bool = False) -> RunResults:
+    def load(self, run_id: str, verify: bool = False) -> Any:
         """Results of a complete run; checks file sizes (and sha256 with ``verify``)."""
         manifest = self.manifest(run_id)
         if manifest.get("status") != "complete":
@@ -311,7 +328,7 @@ class RunStore:
         problems = self.verify(run_id, full=verify)
         if problems:
             raise RunCorrupted(f"run {run_id} is damaged: {'; '.join(problems)}. Collect it again to recompute.")
-        return RunResults(self.path(run_id), manifest)
+        return self.read(self.path(run_id), manifest)
 
     def delete(self, run_id: str) -> bool:
         """Remove a run folder; False if it did not exist. Refuses while a live collection holds it."""
@@ -327,35 +344,25 @@ class RunStore:
             return []
         return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file())
 
-    def list_runs(self):
-        """pandas.DataFrame of all runs, newest first (see the module docstring for the columns)."""
+    def list_runs(self, columns: Mapping[str, Callable[[dict], Any]] | None = None):
+        """pandas.DataFrame of all runs, newest first: run_id, status, created, one column per entry of
+        ``columns`` ({name: function of the run's manifest}), size_mb. A run whose manifest cannot be read is
+        listed as "corrupted" (its other columns empty)."""
         import pandas as pd
 
+        columns = dict(columns or {})
         rows = []
         for run_id in self.run_ids():
             try:
-                m = self.manifest(run_id)
+                manifest = self.manifest(run_id)
             except StoreError:
                 rows.append({"run_id": run_id, "status": "corrupted"})
                 continue
-            config = m.get("config", {})
-            rows.append({
-                "run_id": run_id,
-                "status": self.status(run_id),
-                "created": m.get("created"),
-                "model": m.get("model", {}).get("name"),
-                "safety": config.get("safety"),
-                "utility": config.get("utility"),
-                "n_safety": config.get("n_safety"),
-                "n_utility": config.get("n_utility"),
-                "n_modules": len(m.get("modules", [])),
-                "top_k": config.get("top_k"),
-                "projection_dim": config.get("projection_dim"),
-                "size_mb": round(_folder_size(self.path(run_id)) / 2**20, 2),
-            })
-        columns = ["run_id", "status", "created", "model", "safety", "utility", "n_safety", "n_utility",
-                   "n_modules", "top_k", "projection_dim", "size_mb"]
-        frame = pd.DataFrame(rows, columns=columns)
+            row = {"run_id": run_id, "status": self.status(run_id), "created": manifest.get("created")}
+            row.update({name: column(manifest) for name, column in columns.items()})
+            row["size_mb"] = round(_folder_size(self.path(run_id)) / 2**20, 2)
+            rows.append(row)
+        frame = pd.DataFrame(rows, columns=["run_id", "status", "created", *columns, "size_mb"])
         return frame.sort_values("created", ascending=False, na_position="last").reset_index(drop=True)
 
     # -- writing ------------------------------------------------------------------------------------
@@ -491,24 +498,3 @@ class RunWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-
-# --------------------------------------------------------------------------------------------------
-# default-store shortcuts
-# --------------------------------------------------------------------------------------------------
-
-
-def list_runs():
-    """:meth:`RunStore.list_runs` of the default store."""
-    return RunStore().list_runs()
-
-
-def load(run_id: str) -> RunResults:
-    """:meth:`RunStore.load` of the default store."""
-    return RunStore().load(run_id)
-
-
-def delete(run_id: str) -> bool:
-    """:meth:`RunStore.delete` of the default store."""
-    return RunStore().delete(run_id)

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis.core.results import ETAS, SETS
 from analysis.engine import geometry as geo
-from analysis.engine.capture import ModuleInfo
 from analysis.engine.gram import DEFAULT_CHUNK_BYTES, dense_gradients, gram_costs, gram_matrix
+from analysis.engine.results import ETAS, SETS
+from analysis.llm.anatomy import ModuleInfo
 
 __all__ = ["BASIS_FLOOR", "CURVE_DENSE", "NULL_RTOL", "ModuleAnalysis", "analyse_module", "batch_svd", "curve_sizes",
            "or_nan", "overlap_curve"]

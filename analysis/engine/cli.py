@@ -1,6 +1,6 @@
 """CLI commands ``collect``, ``runs`` and ``delete`` (see ``analysis/__main__.py``).
 
-``collect`` builds a :class:`~analysis.engine.gradients.CollectionConfig` from its options (or reads it
+``collect`` builds a :class:`~analysis.engine.collect_task.CollectionConfig` from its options (or reads it
 with ``--config FILE``) and runs it through ``analysis.core.cli.run_task`` (``--device``, ``--threads``,
 ``--job``); the store, ``--force``, ``--keep-work``, ``--workers`` and ``--chunk-mb`` do not change the numbers.
 """
@@ -19,7 +19,7 @@ from analysis.core.config import InputError, ModelConfig
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     if command == "collect":
-        from analysis.engine.gradients import CollectionConfig
+        from analysis.engine.collect_task import CollectionConfig
 
         defaults = CollectionConfig()
         add = parser.add_argument
@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from analysis.engine.gradients import CollectionConfig
+    from analysis.engine.collect_task import CollectionConfig
 
     defaults = CollectionConfig()
     n_safety = args.n_safety if args.n_safety is not None else (args.n // 2 if args.n else defaults.n_safety)
@@ -131,30 +131,30 @@ class CollectRun:
         return self.config.run_id()
 
     def execute(self, ctx) -> dict:
-        from analysis.core.store import RunStore
         from analysis.engine.collect import collect
-        from analysis.engine.gradients import collection_summary
+        from analysis.engine.collect_task import collection_summary
+        from analysis.engine.results import CollectionStore
 
         start = time.perf_counter()
-        results = collect(self.config, store=RunStore(self.store), ctx=ctx, force=self.force,
+        results = collect(self.config, store=CollectionStore(self.store), ctx=ctx, force=self.force,
                           keep_work=self.keep_work, workers=self.workers, chunk_bytes=self.chunk_bytes)
         return dict(collection_summary(results), seconds=round(time.perf_counter() - start, 3))
 
 
 def print_result(summary) -> None:
     """The printed summary of a finished collect task (its run read back from the summary's folder)."""
-    from analysis.core.store import RunStore
+    from analysis.engine.results import CollectionStore
 
     folder = Path(summary["folder"])
     if "seconds" in summary:
         print(f"done in {summary['seconds']:.1f} s")
-    print_summary(RunStore(folder.parent).load(summary["run_id"]))
+    print_summary(CollectionStore(folder.parent).load(summary["run_id"]))
 
 
 def _collect(args: argparse.Namespace) -> int:
     from analysis.core.cli import load_task, run_task
     from analysis.core.distributed import leader_process
-    from analysis.engine.gradients import CollectionConfig
+    from analysis.engine.collect_task import CollectionConfig
     from analysis.engine.planner import plan_collection
 
     try:
@@ -176,11 +176,12 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from analysis.core.store import RunStore, StoreError
+    from analysis.core.store import StoreError
+    from analysis.engine.results import CollectionStore
 
     if args.command == "collect":
         return _collect(args)
-    store = RunStore(args.store)
+    store = CollectionStore(args.store)
     if args.command == "runs":
         runs = store.list_runs()
         if runs.empty:

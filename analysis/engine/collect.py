@@ -1,5 +1,5 @@
 """The collection loop: capture every batch, analyse every module, write the run (see
-:mod:`analysis.engine.gradients` for the pipeline, its exactness and memory).
+:mod:`analysis.engine.collect_task` for the pipeline, its exactness and memory).
 
 ``collect(config, *, model=None, store=None, ctx=None, force=False, keep_work=False, chunk_bytes=512 MiB,
 workers=None) -> RunResults`` runs (or resumes, or reuses) a collection. Same config -> the stored run is
@@ -20,7 +20,7 @@ A model dispatched by accelerate (``ModelConfig.device_map``) is not moved: batc
 
 Passes and ranks: ``config.modules_per_pass`` captures the modules group by group (:meth:`_Collection.run`);
 under torchrun every rank captures its share of each pass's batches and rank 0 writes and analyses
-(:mod:`analysis.engine.distributed`). The cost of a config before any work: :mod:`analysis.engine.planner`.
+(:mod:`analysis.engine.sharded`). The cost of a config before any work: :mod:`analysis.engine.planner`.
 """
 
 from __future__ import annotations
@@ -42,14 +42,13 @@ import torch
 
 from analysis.core import distributed as group
 from analysis.core.config import ConfigError, config_hash, to_jsonable
-from analysis.core.results import SAMPLES_FILE, SETS, TABLE_COLUMNS, TABLE_FILE, RunResults, result_location
-from analysis.core.store import RunStore, RunWriter, StoreError, finite_or_none, json_default
+from analysis.core.store import RunWriter, StoreError, finite_or_none, json_default
 from analysis.core.tasks import TaskContext, resolve_device
-from analysis.engine import distributed
 from analysis.engine import geometry as geo
+from analysis.engine import sharded
 from analysis.engine.analyse import analyse_module, curve_sizes, or_nan, overlap_curve
-from analysis.engine.capture import BatchFactors, ModuleInfo, capture_batch, find_linear_modules, select_modules
-from analysis.engine.gradients import (
+from analysis.engine.capture import BatchFactors, capture_batch
+from analysis.engine.collect_task import (
     ENGINE_VERSION,
     CollectionCancelled,
     CollectionConfig,
@@ -58,7 +57,17 @@ from analysis.engine.gradients import (
     run_identity,
 )
 from analysis.engine.gram import DEFAULT_CHUNK_BYTES
+from analysis.engine.results import (
+    SAMPLES_FILE,
+    SETS,
+    TABLE_COLUMNS,
+    TABLE_FILE,
+    CollectionStore,
+    RunResults,
+    result_location,
+)
 from analysis.engine.sketch import Sketch, describe
+from analysis.llm.anatomy import ModuleInfo, find_linear_modules, select_modules
 from analysis.llm.formatting import tokenize_batch
 
 if TYPE_CHECKING:
@@ -81,13 +90,13 @@ LIVE_KEYS = ("run_id", "stage", "fraction", "done_samples", "total_samples", "do
              "losses", "preview", "labels", "table")
 
 
-def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store: RunStore | None = None,
+def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store: CollectionStore | None = None,
             ctx: TaskContext | None = None, force: bool = False, keep_work: bool = False,
             chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int | None = None) -> RunResults:
     """Collect (or resume, or reuse) the run of ``config`` and return its results.
 
     model: an already loaded ``analysis.llm.models.LoadedModel`` for ``config.model`` (else it is loaded;
-    a model whose identity is not the config's is refused). store: where runs live (default ``RunStore()``
+    a model whose identity is not the config's is refused). store: where runs live (default ``CollectionStore()``
     under cache_dir()/runs). ctx: device, progress and cancel (default: CPU, no progress); the model and
     each batch are moved to ``ctx.device`` (a given model is moved back afterwards).
     force: recompute even if a complete run exists. keep_work: keep the per-batch factor files.
@@ -101,7 +110,7 @@ def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store
     ctx = ctx if ctx is not None else TaskContext()
     device = torch.device(resolve_device(ctx.device))  # "auto" -> a GPU if there is one; checked before any work
     ranks, device = group.start(device, config.model.device_map)  # torchrun: rank r on its own GPU
-    store = store if store is not None else RunStore()
+    store = store if store is not None else CollectionStore()
     session_start = time.perf_counter()
     identity = model_identity(config.model)
     if model is None:
@@ -287,7 +296,7 @@ def _capture_arrays(config: CollectionConfig, model: LoadedModel, examples: Sequ
 
 
 def _follow(config: CollectionConfig, model: LoadedModel, modules: Sequence[ModuleInfo], examples: Sequence,
-            ranks: group.Ranks, store: RunStore, run_id: str, device: torch.device,
+            ranks: group.Ranks, store: CollectionStore, run_id: str, device: torch.device,
             sketch: Sketch | None = None) -> RunResults:
     """A rank other than 0: capture the batches rank 0 deals out, then read the run rank 0 wrote."""
     from analysis.llm.models import place
@@ -299,7 +308,7 @@ def _follow(config: CollectionConfig, model: LoadedModel, modules: Sequence[Modu
     model.model.eval()
     try:
         place(model.model, device)
-        distributed.follow(ranks, lambda index, names: _capture_arrays(
+        sharded.follow(ranks, lambda index, names: _capture_arrays(
             config, model, examples, batches[index], [by_name[n] for n in names], device, dtype, sketch),
             lambda message: CollectionCancelled(message, run_id))
     finally:

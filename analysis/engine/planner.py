@@ -3,7 +3,7 @@ modules, n and length; and a refusal naming the setting to change when it does n
 
 :func:`architecture` reads the model's shape without its weights (the HF config instantiated on torch's
 ``meta`` device: parameter count and every analysable module's (d_out, d_in)). :func:`plan_collection` turns
-shape + :class:`~analysis.engine.gradients.CollectionConfig` into a :class:`CollectionPlan`;
+shape + :class:`~analysis.engine.collect_task.CollectionConfig` into a :class:`CollectionPlan`;
 ``plan.check(memory_budget=..., disk_budget=...)`` raises :class:`PlanError` naming what to lower.
 
 The memory model (bytes; B = batch size, T = max_length, N = B T tokens of one batch, L layers, h hidden,
@@ -37,11 +37,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from analysis.core.config import ConfigError, ModelConfig
-from analysis.engine.capture import ModuleInfo, find_linear_modules, select_modules
 from analysis.engine.sketch import Sketch, factor_widths, is_projected
+from analysis.llm.anatomy import ModuleInfo, find_linear_modules, select_modules
 
 if TYPE_CHECKING:
-    from analysis.engine.gradients import CollectionConfig
+    from analysis.engine.collect_task import CollectionConfig
 
 __all__ = ["ACT_H", "ACT_I", "LOGIT_COPIES", "Architecture", "CollectionPlan", "PlanError", "architecture",
            "fit_modules_per_pass", "measure_capture_peak", "plan_collection", "size_text"]

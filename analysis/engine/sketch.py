@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis.engine.capture import ModuleInfo
+from analysis.llm.anatomy import ModuleInfo
 
 __all__ = ["CER_KS", "SIDES", "Sketch", "compare_projection", "describe", "factor_widths", "is_projected", "label",
            "projection_error", "sketch_matrix", "summarise_error"]

@@ -53,7 +53,6 @@ import torch
 from analysis.core.config import DTYPES, ConfigError, InputError, ModelConfig, cache_dir, config_hash, to_jsonable
 from analysis.core.store import atomic_write_json, finite_or_none
 from analysis.core.tasks import TaskContext, resolve_device
-from analysis.engine.capture import layer_index
 from analysis.lab.align_data import (  # noqa: F401 - BORDERLINE_PROMPTS, borderline_dataset: public here too
     BORDERLINE_PREFIX,
     BORDERLINE_PROMPTS,
@@ -61,6 +60,7 @@ from analysis.lab.align_data import (  # noqa: F401 - BORDERLINE_PROMPTS, border
     load_training_sets,
 )
 from analysis.lab.loop import Clock, TrainingCancelled, TrainingLoop, duration, save_model
+from analysis.llm.anatomy import layer_index
 from analysis.llm.formatting import pad_rows, pad_token_id, response_losses, tokenize_conversation
 from analysis.llm.models import input_device, place
 from analysis.safety.evaluate import Cancel, EvalCancelled, Progress, generate_ids, prefix_rows

@@ -79,7 +79,7 @@ class SafeLoraTask:
 
 
 def _linear_weights(model, layers: str, kinds: str) -> dict[str, torch.nn.Parameter]:
-    from analysis.engine.capture import find_linear_modules, select_modules
+    from analysis.llm.anatomy import find_linear_modules, select_modules
 
     chosen = select_modules(find_linear_modules(model), layers, kinds, None)
     named = dict(model.named_modules())

@@ -87,7 +87,7 @@ __all__ = ["BASIS_RTOL", "ZERO_SAFETY_RTOL", "SPFModule", "SPFProjector", "as_ou
 
 def as_out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     """A view of a weight-shaped tensor in (d_out, d_in) orientation (HF Conv1D stores (d_in, d_out))."""
-    from analysis.engine.capture import LAYER_TYPES
+    from analysis.llm.anatomy import LAYER_TYPES
 
     layer_type = LAYER_TYPES.get(type(module))
     convert = getattr(layer_type, "as_out_in", None)
@@ -115,7 +115,7 @@ class SPFModule:
 
 def spf_modules(model: nn.Module, spf: SPFConfig) -> list[SPFModule]:
     """The selected linear modules whose weight is trainable, in model order."""
-    from analysis.engine.capture import SelectionError, find_linear_modules, select_modules
+    from analysis.llm.anatomy import SelectionError, find_linear_modules, select_modules
 
     infos = find_linear_modules(model)
     try:

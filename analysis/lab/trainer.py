@@ -18,7 +18,6 @@ from torch import nn
 from analysis.core.config import ConfigError, config_hash, to_jsonable
 from analysis.core.store import atomic_write_json, finite_or_none
 from analysis.core.tasks import resolve_device
-from analysis.engine.capture import layer_index
 from analysis.lab.config import FinetuneConfig, SPFConfig
 from analysis.lab.defences import pcgrad_project
 from analysis.lab.finetune_data import (
@@ -36,6 +35,7 @@ from analysis.lab.finetune_data import (
 )
 from analysis.lab.loop import TrainingLoop
 from analysis.lab.spf import ZERO_SAFETY_RTOL, SPFProjector, as_out_in, spf_modules
+from analysis.llm.anatomy import layer_index
 from analysis.llm.models import input_device, place
 
 # --------------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def set_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[nn.Module, 
     if config.trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
-        from analysis.engine.capture import find_linear_modules
+        from analysis.llm.anatomy import find_linear_modules
 
         targets = [m.name for m in find_linear_modules(model) if m.layer is not None]
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
@@ -112,7 +112,7 @@ def set_trainable(model: nn.Module, config: FinetuneConfig) -> tuple[nn.Module, 
     else:
         first = max(n_layers - config.n_last_layers, 0) if config.trainable == "last" else 0
         if config.trainable == "linear":
-            from analysis.engine.capture import find_linear_modules
+            from analysis.llm.anatomy import find_linear_modules
 
             named = dict(model.named_modules())
             for info in find_linear_modules(model):

@@ -327,10 +327,10 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def explain(task: WhyTask, ctx: TaskContext | None = None, *, root: str | Path | None = None) -> dict:
     """Compute and store the explanation (reused when stored); returns a JSON-able summary with "run_id".
     ``root``: another store for the results (tests)."""
-    from analysis.engine.capture import SelectionError, find_linear_modules, select_modules
     from analysis.engine.geometry import random_overlap_baseline
     from analysis.lab.config import FinetuneConfig
     from analysis.lab.finetune_data import load_data, seeded
+    from analysis.llm.anatomy import SelectionError, find_linear_modules, select_modules
     from analysis.llm.models import load_model
     from analysis.safety.evaluate import affirmative_target
 

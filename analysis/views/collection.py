@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from analysis.core.results import ETAS, SETS  # ETAS: the eta values whose k@eta is stored per module
 from analysis.engine import geometry
+from analysis.engine.results import ETAS, SETS  # ETAS: the eta values whose k@eta is stored per module
 from analysis.engine.sketch import label as projection_label
 from analysis.views import figures as fig
 

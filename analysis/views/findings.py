@@ -143,7 +143,7 @@ def _claim_three(table: pd.DataFrame, n_s: int, caveat: str) -> list[dict[str, A
 
 
 def findings(run) -> tuple[pd.DataFrame, str]:
-    """(table, text) for one run (``analysis.core.results.RunResults`` or alike: ``.table``, ``.config``,
+    """(table, text) for one run (``analysis.engine.results.RunResults`` or alike: ``.table``, ``.config``,
     ``.manifest``). table: columns FINDINGS_COLUMNS, two rows per claim (I, II, III); values are medians or
     shares across the run's modules. text: one line per claim with its verdict (markdown)."""
     table = run.table

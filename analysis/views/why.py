@@ -160,7 +160,7 @@ def drift_frame(drift: Mapping[str, Any] | None) -> pd.DataFrame:
     """Long table (step, module, layer, overlap_left, overlap_right) of a run's drift record
     (``FinetuneResults.drift()``): per module the overlap phi = mean cos^2 of the principal angles between the
     safety basis at that refresh and the first one."""
-    from analysis.engine.capture import layer_index
+    from analysis.llm.anatomy import layer_index
 
     if not drift or len(drift["steps"]) == 0:
         return pd.DataFrame(columns=["step", "module", "layer", "overlap_left", "overlap_right"])

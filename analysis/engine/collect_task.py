@@ -27,7 +27,7 @@ two passes that meet on disk:
    the capture accumulates in float32 or float64) to one safetensors file per batch in the run's ``work/``.
    ``modules_per_pass`` splits the modules into groups captured by one pass each (analysed and deleted
    before the next pass): memory and disk of the factors shrink to one group's, the results are identical.
-   Several processes (``torchrun``, :mod:`analysis.engine.distributed`) share the batches of a pass.
+   Several processes (``torchrun``, :mod:`analysis.engine.sharded`) share the batches of a pass.
    Memory: model + one batch's autograd graph + that batch's factors (8 x 64 tokens: ~0.6 GB).
    Disk: all factors of the run (4.9 GB = 4.6 GiB above), deleted when the run completes.
 2. analyse (per module): the factors of all n samples for ONE module are read back (each batch file is
@@ -62,12 +62,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from analysis.core.config import ConfigError, ModelConfig, config_hash, to_jsonable
-from analysis.core.results import SETS
 from analysis.core.tasks import Cancelled, TaskContext
-from analysis.engine.capture import ALL_KINDS, ModuleInfo, parse_layers
+from analysis.engine.results import SETS
+from analysis.llm.anatomy import ALL_KINDS, ModuleInfo, parse_layers
 
 if TYPE_CHECKING:
-    from analysis.core.results import RunResults
+    from analysis.engine.results import RunResults
 
 __all__ = [
     "CURVE_AUTO_LAYERS", "ENGINE_VERSION", "GRAM_ROUTES", "PERFORMANCE_FIELDS", "CollectionCancelled", "CollectionConfig",

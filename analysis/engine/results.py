@@ -1,4 +1,8 @@
-"""Reading a collection run's results: the result files' layout and :class:`RunResults`.
+"""A collection run's results: the result files' layout, :class:`RunResults` and :class:`CollectionStore`.
+
+``CollectionStore(root=None)``: the generic :class:`~analysis.core.store.RunStore` on ``cache_dir()/"runs"`` whose
+``load`` returns :class:`RunResults` and whose ``list_runs()`` has the collection's columns (model, datasets, n,
+modules, top_k, projection_dim). ``load_run(run_id)`` reads one from the default store.
 
 ``RunResults`` (what pages read; cheap to create, arrays are read lazily and cached):
   ``.run_id``, ``.manifest`` (dict), ``.config`` (dict: the full collection config), ``.modules``
@@ -29,10 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from analysis.engine.capture import ModuleInfo
+from analysis.core.store import RunStore
+from analysis.llm.anatomy import ModuleInfo
 
-__all__ = ["ARRAY_FILES", "ETAS", "SAMPLES_FILE", "SETS", "TABLE_COLUMNS", "TABLE_FILE", "RunResults",
-           "result_location"]
+__all__ = ["ARRAY_FILES", "COLLECTION_COLUMNS", "ETAS", "SAMPLES_FILE", "SETS", "TABLE_COLUMNS", "TABLE_FILE",
+           "CollectionStore", "RunResults", "load_run", "result_location"]
 
 SETS = ("safety", "utility")
 SAMPLES_FILE = "samples.json"
@@ -230,3 +235,33 @@ class RunResults:
     def close(self) -> None:
         self._handles.clear()
 
+
+#: The columns of :meth:`CollectionStore.list_runs` beside run_id / status / created / size_mb.
+COLLECTION_COLUMNS = {
+    "model": lambda m: (m.get("model") or {}).get("name"),
+    "safety": lambda m: (m.get("config") or {}).get("safety"),
+    "utility": lambda m: (m.get("config") or {}).get("utility"),
+    "n_safety": lambda m: (m.get("config") or {}).get("n_safety"),
+    "n_utility": lambda m: (m.get("config") or {}).get("n_utility"),
+    "n_modules": lambda m: len(m.get("modules") or []),
+    "top_k": lambda m: (m.get("config") or {}).get("top_k"),
+    "projection_dim": lambda m: (m.get("config") or {}).get("projection_dim"),
+}
+
+
+class CollectionStore(RunStore):
+    """The collection runs (``cache_dir()/"runs"``): ``load`` gives :class:`RunResults`."""
+
+    folder = "runs"
+
+    def read(self, folder: Path, manifest: dict) -> RunResults:
+        return RunResults(folder, manifest)
+
+    def list_runs(self, columns=None):
+        """The stored collections, newest first, with :data:`COLLECTION_COLUMNS` (or ``columns``)."""
+        return super().list_runs(COLLECTION_COLUMNS if columns is None else columns)
+
+
+def load_run(run_id: str) -> RunResults:
+    """A complete collection run of the default store."""
+    return CollectionStore().load(run_id)
