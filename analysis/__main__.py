@@ -1,7 +1,11 @@
 """Command line: ``python -m analysis <command> ...``.
 
-Each command lives in the module that does the work, as two functions: ``add_arguments(parser)`` and
-``run(args) -> int``. Register a new command with one line in ``COMMANDS``.
+Task commands are generated from the task registry (:data:`analysis.core.tasks.TASKS`): the command is the task's
+``kind``, its options come from the task class's fields (:mod:`analysis.core.options`) and every task runs through
+the one runner (:func:`analysis.core.cli.run_task_command`: same exit codes, same error text). ``TASK_MODULES``
+names the module that registers each kind, so ``--help`` and a job worker import only the chosen one. Add a task:
+one class with ``@register_task`` and one line here. Other commands (no task: convert, summary, runs, delete) are a
+module with ``add_arguments(parser, command)`` and ``run(args) -> int``.
 """
 
 from __future__ import annotations
@@ -10,13 +14,9 @@ import argparse
 import importlib
 import sys
 
-# command -> (module providing add_arguments/run, one-line help)
-COMMANDS = {
-    "convert": ("analysis.llm.cli", "convert the embedded default model to a safetensors checkpoint"),
-    "summary": ("analysis.llm.cli", "print a model summary (family, parameters, linear modules)"),
-    "collect": ("analysis.engine.cli", "collect per-sample safety/utility gradients and their geometry"),
-    "runs": ("analysis.engine.cli", "list the stored collection runs"),
-    "delete": ("analysis.engine.cli", "delete a stored run"),
+# task kind -> (module that registers it, one-line help)
+TASK_MODULES = {
+    "collect": ("analysis.engine.collect_task", "collect per-sample safety/utility gradients and their geometry"),
     "evaluate": ("analysis.safety.evaluate", "safety evaluation: ASR, over-refusal, refusal/utility NLL of models"),
     "align": ("analysis.lab.align", "build the safety-aligned default model (cache/models/...-aligned)"),
     "finetune": ("analysis.lab.finetune", "fine-tune (attack presets) with plain SFT and/or SPF; live safety metrics"),
@@ -24,15 +24,40 @@ COMMANDS = {
     "defences": ("analysis.lab.grid", "every defence against every attack tier: the ASR / utility table"),
     "why": ("analysis.lab.why", "why a defence fails: a fine-tuning run's update vs the safety subspaces"),
 }
+# command -> (module providing add_arguments/run, one-line help)
+COMMANDS = {
+    "convert": ("analysis.llm.cli", "convert the embedded default model to a safetensors checkpoint"),
+    "summary": ("analysis.llm.cli", "print a model summary (family, parameters, linear modules)"),
+    "runs": ("analysis.engine.cli", "list the stored collection runs"),
+    "delete": ("analysis.engine.cli", "delete a stored run"),
+}
+
+
+def task_class(kind: str) -> type:
+    """The registered task class of ``kind`` (its module imported on first use)."""
+    from analysis.core.tasks import TASKS
+
+    if kind not in TASK_MODULES:
+        raise KeyError(f"unknown task {kind!r}; available: {', '.join(TASK_MODULES)}")
+    importlib.import_module(TASK_MODULES[kind][0])
+    return TASKS[kind]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m analysis", description="Safety Subspace Explorer")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for command, (module_name, help_text) in COMMANDS.items():
-        sub = subparsers.add_parser(command, help=help_text)
-        if command in argv[:1]:  # only the chosen command's module is imported (a job worker starts faster)
+    for command, (module_name, help_text) in {**TASK_MODULES, **COMMANDS}.items():
+        sub = subparsers.add_parser(command, help=help_text, description=help_text)
+        if command not in argv[:1]:  # only the chosen command's module is imported (a job worker starts faster)
+            continue
+        if command in TASK_MODULES:
+            from analysis.core import cli
+
+            cls = task_class(command)
+            cli.add_task_command(sub, cls)
+            sub.set_defaults(_run=lambda args, cls=cls: cli.run_task_command(args, cls))
+        else:
             module = importlib.import_module(module_name)
             module.add_arguments(sub, command)
             sub.set_defaults(_run=module.run)

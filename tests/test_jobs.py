@@ -170,8 +170,8 @@ def test_cli_and_app_give_the_same_run(cache, tmp_path_factory):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["why"], "give --run RUN_ID"),
-    (["safe-lora"], "give --finetuned FOLDER"),
+    (["why"], "give --run RUN"),
+    (["safe-lora"], "give --finetuned SOURCE"),
     (["defences", "--tiers", "harmful-11"], "unknown tier(s) harmful-11"),
     (["finetune", "--config", "missing.json"], "cannot read the task file missing.json"),
     (["align", "--config", "task.json"], "holds a 'defences' task, not 'align'"),

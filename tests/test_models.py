@@ -209,20 +209,24 @@ def test_device_map_auto_puts_the_model_on_the_gpu():
 def test_the_model_commands_take_device_map():
     import argparse
 
-    from analysis.engine import cli as collect_cli
-    from analysis.lab import align, finetune
+    from analysis.__main__ import task_class
+    from analysis.core.cli import add_task_command, task_from_options
     from analysis.safety import evaluate
 
-    def parse(module, command, *options):
+    def parse(kind, *options):
         parser = argparse.ArgumentParser()
-        module.add_arguments(parser, command)
+        add_task_command(parser, task_class(kind))
         return parser.parse_args(["--device-map", "auto", *options])
 
-    assert parse(collect_cli, "collect").device_map == "auto"
-    assert parse(collect_cli, "collect", "--device-map", "sequential").device_map == "sequential"
-    assert evaluate.tasks_from_options(parse(evaluate, "evaluate", "--model", "tiny-llama"))[0].model.device_map == "auto"
-    assert finetune.task_from_args(parse(finetune, "finetune", "--model", "tiny-llama")).config.model.device_map == "auto"
-    task = align.task_from_args(parse(align, "align", "--dtype", "bfloat16"))
-    assert task.device_map == "auto" and task.settings.dtype == "bfloat16"
+    def task(kind, *options):
+        return task_from_options(task_class(kind), parse(kind, *options))
+
+    assert task("collect").model.device_map == "auto"
+    assert task("collect", "--device-map", "sequential").model.device_map == "sequential"
+    assert evaluate.tasks_from_options(parse("evaluate", "--model", "tiny-llama"))[0].model.device_map == "auto"
+    assert task_class("finetune").from_options(parse("finetune", "--model", "tiny-llama")).config.model.device_map \
+        == "auto"
+    aligned = task("align", "--dtype", "bfloat16")
+    assert aligned.device_map == "auto" and aligned.settings.dtype == "bfloat16"
     with pytest.raises(SystemExit):
-        parse(collect_cli, "collect", "--device-map", "everywhere")
+        parse("collect", "--device-map", "everywhere")

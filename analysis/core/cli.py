@@ -1,13 +1,21 @@
-"""The command-line side of tasks: the options every task command shares, and running a task in the
-foreground (progress bar, Ctrl-C cancels) or as a queued job worker (``--job``, see :mod:`analysis.core.jobs`).
+"""The command-line side of tasks: one generated command per registered task, the options every task command
+shares, and running a task in the foreground (progress bar, Ctrl-C cancels) or as a queued job worker
+(``--job``, see :mod:`analysis.core.jobs`).
 
-A task command's ``run(args)`` builds its task from its own options (or from ``--config FILE``, the JSON that
-``jobs.submit`` writes) and hands it to :func:`run_task`; the web app starts the very same command.
+:func:`add_task_command` builds a task command's parser from the task class (its fields' metadata, see
+:mod:`analysis.core.options`); :func:`run_task_command` builds the task from the options (or from
+``--config FILE``, the JSON that ``jobs.submit`` writes) and hands it to :func:`run_task`; the web app starts the
+very same command. Optional hooks of a task class: ``add_extra_options(parser)`` (options that are not
+settings, e.g. how much to print), ``from_options(args)`` (when options and fields do not map one to one),
+``announce(device) -> list[str]`` (printed before the run; may refuse with an InputError, e.g. a plan over
+budget), ``run_command(args) -> int | None`` (a command-only action such as ``--list``; an int ends the
+command) and ``print_result(result)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -19,7 +27,8 @@ from analysis.core.config import DEVICE_MAPS, ConfigError, InputError, from_json
 from analysis.core.distributed import leader_process
 from analysis.core.tasks import DEVICES_HELP, Cancelled, Event, Task, TaskContext
 
-__all__ = ["add_device_map_argument", "add_task_arguments", "load_task", "run_command", "run_task"]
+__all__ = ["add_device_map_argument", "add_task_arguments", "add_task_command", "load_task", "run_command", "run_task",
+           "run_task_command", "task_from_options"]
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +42,7 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_device_map_argument(parser: argparse.ArgumentParser) -> None:
-    """``--device-map`` (``ModelConfig.device_map``) of the commands that load a model; goes next to ``--dtype``."""
+    """``--device-map`` (``ModelConfig.device_map``) of the commands whose options are still written by hand."""
     parser.add_argument("--device-map", choices=DEVICE_MAPS, default=None,
                         help="spread the model over the GPUs (then CPU memory) with accelerate, for a model larger "
                              "than one GPU; --device is then ignored for the model (default: off)")
@@ -45,6 +54,8 @@ def load_task(path: str | Path, task_class: type) -> Task:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot read the task file {path}: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"the task file {path} holds a JSON {type(data).__name__}, not an object of settings")
     if "config" in data and "kind" in data:
         if data["kind"] != task_class.kind:
             raise ConfigError(f"{path} holds a {data['kind']!r} task, not {task_class.kind!r}")
@@ -54,11 +65,57 @@ def load_task(path: str | Path, task_class: type) -> Task:
 
 def run_command(args: argparse.Namespace, task_class: type, build: Callable[[argparse.Namespace], Task],
                 print_result: Callable[[Mapping[str, Any]], None]) -> int:
-    """The ``run(args)`` of a task command: the task from ``--config FILE`` or ``build(args)``, run by
-    :func:`run_task`. Bad input (an :class:`~analysis.core.config.InputError`) prints ``error: ...`` and
-    returns 2."""
+    """The ``run(args)`` of a task command whose options are still written by hand: the task from ``--config
+    FILE`` or ``build(args)``, run by :func:`run_task`; an InputError prints ``error: ...`` and returns 2."""
     try:
         task = load_task(args.config, task_class) if args.config else build(args)
+        return run_task(task, args, print_result)
+    except InputError as error:
+        print(f"error: {error}")
+        return 2
+
+
+def add_task_command(parser: argparse.ArgumentParser, task_class: type) -> None:
+    """The options of ``task_class`` (generated from its fields), its extra options, and the running group."""
+    from analysis.core.options import add_options
+
+    add_options(parser, task_class)
+    extra = getattr(task_class, "add_extra_options", None)
+    if extra is not None:
+        extra(parser)
+    add_task_arguments(parser)
+
+
+def task_from_options(task_class: type, args: argparse.Namespace) -> Task:
+    """The task the options describe: the class's ``from_options`` hook, else field by field."""
+    from analysis.core.options import options_to_task
+
+    build = getattr(task_class, "from_options", None)
+    return build(args) if build is not None else options_to_task(task_class, args)
+
+
+def run_task_command(args: argparse.Namespace, task_class: type) -> int:
+    """``python -m analysis <kind> ...``: the task from ``--config FILE`` (with any how-to-run options given
+    beside it, e.g. ``--store``) or the options, announced and run by :func:`run_task`. Bad input (an :class:`~analysis.core.config.InputError`) prints ``error: ...`` and
+    returns 2; so does any other exit code of the same meaning, the same for every task."""
+    try:
+        if args.threads is not None and args.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+        command = getattr(task_class, "run_command", None)
+        code = command(args) if command is not None else None
+        if code is not None:
+            return code
+        task = load_task(args.config, task_class) if args.config else task_from_options(task_class, args)
+        if args.config:  # how-to-run options given beside the file (e.g. --store) still apply
+            from analysis.core.options import run_options
+
+            task = dataclasses.replace(task, **run_options(task_class, args))
+        announce = getattr(task, "announce", None)
+        if announce is not None:
+            lines = announce(args.device)
+            if leader_process():
+                print("\n".join(lines), flush=True)
+        print_result = getattr(task_class, "print_result", None) or (lambda result: None)
         return run_task(task, args, print_result)
     except InputError as error:
         print(f"error: {error}")

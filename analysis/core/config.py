@@ -34,16 +34,17 @@ class ConfigError(InputError, ValueError):
 
 
 #: ``dataclasses.field`` metadata of a setting that says where or how a result is computed but never changes
-#: it (e.g. :attr:`ModelConfig.device_map`): kept by :func:`to_jsonable`, left out of run ids.
-PLACEMENT = {"placement": True}
+#: it (e.g. :attr:`ModelConfig.device_map`): kept by :func:`to_jsonable`, left out of run ids. Task fields say
+#: the same with ``analysis.core.options.option(..., run_id=False)``.
+PLACEMENT = {"run_id": False}
 
 
 def to_jsonable(value: Any, placement: bool = True) -> Any:
     """Dataclasses, tuples, paths -> plain JSON types (dict/list/str/number). ``placement=False`` leaves out
-    the dataclass fields marked :data:`PLACEMENT` (what run ids hash)."""
+    the dataclass fields whose metadata says ``run_id: False`` (what run ids hash)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_jsonable(getattr(value, f.name), placement) for f in dataclasses.fields(value)
-                if placement or not f.metadata.get("placement")}
+                if placement or f.metadata.get("run_id", True)}
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v, placement) for v in value]
     if isinstance(value, dict):

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["Cancelled", "CancelToken", "Event", "Task", "TaskContext", "resolve_device"]
+__all__ = ["TASKS", "Cancelled", "CancelToken", "Event", "Task", "TaskContext", "register_task", "resolve_device"]
 
 DEVICES_HELP = "'auto' (a GPU if there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'"
 
@@ -134,6 +134,26 @@ class Task(Protocol):
     def run_id(self) -> str: ...
 
     def execute(self, ctx: TaskContext) -> Mapping[str, Any]: ...
+
+
+#: Every registered task class by its ``kind`` (filled by :func:`register_task` when a task's module is
+#: imported; ``analysis.__main__.TASK_MODULES`` says which module registers which kind, so ``--help`` imports
+#: only the chosen command's module).
+TASKS: dict[str, type] = {}
+
+
+def register_task(cls: type) -> type:
+    """Class decorator: register a task class under its ``kind`` (once; a second class of the same kind is an
+    error naming both)."""
+    kind = getattr(cls, "kind", None)
+    if not isinstance(kind, str) or not kind:
+        raise TypeError(f"{cls.__qualname__} has no task kind (a ClassVar[str] 'kind')")
+    registered = TASKS.get(kind)
+    if registered is not None and (registered.__module__, registered.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"task kind {kind!r} is registered twice: {registered.__module__}.{registered.__qualname__} "
+                         f"and {cls.__module__}.{cls.__qualname__}")
+    TASKS[kind] = cls
+    return cls
 
 
 class Throttle:

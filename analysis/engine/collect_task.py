@@ -61,8 +61,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from analysis.core.config import ConfigError, ModelConfig, config_hash, to_jsonable
-from analysis.core.tasks import Cancelled, TaskContext
+from analysis.core.config import ConfigError, ModelConfig, config_hash
+from analysis.core.options import check_bounds, identity_values, option
+from analysis.core.tasks import Cancelled, TaskContext, register_task
 from analysis.engine.results import SETS
 from analysis.llm.anatomy import ALL_KINDS, ModuleInfo, parse_layers
 
@@ -70,7 +71,7 @@ if TYPE_CHECKING:
     from analysis.engine.results import RunResults
 
 __all__ = [
-    "CURVE_AUTO_LAYERS", "ENGINE_VERSION", "GRAM_ROUTES", "PERFORMANCE_FIELDS", "CollectionCancelled", "CollectionConfig",
+    "CURVE_AUTO_LAYERS", "ENGINE_VERSION", "GRAM_ROUTES", "CollectionCancelled", "CollectionConfig",
     "collection_summary", "curve_modules", "load_set", "run_identity",
 ]
 
@@ -78,8 +79,6 @@ __all__ = [
 ENGINE_VERSION = 1
 GRAM_ROUTES = ("auto", "ghost", "dense")
 PADDING_SIDES = ("left", "right")
-#: CollectionConfig fields that change how a run is computed, never its numbers: not part of the run id.
-PERFORMANCE_FIELDS = ("modules_per_pass",)
 #: Layers that get an overlap-vs-n curve with ``curve_layers="auto"`` (evenly spaced, first and last included).
 CURVE_AUTO_LAYERS = 3
 
@@ -90,6 +89,7 @@ CURVE_AUTO_LAYERS = 3
 # --------------------------------------------------------------------------------------------------
 
 
+@register_task
 @dataclasses.dataclass(frozen=True)
 class CollectionConfig:
     """What to collect. Validated on construction (ConfigError names the field and what is allowed).
@@ -110,33 +110,54 @@ class CollectionConfig:
     modules_per_pass: capture the factors of at most this many modules (in model order) per forward +
         backward pass over all samples, analyse and delete them, then the next group (0: all in one pass).
         Bounds the memory and disk of the factors by the group's; costs one more pass per group. A
-        performance setting: the results are identical, so it is not part of the run id (PERFORMANCE_FIELDS).
+        performance setting: the results are identical, so it is not part of the run id (``run_id=False``).
     projection_dim: None (default, exact) or p: modules with min(d_out, d_in) > p get their factors sketched
         to p dims on both sides at capture (gradients P_out G_i P_in^T (p, p); memory and disk / (d/p)^2).
         Spectra, CER, ranks and cosines become Johnson-Lindenstrauss estimates; angles, overlaps and bases
         are in the sketch space, not weight space (:mod:`analysis.engine.sketch`). In the run id when set.
+    memory_budget / disk_budget (GiB), workers, chunk_mb, force, keep_work, store: how to run it (refuse a plan
+        over budget, modules analysed in parallel, dense chunk size, recompute, keep factor files, runs folder);
+        they never change the numbers, so they are not in the run id.
     """
 
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    safety: str = "safety"
-    utility: str = "utility"
-    n_safety: int = 32
-    n_utility: int = 32
-    safety_split: str | None = None
-    utility_split: str | None = None
-    layers: str = "all"
-    kinds: str = "all"
-    regex: str | None = None
-    max_length: int = 128
-    batch_size: int = 8
-    padding_side: str = "right"
-    top_k: int = 8
-    seed: int = 0
-    gram_route: str = "auto"
-    curve_layers: str = "auto"
-    curve_boot: int = 8
-    modules_per_pass: int = 0
-    projection_dim: int | None = None
+    model: ModelConfig = option(help="the model whose gradients are collected", default_factory=ModelConfig)
+    safety: str = option("safety", help="shipped dataset name or file (refusals to harmful prompts)")
+    utility: str = option("utility", help="shipped dataset name or file (benign tasks)")
+    n_safety: int = option(32, help="safety samples", minimum=1, maximum=100_000)
+    n_utility: int = option(32, help="utility samples", minimum=1, maximum=100_000)
+    safety_split: str | None = option(None, help="use only this split of the safety file")
+    utility_split: str | None = option(None, help="use only this split of the utility file")
+    layers: str = option("all", help="layers, e.g. 0-29, 0-3,7 or all")
+    kinds: str = option("all", flag="--modules", help="module kinds, e.g. q,k,v,o,gate,up,down or all")
+    regex: str | None = option(None, help="select modules whose HF path matches (replaces --layers/--modules)")
+    max_length: int = option(128, help="tokens per sample", minimum=16, maximum=1_000_000)
+    batch_size: int = option(8, help="samples per forward + backward", minimum=1, maximum=100_000)
+    padding_side: str = option("right", help="padding side of a batch", choices=("right", "left"))
+    top_k: int = option(8, help="subspace dimension k (at most the smaller side of a module)", minimum=1,
+                        maximum=100_000)
+    seed: int = option(0, help="sample selection, randomized SVD, bootstrap of the curve")
+    gram_route: str = option("auto", help="exact Gram route (auto: the cheaper by the cost model)",
+                             choices=("auto", "ghost", "dense"))
+    curve_layers: str = option("auto", help="overlap-vs-n curve layers: auto, all, none, 0,10")
+    curve_boot: int = option(8, help="random subsets per n for the overlap-vs-n curve", minimum=1, maximum=10_000)
+    modules_per_pass: int = option(0, help="capture at most this many modules per forward+backward pass (0: all; "
+                                           "bounds memory and disk; same numbers)", minimum=0, run_id=False)
+    projection_dim: int | None = option(None, metavar="P", legacy=True, minimum=1,
+                                        help="sketch the factors of modules with min(d_out, d_in) > P to P dims "
+                                             "(random projection; spectra/cosines approximate, angles in sketch "
+                                             "space; off: exact)")
+    # how to run it: never changes the numbers, so never in the run id
+    memory_budget: float | None = option(None, metavar="GiB", run_id=False, minimum=0,
+                                         help="refuse to start when the planned peak memory is above this")
+    disk_budget: float | None = option(None, metavar="GiB", run_id=False, minimum=0,
+                                       help="refuse to start when the planned factor files need more disk than this")
+    workers: int | None = option(None, run_id=False, minimum=1, maximum=64,
+                                 help="modules analysed in parallel (off: min(2, CPUs))")
+    chunk_mb: int = option(512, run_id=False, minimum=1, maximum=1_048_576,
+                           help="memory for one module's dense G_i chunk (MiB)")
+    force: bool = option(False, run_id=False, help="recompute even if the run exists")
+    keep_work: bool = option(False, run_id=False, help="keep the per-batch factor files of the run")
+    store: str | None = option(None, run_id=False, metavar="FOLDER", help="runs folder (off: cache/runs)")
 
     kind: ClassVar[str] = "collect"
 
@@ -156,18 +177,12 @@ class CollectionConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"{name} dataset is empty: give a shipped name (e.g. {name!r}) or a file path")
-        positive = {"n_safety": 1, "n_utility": 1, "max_length": 16, "batch_size": 1, "top_k": 1, "curve_boot": 1}
-        for name, low in positive.items():
+        for name in ("n_safety", "n_utility", "max_length", "batch_size", "top_k", "curve_boot", "modules_per_pass",
+                     "projection_dim", "workers", "chunk_mb"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        if isinstance(self.modules_per_pass, bool) or not isinstance(self.modules_per_pass, int) \
-                or self.modules_per_pass < 0:
-            raise ConfigError(f"modules_per_pass must be an integer >= 0 (0: all modules in one pass), "
-                              f"got {self.modules_per_pass!r}")
-        if self.projection_dim is not None and (isinstance(self.projection_dim, bool)
-                                                or not isinstance(self.projection_dim, int) or self.projection_dim < 1):
-            raise ConfigError(f"projection_dim must be None (exact) or an integer >= 1, got {self.projection_dim!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        check_bounds(self)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if self.padding_side not in PADDING_SIDES:
@@ -204,11 +219,39 @@ class CollectionConfig:
             datasets = {which: load_set(self, which) for which in SETS}
         return config_hash(run_identity(self, model_identity(self.model), datasets))
 
+    def announce(self, device: str = "cpu") -> list[str]:
+        """The plan (memory, disk, time; :mod:`analysis.engine.planner`) printed before a run; raises an InputError
+        when it is over ``memory_budget`` / ``disk_budget``."""
+        from analysis.engine.planner import plan_collection
+
+        plan = plan_collection(self, device=device, chunk_bytes=self.chunk_mb * 2**20)
+        plan.check(memory_budget=None if self.memory_budget is None else self.memory_budget * 2**30,
+                   disk_budget=None if self.disk_budget is None else self.disk_budget * 2**30)
+        return plan.lines()
+
     def execute(self, ctx: TaskContext) -> dict[str, Any]:
         """Collect (or resume, or reuse) the run on ``ctx.device``; returns :func:`collection_summary`."""
-        from analysis.engine.collect import collect
+        import time
 
-        return collection_summary(collect(self, ctx=ctx))
+        from analysis.engine.collect import collect
+        from analysis.engine.results import CollectionStore
+
+        start = time.perf_counter()
+        results = collect(self, store=CollectionStore(self.store), ctx=ctx, force=self.force,
+                          keep_work=self.keep_work, workers=self.workers, chunk_bytes=self.chunk_mb * 2**20)
+        return dict(collection_summary(results), seconds=round(time.perf_counter() - start, 3))
+
+    @staticmethod
+    def print_result(summary: Mapping[str, Any]) -> None:
+        """The printed summary of a finished collection (its run read back from the summary's folder)."""
+        from pathlib import Path
+
+        from analysis.engine.cli import print_summary
+        from analysis.engine.results import CollectionStore
+
+        if "seconds" in summary:
+            print(f"done in {summary['seconds']:.1f} s")
+        print_summary(CollectionStore(Path(summary["folder"]).parent).load(summary["run_id"]))
 
 
 class CollectionCancelled(Cancelled):
@@ -255,15 +298,11 @@ def curve_modules(config: CollectionConfig, modules: Sequence[ModuleInfo]) -> li
 
 
 def run_identity(config: CollectionConfig, model_identity: str, datasets: Mapping[str, Any]) -> dict:
-    """What a run id hashes: the config (without PERFORMANCE_FIELDS, the model's placement, e.g. its
-    device_map, and ``projection_dim`` when it is None, so exact runs keep their ids), the model's identity,
-    the examples' fingerprints, ENGINE_VERSION."""
-    settings = {key: value for key, value in to_jsonable(config, placement=False).items()
-                if key not in PERFORMANCE_FIELDS}
-    if settings.get("projection_dim") is None:
-        settings.pop("projection_dim", None)
+    """What a run id hashes: the config's identity values (:func:`analysis.core.options.identity_values`: without
+    the fields that only say how or where it runs, and ``projection_dim`` while it is None, so exact runs keep
+    their ids), the model's identity, the examples' fingerprints, ENGINE_VERSION."""
     return {
-        "config": settings,
+        "config": identity_values(config),
         "model_identity": model_identity,
         "datasets": {which: datasets[which].fingerprint() for which in SETS},
         "engine": ENGINE_VERSION,

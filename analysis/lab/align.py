@@ -36,7 +36,6 @@ renamed to ``cache/models/smollm2-135m-instruct-aligned``; ``load_model("default
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -50,9 +49,19 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from analysis.core.config import DTYPES, ConfigError, InputError, ModelConfig, cache_dir, config_hash, to_jsonable
+from analysis.core.config import (
+    DEVICE_MAPS,
+    DTYPES,
+    ConfigError,
+    InputError,
+    ModelConfig,
+    cache_dir,
+    config_hash,
+    to_jsonable,
+)
+from analysis.core.options import identity_values, option
 from analysis.core.store import atomic_write_json, finite_or_none
-from analysis.core.tasks import TaskContext, resolve_device
+from analysis.core.tasks import TaskContext, register_task, resolve_device
 from analysis.lab.align_data import (  # noqa: F401 - BORDERLINE_PROMPTS, borderline_dataset: public here too
     BORDERLINE_PREFIX,
     BORDERLINE_PROMPTS,
@@ -82,15 +91,16 @@ class AlignError(InputError, RuntimeError):
 class AlignSettings:
     """Every number of the alignment recipe (its hash names the cached self-distilled targets)."""
 
-    seed: int = 0
-    steps: int = 120
-    batch_size: int = 8
-    safety_per_batch: int = 3
-    lr: float = 1e-4
+    seed: int = option(0, help="seed of the batches and the self-distillation sampling")
+    steps: int = option(120, help="optimizer steps", minimum=1, maximum=1_000_000)
+    batch_size: int = option(8, help="conversations per step", minimum=1, maximum=4096)
+    safety_per_batch: int = option(3, help="refusal conversations per batch", minimum=0)
+    lr: float = option(1e-4, help="AdamW learning rate")
     warmup_steps: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    train_layer_fraction: float = 0.5  # top half of the transformer blocks
+    train_layer_fraction: float = option(0.5, flag="--layer-fraction",
+                                         help="share of the top transformer blocks that train (1 = all)")
     max_length: int = 192
     safety: str = "safety"
     safety_split: str = "analysis"
@@ -99,7 +109,7 @@ class AlignSettings:
     n_safety: int | None = None  # None: the whole split
     # keep only refusals that these keyword lists recognise (empty: keep all); see load_training_sets
     refusal_keywords: tuple[str, ...] = ("qi", "arditi")
-    n_utility: int | None = 128
+    n_utility: int | None = option(128, help="utility conversations (off: the whole split)", minimum=1)
     borderline: bool = True  # also self-distil BORDERLINE_PROMPTS (see below)
     borderline_per_batch: int = 2  # of the batch's non-safety slots (when borderline)
     distill_max_new_tokens: int = 64
@@ -107,7 +117,8 @@ class AlignSettings:
     deterministic: bool = True
     # the base model's dtype; bfloat16 trains through float32 master weights (analysis.lab.loop.TrainingLoop)
     # and saves bfloat16 weights
-    dtype: str = "float32"
+    dtype: str = option("float32", choices=DTYPES, legacy=True,
+                        help="model dtype (bfloat16 trains through float32 master weights and saves bfloat16)")
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -417,11 +428,9 @@ def aligned_manifest() -> dict | None:
 
 
 def settings_hash(settings: AlignSettings) -> str:
-    """Hash of the settings (the float32 default dtype left out, so the ids of earlier builds stay)."""
-    values = to_jsonable(settings)
-    if values["dtype"] == "float32":
-        del values["dtype"]
-    return config_hash(values)
+    """Hash of the settings' identity values (the float32 default dtype, a legacy field, left out, so the ids of
+    earlier builds stay)."""
+    return config_hash(identity_values(settings))
 
 
 def align_run_id(settings_hash: str, base_identity: str) -> str:
@@ -491,6 +500,7 @@ def align_default_model(progress: Progress | None = None, cancel: Cancel | None 
 # the task: python -m analysis align
 
 
+@register_task
 @dataclasses.dataclass(frozen=True)
 class AlignTask:
     """Build the safety-aligned default model with ``settings`` (``force``: rebuild even if one with the same
@@ -499,9 +509,10 @@ class AlignTask:
 
     kind: ClassVar[str] = "align"
 
-    settings: AlignSettings = AlignSettings()
-    force: bool = False
-    device_map: str | None = None
+    settings: AlignSettings = option(help="the alignment recipe", default_factory=AlignSettings)
+    force: bool = option(False, run_id=False, help="rebuild even if a checkpoint with these settings exists")
+    device_map: str | None = option(None, choices=DEVICE_MAPS, run_id=False,
+                                    help="spread the model over the GPUs (then CPU memory) with accelerate")
 
     def __post_init__(self) -> None:
         ModelConfig("default", device_map=self.device_map)  # validates device_map
@@ -521,34 +532,13 @@ class AlignTask:
                 "folder": str(folder), "weights_sha256": manifest["files"]["model.safetensors"]["sha256"],
                 "losses": manifest["losses"], "seconds": manifest["seconds"]}
 
-
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    from analysis.core.cli import add_device_map_argument, add_task_arguments
-
-    defaults = AlignSettings()
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--safety-per-batch", type=int, default=defaults.safety_per_batch)
-    parser.add_argument("--n-utility", type=int, default=defaults.n_utility)
-    parser.add_argument("--layer-fraction", type=float, default=defaults.train_layer_fraction,
-                        help="share of the top transformer blocks that train (1 = all)")
-    parser.add_argument("--dtype", default=defaults.dtype, help="model dtype: float32 (default), float64, bfloat16 "
-                        "(trained through float32 master weights)")
-    add_device_map_argument(parser)
-    parser.add_argument("--force", action="store_true", help="rebuild even if a checkpoint with these settings exists")
-    add_task_arguments(parser)
+    @staticmethod
+    def print_result(result: Mapping[str, Any]) -> None:
+        print_alignment(result)
 
 
-def task_from_args(args: argparse.Namespace) -> AlignTask:
-    settings = AlignSettings(steps=args.steps, lr=args.lr, seed=args.seed, batch_size=args.batch_size,
-                             safety_per_batch=args.safety_per_batch, n_utility=args.n_utility,
-                             train_layer_fraction=args.layer_fraction, dtype=args.dtype)
-    return AlignTask(settings, force=args.force, device_map=args.device_map)
-
-
-def print_result(result: Mapping[str, Any]) -> None:
+def print_alignment(result: Mapping[str, Any]) -> None:
+    """The printed summary of a finished alignment (what ``align`` prints)."""
     seconds = result["seconds"]
     print(f"aligned checkpoint: {result['folder']}")
     print(f"self-distillation {seconds['self_distillation']:.0f} s, training {seconds['training']:.0f} s, "
@@ -558,8 +548,3 @@ def print_result(result: Mapping[str, Any]) -> None:
           f"weights sha256 {result['weights_sha256'][:16]}")
     print("evaluate it with: python -m analysis evaluate --model default --model default-aligned")
 
-
-def run(args: argparse.Namespace) -> int:
-    from analysis.core.cli import run_command
-
-    return run_command(args, AlignTask, task_from_args, print_result)

@@ -71,7 +71,7 @@ import numpy as np
 
 from analysis.core.config import ConfigError, ModelConfig, config_hash, to_jsonable
 from analysis.core.store import atomic_write_json, file_sha256, finite_or_none
-from analysis.core.tasks import TaskContext
+from analysis.core.tasks import TaskContext, register_task
 from analysis.lab.config import (
     METHODS,
     PRESETS,
@@ -316,12 +316,33 @@ class FinetuneRun:
 # --------------------------------------------------------------------------------------------------
 
 
+@register_task
 @dataclasses.dataclass(frozen=True)
 class FinetuneTask:
     """One fine-tuning job: ``config`` alone, or (``compare``) its plain and SPF arms with everything else
     equal (seed, data, settings; the initial evaluation is shared). ``force``: retrain finished runs."""
 
     kind: ClassVar[str] = "finetune"
+
+    @staticmethod
+    def add_extra_options(parser: argparse.ArgumentParser) -> None:
+        add_arguments(parser, "finetune")  # options still written by hand (issue 18: to be generated from the fields)
+
+    @staticmethod
+    def from_options(args: argparse.Namespace) -> FinetuneTask:
+        return task_from_args(args)
+
+    @staticmethod
+    def run_command(args: argparse.Namespace) -> int | None:
+        """``--list``: print the stored fine-tuning runs instead of training."""
+        if not args.list:
+            return None
+        print(list_finetune_runs().to_string(index=False))
+        return 0
+
+    @staticmethod
+    def print_result(result: Mapping[str, Any]) -> None:
+        print_finetune(result)
 
     config: FinetuneConfig
     compare: bool = False
@@ -371,7 +392,7 @@ class FinetuneTask:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    from analysis.core.cli import add_device_map_argument, add_task_arguments
+    from analysis.core.cli import add_device_map_argument
 
     parser.add_argument("--model", default="default-aligned", help="default-aligned, default, tiny-llama, a folder")
     parser.add_argument("--dtype", default="float32", help="model dtype: float32 (default), float64, bfloat16 "
@@ -407,7 +428,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--gen-per-category", type=int, default=None, help="harmful prompts per category for ASR")
     parser.add_argument("--force", action="store_true", help="retrain even if a finished run matches")
     parser.add_argument("--list", action="store_true", help="list stored fine-tuning runs and exit")
-    add_task_arguments(parser)
 
 
 def task_from_args(args: argparse.Namespace) -> FinetuneTask:
@@ -434,19 +454,11 @@ def task_from_args(args: argparse.Namespace) -> FinetuneTask:
     return FinetuneTask(preset(args.preset, **overrides), compare=args.mode == "both", force=args.force)
 
 
-def print_result(result: Mapping[str, Any]) -> None:
+def print_finetune(result: Mapping[str, Any]) -> None:
+    """What ``finetune`` prints: where each arm's run is and the comparison table."""
     import pandas as pd
 
     for method, run_id in result["runs"].items():
         print(f"{method}: {'stored run reused' if result['cached'][method] else 'done'} -> {finetune_root() / run_id}")
     print()
     print(format_summary(pd.DataFrame(result["table"])))
-
-
-def run(args: argparse.Namespace) -> int:
-    from analysis.core.cli import run_command
-
-    if args.list:
-        print(list_finetune_runs().to_string(index=False))
-        return 0
-    return run_command(args, FinetuneTask, task_from_args, print_result)

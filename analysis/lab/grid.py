@@ -40,10 +40,10 @@ import pandas as pd
 
 from analysis.core.config import ConfigError, ModelConfig, cache_dir, config_hash, to_jsonable
 from analysis.core.store import RunStore
-from analysis.core.tasks import Event, TaskContext
+from analysis.core.tasks import Event, TaskContext, register_task
 
 __all__ = ["DEFAULT_DEFENCES", "DEFENCES", "METRICS", "RUN_OVERRIDES", "TIERS", "DefenceGridTask", "GridResult",
-           "add_arguments", "defences_root", "load_grid", "run", "stored_grids", "stored_rows"]
+           "add_arguments", "defences_root", "load_grid", "stored_grids", "stored_rows"]
 
 FORMAT_VERSION = 1
 TIERS = ("harmful-10", "aoa", "benign")
@@ -90,6 +90,7 @@ def _as_model(value: Any, name: str) -> ModelConfig:
     return value
 
 
+@register_task
 @dataclasses.dataclass(frozen=True)
 class DefenceGridTask:
     """The grid (module docstring). ``model``: the aligned model every run starts from; ``base``: the model
@@ -100,6 +101,21 @@ class DefenceGridTask:
     ``{"n_train": 6}``)."""
 
     kind: ClassVar[str] = "defences"
+
+    @staticmethod
+    def add_extra_options(parser: argparse.ArgumentParser) -> None:
+        add_arguments(parser, "defences")  # options still written by hand (issue 18: to be generated from the fields)
+
+    @staticmethod
+    def from_options(args: argparse.Namespace) -> DefenceGridTask:
+        return DefenceGridTask(
+            tiers=tuple(args.tiers), defences=tuple(args.defences), model=args.model, base=args.base, seed=args.seed,
+            n_harmful=args.n_harmful, n_benign=args.n_benign, max_new_tokens=args.max_new_tokens,
+            utility_max_new_tokens=args.utility_max_new_tokens)
+
+    @staticmethod
+    def print_result(result: Mapping[str, Any]) -> None:
+        print_grid(result)
 
     tiers: tuple[str, ...] = TIERS
     defences: tuple[str, ...] = DEFAULT_DEFENCES
@@ -305,8 +321,6 @@ def stored_grids(root: str | Path | None = None) -> list[GridResult]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    from analysis.core.cli import add_task_arguments
-
     defaults = DefenceGridTask()
     parser.add_argument("--tiers", nargs="+", default=list(TIERS), help="fine-tuning presets (Qi et al.'s tiers)")
     parser.add_argument("--defences", nargs="+", default=list(DEFAULT_DEFENCES),
@@ -318,20 +332,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--n-benign", type=int, default=defaults.n_benign)
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--utility-max-new-tokens", type=int, default=defaults.utility_max_new_tokens)
-    add_task_arguments(parser)
 
 
-def print_result(result: Mapping[str, Any]) -> None:
+def print_grid(result: Mapping[str, Any]) -> None:
+    """What ``defences`` prints: the table and where it is stored."""
     table = pd.DataFrame(result["rows"])
     columns = ["tier", "defence", *METRICS, "train_seconds"]
     print(table[[c for c in columns if c in table]].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"stored in {result['folder']}")
-
-
-def run(args: argparse.Namespace) -> int:
-    from analysis.core.cli import run_command
-
-    return run_command(args, DefenceGridTask, lambda args: DefenceGridTask(
-        tiers=tuple(args.tiers), defences=tuple(args.defences), model=args.model, base=args.base, seed=args.seed,
-        n_harmful=args.n_harmful, n_benign=args.n_benign, max_new_tokens=args.max_new_tokens,
-        utility_max_new_tokens=args.utility_max_new_tokens), print_result)

@@ -12,19 +12,20 @@ Command line: ``python -m analysis safe-lora --finetuned FOLDER [--threshold 0.5
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from analysis.core.config import ConfigError, ModelConfig, cache_dir, config_hash
-from analysis.core.tasks import TaskContext
+from analysis.core.options import option
+from analysis.core.tasks import TaskContext, register_task
 from analysis.lab.defences import SAFE_LORA_MODES, safe_lora_project
 
-__all__ = ["SafeLoraTask", "add_arguments", "load_outcome", "run", "safe_lora_root"]
+__all__ = ["SafeLoraTask", "load_outcome", "safe_lora_root"]
 
 FORMAT_VERSION = 1
 
@@ -33,6 +34,7 @@ def safe_lora_root() -> Path:
     return cache_dir() / "safe_lora"
 
 
+@register_task
 @dataclasses.dataclass(frozen=True)
 class SafeLoraTask:
     """Post-hoc Safe LoRA-style projection (module docstring). ``layers`` / ``kinds``: which linear modules
@@ -40,14 +42,17 @@ class SafeLoraTask:
 
     kind: ClassVar[str] = "safe-lora"
 
-    finetuned: ModelConfig = ModelConfig()
-    aligned: ModelConfig = ModelConfig(source="default-aligned")
-    base: ModelConfig = ModelConfig(source="default")
-    threshold: float = 0.5
-    rank: int | None = 8
-    mode: str = "subspace"
-    layers: str = "all"
-    kinds: str = "all"
+    finetuned: ModelConfig = option(ModelConfig(), flag="--finetuned", required=True,
+                                    help="the fine-tuned model (a folder, e.g. a fine-tuning run's model/)")
+    aligned: ModelConfig = option(ModelConfig(source="default-aligned"), flag="--aligned",
+                                  help="the model the fine-tune started from")
+    base: ModelConfig = option(ModelConfig(source="default"), flag="--base", help="the model before alignment")
+    threshold: float = option(0.5, help="project a module when cos(dW, P dW) is below this")
+    rank: int | None = option(8, help="alignment subspace size per module (off: all of V)", minimum=1)
+    mode: str = option("subspace", flag="--projection", choices=SAFE_LORA_MODES,
+                       help="subspace: exact projector onto V's top-rank left singular vectors; paper: V V^T / ||V||")
+    layers: str = option("all", help="layers, e.g. 0-29, 0-3,7 or all")
+    kinds: str = option("all", help="module kinds, e.g. q,k,v,o,gate,up,down or all")
 
     def __post_init__(self) -> None:
         for name in ("finetuned", "aligned", "base"):
@@ -76,6 +81,11 @@ class SafeLoraTask:
 
     def execute(self, ctx: TaskContext) -> dict:
         return defend(self, ctx)
+
+    @staticmethod
+    def print_result(summary: Mapping[str, Any]) -> None:
+        print(f"{'reused' if summary['cached'] else 'projected'} {summary['n_projected']}/{summary['n_modules']} "
+              f"modules -> {summary['folder']}")
 
 
 def _linear_weights(model, layers: str, kinds: str) -> dict[str, torch.nn.Parameter]:
@@ -137,30 +147,3 @@ def load_outcome(run_id: str):
         return None
     frame = pd.DataFrame(rows, columns=["name", "cosine", "projected", "delta_norm"]).rename(columns={"name": "module"})
     return dict(summary, cached=True), frame
-
-
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    from analysis.core.cli import add_task_arguments
-
-    parser.add_argument("--finetuned", help="the fine-tuned model (a folder, e.g. a fine-tuning run's model/)")
-    parser.add_argument("--aligned", default="default-aligned", help="the model the fine-tune started from")
-    parser.add_argument("--base", default="default", help="the model before alignment")
-    parser.add_argument("--threshold", type=float, default=SafeLoraTask.threshold,
-                        help="project a module when cos(dW, P dW) is below this")
-    parser.add_argument("--rank", type=int, default=SafeLoraTask.rank, help="alignment subspace size per module")
-    parser.add_argument("--projection", choices=SAFE_LORA_MODES, default="subspace")
-    add_task_arguments(parser)
-
-
-def task_from_args(args: argparse.Namespace) -> SafeLoraTask:
-    if not args.finetuned:
-        raise ConfigError("give --finetuned FOLDER (or --config FILE)")
-    return SafeLoraTask(finetuned=args.finetuned, aligned=args.aligned, base=args.base, threshold=args.threshold,
-                        rank=args.rank, mode=args.projection)
-
-
-def run(args: argparse.Namespace) -> int:
-    from analysis.core.cli import run_command
-
-    return run_command(args, SafeLoraTask, task_from_args, lambda s: print(
-        f"{'reused' if s['cached'] else 'projected'} {s['n_projected']}/{s['n_modules']} modules -> {s['folder']}"))

@@ -34,7 +34,6 @@ per module), ``summary.json`` and ``why.safetensors`` (angles and energies, keys
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -46,11 +45,12 @@ import numpy as np
 import torch
 
 from analysis.core.config import ConfigError, ModelConfig, cache_dir, config_hash, from_jsonable
+from analysis.core.options import check_bounds, identity_values, option
 from analysis.core.store import RunStore, finite_or_none
-from analysis.core.tasks import TaskContext
+from analysis.core.tasks import TaskContext, register_task
 
-__all__ = ["PAIRS", "REFERENCES", "GradientSums", "WhyResults", "WhyTask", "add_arguments", "compare_subspaces",
-           "explain", "gradient_pass", "load_why", "response_positions", "run", "token_energy", "top_k",
+__all__ = ["PAIRS", "REFERENCES", "GradientSums", "WhyResults", "WhyTask", "compare_subspaces",
+           "explain", "gradient_pass", "load_why", "response_positions", "token_energy", "top_k",
            "why_store"]
 
 FORMAT_VERSION = 1
@@ -199,6 +199,7 @@ def gradient_pass(model, tokenizer, modules: Sequence, conversations: Sequence[S
 # --------------------------------------------------------------------------------------------------
 
 
+@register_task
 @dataclasses.dataclass(frozen=True)
 class WhyTask:
     """Geometry of one fine-tuning run's update (module docstring). ``run``: the fine-tuning run id;
@@ -210,16 +211,18 @@ class WhyTask:
 
     kind: ClassVar[str] = "why"
 
-    run: str = ""
-    base: ModelConfig = ModelConfig(source="default")
-    k: int = 8
-    n_prompts: int = 16
-    first_tokens: int = 5
-    layers: str = "all"
-    kinds: str = "all"
-    seed: int = 0
-    batch_size: int = 4
-    runs_root: str | None = None
+    run: str = option("", required=True, help="the fine-tuning run id (python -m analysis finetune --list)")
+    base: ModelConfig = option(ModelConfig(source="default"), flag="--base", help="the model before alignment")
+    k: int = option(8, help="subspace size per module", minimum=1, maximum=4096)
+    n_prompts: int = option(16, help="harmful prompts for the gradients", minimum=1, maximum=10_000)
+    first_tokens: int = option(5, minimum=1, maximum=4096,
+                               help="N of the share of the gradient carried by the first N response tokens")
+    layers: str = option("all", help="layers, e.g. 0-29, 0-3,7 or all")
+    kinds: str = option("all", help="module kinds, e.g. q,k,v,o,gate,up,down or all")
+    seed: int = option(0, help="seed of the prompt selection")
+    batch_size: int = option(4, help="conversations per forward (memory only)", minimum=1, maximum=4096,
+                             run_id=False)
+    runs_root: str | None = option(None, cli=False, run_id=False, help="the fine-tuning run store (off: cache/finetune)")
 
     def __post_init__(self) -> None:
         if isinstance(self.base, (str, Path)):
@@ -230,6 +233,7 @@ class WhyTask:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        check_bounds(self)
 
     def finetune_run(self):
         """The fine-tuning run (``FinetuneResults``); ConfigError unless it is complete with a saved model."""
@@ -247,9 +251,7 @@ class WhyTask:
         from analysis.llm.models import model_identity
 
         result = self.finetune_run()
-        values = dataclasses.asdict(self)
-        for name in ("batch_size", "runs_root"):
-            values.pop(name)
+        values = identity_values(self)
         values["base"] = model_identity(self.base)
         return {"format": FORMAT_VERSION, **values, "finetuned": model_identity(str(result.model_path)),
                 "aligned": result.manifest["model"]["identity"], "data": result.manifest.get("data")}
@@ -259,6 +261,10 @@ class WhyTask:
 
     def execute(self, ctx: TaskContext) -> dict:
         return explain(self, ctx)
+
+    @staticmethod
+    def print_result(summary: Mapping[str, Any]) -> None:
+        print_explanation(summary)
 
 
 class WhyResults:
@@ -484,22 +490,9 @@ def energy_first_share(energy: np.ndarray, prompt_energy: np.ndarray, first_toke
 # --------------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    from analysis.core.cli import add_task_arguments
+def print_explanation(summary: Mapping[str, Any]) -> None:
+    """What ``why`` prints: overlaps against the random baseline and the token-energy shares."""
 
-    parser.add_argument("--run", help="the fine-tuning run id (python -m analysis finetune --list)")
-    parser.add_argument("--base", default="default", help="the model before alignment (default: default)")
-    parser.add_argument("--k", type=int, default=WhyTask.k, help="subspace size per module")
-    parser.add_argument("--n-prompts", type=int, default=WhyTask.n_prompts, help="harmful prompts for the gradients")
-    parser.add_argument("--first-tokens", type=int, default=WhyTask.first_tokens,
-                        help="N of the share of the gradient carried by the first N response tokens")
-    parser.add_argument("--layers", default="all")
-    parser.add_argument("--kinds", default="all")
-    parser.add_argument("--batch-size", type=int, default=WhyTask.batch_size, help="conversations per forward")
-    add_task_arguments(parser)
-
-
-def print_result(summary: Mapping[str, Any]) -> None:
     def number(value: Any, spec: str = ".3f") -> str:
         return "-" if value is None else format(value, spec)
 
@@ -517,16 +510,3 @@ def print_result(summary: Mapping[str, Any]) -> None:
     for name, share in summary["first_norm_share"].items():
         print(f"  ||G_first{n}|| / ||G|| ({name}): {number(share)}; <G_first{n}, G>/||G||^2: "
               f"{number(summary['first_share'][name])}")
-
-
-def task_from_args(args: argparse.Namespace) -> WhyTask:
-    if not args.run:
-        raise ConfigError("give --run RUN_ID (or --config FILE)")
-    return WhyTask(run=args.run, base=args.base, k=args.k, n_prompts=args.n_prompts, first_tokens=args.first_tokens,
-                   layers=args.layers, kinds=args.kinds, batch_size=args.batch_size)
-
-
-def run(args: argparse.Namespace) -> int:
-    from analysis.core.cli import run_command
-
-    return run_command(args, WhyTask, task_from_args, print_result)
