@@ -45,6 +45,11 @@ def task_class(kind: str) -> type:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--job" in argv[:-1] and argv[:1] and argv[0] in TASK_MODULES:  # a queued job's worker: wait, light
+        from analysis.core import jobs
+
+        if not jobs.wait_for_turn(argv[argv.index("--job") + 1]):
+            return 0
     parser = argparse.ArgumentParser(prog="python -m analysis", description="Safety Subspace Explorer")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for command, (module_name, help_text) in {**TASK_MODULES, **COMMANDS}.items():

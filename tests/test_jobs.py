@@ -187,3 +187,81 @@ def test_task_commands_print_bad_input_and_exit_2(argv, message, tmp_path, monke
     assert main(argv) == 2
     out = capsys.readouterr().out
     assert out.startswith("error: ") and message in out, out
+
+
+def _occupy_the_cpu_slot() -> subprocess.Popen:
+    """A fake running job on the CPU (a live process naming its folder), so that submitted jobs stay queued."""
+    from analysis.core.store import atomic_write_json
+
+    folder = jobs.jobs_dir() / "00000000-occupied"
+    folder.mkdir(parents=True)
+    atomic_write_json(folder / jobs.TASK_FILE, {"kind": "collect", "config": {}, "label": "occupied", "device": "cpu",
+                                                "run_id": "occupied", "submitted": 0})
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(folder)])
+    atomic_write_json(folder / jobs.STATUS_FILE, {"state": "running", "pid": holder.pid, "started": 1})
+    return holder
+
+
+def test_twenty_queued_jobs_hold_no_model_and_little_memory(cache):
+    """A queued job's worker waits before importing torch or its task: 20 of them hold < 1 GiB together."""
+    import psutil
+
+    holder = _occupy_the_cpu_slot()
+    try:
+        submitted = [jobs.submit(CollectionConfig(model="tiny-llama", seed=seed, **SMALL), label=str(seed))
+                     for seed in range(20)]
+        assert len(set(submitted)) == 20
+        deadline = time.monotonic() + 120
+        while True:  # every worker has started and written its own queued status
+            statuses = [jobs.read(job_id) for job_id in submitted]
+            processes = [psutil.Process(s.pid) for s in statuses]
+            if all(s.state == "queued" for s in statuses) and all(
+                    p.memory_info().rss > 8 * 2**20 for p in processes):
+                time.sleep(2)  # let the last ones finish their imports
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        rss = [p.memory_info().rss for p in processes]
+        assert all(s.state == "queued" for s in (jobs.read(j) for j in submitted))
+        assert sum(rss) < 2**30, f"20 queued jobs hold {sum(rss) / 2**20:.0f} MiB"
+        modules = set()
+        for process in processes:  # no torch mapped into any of them
+            modules |= {m.path for m in process.memory_maps() if "torch" in m.path}
+        assert not modules
+        print(f"20 queued jobs: {sum(rss) / 2**20:.0f} MiB in total, {max(rss) / 2**20:.0f} MiB at most")
+    finally:
+        for job_id in jobs.list_jobs(active_only=True):
+            jobs.cancel(job_id.job_id)
+        holder.kill()
+        holder.wait()
+
+
+def _submit_in_a_process(cache_folder: str, results) -> None:
+    os.environ["SSE_CACHE_DIR"] = cache_folder
+    results.put(jobs.submit(CollectionConfig(model="tiny-llama", **SMALL), label="same"))
+
+
+def test_concurrent_submits_of_one_config_make_one_job(cache):
+    import multiprocessing
+    from concurrent.futures import ThreadPoolExecutor
+
+    holder = _occupy_the_cpu_slot()
+    try:
+        context = multiprocessing.get_context("spawn")
+        results = context.Queue()
+        processes = [context.Process(target=_submit_in_a_process, args=(str(cache), results)) for _ in range(4)]
+        for process in processes:
+            process.start()
+        with ThreadPoolExecutor(4) as pool:  # and four threads of this process at the same time
+            from_threads = list(pool.map(lambda _: jobs.submit(CollectionConfig(model="tiny-llama", **SMALL)),
+                                         range(4)))
+        for process in processes:
+            process.join(120)
+        from_processes = [results.get(timeout=10) for _ in processes]
+        assert len(set(from_threads + from_processes)) == 1
+        assert len([s for s in jobs.list_jobs(kind="collect") if s.label != "occupied"]) == 1
+    finally:
+        for status in jobs.list_jobs(active_only=True):
+            jobs.cancel(status.job_id)
+        holder.kill()
+        holder.wait()

@@ -3,8 +3,11 @@
 ``submit(task)`` writes ``<cache>/jobs/<job_id>/`` (``task.json``: kind and config; ``status.json``) and starts
 ``python -m analysis <kind> --config task.json --job <folder>`` — the same command a user types — as a
 detached process that owns its own model. The worker waits for its turn (first come, first served, ``slots``
-running jobs per device), runs the task and writes progress to ``status.json`` and live chart data to
-``live.json``; its output goes to ``log.txt``. Nothing lives in the submitting process: a browser reload, a
+running jobs per device) before it imports the task's module (:func:`wait_for_turn`, called by
+``analysis.__main__``): a queued job is a small Python process without torch, numpy or a model (measured in
+``tests/test_jobs.py``). Then it runs the task and writes progress to ``status.json`` and live chart data to
+``live.json``; its output goes to ``log.txt``. Submitting checks for an identical active job and creates the new
+one under the queue lock, so concurrent submits of one config make one job. Nothing lives in the submitting process: a browser reload, a
 second tab or a restarted web server reads the same files. A worker that dies (killed, out of memory) is seen
 by its process being gone while its state is still queued/running; it is then marked failed with its last
 log lines. ``cancel(job_id)`` creates the flag file ``cancel`` that the task checks between steps.
@@ -30,7 +33,7 @@ from analysis.core.store import atomic_write_json, json_default, process_alive
 from analysis.core.tasks import Cancelled, CancelToken, Event, Task, TaskContext, Throttle
 
 __all__ = ["ACTIVE", "JobStatus", "Worker", "cancel", "jobs_dir", "list_jobs", "live", "log_tail", "prune", "read",
-           "submit", "wait"]
+           "submit", "wait", "wait_for_turn"]
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 ACTIVE = (QUEUED, RUNNING)
@@ -210,27 +213,30 @@ def submit(task: Task, label: str = "", device: str = "cpu", threads: int | None
            python: str | None = None) -> str:
     """Queue ``task`` and start its worker process; returns the job id.
 
-    An active job of the same kind and run id is returned instead of starting a second one."""
+    An active job of the same kind and run id is returned instead of starting a second one (checked and
+    created under the queue lock, so concurrent submits of one config from several threads, processes or
+    browser tabs make one job)."""
     run_id = task.run_id()
-    for status in list_jobs(kind=task.kind, active_only=True):
-        if status.run_id == run_id:
-            return status.job_id
     prune()
     root = jobs_dir()
     root.mkdir(parents=True, exist_ok=True)
-    job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}-{task.kind}-{run_id[:8]}"
-    folder = root / job_id
-    folder.mkdir()
-    atomic_write_json(folder / TASK_FILE, {"kind": task.kind, "config": to_jsonable(task), "label": label or task.kind,
-                                           "device": device, "threads": threads, "run_id": run_id,
-                                           "submitted": time.time()})
-    command = [python or sys.executable, "-m", "analysis", task.kind, "--config", str(folder / TASK_FILE),
-               "--job", str(folder)]
-    with open(folder / LOG_FILE, "ab") as log:
-        process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "SSE_CACHE_DIR": str(cache_dir()), "PYTHONUNBUFFERED": "1"})
-    if not (folder / STATUS_FILE).exists():  # (the worker, still importing, has not written its own yet)
+    with _queue_lock():
+        for status in list_jobs(kind=task.kind, active_only=True):
+            if status.run_id == run_id:
+                return status.job_id
+        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}-{task.kind}-{run_id[:8]}"
+        folder = root / job_id
+        folder.mkdir()
+        atomic_write_json(folder / TASK_FILE, {"kind": task.kind, "config": to_jsonable(task),
+                                               "label": label or task.kind, "device": device, "threads": threads,
+                                               "run_id": run_id, "submitted": time.time()})
+        command = [python or sys.executable, "-m", "analysis", task.kind, "--config", str(folder / TASK_FILE),
+                   "--job", str(folder)]
+        with open(folder / LOG_FILE, "ab") as log:
+            process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True,
+                                       env={**os.environ, "SSE_CACHE_DIR": str(cache_dir()), "PYTHONUNBUFFERED": "1"})
+        # the worker writes its own status once it holds the lock (after this block): queued, with its pid
         _write_status(folder, JobStatus(job_id, task.kind, label, device, run_id, QUEUED, message="queued",
                                         pid=process.pid))
     _reap(process)
@@ -285,7 +291,10 @@ class Worker:
         return False
 
     def wait_turn(self, poll: float = POLL_SECONDS) -> bool:
-        """Wait until this job may run (True) or it was cancelled while queued (False)."""
+        """Wait until this job may run (True) or it was cancelled while queued (False). True at once for a job
+        this process already started (``wait_for_turn`` waited before the task's module was imported)."""
+        if self.status.state == RUNNING and self.status.pid == os.getpid():
+            return True
         self._save()  # our own pid, so that the queue sees a live process
         while True:
             if self.cancel_token.is_set():
@@ -319,11 +328,14 @@ class Worker:
                 self.status.fraction = 1.0
             self._save()
 
+    def cancelled_while_queued(self) -> int:
+        self._end(CANCELLED, "cancelled while queued")
+        return 0
+
     def run(self, work: Callable[[TaskContext], Any]) -> int:
         """Wait for the turn, run ``work(ctx)``, record the outcome; returns the process exit code."""
         if not self.wait_turn():
-            self._end(CANCELLED, "cancelled while queued")
-            return 0
+            return self.cancelled_while_queued()
         context = self.context()
         try:
             with context.applied():
@@ -336,3 +348,13 @@ class Worker:
             raise
         self._end(DONE, "done", result=json.loads(json.dumps(result, default=json_default)))
         return 0
+
+
+def wait_for_turn(folder: str | Path) -> bool:
+    """The first thing a job's worker does (``analysis.__main__``, before the task's module and torch are
+    imported): wait for the job's turn. False when it was cancelled while queued (recorded here)."""
+    worker = Worker(folder)
+    if worker.wait_turn():
+        return True
+    worker.cancelled_while_queued()
+    return False

@@ -36,6 +36,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -43,8 +44,6 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from analysis.core.config import cache_dir
 
@@ -109,7 +108,11 @@ def atomic_write_json(path: Path, value: Any) -> None:
 
 
 def json_default(value: Any) -> Any:
-    """``json.dumps(..., default=json_default)``: numpy scalars/arrays and torch tensors as plain JSON."""
+    """``json.dumps(..., default=json_default)``: numpy scalars/arrays and torch tensors as plain JSON.
+
+    (numpy is imported inside the functions of this module: a queued job's worker waits without it.)"""
+    import numpy as np
+
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating,)):
@@ -121,7 +124,7 @@ def json_default(value: Any) -> Any:
 
 def finite_or_none(value: Any) -> Any:
     """A copy of nested dicts/lists with NaN/inf floats replaced by None (strict JSON ``null``)."""
-    if isinstance(value, float) and not np.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {key: finite_or_none(item) for key, item in value.items()}
@@ -142,6 +145,7 @@ def atomic_save_arrays(path: Path, arrays: Mapping[str, Any], metadata: Mapping[
 
         save_torch(_as_torch(arrays), str(temporary), metadata=meta)
     else:
+        import numpy as np
         from safetensors.numpy import save_file
 
         save_file({key: np.ascontiguousarray(_to_numpy(value)) for key, value in arrays.items()},
@@ -149,7 +153,10 @@ def atomic_save_arrays(path: Path, arrays: Mapping[str, Any], metadata: Mapping[
     os.replace(temporary, path)
 
 
-def _to_numpy(value: Any) -> np.ndarray:
+def _to_numpy(value: Any) -> Any:
+    """A numpy array of a numpy array, list or torch tensor."""
+    import numpy as np
+
     if hasattr(value, "detach"):  # torch tensor, without importing torch here
         return value.detach().cpu().numpy()
     return np.asarray(value)
@@ -167,7 +174,7 @@ def _as_torch(arrays: Mapping[str, Any]) -> dict:
 
     out, seen = {}, set()
     for key, value in arrays.items():
-        tensor = value.detach().cpu() if hasattr(value, "detach") else torch.from_numpy(np.ascontiguousarray(value))
+        tensor = value.detach().cpu() if hasattr(value, "detach") else torch.from_numpy(_to_numpy(value).copy())
         tensor = tensor.contiguous()
         pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else None
         if pointer is not None and pointer in seen:
@@ -459,7 +466,7 @@ class RunWriter:
     def save_module(self, index: int, arrays: Mapping[str, Any], info: Mapping[str, Any]) -> None:
         atomic_save_arrays(self.module_path(index), arrays, {"info": json.dumps(info, default=json_default)})
 
-    def load_module(self, index: int) -> tuple[dict[str, np.ndarray], dict]:
+    def load_module(self, index: int) -> tuple[dict[str, Any], dict]:
         from safetensors import safe_open
 
         with safe_open(str(self.module_path(index)), framework="np") as handle:
