@@ -64,8 +64,8 @@ except InputError as error:
     st.stop()
 cells = task.cells()
 st.caption(f"{len(cells)} cells: {len({c for c in cells if c[1] not in ('none', 'safe-lora')})} fine-tuning runs "
-           "(4 to 23 minutes each for the shipped presets on one CPU core of a 2-core machine, reused when stored) and one "
-           "evaluation per cell (about 5 minutes each there).")
+           "(reused when stored) and one evaluation per cell. "
+           + " ".join(filter(None, (ui_jobs.measured_cost("finetune"), ui_jobs.measured_cost("evaluate")))))
 
 
 def live_rows(live: dict) -> None:
@@ -75,18 +75,11 @@ def live_rows(live: dict) -> None:
 
 
 st.header("2 · Run", divider="gray")
-job = ui_jobs.current("defences", run_id)
 stored = {result.run_id: result for result in grid.stored_grids()}  # finished grids
-if job is not None and job.active:
-    ui_jobs.follow(job, live_view=live_rows, cancel_label="Cancel (finished cells are kept)")
-else:
-    if job is not None:
-        ui_jobs.show_outcome(job, "The grid")
-    if run_id in stored:
-        st.success("This grid is stored; its table is below.")
-    elif st.button("Run the grid", type="primary", icon=":material/play_arrow:"):
-        ui_jobs.submit(task, f"defence grid: {len(tiers)} tiers x {len(defences)} defences")
-        st.rerun()
+job = ui_jobs.job_panel(task, what="The grid", label=f"defence grid: {len(tiers)} tiers x {len(defences)} defences",
+                        stored=run_id in stored, stored_text="This grid is stored; its table is below.",
+                        button="Run the grid", live_view=live_rows, cancel_label="Cancel (finished cells are kept)",
+                        run_id=run_id)
 
 st.header("3 · Results", divider="gray")
 shown = stored.get(run_id)

@@ -99,9 +99,6 @@ except InputError as error:
 
 # ---- run ----------------------------------------------------------------------------------------------
 st.header("2 · Run", divider="gray")
-job = ui_jobs.current("finetune", task.run_id())
-
-
 def live_curves(live: dict) -> None:
     """The job's live history of each arm, on shared axes."""
     histories = {ARM_LABELS.get(method, method): pd.DataFrame(history)
@@ -115,22 +112,17 @@ def live_curves(live: dict) -> None:
 
 stored = finetune.stored_runs(run_ids)
 complete = {method: results for method, results in stored.items() if results.status == "complete"}
-if job is not None and job.active:
-    ui_jobs.follow(job, live_view=live_curves, cancel_label="Cancel (resumable)")
-else:
-    if job is not None:
-        ui_jobs.show_outcome(job, "Fine-tuning")
-    todo = [method for method in methods if method not in complete]
-    if not todo:
-        st.success(f"Stored: {', '.join(run_ids.values())} — the results are below. Change a setting to train anew.")
-    else:
-        resumable = [method for method in todo if method in stored]
-        st.caption(f"{len(todo)} arm(s) to train: {', '.join(todo)}. Each preset takes a few minutes on a 2-core CPU "
-                   "(evaluations by generation at the start and end included)."
-                   + (f" Interrupted run(s) resume from their checkpoint: {', '.join(resumable)}." if resumable else ""))
-        if st.button("Start" if not resumable else "Resume", type="primary", icon=":material/play_arrow:"):
-            ui_jobs.submit(task, f"{config.preset} on {models.get(source, source)}: {', '.join(todo)}")
-            st.rerun()
+todo = [method for method in methods if method not in complete]
+resumable = [method for method in todo if method in stored]
+ui_jobs.job_panel(task, what="Fine-tuning", label=f"{config.preset} on {models.get(source, source)}: {', '.join(todo)}",
+                  stored=not todo, live_view=live_curves, cancel_label="Cancel (resumable)",
+                  stored_text=f"Stored: {', '.join(run_ids.values())} — the results are below. Change a setting to "
+                              "train anew.",
+                  todo_text=f"{len(todo)} arm(s) to train: {', '.join(todo)} (evaluations by generation at the start "
+                            "and end included)."
+                            + (f" Interrupted run(s) resume from their checkpoint: {', '.join(resumable)}."
+                               if resumable else ""),
+                  button="Resume" if resumable else "Start")
 
 # ---- results ------------------------------------------------------------------------------------------
 if not complete:
@@ -200,26 +192,20 @@ else:
         if defence.base.source == defence.aligned.source:
             st.warning("The model before alignment is the aligned model itself: the alignment delta is zero, so every "
                        "projected module falls back to the aligned weights.")
-        defence_job = ui_jobs.current("safe-lora", defence_id)
         outcome = safe_lora.load_outcome(defence_id)
-        if defence_job is not None and defence_job.active:
-            ui_jobs.follow(defence_job)
-        else:
-            if defence_job is not None:
-                ui_jobs.show_outcome(defence_job, "Safe LoRA projection")
-            if outcome is None:
-                if st.button("Project (Safe LoRA)", icon=":material/shield:", key="ft.sl.start"):
-                    ui_jobs.submit(defence, f"Safe LoRA on the {defended_arm} model of {config.preset}")
-                    st.rerun()
-            else:
-                summary, modules = outcome
-                st.success(f"Projected {summary['n_projected']} of {summary['n_modules']} modules (threshold "
-                           f"{summary['threshold']:g}, rank {summary['rank']}). Defended model: `{summary['folder']}`")
-                common.show_table(modules)
-                common.data_downloads(modules, f"safe_lora_{defence_id}", "modules")
-                if st.button("Use the defended model on Setup", key="ft.sl.use", icon=":material/arrow_forward:"):
-                    common.set_choice("model", summary["folder"])
-                    st.switch_page("pages/setup.py")
+        defence_job = ui_jobs.job_panel(defence, what="Safe LoRA projection",
+                                        label=f"Safe LoRA on the {defended_arm} model of {config.preset}",
+                                        stored=outcome is not None, stored_text=None, button="Project (Safe LoRA)",
+                                        run_id=defence_id)
+        if outcome is not None:
+            summary, modules = outcome
+            st.success(f"Projected {summary['n_projected']} of {summary['n_modules']} modules (threshold "
+                       f"{summary['threshold']:g}, rank {summary['rank']}). Defended model: `{summary['folder']}`")
+            common.show_table(modules)
+            common.data_downloads(modules, f"safe_lora_{defence_id}", "modules")
+            if st.button("Use the defended model on Setup", key="ft.sl.use", icon=":material/arrow_forward:"):
+                common.set_choice("model", summary["folder"])
+                st.switch_page("pages/setup.py")
 
 # ---- earlier runs ---------------------------------------------------------------------------------------
 st.header("5 · Earlier runs", divider="gray")

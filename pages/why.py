@@ -42,12 +42,11 @@ with left:
                                     format_func=bases.get, value="default",
                                     help="the alignment delta is W_aligned − W_base; the aligned model is the run's")
 with middle:
-    k = st.number_input("Subspace size k (per module)", min_value=1, max_value=64, value=8, key="widget.why.k")
-    n_prompts = st.number_input("Harmful prompts for the gradients", min_value=2, max_value=128, value=16,
-                                key="widget.why.n_prompts")
+    k = common.setting_input(lab_why.WhyTask, "k", "Subspace size k (per module)", max_value=64)
+    n_prompts = common.setting_input(lab_why.WhyTask, "n_prompts", "Harmful prompts for the gradients", min_value=2,
+                                     max_value=128)
 with right:
-    first_tokens = st.number_input("First N response tokens", min_value=1, max_value=64, value=5,
-                                   key="widget.why.first_tokens")
+    first_tokens = common.setting_input(lab_why.WhyTask, "first_tokens", "First N response tokens", max_value=64)
     side = st.radio("Singular vectors", ("left", "right"), horizontal=True, key="widget.why.side",
                     format_func=lambda s: {"left": "left (output side)", "right": "right (input side)"}[s])
 
@@ -79,19 +78,13 @@ st.caption("Measured on the aligned SmolLM2, harmful-10 plain (ASR 9% → 99%), 
            "subspace overlaps the compliance subspace φ = 0.22 / 0.38 (left / right; random 0.019 / 0.013) but the "
            "refusal subspace only 0.07 / 0.13, and cos(dW, G_refusal) ≈ 0 while cos(dW, G_compliance) ≈ −0.21: the attack "
            "raises “Sure, here is” along directions a refusal-gradient basis barely holds.")
-job = ui_jobs.current("why", why_id)
 stored = lab_why.load_why(task)
-if job is not None and job.active:
-    ui_jobs.follow(job)
-    st.stop()
-if job is not None:
-    ui_jobs.show_outcome(job, "The analysis")
-if stored is None:
-    st.caption("Not analysed yet. The job loads the aligned, fine-tuned and base models, takes the refusal and "
-               "compliance gradients on the harmful prompts and compares subspaces (a few minutes on a 2-core CPU).")
-    if st.button("Analyse", type="primary", icon=":material/play_arrow:"):
-        ui_jobs.submit(task, f"why: {run_id}")
-        st.rerun()
+job = ui_jobs.job_panel(task, what="The analysis", label=f"why: {run_id}", stored=stored is not None,
+                        stored_text=f"Analysed: the stored result of run {run_id} with these settings is shown below.",
+                        todo_text="Not analysed yet. The job loads the aligned, fine-tuned and base models, takes the "
+                                  "refusal and compliance gradients on the harmful prompts and compares subspaces.",
+                        button="Analyse", run_id=why_id)
+if stored is None or (job is not None and job.active):
     st.stop()
 
 summary, table, arrays = stored.summary, stored.table, stored.arrays

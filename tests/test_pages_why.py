@@ -39,7 +39,12 @@ def test_why_page_shows_drift_runs_the_analysis_and_its_figures(cache):
     assert {t["name"] for t in drift["data"]} == {"left, mean of modules", "left, lowest layer",
                                                   "right, mean of modules", "right, lowest layer"}
     assert drift["data"][0]["x"] == [1, 2, 3, 4]
-    at.number_input(key="widget.why.n_prompts").set_value(4).run()
+    from analysis.lab.why import WhyTask
+
+    for name in ("k", "n_prompts", "first_tokens"):  # the page's defaults are the task's, declared once
+        assert at.number_input(key=f"setting.why.{name}").value == getattr(WhyTask, name)
+    assert "Measured on this machine" not in " ".join(c.value for c in at.caption)  # no why job has finished yet
+    at.number_input(key="setting.why.n_prompts").set_value(4).run()
     next(b for b in at.button if b.label == "Analyse").click().run()
     status = wait_for_job("why", 600)
     assert status.state == "done", f"{status.error}\n{jobs.log_tail(status.job_id, 40)}"
@@ -55,6 +60,9 @@ def test_why_page_shows_drift_runs_the_analysis_and_its_figures(cache):
     assert overlap["layout"]["yaxis"]["title"]["text"].startswith("overlap φ")
     assert "random subspaces, k/d" in {t["name"] for t in overlap["data"]}
     assert not any(b.label == "Analyse" for b in at.button)  # stored: nothing left to run
+    at.number_input(key="setting.why.k").set_value(3).run()  # other settings: not stored, the cost is measured
+    assert any(c.value.startswith("Not analysed yet") and "Measured on this machine:" in c.value for c in at.caption)
+    at.number_input(key="setting.why.k").set_value(8).run()
     at.radio(key="widget.why.side").set_value("right").run()
     no_exceptions(at)
     assert "Overlap with the safety subspaces per layer, right singular vectors" in [

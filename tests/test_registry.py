@@ -182,3 +182,12 @@ def test_help_imports_only_the_chosen_task():
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="top_k"):
         task_class("collect")(top_k=0)
+
+
+def test_a_model_is_coerced_in_one_place():
+    assert ModelConfig.coerce("tiny-llama") == ModelConfig("tiny-llama")
+    assert ModelConfig.coerce({"source": "tiny-llama", "dtype": "float64"}) == ModelConfig("tiny-llama", "float64")
+    with pytest.raises(ConfigError, match="base must be a model source"):
+        ModelConfig.coerce(5, "base")
+    with pytest.raises(ConfigError, match="has no field"):
+        ModelConfig.coerce({"sauce": "x"})

@@ -409,3 +409,29 @@ def sidebar_jobs() -> None:
     if lines:
         st.caption("JOBS")
         st.markdown("  \n".join(lines))
+
+
+# -------------------------------------------------------------------------------------------------
+# task settings as widgets (defaults and ranges from the task class, never written again here)
+# -------------------------------------------------------------------------------------------------
+
+
+def setting_input(task_class: type, name: str, label: str, remember: bool = False, **kwargs: Any) -> Any:
+    """A number input for the task field ``name``: its dataclass default, its declared minimum/maximum (a page
+    may narrow them with ``min_value``/``max_value``) and its help. Key ``setting.<kind>.<name>``; ``remember``:
+    keep the user's value across sessions (``remembered_widget``)."""
+    import dataclasses
+
+    from analysis.core.options import default
+
+    field = {f.name: f for f in dataclasses.fields(task_class)}[name]
+    value = default(task_class, name)
+    low, high = field.metadata.get("minimum"), field.metadata.get("maximum")
+    numeric = float if isinstance(value, float) else int
+    kwargs.setdefault("min_value", None if low is None else numeric(low))
+    kwargs.setdefault("max_value", None if high is None else numeric(high))
+    kwargs.setdefault("help", field.metadata.get("help"))
+    key = f"setting.{task_class.kind}.{name}"
+    if remember:
+        return remembered_widget(key, st.number_input, label, value=value, **kwargs)
+    return st.number_input(label, value=value, key=key, **kwargs)

@@ -1,9 +1,11 @@
 """Jobs in the app: submit a task to its own worker process and show its state, read from the job's files.
 
 The web server holds no job: ``analysis.core.jobs`` keeps each job's state on disk, so a reload, a second tab or
-a restarted server shows the same queue, progress and outcome. A page submits a task with :func:`submit`,
-finds it again with :func:`current` and shows it with :func:`follow` (while queued or running) or
-:func:`show_outcome` (once ended).
+a restarted server shows the same queue, progress and outcome. A task page calls :func:`job_panel` once: it
+finds the task's job, follows it while queued or running (queue place, progress, live view, cancel), shows how
+it ended, says whether the result is stored, and otherwise offers to start it with the cost measured on this
+machine (:func:`measured_cost`). The pieces (:func:`submit`, :func:`current`, :func:`follow`,
+:func:`show_outcome`) are there for the sidebar and for pages with several jobs at once.
 """
 
 from __future__ import annotations
@@ -112,3 +114,48 @@ def active_summary() -> list[str]:
         else:
             lines.append(f"**Queued ({ORDINALS.get(status.position or 1, status.position)}):** {status.label}")
     return lines
+
+
+def measured_cost(kind: str, label_contains: str = "") -> str:
+    """"Measured on this machine: ..." from the finished jobs of ``kind`` in the job history (their wall time),
+    or "" when none has finished yet. Never a hard-coded number: the machine, the model and the settings vary."""
+    finished = [s for s in jobs.list_jobs(kind=kind) if s.state == jobs.DONE and s.started and s.finished
+                and label_contains in s.label]
+    if not finished:
+        return ""
+    seconds = sorted(s.finished - s.started for s in finished[-5:])
+    span = _duration(seconds[0]) if len(seconds) == 1 else f"{_duration(seconds[0])} to {_duration(seconds[-1])}"
+    return f"Measured on this machine: {span} for the last {len(seconds)} {kind} job(s)."
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
+
+
+def job_panel(task: Task, *, what: str, label: str, stored: bool, stored_text: str | None = "",
+              todo_text: str = "", button: str = "Start", live_view: Callable[[dict[str, Any]], None] | None = None,
+              cancel_label: str = "Cancel", run_id: str | None = None) -> JobStatus | None:
+    """The one job lifecycle of a task page: current job -> follow it -> its outcome -> stored? -> start.
+
+    ``what`` names the work in outcomes ("Fine-tuning"); ``label`` is the job's label in queues; ``stored``:
+    the result is on disk (``stored_text`` says so, else a default line; None: the page says it itself); ``todo_text``: what starting it does
+    (the measured cost of this kind of job is appended). Returns the job shown (None if there is none); the
+    page decides what to show below (e.g. ``st.stop()`` while ``status.active``)."""
+    run_id = run_id if run_id is not None else task.run_id()
+    status = current(task.kind, run_id)
+    if status is not None and status.active:
+        follow(status, live_view=live_view, cancel_label=cancel_label)
+        return status
+    if status is not None and not (stored and status.state == jobs.DONE and status.run_id != run_id):
+        show_outcome(status, what)
+    if stored:
+        if stored_text is not None and (status is None or status.state != jobs.DONE):
+            st.success(stored_text or f"{what}: the stored result of these settings is shown below.")
+        return status
+    cost = measured_cost(task.kind)
+    st.caption(" ".join(text for text in (todo_text, cost) if text) or f"{what} has not run with these settings.")
+    if st.button(button, type="primary", icon=":material/play_arrow:", key=f"start.{task.kind}.{run_id}"):
+        submit(task, label)
+        st.rerun()
+    return status

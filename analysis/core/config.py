@@ -85,6 +85,19 @@ class ModelConfig:
     seed: int = 0  # only used by the tiny random models
     device_map: str | None = dataclasses.field(default=None, metadata=PLACEMENT)
 
+    @classmethod
+    def coerce(cls, value: Any, field: str = "model") -> ModelConfig:
+        """A ModelConfig from a ModelConfig, a source string or path, or a dict of its fields (a task's JSON);
+        ConfigError naming ``field`` otherwise. The one place a task field turns "a model" into a ModelConfig."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, (str, Path)):
+            return cls(source=str(value))
+        if isinstance(value, dict):
+            return from_jsonable(cls, value)
+        raise ConfigError(f"{field} must be a model source (e.g. 'default', a folder, a hub id) or a ModelConfig, "
+                          f"not {type(value).__name__}")
+
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
             raise ConfigError("model source is empty: give 'default', 'tiny-llama', a hub id or a local folder")

@@ -162,12 +162,7 @@ class CollectionConfig:
     kind: ClassVar[str] = "collect"
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, str):
-            object.__setattr__(self, "model", ModelConfig(source=self.model))
-        elif isinstance(self.model, dict):
-            object.__setattr__(self, "model", ModelConfig(**self.model))
-        if not isinstance(self.model, ModelConfig):
-            raise ConfigError(f"model must be a ModelConfig or a source string, not {type(self.model).__name__}")
+        object.__setattr__(self, "model", ModelConfig.coerce(self.model))
         if not isinstance(self.kinds, str):
             object.__setattr__(self, "kinds", ",".join(self.kinds))
         kinds = [k.strip() for k in self.kinds.split(",") if k.strip()]

@@ -56,11 +56,7 @@ class SafeLoraTask:
 
     def __post_init__(self) -> None:
         for name in ("finetuned", "aligned", "base"):
-            value = getattr(self, name)
-            if isinstance(value, (str, Path)):
-                object.__setattr__(self, name, ModelConfig(source=str(value)))
-            elif not isinstance(value, ModelConfig):
-                raise ConfigError(f"{name} must be a ModelConfig or a source string")
+            object.__setattr__(self, name, ModelConfig.coerce(getattr(self, name), name))
         if self.mode not in SAFE_LORA_MODES:
             raise ConfigError(f"mode {self.mode!r} is not one of {', '.join(SAFE_LORA_MODES)}")
         if not -1.0 <= self.threshold <= 1.01:

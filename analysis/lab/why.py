@@ -225,8 +225,7 @@ class WhyTask:
     runs_root: str | None = option(None, cli=False, run_id=False, help="the fine-tuning run store (off: cache/finetune)")
 
     def __post_init__(self) -> None:
-        if isinstance(self.base, (str, Path)):
-            object.__setattr__(self, "base", ModelConfig(source=str(self.base)))
+        object.__setattr__(self, "base", ModelConfig.coerce(self.base, "base"))
         if not self.run:
             raise ConfigError("give the fine-tuning run to explain (run id)")
         for name in ("k", "n_prompts", "first_tokens", "batch_size"):
