@@ -192,7 +192,7 @@ class FinetuneRun:
             "kind": "finetune", "format": FORMAT_VERSION, "config": to_jsonable(config), "label": config.label,
             "model": {"source": loaded.source, "name": loaded.name, "identity": loaded.identity},
             "data": trainer.data.fingerprints, "train_ids": trainer.data.train_ids, "total_steps": trainer.total,
-            "spf_modules": [m.name for m in trainer.projector.modules] if config.method == "spf" else [],
+            "spf_modules": [m.name for m in trainer.projector.modules] if trainer.defence.needs.safety_basis else [],
             "trainable": {"n_tensors": len(trainer.trainable),
                           "n_parameters": int(sum(p.numel() for _, p in trainer.trainable))},
             "preset_description": PRESETS[config.preset].description if config.preset in PRESETS else "",
@@ -227,9 +227,7 @@ class FinetuneRun:
             setattr(trainer.projector, attribute, {
                 name: (arrays[f"{prefix}.U/{name}"].to(devices.get(name, trainer.device)),
                        arrays[f"{prefix}.V/{name}"].to(devices.get(name, trainer.device))) for name in names})
-        reference = {key[len("pcgrad/"):]: value.to(devices.get(key[len("pcgrad/"):], trainer.device))
-                     for key, value in arrays.items() if key.startswith("pcgrad/")}
-        trainer.pcgrad_reference = reference or None
+        trainer.defence.load_state(arrays)
         trainer.loop.clock = Clock(meta["wall_seconds"], meta["cpu_seconds"])
         self.write_live()
         return meta.get("pending")
@@ -245,8 +243,7 @@ class FinetuneRun:
             for name, (U, V) in basis.items():
                 arrays[f"{prefix}.U/{name}"] = U
                 arrays[f"{prefix}.V/{name}"] = V
-        for name, G in (trainer.pcgrad_reference or {}).items():  # method "pcgrad": the last safety gradient
-            arrays[f"pcgrad/{name}"] = G.contiguous()
+        arrays.update(trainer.defence.state())  # e.g. PCGrad's reference gradient
         trainer.loop.save(self.writer.work / CHECKPOINT, finite_or_none(state), arrays)
         self.writer.write_manifest(checkpoint_step=step)
 
@@ -380,8 +377,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward (less memory, same numbers)")
     parser.add_argument("--preset", default="harmful-10", choices=sorted(PRESETS))
-    parser.add_argument("--mode", default="both", choices=("plain", "spf", "pcgrad", "both"),
-                        help="plain SFT, SPF, PCGrad-style projection, or both arms (plain and SPF)")
+    from analysis.lab.defences import get, training_names
+
+    parser.add_argument("--mode", default="both", choices=(*training_names(), "both"),
+                        help="; ".join(get(name).description for name in training_names())
+                        + f"; both: the arms {' and '.join(METHODS)} side by side")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
@@ -413,7 +413,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def task_from_args(args: argparse.Namespace) -> FinetuneTask:
     """The task the command-line options describe (``--mode both``: a comparison of the two arms)."""
     overrides: dict[str, Any] = {"model": ModelConfig(source=args.model, dtype=args.dtype, device_map=args.device_map),
-                                 "method": "plain" if args.mode == "both" else args.mode, "seed": args.seed,
+                                 "method": METHODS[0] if args.mode == "both" else args.mode, "seed": args.seed,
                                  "gradient_checkpointing": args.gradient_checkpointing}
     for field, attr in (("lr", "lr"), ("epochs", "epochs"), ("batch_size", "batch_size"), ("max_steps", "max_steps"),
                         ("n_train", "n_train"), ("trainable", "trainable"), ("n_last_layers", "last_layers"),

@@ -110,13 +110,15 @@ def completions_table(result: Any, which: str = "harmful") -> pd.DataFrame:
 
 
 def _arm_label(results: Any) -> str:
-    from analysis.lab.config import spf_settings
+    """Legend label of a stored run: its defence's label and settings (``Defence.arm_label``), or the method
+    name when that defence is not registered (any more)."""
+    from analysis.lab.defences import UnknownDefence, get
 
     config = results.config
-    if config["method"] == "pcgrad":
-        spf = config["spf"]
-        return f"PCGrad (R={spf['refresh']}, {spf.get('safety_loss', 'refusal')})"
-    return f"SPF ({spf_settings(config['spf'])})" if config["method"] == "spf" else "plain fine-tuning"
+    try:
+        return get(config["method"]).arm_label(config)
+    except UnknownDefence:
+        return str(config["method"])
 
 
 def finetune_curve_figure(runs: Mapping[str, pd.DataFrame], metric: str, subtitle: str = "") -> go.Figure:
@@ -207,10 +209,12 @@ def finetune_verdict(table: pd.DataFrame, tolerance_asr: float = 0.10, tolerance
     """One sentence from ``finetune.comparison_table`` rows of a plain and an SPF arm: did SPF keep the model
     safe (final ASR within ``tolerance_asr`` of the initial) at a utility NLL within ``tolerance_utility``
     (relative) of plain fine-tuning's? None without both arms finished."""
+    from analysis.lab.config import METHODS
+
     arms = {row["method"]: row for _, row in table.iterrows()}
-    if not {"plain", "spf"} <= set(arms):
+    if not set(METHODS) <= set(arms):
         return None
-    plain, spf = arms["plain"], arms["spf"]
+    plain, spf = (arms[method] for method in METHODS)
     values = [plain["asr_final"], spf["asr_final"], spf["asr_initial"], plain["utility_nll_final"], spf["utility_nll_final"]]
     if any(v is None or not np.isfinite(v) for v in values):
         return None
