@@ -163,8 +163,9 @@ class DefenceGridTask:
         if not item.trains:
             raise ConfigError(f"defence {item.name!r} has no fine-tuning run")
         values = {"model": self.model, "seed": self.seed, **RUN_OVERRIDES, **(self.overrides or {})}
-        for name, value in {"method": item.method, **item.settings}.items():  # the variant's settings win; SPF
-            values[name] = {**values[name], **value} if name == "spf" and isinstance(values.get(name), Mapping) else value
+        for name, value in {"method": item.method, **item.settings}.items():  # the variant's settings win;
+            nested = isinstance(value, Mapping) and isinstance(values.get(name), Mapping)  # e.g. spf: merged
+            values[name] = {**values[name], **value} if nested else value
         return preset(tier, **values)
 
     def eval_config(self, model: ModelConfig, tier: str):
