@@ -63,7 +63,7 @@ import copy
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -71,7 +71,7 @@ import numpy as np
 
 from analysis.core.config import ConfigError, ModelConfig, config_hash, to_jsonable
 from analysis.core.store import atomic_write_json, file_sha256, finite_or_none
-from analysis.core.tasks import TaskContext
+from analysis.core.tasks import Event, TaskContext
 from analysis.lab.config import (
     METHODS,
     PRESETS,
@@ -114,21 +114,19 @@ class FinetuneCancelled(TrainingCancelled):
 # a stored run
 # --------------------------------------------------------------------------------------------------
 
-# progress of one arm: (step, total steps, the history so far)
-ArmProgress = Callable[[int, int, list], None]
-
-
 def run_finetune(config: FinetuneConfig, ctx: TaskContext | None = None, *, root: str | Path | None = None,
                  force: bool = False, keep_checkpoint: bool = False, model=None,
                  on_start: Callable[[str, Path], None] | None = None,
-                 progress: ArmProgress | None = None) -> FinetuneResults:
+                 progress: Callable[[int, int, list], None] | None = None) -> FinetuneResults:
     """Fine-tune ``config.model`` on ``ctx.device`` and store the run (or resume it, or reuse a finished one).
 
-    ``model``: an already loaded ``LoadedModel`` to train in place (tests); default: load it. ``progress``
-    receives every finished metrics row with the history so far (default: ``ctx.report`` with
-    ``live={"rows": {method: history}}``). ``on_start(run_id, folder)`` once the run id is known. Returns the
-    run's :class:`FinetuneResults` (``.cached`` when a finished run was reused). Raises ``FinetuneCancelled``,
-    ``ConfigError`` for unusable settings/data, ``ModelLoadError`` for a missing model.
+    ``model``: an already loaded ``LoadedModel`` to train in place (tests); default: load it. Every finished
+    metrics row is reported as ``ctx.report(step / total, "<method>: step s/total", live={"rows": {method:
+    history so far}})`` (a part of a larger task passes ``ctx.sub(...)``); ``progress(step, total, history)``,
+    when given, receives the rows instead (a hook for tests). ``on_start(run_id, folder)`` once
+    the run id is known. Returns the run's :class:`FinetuneResults` (``.cached`` when a finished run was
+    reused). Raises ``FinetuneCancelled``, ``ConfigError`` for unusable settings/data, ``ModelLoadError`` for a
+    missing model.
     """
     from analysis.llm.models import load_model, model_identity
 
@@ -147,40 +145,21 @@ def run_finetune(config: FinetuneConfig, ctx: TaskContext | None = None, *, root
         store.delete(run_id)
     if on_start is not None:
         on_start(run_id, store.path(run_id))
-    if progress is None:
-        progress = ArmsProgress(ctx, [config.method]).arm(config.method)
     trainer = FinetuneTrainer(config, loaded, data, ctx.device, lambda: ctx.cancelled,
                               eval_cache=store.root / "_initial_evals")
-    return FinetuneRun(trainer, store, run_id, progress, keep_checkpoint).run(ctx)
-
-
-class ArmsProgress:
-    """Reports the arms of a task as one: fraction over all arms, ``live={"rows": {method: history}}``."""
-
-    def __init__(self, ctx: TaskContext, methods: Sequence[str]):
-        self.ctx = ctx
-        self.methods = list(methods)
-        self.rows: dict[str, list] = {method: [] for method in methods}
-
-    def arm(self, method: str) -> ArmProgress:
-        index = self.methods.index(method)
-
-        def report(step: int, total: int, history: list) -> None:
-            self.rows[method] = list(history)
-            self.ctx.report((index + step / max(total, 1)) / len(self.methods), f"{method}: step {step}/{total}",
-                            {"rows": {m: list(r) for m, r in self.rows.items()}})
-
-        return report
+    return FinetuneRun(trainer, store, run_id, ctx, keep_checkpoint, progress).run()
 
 
 class FinetuneRun:
     """The stored side of a run: manifest, live history, checkpoints, the final model and files."""
 
-    def __init__(self, trainer: FinetuneTrainer, store, run_id: str, progress: ArmProgress, keep_checkpoint: bool):
+    def __init__(self, trainer: FinetuneTrainer, store, run_id: str, ctx: TaskContext, keep_checkpoint: bool,
+                 progress: Callable[[int, int, list], None] | None = None):
         self.trainer = trainer
         self.store = store
         self.run_id = run_id
-        self.progress = progress
+        self.ctx = ctx
+        self.progress = progress  # None: report to ctx
         self.keep_checkpoint = keep_checkpoint
         self.history: list[dict] = []
         self.writer = None  # the RunWriter while the run is open
@@ -198,7 +177,8 @@ class FinetuneRun:
             "preset_description": PRESETS[config.preset].description if config.preset in PRESETS else "",
         }
 
-    def run(self, ctx: TaskContext) -> FinetuneResults:
+    def run(self) -> FinetuneResults:
+        ctx = self.ctx
         with self.store.open_run(self.run_id, self.manifest()) as writer:
             self.writer = writer
             pending = self.resume()
@@ -259,7 +239,11 @@ class FinetuneRun:
     def emit(self, row: dict) -> None:
         self.history.append(finite_or_none(row))
         self.write_live()
-        self.progress(row["step"], self.trainer.total, self.history)
+        step, total, method = row["step"], self.trainer.total, self.trainer.config.method
+        if self.progress is not None:
+            self.progress(step, total, self.history)
+        else:
+            self.ctx.report(step / max(total, 1), f"{method}: step {step}/{total}", {"rows": {method: list(self.history)}})
 
     # -- the end -----------------------------------------------------------------------------------
     def save_model(self) -> Path:
@@ -356,11 +340,19 @@ class FinetuneTask:
     def execute(self, ctx: TaskContext, *, root: str | Path | None = None) -> dict:
         """Train every arm (resuming / reusing stored runs; ``root``: another run store, for tests); returns
         {"run_id", "runs": {method: run id}, "cached": {method: reused?}, "table": comparison rows}."""
-        progress = ArmsProgress(ctx, list(self.arms))
+        arms = self.arms
+        rows: dict[str, list] = {method: [] for method in arms}  # every arm's live history, reported together
+
+        def all_rows(event: Event) -> None:
+            rows.update((event.live or {}).get("rows", {}))
+            ctx.report(event.fraction, event.message, {"rows": {m: list(r) for m, r in rows.items()}})
+
+        whole = dataclasses.replace(ctx, progress=all_rows if ctx.progress is not None else None)
         results = {}
-        for method, arm in self.arms.items():
+        for index, (method, arm) in enumerate(arms.items()):
             ctx.check_cancel(f"cancelled before the {method} arm")
-            results[method] = run_finetune(arm, ctx, root=root, force=self.force, progress=progress.arm(method))
+            part = whole.sub(index / len(arms), (index + 1) / len(arms), keep_live=True)
+            results[method] = run_finetune(arm, part, root=root, force=self.force)
         table = comparison_table(list(results.values()))
         runs = {method: result.run_id for method, result in results.items()}
         return {"run_id": self.combined_id(runs), "runs": runs, "cached": {m: r.cached for m, r in results.items()},
