@@ -206,10 +206,11 @@ NOT_ABOUT_DEFENCES = {
 }
 
 
-def test_no_module_under_analysis_branches_on_a_defence_name():
+def test_no_module_branches_on_a_defence_name_outside_its_file():
     """A comparison (==, !=, in, not in; also ``match``) with a defence's name, grid row or mode as a string
-    is allowed only in that defence's own file. (``spf`` is also FinetuneConfig's field: subscripts and dict
-    keys are not branches and are not checked.)"""
+    is allowed only in that defence's own file; the pages and ui/ read the registry too (there the common word
+    "none" is not checked). ``spf`` is also FinetuneConfig's field: subscripts and dict keys are not branches
+    and are not checked."""
     words = _defence_words()
     assert {"plain", "spf", "pcgrad", "safe-lora", "conflict", "orthogonal", "same", "orth"} <= set(words)
 
@@ -221,8 +222,14 @@ def test_no_module_under_analysis_branches_on_a_defence_name():
         return []
 
     found = []
-    for path in sorted((ROOT / "analysis").rglob("*.py")):
+    paths = [*(ROOT / "analysis").rglob("*.py"), *(ROOT / "pages").rglob("*.py"), *(ROOT / "ui").rglob("*.py"),
+             ROOT / "app.py"]
+    for path in sorted(paths):
         relative = path.relative_to(ROOT).as_posix()
+        if not relative.startswith("analysis/"):
+            allowed = {(relative, "none")}
+        else:
+            allowed = NOT_ABOUT_DEFENCES
         for node in ast.walk(ast.parse(path.read_text(), relative)):
             if isinstance(node, ast.Compare):
                 operands = [node.left, *node.comparators]
@@ -231,7 +238,7 @@ def test_no_module_under_analysis_branches_on_a_defence_name():
             else:
                 continue
             for word in (w for operand in operands for w in strings(operand)):
-                if word in words and path.resolve() not in words[word] and (relative, word) not in NOT_ABOUT_DEFENCES:
+                if word in words and path.resolve() not in words[word] and (relative, word) not in allowed:
                     found.append(f"{relative}:{node.lineno}: {ast.unparse(node)}")
     assert not found, "branches on a defence's name outside its file:\n" + "\n".join(found)
 
@@ -275,3 +282,30 @@ def test_a_sub_context_maps_its_fractions_prefixes_its_messages_and_shares_cance
     with pytest.raises(Cancelled):
         part.check_cancel()
     assert TaskContext().sub(0.1, 0.2, "x").progress is None  # nothing to forward to
+
+
+# --- stored runs keep their ids -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "spf", "run_id"), [
+    ("plain", {}, "harmful-10-plain-8c4f2d264262"),
+    ("plain", {"k": 64, "mode": "orthogonal"}, "harmful-10-plain-8c4f2d264262"),  # projection-only: ignored
+    ("spf", {}, "harmful-10-spf-6fc0fe258e92"),
+    ("spf", {"mode": "same", "safety_loss": "kl"}, "harmful-10-spf-254b46977458"),
+    ("pcgrad", {"refresh": 1, "safety_loss": "compliance"}, "harmful-10-pcgrad-ae52b2a3367d"),
+])
+def test_run_ids_are_those_of_the_layout_before_the_registry(method, spf, run_id):
+    """Pinned with the code before the registry (commit 1ad621f) and fixed data fingerprints: the registry
+    changed no FinetuneConfig field, so stored fine-tuning runs keep their ids."""
+    from analysis.lab.config import preset
+    from analysis.lab.trainer import run_id_for
+
+    assert run_id_for(preset("harmful-10", method=method, spf=spf), "weights", {"train": "t", "safety": "s"}) == run_id
+
+
+def test_the_default_grid_hashes_as_before():
+    from analysis.core.config import config_hash, to_jsonable
+    from analysis.lab.grid import DefenceGridTask
+
+    task = DefenceGridTask(model="tiny-llama", base="tiny-llama")
+    assert config_hash({"task": to_jsonable(task)}) == "45cb5dc4561b5b85"  # same settings and defence names
