@@ -1,5 +1,7 @@
-"""SPF, safety-preserving fine-tuning: the safety basis of every selected linear module and the projection
-of the fine-tuning gradient (or the optimizer's update) against it.
+"""SPF, safety-preserving fine-tuning: the safety basis of every selected linear module (and what every run
+measures with it: conflict cosines, subspace drift, removed shares). The projection of the fine-tuning gradient
+(or the optimizer's update) against it is the SPF defence's, :mod:`analysis.lab.defences.spf`; the pure
+projections are :mod:`analysis.engine.geometry.projections`. The maths and its refinements are documented here.
 
 SPF, sign convention (DESIGN.md "SPF step"; refinements documented here)
 -----------------------------------------------------------------------
