@@ -309,3 +309,21 @@ def test_the_default_grid_hashes_as_before():
 
     task = DefenceGridTask(model="tiny-llama", base="tiny-llama")
     assert config_hash({"task": to_jsonable(task)}) == "45cb5dc4561b5b85"  # same settings and defence names
+
+
+def test_the_pages_offer_a_newly_registered_defence(half_step, tmp_path, monkeypatch):
+    """The Fine-tune page's methods and the Defence lab's rows and texts come from the registry."""
+    from tests.test_app import fresh_app, no_exceptions, seed_cache
+
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
+    seed_cache(tmp_path, **{"ft.model": "tiny-llama", "grid.model": "tiny-llama", "grid.base": "tiny-llama"})
+    at = fresh_app()
+    at.switch_page("pages/finetune.py").run()
+    no_exceptions(at)
+    assert list(at.radio(key="widget.ft.arms").options) == [
+        "Plain vs SPF, side by side", "Plain fine-tuning only", "SPF only", "PCGrad only (whole-gradient projection)",
+        "Half step only"]
+    at.switch_page("pages/defences.py").run()
+    no_exceptions(at)
+    assert "test-half" in at.multiselect(key="widget.grid.defences").options
+    assert any("**test-half**: the half step, as a grid row" in c.value for c in at.caption)
