@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -185,6 +186,7 @@ class Defence:
 _DEFENCES: dict[str, type[Defence]] = {}
 _VARIANTS: dict[str, tuple[Variant, str]] = {}  # variant name -> (variant, its defence)
 _discovered = False
+_discovering = threading.RLock()  # re-entrant: a defence module may look another one up while it is imported
 
 
 def register(cls: type[Defence]) -> type[Defence]:
@@ -217,15 +219,19 @@ def unregister(name: str) -> None:
 
 
 def _discover() -> None:
-    """Import every module of this package once (each registers its defences)."""
+    """Import every module of this package once (each registers its defences). Thread-safe: the pages run in
+    threads, and a lookup must not see a half-filled registry."""
     global _discovered
     if _discovered:
         return
-    _discovered = True
-    package = importlib.import_module(__package__)
-    for module in pkgutil.iter_modules(package.__path__):
-        if not module.name.startswith("_") and module.name != "base":
-            importlib.import_module(f"{__package__}.{module.name}")
+    with _discovering:
+        if _discovered:
+            return
+        package = importlib.import_module(__package__)
+        for module in pkgutil.iter_modules(package.__path__):
+            if not module.name.startswith("_") and module.name != "base":
+                importlib.import_module(f"{__package__}.{module.name}")
+        _discovered = True
 
 
 def available() -> dict[str, type[Defence]]:
