@@ -73,7 +73,9 @@ with middle:
                                   "the blocks' linear weights; all: with embeddings; lora: adapters (plain arm only)")
     seed = st.number_input("Seed", min_value=0, value=0, key="widget.ft.seed")
 with right:
-    st.markdown("**SPF** (PCGrad uses R, the safety batch and the safety loss)")
+    others = [d.label for d in TRAINING.values() if d.needs.safety_gradient and not d.needs.safety_basis]
+    st.markdown("**SPF**" + (f" ({' and '.join(others)} also use R, the safety batch and the safety loss)"
+                             if others else ""))
     k = st.number_input("Safety subspace size k (per module)", min_value=1, max_value=256, value=base.spf.k,
                         key="widget.ft.k")
     refresh = st.number_input("Refresh the subspace every R steps", min_value=1, max_value=1000,
