@@ -20,6 +20,20 @@ Each hook returns metrics {name: float} that join the step's history row. :meth:
 :meth:`Defence.load_state` carry what a checkpoint must keep. A post-hoc defence (``needs.post_hoc``)
 implements :meth:`Defence.post_hoc` instead: it turns a finished run's model into the defended model.
 
+Outside :class:`~analysis.lab.trainer.FinetuneTrainer` (e.g. a training-loop callback), per run::
+
+    projector = SPFProjector(spf_modules(model, config.spf), config.spf)          # analysis.lab.spf
+    defence = training_defence(config.method)(config, projector)                 # validated config
+    # every spf.refresh steps, before the step (safety_loss: L_safety of a safety batch, as the trainer's):
+    safety = projector.safety_gradients(safety_loss)                             # {module: (d_out, d_in)}
+    metrics = defence.refresh(step, safety, zero=norm <= ZERO_SAFETY_RTOL * grad_norm, generator=gen)
+    # every step, after backward, under torch.no_grad():
+    metrics |= defence.before_step(step, {m.name: as_out_in(m.module, m.weight.grad) for m in projector.modules})
+    wrap = defence.wrap_step(step)
+    metrics |= wrap(optimizer.step) if wrap is not None else (optimizer.step() or {})
+
+The hooks read only ``config.spf`` (and ``config.method``); ``validate`` also reads ``config.trainable``.
+
 The defence grid runs :class:`Variant` s (named settings of a defence: ``orth`` is SPF with
 ``spf.mode="orthogonal"``); each defence declares its own in ``variants``.
 """
