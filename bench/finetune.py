@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=None, help="R (steps per basis refresh); default SPFConfig's")
     parser.add_argument("--windows", type=int, default=1, help="how many refresh windows to time")
     parser.add_argument("--target", default=None, choices=("gradient", "update"))
-    parser.add_argument("--mode", default=None, choices=("conflict", "orthogonal"))
+    from analysis.lab.config import SPF_MODES
+
+    parser.add_argument("--mode", default=None, choices=SPF_MODES)
     parser.add_argument("--trainable", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args, _unknown = parser.parse_known_args(argv)
@@ -45,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from analysis.lab.config import SPFConfig, preset
+    from analysis.lab.defences.spf import project_gradients
     from analysis.lab.finetune_data import seeded
-    from analysis.lab.spf import as_out_in, project_gradients
+    from analysis.lab.spf import as_out_in
     from analysis.lab.trainer import FinetuneTrainer
     from analysis.llm.models import load_model
 

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.core.config import InputError
-from analysis.lab import grid
+from analysis.lab import defences, grid
 from analysis.lab.config import PRESETS
 from analysis.views import defences as views
 from ui import common
@@ -12,17 +12,7 @@ from ui import jobs as ui_jobs
 
 common.run_inside_app()
 
-DESCRIPTIONS = {
-    "none": "the aligned model, not fine-tuned (the baseline)",
-    "plain": "plain fine-tuning (the attack as is)",
-    "spf": "SPF: remove the update's components that conflict with the top-k refusal-gradient subspace",
-    "pcgrad": "PCGrad: remove the whole gradient's conflicting component along the whole safety gradient",
-    "orth": "SPF orthogonal (CERT-Lab orth): remove the whole safety-subspace component",
-    "same": "SPF same (CERT-Lab same): keep only the safety-subspace component (a control)",
-    "safe-lora": "Safe LoRA: project the plain run's weight change onto the alignment delta's subspace, post hoc",
-    "spf-compliance": "SPF with the compliance signal (ascent on the affirmative “Sure, here is…” target's CE)",
-    "spf-kl": "SPF with the KL-to-aligned signal on harmful prompts",
-}
+VARIANTS = defences.variants()  # the grid's defences, each described by its own file
 
 st.title("Defence lab: which defence holds?")
 st.caption("Every defence against every attack tier of Qi et al. (2023), on the safety-aligned model, evaluated "
@@ -45,9 +35,9 @@ with left:
                                     list(models), format_func=models.get, value="default")
     tiers = st.multiselect("Attack tiers", list(PRESETS), default=list(grid.TIERS), key="widget.grid.tiers",
                            help="; ".join(f"{name}: {preset.description.split('. ')[0]}" for name, preset in PRESETS.items()))
-    defences = st.multiselect("Defences", list(grid.DEFENCES), default=list(grid.DEFAULT_DEFENCES),
-                              key="widget.grid.defences")
-    st.caption(" · ".join(f"**{name}**: {DESCRIPTIONS[name]}" for name in grid.DEFENCES))
+    chosen = st.multiselect("Defences", list(VARIANTS), default=list(grid.DEFAULT_DEFENCES),
+                            key="widget.grid.defences")
+    st.caption(" · ".join(f"**{name}**: {item.description}" for name, item in VARIANTS.items()))
 with right:
     n_harmful = st.number_input("Harmful prompts evaluated (held-out split, seeded subsample)", 1, 88,
                                 grid.DefenceGridTask.n_harmful, key="widget.grid.n_harmful")
@@ -56,15 +46,14 @@ with right:
     max_new_tokens = st.number_input("New tokens per answer (safety)", 8, 512, grid.DefenceGridTask.max_new_tokens,
                                      key="widget.grid.tokens")
 try:
-    task = grid.DefenceGridTask(model=source, base=base, tiers=tuple(tiers), defences=tuple(defences), n_harmful=int(n_harmful),
+    task = grid.DefenceGridTask(model=source, base=base, tiers=tuple(tiers), defences=tuple(chosen), n_harmful=int(n_harmful),
                                 n_benign=int(n_benign), max_new_tokens=int(max_new_tokens))
     run_id = task.run_id()
 except InputError as error:
     st.error(str(error))
     st.stop()
 cells = task.cells()
-st.caption(f"{len(cells)} cells: {len({c for c in cells if c[1] not in ('none', 'safe-lora')})} fine-tuning runs "
-           "(reused when stored) and one evaluation per cell. "
+st.caption(f"{len(cells)} cells: {task.n_runs()} fine-tuning runs (reused when stored) and one evaluation per cell. "
            + " ".join(filter(None, (ui_jobs.measured_cost("finetune"), ui_jobs.measured_cost("evaluate")))))
 
 
@@ -76,7 +65,7 @@ def live_rows(live: dict) -> None:
 
 st.header("2 · Run", divider="gray")
 stored = {result.run_id: result for result in grid.stored_grids()}  # finished grids
-job = ui_jobs.job_panel(task, what="The grid", label=f"defence grid: {len(tiers)} tiers x {len(defences)} defences",
+job = ui_jobs.job_panel(task, what="The grid", label=f"defence grid: {len(tiers)} tiers x {len(chosen)} defences",
                         stored=run_id in stored, stored_text="This grid is stored; its table is below.",
                         button="Run the grid", live_view=live_rows, cancel_label="Cancel (finished cells are kept)",
                         run_id=run_id)

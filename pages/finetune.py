@@ -6,16 +6,24 @@ import pandas as pd
 import streamlit as st
 
 from analysis.core.config import InputError
-from analysis.lab import finetune, safe_lora
+from analysis.lab import defences, finetune, safe_lora
 from analysis.views import safety as safety_views
 from ui import common
 from ui import jobs as ui_jobs
 
 common.run_inside_app()
 
-ARMS = {"both": "Plain vs SPF, side by side", "plain": "Plain fine-tuning only", "spf": "SPF only",
-        "pcgrad": "PCGrad only (whole-gradient projection)"}
-ARM_LABELS = {"plain": "plain fine-tuning", "spf": "SPF", "pcgrad": "PCGrad"}
+TRAINING = {name: defences.get(name) for name in defences.training_names()}  # the registry's training defences
+ARM_LABELS = {name: defence.label for name, defence in TRAINING.items()}
+
+
+def _upper_first(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+ARMS = {"both": f"{' vs '.join(_upper_first(ARM_LABELS[m].split()[0]) for m in finetune.METHODS)}, side by side",
+        **{name: f"{_upper_first(label)} only" + (f" ({TRAINING[name].hint})" if TRAINING[name].hint else "")
+           for name, label in ARM_LABELS.items()}}
 SPF_MODE_HELP = ("conflict: remove only the components that would raise the safety loss; orthogonal (CERT-Lab "
                  "'orth'): remove the whole safety-subspace component U_k U_k^T G; same (CERT-Lab 'same', the control "
                  "arm): keep only U_k U_k^T G, i.e. update only along safety directions")
@@ -50,8 +58,7 @@ with left:
                                            list(finetune.PRESETS), value="harmful-10")
     st.caption(finetune.PRESETS[preset_name].description.split(" Scaled for")[0])
     arms = common.remembered_widget("ft.arms", st.radio, "Method", list(ARMS), format_func=ARMS.get, value="both",
-                                    help="PCGrad: the whole fine-tuning gradient loses its component along the whole "
-                                         "safety gradient when they conflict (uses R, safety batch and safety loss)")
+                                    help="; ".join(defence.description for defence in TRAINING.values()))
 base = finetune.preset(preset_name)
 with middle:
     st.markdown("**Training**")
@@ -66,7 +73,9 @@ with middle:
                                   "the blocks' linear weights; all: with embeddings; lora: adapters (plain arm only)")
     seed = st.number_input("Seed", min_value=0, value=0, key="widget.ft.seed")
 with right:
-    st.markdown("**SPF** (PCGrad uses R, the safety batch and the safety loss)")
+    others = [d.label for d in TRAINING.values() if d.needs.safety_gradient and not d.needs.safety_basis]
+    st.markdown("**SPF**" + (f" ({' and '.join(others)} also use R, the safety batch and the safety loss)"
+                             if others else ""))
     k = st.number_input("Safety subspace size k (per module)", min_value=1, max_value=256, value=base.spf.k,
                         key="widget.ft.k")
     refresh = st.number_input("Refresh the subspace every R steps", min_value=1, max_value=1000,

@@ -131,7 +131,7 @@ def test_pcgrad_step_in_the_trainer_has_no_negative_inner_product_with_the_safet
     before = {m.name: m.weight.detach().clone() for m in modules}
     row = trainer.train_step(1)
     applied = {m.name: as_out_in(m.module, (before[m.name] - m.weight.detach()) / lr) for m in modules}
-    reference = trainer.pcgrad_reference
+    reference = trainer.defence.reference  # PCGrad's last safety gradient
     assert row["pcgrad_dot"] < 0 and row["pcgrad_removed"] > 0  # the attack conflicts with "do not comply"
     scale = (dot(applied, applied) * dot(reference, reference)) ** 0.5
     assert abs(dot(applied, reference)) <= 1e-8 * scale  # projected onto the hyperplane <g, g_s> = 0
@@ -302,14 +302,14 @@ def test_kl_at_step_one_is_zero_and_keeps_no_basis(method):
     assert all(float(g.abs().max()) == 0 for g in safety.values())  # theta = theta_0: exactly zero
     first = trainer.train_step(1)
     assert first["basis_skipped"] == 1.0 and first["safety_grad_norm"] == 0
-    assert not trainer.projector.basis and trainer.pcgrad_reference is None
+    assert not trainer.projector.basis and getattr(trainer.defence, "reference", None) is None
     assert "spf_removed_mean" not in first and "pcgrad_dot" not in first  # nothing projected
     second = trainer.train_step(2)
     assert second["basis_skipped"] == 0.0 and second["safety_grad_norm"] > 0
     if method == "spf":
         assert trainer.projector.basis and second["spf_removed_mean"] > 0
     else:
-        assert trainer.pcgrad_reference is not None and "pcgrad_dot" in second
+        assert trainer.defence.reference is not None and "pcgrad_dot" in second
 
 
 def test_a_resumed_pcgrad_run_keeps_its_reference_gradient(tmp_path):

@@ -101,6 +101,17 @@ class TaskContext:
         if self.progress is not None:
             self.progress(Event(min(max(float(fraction), 0.0), 1.0), message, live))
 
+    def sub(self, low: float, high: float, prefix: str = "", keep_live: bool = False) -> TaskContext:
+        """A context for one part of the task: its fractions map onto [``low``, ``high``] of this one's, its
+        messages get ``"<prefix>: "``, its ``live`` data is dropped unless ``keep_live``; same device, threads
+        and cancel token (cancelling either cancels both)."""
+
+        def forward(event: Event) -> None:
+            self.report(low + (high - low) * event.fraction,
+                        f"{prefix}: {event.message}" if prefix else event.message, event.live if keep_live else None)
+
+        return dataclasses.replace(self, progress=forward if self.progress is not None else None)
+
     @property
     def cancelled(self) -> bool:
         return self.cancel.is_set()

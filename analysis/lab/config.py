@@ -11,16 +11,25 @@ from typing import Any
 
 from analysis.core.config import ConfigError, ModelConfig, to_jsonable
 
-METHODS = ("plain", "spf")  # the two arms a comparison runs
-#: Further single-arm defences (analysis.lab.defences): "pcgrad" projects the whole fine-tuning gradient
-#: against the whole safety gradient (refreshed every ``spf.refresh`` steps from ``spf.safety_loss``).
-DEFENCES = ("pcgrad",)
+#: the two arms a comparison runs (the attack as is, and SPF); every training defence of the registry
+#: (:mod:`analysis.lab.defences`) is a valid ``FinetuneConfig.method``
+METHODS = ("plain", "spf")
 SPF_MODES = ("conflict", "orthogonal", "same")
 SPF_TARGETS = ("gradient", "update")
 SAFETY_LOSSES = ("refusal", "contrast", "compliance", "kl")
 SVD_METHODS = ("randomized", "lowrank", "exact", "auto")
 TRAINABLE = ("blocks", "last", "linear", "all", "lora")
 OPTIMIZERS = ("adamw", "sgd")
+
+
+def __getattr__(name: str) -> Any:
+    """``DEFENCES``: the further single-arm training defences (registered ones beside :data:`METHODS`),
+    read from the registry when asked for (so a defence registered later is included)."""
+    if name == "DEFENCES":
+        from analysis.lab.defences import training_names
+
+        return tuple(method for method in training_names() if method not in METHODS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -37,7 +46,8 @@ def _finite(name: str, value: Any, minimum: float = 0.0, strict: bool = False) -
 
 @dataclasses.dataclass(frozen=True)
 class SPFConfig:
-    """Settings of the SPF projection (used when ``FinetuneConfig.method == "spf"``).
+    """Settings of the safety signal and the SPF projection (the SPF and PCGrad defences use them; a plain run
+    tracking conflicts uses the safety signal).
 
     k: safety-basis size per module; refresh: R, recompute the basis every R optimizer steps;
     safety_batch: refusal examples per basis computation (1 allowed); mode: "conflict" (remove the basis
@@ -167,19 +177,14 @@ class FinetuneConfig:
             object.__setattr__(self, "spf", SPFConfig(**self.spf))
         if not isinstance(self.spf, SPFConfig):
             raise ConfigError("spf must be an SPFConfig")
-        if self.method not in METHODS + DEFENCES:
-            raise ConfigError(f"method {self.method!r} is not one of {', '.join(METHODS + DEFENCES)}")
+        from analysis.lab.defences import training_defence
+
+        defence = training_defence(self.method)  # ConfigError naming the registered methods
         if self.trainable not in TRAINABLE:
             raise ConfigError(f"trainable {self.trainable!r} is not one of {', '.join(TRAINABLE)}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.method == "pcgrad" and self.trainable == "lora":
-            raise ConfigError("pcgrad projects the weight gradients of the linear modules; it needs trainable weights, "
-                              "not LoRA adapters: use trainable='blocks', 'linear' or 'last'")
-        if self.method == "spf" and self.trainable == "lora":
-            raise ConfigError("SPF projects the weight gradient of each linear module; with LoRA the weight "
-                              "change is a product of adapters and the projection has no guarantee. Use "
-                              "trainable='blocks' or 'last' for SPF, or method='plain' with LoRA")
+        defence.validate(self)
         _finite("lr", self.lr, 0.0, strict=True)
         if self.lr > 1.0:
             raise ConfigError(f"lr {self.lr} is far too large (> 1)")
@@ -208,12 +213,11 @@ class FinetuneConfig:
 
     @property
     def label(self) -> str:
-        """Short human label, e.g. ``harmful-10 / spf (conflict, k=8)``."""
-        if self.method == "spf":
-            return f"{self.preset} / spf ({spf_settings(to_jsonable(self.spf))})"
-        if self.method == "pcgrad":
-            return f"{self.preset} / pcgrad (R={self.spf.refresh}, {self.spf.safety_loss})"
-        return f"{self.preset} / plain"
+        """Short human label, e.g. ``harmful-10 / spf (conflict, k=8, R=10)`` (the defence's settings text)."""
+        from analysis.lab.defences import get
+
+        text = get(self.method).settings_text(to_jsonable(self, placement=False))
+        return f"{self.preset} / {self.method}" + (f" ({text})" if text else "")
 
 
 @dataclasses.dataclass(frozen=True)

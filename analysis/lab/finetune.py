@@ -63,7 +63,7 @@ import copy
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -71,7 +71,7 @@ import numpy as np
 
 from analysis.core.config import ConfigError, ModelConfig, config_hash, to_jsonable
 from analysis.core.store import atomic_write_json, file_sha256, finite_or_none
-from analysis.core.tasks import TaskContext, register_task
+from analysis.core.tasks import Event, TaskContext, register_task
 from analysis.lab.config import (
     METHODS,
     PRESETS,
@@ -114,21 +114,19 @@ class FinetuneCancelled(TrainingCancelled):
 # a stored run
 # --------------------------------------------------------------------------------------------------
 
-# progress of one arm: (step, total steps, the history so far)
-ArmProgress = Callable[[int, int, list], None]
-
-
 def run_finetune(config: FinetuneConfig, ctx: TaskContext | None = None, *, root: str | Path | None = None,
                  force: bool = False, keep_checkpoint: bool = False, model=None,
                  on_start: Callable[[str, Path], None] | None = None,
-                 progress: ArmProgress | None = None) -> FinetuneResults:
+                 progress: Callable[[int, int, list], None] | None = None) -> FinetuneResults:
     """Fine-tune ``config.model`` on ``ctx.device`` and store the run (or resume it, or reuse a finished one).
 
-    ``model``: an already loaded ``LoadedModel`` to train in place (tests); default: load it. ``progress``
-    receives every finished metrics row with the history so far (default: ``ctx.report`` with
-    ``live={"rows": {method: history}}``). ``on_start(run_id, folder)`` once the run id is known. Returns the
-    run's :class:`FinetuneResults` (``.cached`` when a finished run was reused). Raises ``FinetuneCancelled``,
-    ``ConfigError`` for unusable settings/data, ``ModelLoadError`` for a missing model.
+    ``model``: an already loaded ``LoadedModel`` to train in place (tests); default: load it. Every finished
+    metrics row is reported as ``ctx.report(step / total, "<method>: step s/total", live={"rows": {method:
+    history so far}})`` (a part of a larger task passes ``ctx.sub(...)``); ``progress(step, total, history)``,
+    when given, receives the rows instead (a hook for tests). ``on_start(run_id, folder)`` once
+    the run id is known. Returns the run's :class:`FinetuneResults` (``.cached`` when a finished run was
+    reused). Raises ``FinetuneCancelled``, ``ConfigError`` for unusable settings/data, ``ModelLoadError`` for a
+    missing model.
     """
     from analysis.llm.models import load_model, model_identity
 
@@ -147,40 +145,21 @@ def run_finetune(config: FinetuneConfig, ctx: TaskContext | None = None, *, root
         store.delete(run_id)
     if on_start is not None:
         on_start(run_id, store.path(run_id))
-    if progress is None:
-        progress = ArmsProgress(ctx, [config.method]).arm(config.method)
     trainer = FinetuneTrainer(config, loaded, data, ctx.device, lambda: ctx.cancelled,
                               eval_cache=store.root / "_initial_evals")
-    return FinetuneRun(trainer, store, run_id, progress, keep_checkpoint).run(ctx)
-
-
-class ArmsProgress:
-    """Reports the arms of a task as one: fraction over all arms, ``live={"rows": {method: history}}``."""
-
-    def __init__(self, ctx: TaskContext, methods: Sequence[str]):
-        self.ctx = ctx
-        self.methods = list(methods)
-        self.rows: dict[str, list] = {method: [] for method in methods}
-
-    def arm(self, method: str) -> ArmProgress:
-        index = self.methods.index(method)
-
-        def report(step: int, total: int, history: list) -> None:
-            self.rows[method] = list(history)
-            self.ctx.report((index + step / max(total, 1)) / len(self.methods), f"{method}: step {step}/{total}",
-                            {"rows": {m: list(r) for m, r in self.rows.items()}})
-
-        return report
+    return FinetuneRun(trainer, store, run_id, ctx, keep_checkpoint, progress).run()
 
 
 class FinetuneRun:
     """The stored side of a run: manifest, live history, checkpoints, the final model and files."""
 
-    def __init__(self, trainer: FinetuneTrainer, store, run_id: str, progress: ArmProgress, keep_checkpoint: bool):
+    def __init__(self, trainer: FinetuneTrainer, store, run_id: str, ctx: TaskContext, keep_checkpoint: bool,
+                 progress: Callable[[int, int, list], None] | None = None):
         self.trainer = trainer
         self.store = store
         self.run_id = run_id
-        self.progress = progress
+        self.ctx = ctx
+        self.progress = progress  # None: report to ctx
         self.keep_checkpoint = keep_checkpoint
         self.history: list[dict] = []
         self.writer = None  # the RunWriter while the run is open
@@ -192,13 +171,14 @@ class FinetuneRun:
             "kind": "finetune", "format": FORMAT_VERSION, "config": to_jsonable(config), "label": config.label,
             "model": {"source": loaded.source, "name": loaded.name, "identity": loaded.identity},
             "data": trainer.data.fingerprints, "train_ids": trainer.data.train_ids, "total_steps": trainer.total,
-            "spf_modules": [m.name for m in trainer.projector.modules] if config.method == "spf" else [],
+            "spf_modules": [m.name for m in trainer.projector.modules] if trainer.defence.needs.safety_basis else [],
             "trainable": {"n_tensors": len(trainer.trainable),
                           "n_parameters": int(sum(p.numel() for _, p in trainer.trainable))},
             "preset_description": PRESETS[config.preset].description if config.preset in PRESETS else "",
         }
 
-    def run(self, ctx: TaskContext) -> FinetuneResults:
+    def run(self) -> FinetuneResults:
+        ctx = self.ctx
         with self.store.open_run(self.run_id, self.manifest()) as writer:
             self.writer = writer
             pending = self.resume()
@@ -227,9 +207,7 @@ class FinetuneRun:
             setattr(trainer.projector, attribute, {
                 name: (arrays[f"{prefix}.U/{name}"].to(devices.get(name, trainer.device)),
                        arrays[f"{prefix}.V/{name}"].to(devices.get(name, trainer.device))) for name in names})
-        reference = {key[len("pcgrad/"):]: value.to(devices.get(key[len("pcgrad/"):], trainer.device))
-                     for key, value in arrays.items() if key.startswith("pcgrad/")}
-        trainer.pcgrad_reference = reference or None
+        trainer.defence.load_state(arrays)
         trainer.loop.clock = Clock(meta["wall_seconds"], meta["cpu_seconds"])
         self.write_live()
         return meta.get("pending")
@@ -245,8 +223,7 @@ class FinetuneRun:
             for name, (U, V) in basis.items():
                 arrays[f"{prefix}.U/{name}"] = U
                 arrays[f"{prefix}.V/{name}"] = V
-        for name, G in (trainer.pcgrad_reference or {}).items():  # method "pcgrad": the last safety gradient
-            arrays[f"pcgrad/{name}"] = G.contiguous()
+        arrays.update(trainer.defence.state())  # e.g. PCGrad's reference gradient
         trainer.loop.save(self.writer.work / CHECKPOINT, finite_or_none(state), arrays)
         self.writer.write_manifest(checkpoint_step=step)
 
@@ -262,7 +239,11 @@ class FinetuneRun:
     def emit(self, row: dict) -> None:
         self.history.append(finite_or_none(row))
         self.write_live()
-        self.progress(row["step"], self.trainer.total, self.history)
+        step, total, method = row["step"], self.trainer.total, self.trainer.config.method
+        if self.progress is not None:
+            self.progress(step, total, self.history)
+        else:
+            self.ctx.report(step / max(total, 1), f"{method}: step {step}/{total}", {"rows": {method: list(self.history)}})
 
     # -- the end -----------------------------------------------------------------------------------
     def save_model(self) -> Path:
@@ -380,11 +361,19 @@ class FinetuneTask:
     def execute(self, ctx: TaskContext, *, root: str | Path | None = None) -> dict:
         """Train every arm (resuming / reusing stored runs; ``root``: another run store, for tests); returns
         {"run_id", "runs": {method: run id}, "cached": {method: reused?}, "table": comparison rows}."""
-        progress = ArmsProgress(ctx, list(self.arms))
+        arms = self.arms
+        rows: dict[str, list] = {method: [] for method in arms}  # every arm's live history, reported together
+
+        def all_rows(event: Event) -> None:
+            rows.update((event.live or {}).get("rows", {}))
+            ctx.report(event.fraction, event.message, {"rows": {m: list(r) for m, r in rows.items()}})
+
+        whole = dataclasses.replace(ctx, progress=all_rows if ctx.progress is not None else None)
         results = {}
-        for method, arm in self.arms.items():
+        for index, (method, arm) in enumerate(arms.items()):
             ctx.check_cancel(f"cancelled before the {method} arm")
-            results[method] = run_finetune(arm, ctx, root=root, force=self.force, progress=progress.arm(method))
+            part = whole.sub(index / len(arms), (index + 1) / len(arms), keep_live=True)
+            results[method] = run_finetune(arm, part, root=root, force=self.force)
         table = comparison_table(list(results.values()))
         runs = {method: result.run_id for method, result in results.items()}
         return {"run_id": self.combined_id(runs), "runs": runs, "cached": {m: r.cached for m, r in results.items()},
@@ -401,8 +390,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward (less memory, same numbers)")
     parser.add_argument("--preset", default="harmful-10", choices=sorted(PRESETS))
-    parser.add_argument("--mode", default="both", choices=("plain", "spf", "pcgrad", "both"),
-                        help="plain SFT, SPF, PCGrad-style projection, or both arms (plain and SPF)")
+    from analysis.lab.defences import get, training_names
+
+    parser.add_argument("--mode", default="both", choices=(*training_names(), "both"),
+                        help="; ".join(get(name).description for name in training_names())
+                        + f"; both: the arms {' and '.join(METHODS)} side by side")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
@@ -433,7 +425,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def task_from_args(args: argparse.Namespace) -> FinetuneTask:
     """The task the command-line options describe (``--mode both``: a comparison of the two arms)."""
     overrides: dict[str, Any] = {"model": ModelConfig(source=args.model, dtype=args.dtype, device_map=args.device_map),
-                                 "method": "plain" if args.mode == "both" else args.mode, "seed": args.seed,
+                                 "method": METHODS[0] if args.mode == "both" else args.mode, "seed": args.seed,
                                  "gradient_checkpointing": args.gradient_checkpointing}
     for field, attr in (("lr", "lr"), ("epochs", "epochs"), ("batch_size", "batch_size"), ("max_steps", "max_steps"),
                         ("n_train", "n_train"), ("trainable", "trainable"), ("n_last_layers", "last_layers"),

@@ -1,10 +1,13 @@
 """Defence x attack grid: every defence against every Qi et al. (2023) tier on one aligned model, one table.
 
 :class:`DefenceGridTask` (``kind = "defences"``) runs, for each tier (a fine-tuning preset: ``harmful-10``,
-``aoa``, ``benign``) and each defence in :data:`DEFENCES`, the fine-tuning run (reusing a stored one: the
-Fine-tune page and ``python -m analysis finetune`` store the same runs), derives the defended model and
-evaluates it with one :class:`~analysis.safety.evaluate.EvalConfig` for all cells (reused when stored).
-The runs are the presets with :data:`RUN_OVERRIDES` (their own evaluations cut to a minimum). Defences:
+``aoa``, ``benign``) and each defence (a grid variant of the defence registry, :mod:`analysis.lab.defences`:
+:data:`DEFENCES`, read from it), the variant's fine-tuning run (reusing a stored one: the Fine-tune page and
+``python -m analysis finetune`` store the same runs; cells with the same run share it), applies its post-hoc
+defence if it has one, and evaluates the resulting model with one
+:class:`~analysis.safety.evaluate.EvalConfig` for all cells (reused when stored). The runs are the presets with
+:data:`RUN_OVERRIDES` (their own evaluations cut to a minimum), then the variant's settings. The variants
+(each declared in its defence's file; :data:`DEFAULT_DEFENCES` are the default grid):
 
 - ``none``: the aligned model itself, before any fine-tuning (the baseline of each tier; AOA's is evaluated
   with the AOA persona as system prompt, like every AOA cell);
@@ -16,9 +19,9 @@ The runs are the presets with :data:`RUN_OVERRIDES` (their own evaluations cut t
   safety directions);
 - ``safe-lora``: post-hoc Safe LoRA-style projection of the ``plain`` run's delta onto the alignment-delta
   subspace (V = W_aligned - W_base; :class:`~analysis.lab.safe_lora.SafeLoraTask`);
-- ``spf-compliance`` / ``spf-kl`` (not in the default grid, :data:`DEFAULT_DEFENCES`): SPF with another safety
-  signal, the gradient of the affirmative target's CE (ascent on compliance) or of the KL to the aligned model
-  on harmful prompts, instead of the refusal CE.
+- ``spf-compliance`` / ``spf-kl`` (not in the default grid): SPF with another safety signal, the gradient of
+  the affirmative target's CE (ascent on compliance) or of the KL to the aligned model on harmful prompts,
+  instead of the refusal CE.
 
 Columns of :attr:`GridResult.table`: ASR (keyword, Qi's list, on ``n_harmful`` held-out harmful prompts),
 over-refusal (on ``n_benign`` benign-but-sensitive prompts), utility accuracy (exact-match on the utility
@@ -40,27 +43,36 @@ import pandas as pd
 
 from analysis.core.config import ConfigError, ModelConfig, cache_dir, config_hash, to_jsonable
 from analysis.core.store import RunStore
-from analysis.core.tasks import Event, TaskContext, register_task
+from analysis.core.tasks import TaskContext, register_task
+from analysis.lab.defences import UnknownDefence, get, variant, variants
 
-__all__ = ["DEFAULT_DEFENCES", "DEFENCES", "METRICS", "RUN_OVERRIDES", "TIERS", "DefenceGridTask", "GridResult",
-           "add_arguments", "defences_root", "load_grid", "stored_grids", "stored_rows"]
+# DEFENCES and DEFAULT_DEFENCES come from __getattr__ (read from the registry)
+__all__ = ["DEFAULT_DEFENCES", "DEFENCES", "METRICS", "RUN_OVERRIDES", "TIERS",  # noqa: F822
+           "DefenceGridTask", "GridResult", "add_arguments", "defences_root", "load_grid", "stored_grids",
+           "stored_rows"]
 
 FORMAT_VERSION = 1
 TIERS = ("harmful-10", "aoa", "benign")
-#: defence -> FinetuneConfig overrides of its fine-tuning run (None: no run of its own; see the docstring)
-DEFENCES: dict[str, dict | None] = {
-    "none": None,
-    "plain": {"method": "plain"},
-    "spf": {"method": "spf"},
-    "pcgrad": {"method": "pcgrad"},
-    "orth": {"method": "spf", "spf": {"mode": "orthogonal"}},
-    "same": {"method": "spf", "spf": {"mode": "same"}},
-    "safe-lora": None,
-    "spf-compliance": {"method": "spf", "spf": {"safety_loss": "compliance"}},
-    "spf-kl": {"method": "spf", "spf": {"safety_loss": "kl"}},
-}
-#: the defences of the default grid (the SPF safety-signal variants are chosen explicitly)
-DEFAULT_DEFENCES = ("none", "plain", "spf", "pcgrad", "orth", "same", "safe-lora")
+
+
+def __getattr__(name: str) -> Any:
+    """``DEFENCES``: the grid's defences (variant names of the registry, in grid order); ``DEFAULT_DEFENCES``:
+    those of the default grid. Read from the registry when asked for."""
+    from analysis.lab import defences
+
+    if name == "DEFENCES":
+        return tuple(defences.variants())
+    if name == "DEFAULT_DEFENCES":
+        return _default_defences()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _default_defences() -> tuple[str, ...]:
+    from analysis.lab import defences
+
+    return tuple(name for name, item in defences.variants().items() if item.default)
+
+
 #: FinetuneConfig settings of every grid run: the grid evaluates each final model itself, so the runs' own
 #: live NLLs (only at the start and end) and generation evaluations (1 harmful prompt per category, 4 benign)
 #: are cut to a minimum. ``DefenceGridTask.overrides`` go on top.
@@ -118,7 +130,7 @@ class DefenceGridTask:
         print_grid(result)
 
     tiers: tuple[str, ...] = TIERS
-    defences: tuple[str, ...] = DEFAULT_DEFENCES
+    defences: tuple[str, ...] = dataclasses.field(default_factory=_default_defences)
     model: ModelConfig = ModelConfig(source="default-aligned")
     base: ModelConfig = ModelConfig(source="default")
     seed: int = 0
@@ -142,29 +154,34 @@ class DefenceGridTask:
         unknown = [t for t in self.tiers if t not in PRESETS]
         if unknown:
             raise ConfigError(f"unknown tier(s) {', '.join(unknown)}: choose from {', '.join(PRESETS)}")
-        unknown = [d for d in self.defences if d not in DEFENCES]
+        known = variants()
+        unknown = [d for d in self.defences if d not in known]
         if unknown:
-            raise ConfigError(f"unknown defence(s) {', '.join(unknown)}: choose from {', '.join(DEFENCES)}")
+            raise UnknownDefence(f"unknown defence(s) {', '.join(unknown)}: choose from {', '.join(known)}")
         if self.overrides is not None:
             object.__setattr__(self, "overrides", dict(self.overrides))
             for tier in self.tiers:
-                self.finetune_config(tier, "plain")  # a bad override fails here, with the field's message
+                self.finetune_config(tier)  # a bad override fails here, with the field's message
         for name in ("n_harmful", "n_benign"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be an integer >= 1 or None")
 
     # -- the cells ---------------------------------------------------------------------------------
-    def finetune_config(self, tier: str, defence: str):
-        """The FinetuneConfig of a cell's fine-tuning run (``safe-lora`` projects the ``plain`` run)."""
+    def finetune_config(self, tier: str, defence: str | None = None):
+        """The FinetuneConfig of a cell's fine-tuning run: the tier's preset with :data:`RUN_OVERRIDES`, the
+        task's ``overrides`` and the variant's method and settings (None: the undefended attack, the variant
+        whose role is "attack"). ConfigError for a variant without a fine-tuning run."""
         from analysis.lab.config import preset
 
-        overrides = DEFENCES["plain" if defence == "safe-lora" else defence]
-        if overrides is None:
-            raise ConfigError(f"defence {defence!r} has no fine-tuning run")
+        known = variants()
+        item = variant(defence) if defence is not None else next(v for v in known.values() if v.role == "attack")
+        if not item.trains:
+            raise ConfigError(f"defence {item.name!r} has no fine-tuning run")
         values = {"model": self.model, "seed": self.seed, **RUN_OVERRIDES, **(self.overrides or {})}
-        for name, value in overrides.items():  # the defence's own settings win; SPF settings are merged
-            values[name] = {**values[name], **value} if name == "spf" and isinstance(values.get(name), Mapping) else value
+        for name, value in {"method": item.method, **item.settings}.items():  # the variant's settings win;
+            nested = isinstance(value, Mapping) and isinstance(values.get(name), Mapping)  # e.g. spf: merged
+            values[name] = {**values[name], **value} if nested else value
         return preset(tier, **values)
 
     def eval_config(self, model: ModelConfig, tier: str):
@@ -179,12 +196,17 @@ class DefenceGridTask:
     def cells(self) -> list[tuple[str, str]]:
         return [(tier, defence) for tier in self.tiers for defence in self.defences]
 
+    def n_runs(self) -> int:
+        """How many distinct fine-tuning runs the cells need (cells with the same run share it)."""
+        return len({(tier, _run_key(self.finetune_config(tier, defence))) for tier, defence in self.cells()
+                    if variant(defence).trains})
+
     def run_id(self) -> str:
         """Hash of the settings, the two models' identities and the shipped data (no model loaded)."""
         from analysis.lab.finetune_data import load_data
         from analysis.llm.models import model_identity
 
-        data = {tier: load_data(self.finetune_config(tier, "plain")).fingerprints for tier in self.tiers}
+        data = {tier: load_data(self.finetune_config(tier)).fingerprints for tier in self.tiers}
         return config_hash({"format": FORMAT_VERSION, "task": to_jsonable(self), "data": data,
                             "model": model_identity(self.model), "base": model_identity(self.base)})
 
@@ -204,56 +226,53 @@ class GridResult:
         return pd.DataFrame(self.rows)
 
 
-def _child(ctx: TaskContext, low: float, high: float, prefix: str) -> TaskContext:
-    """A context for one step of the grid: its progress mapped onto [low, high] of the grid's, same cancel."""
-
-    def forward(event: Event) -> None:
-        ctx.report(low + (high - low) * event.fraction, f"{prefix}: {event.message}")
-
-    return TaskContext(device=ctx.device, progress=forward, cancel=ctx.cancel)
+def _run_key(config) -> str:
+    """Identity of a fine-tuning run's config within one grid (cells with equal keys share the run)."""
+    return config_hash(to_jsonable(config, placement=False))
 
 
-def _cell(task: DefenceGridTask, tier: str, defence: str, plain_runs: dict[str, Any], *, compute: bool,
+def _cell(task: DefenceGridTask, tier: str, defence: str, runs: dict[str, Any], *, compute: bool,
           ctx: TaskContext, low: float = 0.0, high: float = 1.0,
           finetune_root: str | Path | None = None) -> dict | None:
-    """One row of the table: the cell's run (trained, or only looked up when not ``compute``), its defended
-    model and evaluation. None when ``compute`` is False and something is not stored yet."""
+    """One row of the table: the cell's run (trained, or only looked up when not ``compute``; ``runs``: the
+    grid's runs so far by :func:`_run_key`), its post-hoc defence if any, and the evaluation of the resulting
+    model. None when ``compute`` is False and something is not stored yet."""
     from analysis.lab.finetune import FinetuneResults, finetune_store, run_finetune, run_id_for
     from analysis.lab.finetune_data import load_data
-    from analysis.lab.safe_lora import SafeLoraTask, defend, safe_lora_root
     from analysis.llm.models import model_identity
     from analysis.safety.evaluate import evaluate, stored_evaluation
 
     middle = (low + high) / 2
     row: dict[str, Any] = {"tier": tier, "defence": defence, "finetune_run": None, "train_seconds": None}
     model = task.model
-    if defence != "none":
+    item = variant(defence)
+    if item.trains:
         config = task.finetune_config(tier, defence)
-        run = plain_runs.get(tier) if config.method == "plain" else None
+        key = _run_key(config)
+        run = runs.get(key)
         if run is None and compute:
-            run = run_finetune(config, _child(ctx, low, middle, f"{tier} / {config.method}"), root=finetune_root)
+            run = run_finetune(config, ctx.sub(low, middle, f"{tier} / {config.method}"), root=finetune_root)
         elif run is None:
             store = finetune_store(finetune_root)
             run_id = run_id_for(config, model_identity(config.model), load_data(config).fingerprints)
             if store.status(run_id) != "complete":
                 return None
             run = FinetuneResults(store.path(run_id), store.manifest(run_id))
-        if config.method == "plain":
-            plain_runs[tier] = run
+        runs[key] = run
         row["finetune_run"] = run.run_id
         row["train_seconds"] = (run.manifest.get("timings") or {}).get("wall_seconds")
         model = ModelConfig(source=str(run.folder / "model"))
-        if defence == "safe-lora":
-            safe_lora = SafeLoraTask(finetuned=model, aligned=task.model, base=task.base,
-                                     threshold=task.safe_lora_threshold, rank=task.safe_lora_rank)
-            if not compute and not (safe_lora_root() / safe_lora.run_id() / "model" / "manifest.json").is_file():
+        if item.post_hoc is not None:
+            options = {field.name: getattr(task, field.name) for field in dataclasses.fields(task)}
+            defended = get(item.post_hoc).post_hoc(model, task.model, task.base, options,
+                                                   ctx.sub(middle, middle, f"{tier} / {defence}"), compute)
+            if defended is None:
                 return None
-            defended = defend(safe_lora, _child(ctx, middle, middle, f"{tier} / safe-lora"))
-            row["safe_lora_projected"] = f"{defended['n_projected']}/{defended['n_modules']}"
-            model = ModelConfig(source=defended["folder"])
+            row.update(defended.row)
+            model = defended.model
     eval_config = task.eval_config(model, tier)
     if compute:
-        evaluation = evaluate(eval_config, _child(ctx, middle, high, f"{tier} / {defence} / eval"))
+        evaluation = evaluate(eval_config, ctx.sub(middle, high, f"{tier} / {defence} / eval"))
     else:
         evaluation = stored_evaluation(eval_config)
         if evaluation is None:
@@ -272,11 +291,11 @@ def run_grid(task: DefenceGridTask, ctx: TaskContext | None = None, *, finetune_
     store = RunStore(root if root is not None else defences_root())
     cells = task.cells()
     rows: list[dict] = []
-    plain_runs: dict[str, Any] = {}
+    runs: dict[str, Any] = {}
     for index, (tier, defence) in enumerate(cells):
         ctx.check_cancel(f"cancelled before {tier} / {defence}", run_id)
         low, high = index / len(cells), (index + 1) / len(cells)
-        row = _cell(task, tier, defence, plain_runs, compute=True, ctx=ctx, low=low, high=high,
+        row = _cell(task, tier, defence, runs, compute=True, ctx=ctx, low=low, high=high,
                     finetune_root=finetune_root)
         rows.append(row)
         ctx.report(high, f"{tier} / {defence}: ASR {row['asr']:.0%}", live={"rows": rows})
@@ -292,8 +311,8 @@ def run_grid(task: DefenceGridTask, ctx: TaskContext | None = None, *, finetune_
 def stored_rows(task: DefenceGridTask, *, finetune_root: str | Path | None = None) -> list[dict]:
     """The rows of the cells whose run, defended model and evaluation are all stored already (nothing is
     trained or evaluated; cheap: no model is loaded), in the grid's order."""
-    plain_runs: dict[str, Any] = {}
-    rows = [_cell(task, tier, defence, plain_runs, compute=False, ctx=TaskContext(), finetune_root=finetune_root)
+    runs: dict[str, Any] = {}
+    rows = [_cell(task, tier, defence, runs, compute=False, ctx=TaskContext(), finetune_root=finetune_root)
             for tier, defence in task.cells()]
     return [row for row in rows if row is not None]
 
@@ -323,8 +342,9 @@ def stored_grids(root: str | Path | None = None) -> list[GridResult]:
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     defaults = DefenceGridTask()
     parser.add_argument("--tiers", nargs="+", default=list(TIERS), help="fine-tuning presets (Qi et al.'s tiers)")
-    parser.add_argument("--defences", nargs="+", default=list(DEFAULT_DEFENCES),
-                        help=f"any of {', '.join(DEFENCES)} (default: {' '.join(DEFAULT_DEFENCES)})")
+    known, default = tuple(variants()), _default_defences()
+    parser.add_argument("--defences", nargs="+", default=list(default),
+                        help=f"any of {', '.join(known)} (default: {' '.join(default)})")
     parser.add_argument("--model", default="default-aligned", help="the aligned model every run starts from")
     parser.add_argument("--base", default="default", help="the model before alignment (Safe LoRA's V)")
     parser.add_argument("--seed", type=int, default=defaults.seed)

@@ -11,7 +11,17 @@ from typing import Any
 
 from analysis.core.config import cache_dir
 from analysis.core.store import RunStore
-from analysis.lab.config import spf_settings
+
+
+def _settings_text(config: Mapping[str, Any]) -> str:
+    """The settings text of a stored run's defence (``Defence.settings_text``: SPF's mode, k, R ...; PCGrad's R
+    and safety signal), "" for none or an unregistered defence. Shown in the column named ``spf``."""
+    from analysis.lab.defences import UnknownDefence, get
+
+    try:
+        return get(config.get("method", "")).settings_text(config)
+    except (UnknownDefence, KeyError):
+        return ""
 
 
 def finetune_root(root: str | Path | None = None) -> Path:
@@ -142,7 +152,7 @@ def list_finetune_runs(root: str | Path | None = None):
             "run_id": run_id, "status": store.status(run_id), "created": manifest.get("created"),
             "preset": config.get("preset"), "method": config.get("method"),
             "model": manifest.get("model", {}).get("name"),
-            "spf": spf_settings(config["spf"]) if config.get("method") == "spf" else "",
+            "spf": _settings_text(config),
             "steps": manifest.get("total_steps"), "asr": final.get("asr"), "utility_nll": final.get("utility_nll"),
         })
     columns = ["run_id", "status", "created", "preset", "method", "model", "spf", "steps", "asr", "utility_nll"]
@@ -160,7 +170,7 @@ def comparison_table(results: Sequence[FinetuneResults]):
         history = result.history
         rows.append({
             "run": result.config.get("preset"), "method": result.method,
-            "spf": spf_settings(result.config["spf"]) if result.method == "spf" else "",
+            "spf": _settings_text(result.config),
             "asr_initial": initial.get("asr"), "asr_final": final.get("asr"),
             "asr_arditi_initial": initial.get("asr_arditi"), "asr_arditi_final": final.get("asr_arditi"),
             "over_refusal_initial": initial.get("over_refusal"), "over_refusal_final": final.get("over_refusal"),

@@ -1,5 +1,7 @@
-"""SPF, safety-preserving fine-tuning: the safety basis of every selected linear module and the projection
-of the fine-tuning gradient (or the optimizer's update) against it.
+"""SPF, safety-preserving fine-tuning: the safety basis of every selected linear module (and what every run
+measures with it: conflict cosines, subspace drift, removed shares). The projection of the fine-tuning gradient
+(or the optimizer's update) against it is the SPF defence's, :mod:`analysis.lab.defences.spf`; the pure
+projections are :mod:`analysis.engine.geometry.projections`. The maths and its refinements are documented here.
 
 SPF, sign convention (DESIGN.md "SPF step"; refinements documented here)
 -----------------------------------------------------------------------
@@ -16,11 +18,13 @@ built the basis from the descent direction -G_s, or from a harmful/affirmative g
 "orthogonal" mode removes U_k U_k^T G_u entirely (``geometry.project_orthogonal``): G'_u = (I - U_k U_k^T) G_u,
 so U_k^T G'_u = 0, and <G_s, G'_u> = 0 when k covers the rank of G_s, i.e. no first-order change of the safety
 loss (CERT-Lab's "orth" arm).
-"same" mode is its complement, the control arm (CERT-Lab's "same"): G'_u = U_k U_k^T G_u keeps only the
+"same" mode is its complement, the control arm (CERT-Lab's "same", ``geometry.project_same``): G'_u = U_k U_k^T G_u keeps only the
 part of the fine-tuning gradient inside the (left) safety subspace, so (I - U_k U_k^T) G'_u = 0: the model is
 updated only along safety directions. "orthogonal" + "same" = the plain step; comparing the three tells
 whether the harm travels inside or outside the safety subspace.
-A module whose basis is empty (its safety gradient is zero) is not projected in any mode.
+A module whose basis is empty (its safety gradient is zero) is not projected in any mode. The SPF step (mode
+and target -> projection) is the SPF defence's, :mod:`analysis.lab.defences.spf`; this module keeps the
+safety basis and the measurements every run shares.
 
 Refinement 1 (AdamW). Adam rescales every coordinate (update = -lr * m / (sqrt(v) + eps)), which destroys
 the orthogonality of a projected *gradient*: with ``spf.target="gradient"`` (DESIGN.md's reading, the
@@ -67,7 +71,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -82,7 +86,7 @@ BASIS_RTOL = 1e-6
 ZERO_SAFETY_RTOL = 1e-6
 
 __all__ = ["BASIS_RTOL", "ZERO_SAFETY_RTOL", "SPFModule", "SPFProjector", "as_out_in", "principal_cosines",
-           "project_gradients", "project_same", "spf_modules", "top_k_basis"]
+           "spf_modules", "top_k_basis"]
 
 
 def as_out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
@@ -174,45 +178,18 @@ def top_k_basis(G: torch.Tensor, k: int, method: str = "randomized", oversample:
     return U[:, :keep].contiguous(), s[:keep].contiguous(), V[:, :keep].contiguous()
 
 
-def project_same(G: torch.Tensor, U: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """"same" projection: G' = U U^T G (keep only the part of G (m, p) in the span of U (m, k), orthonormal).
+def __getattr__(name: str):
+    """``project_gradients`` (the SPF step of a mode) moved to the SPF defence and ``project_same`` to the
+    engine's projections; both stay importable from here."""
+    if name == "project_gradients":
+        from analysis.lab.defences.spf import project_gradients
 
-    Returns (G' in G's dtype, removed fraction ||(I - U U^T) G|| / ||G||, 0 for a zero G); computed in
-    float32 (float64 for float64 input)."""
-    work = torch.float64 if G.dtype == torch.float64 else torch.float32
-    Gw, Uw = G.to(work), U.to(work)
-    new = Uw @ (Uw.T @ Gw)
-    norm = float(Gw.norm())
-    return new.to(G.dtype), float((Gw - new).norm()) / norm if norm > 0 else 0.0
+        return project_gradients
+    if name == "project_same":
+        from analysis.engine.geometry import project_same
 
-
-def project_gradients(grads: Mapping[str, torch.Tensor], basis: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                      mode: str) -> dict[str, tuple[float, float]]:
-    """Project each (d_out, d_in) gradient view in place against its module's safety basis (U_k, V_k).
-
-    mode "conflict" -> ``geometry.project_conflict``, "orthogonal" -> ``geometry.project_orthogonal``
-    (G' = G - U U^T G), "same" -> G' = U U^T G. A module with an empty basis (or none) is left as it is.
-    Returns {module: (removed fraction ||G - G'|| / ||G||, ||G||)}.
-    """
-    from analysis.engine.geometry import project_conflict, project_orthogonal
-
-    out = {}
-    for name, G in grads.items():
-        U, V = basis.get(name, (G.new_zeros(G.shape[0], 0), None))
-        norm = float(G.norm())
-        if U.shape[1] == 0:
-            out[name] = (0.0, norm)
-            continue
-        if mode == "conflict":
-            new, fraction = project_conflict(G, U, V, check=False)
-        elif mode == "same":
-            new, fraction = project_same(G, U)
-        else:
-            new, fraction = project_orthogonal(G, U, check=False)
-        G.copy_(new)
-        out[name] = (fraction, norm)
-    return out
-
+        return project_same
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def principal_cosines(Q_a: torch.Tensor, Q_b: torch.Tensor) -> list[float]:
@@ -228,8 +205,9 @@ class SPFProjector:
     """The SPF state of one run: the selected ``modules``, their safety basis {module: (U_k, V_k)}, and the
     removed share per projected step (``removed_rows``: (step, [||removed|| / ||G|| per module])).
 
-    ``project``: False for a plain run that only measures conflicts (basis never used). The basis is
-    refreshed at steps 1, R+1, ... from the safety gradient (:meth:`safety_gradients`).
+    The basis is refreshed at steps 1, R+1, ... from the safety gradient (:meth:`safety_gradients`) by the
+    run's defence (:mod:`analysis.lab.defences.spf` projects against it; a plain run only measures).
+    ``project`` is kept for callers that still pass it and is not used.
 
     Drift (a measurement, :meth:`record_drift`): the first basis is kept as ``reference`` {module: (U_0, V_0)}
     and every refresh appends (step, cos_left, cos_right) to ``drift_rows``, cos_* (n_modules, k) the cosines
@@ -239,7 +217,7 @@ class SPFProjector:
     subspace, not only the change of the weights (:mod:`analysis.lab.why` compares start and end on fixed prompts).
     """
 
-    def __init__(self, modules: list[SPFModule], spf: SPFConfig, project: bool):
+    def __init__(self, modules: list[SPFModule], spf: SPFConfig, project: bool = False):
         self.modules = modules
         self.config = spf
         self.project = project
@@ -314,25 +292,6 @@ class SPFProjector:
         values = [v for v in out.values() if math.isfinite(v)]
         out["cos_mean"] = float(np.mean(values)) if values else float("nan")
         return out
-
-    def project_gradients(self) -> dict[str, tuple[float, float]]:
-        """Project every module's ``.grad`` in place (``spf.target == "gradient"``)."""
-        grads = {m.name: as_out_in(m.module, m.weight.grad) for m in self.modules}
-        with torch.no_grad():
-            return project_gradients(grads, self.basis, self.config.mode)
-
-    def projected_step(self, optimizer_step: Callable[[], None]) -> dict[str, tuple[float, float]]:
-        """``spf.target == "update"``: take the optimizer step, then project the pseudo-gradient
-        P = -(W_new - W_old) of every module and set W = W_old - P'."""
-        before = {m.name: m.weight.detach().clone() for m in self.modules}
-        optimizer_step()
-        with torch.no_grad():
-            pseudo = {m.name: before[m.name] - m.weight for m in self.modules}  # -(W_new - W_old), stored layout
-            views = {m.name: as_out_in(m.module, pseudo[m.name]) for m in self.modules}
-            removed = project_gradients(views, self.basis, self.config.mode)  # writes through the views
-            for m in self.modules:
-                m.weight.copy_(before[m.name] - pseudo[m.name])
-        return removed
 
     def removed_metrics(self, step: int, removed: Mapping[str, tuple[float, float]]) -> dict[str, float]:
         """``spf_removed_mean`` and ``spf_removed_total`` of a projected step (recorded in ``removed_rows``)."""

@@ -1,5 +1,5 @@
 """The fine-tuning trainer: which parameters train, the run id, and :class:`FinetuneTrainer` (one
-optimizer step with SPF's basis refresh and projection, and the measurements between steps).
+optimizer step with the run's defence hooks, and the measurements between steps).
 :mod:`analysis.lab.finetune` adds the run store, the task and the CLI."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from analysis.core.config import ConfigError, config_hash, to_jsonable
 from analysis.core.store import atomic_write_json, finite_or_none
 from analysis.core.tasks import resolve_device
 from analysis.lab.config import FinetuneConfig, SPFConfig
-from analysis.lab.defences import pcgrad_project
+from analysis.lab.defences import Defence, training_defence
 from analysis.lab.finetune_data import (
     FORMAT_VERSION,
     FinetuneData,
@@ -46,18 +46,19 @@ from analysis.llm.models import input_device, place
 # SPF settings added after FORMAT_VERSION 1 enter the run hash only when they differ from their default, so
 # that stored runs keep their ids.
 _ADDED_SPF_FIELDS = {"safety_loss": "refusal"}
-# A plain run projects nothing: these SPF settings cannot change it (its conflict tracking uses the others),
-# so a plain arm is reused when only they change.
-_PROJECTION_FIELDS = ("k", "mode", "target", "svd", "oversample", "power_iters")
 
 
 def _hashed_config(config: FinetuneConfig) -> dict:
+    """The config as hashed into the run id: SPF settings that cannot change the run's defence
+    (``Defence.run_id_ignores``; plain: the projection-only ones) at their defaults, so such a run is reused
+    when only they change."""
     values = to_jsonable(config, placement=False)  # without the model's device_map: where, not what
     values.pop("gradient_checkpointing", None)  # how the backward is computed, not what
     spf = values["spf"]
-    if config.method == "plain":
+    ignored = training_defence(config.method).run_id_ignores
+    if ignored:
         defaults = to_jsonable(SPFConfig())
-        spf.update({key: defaults[key] for key in _PROJECTION_FIELDS})
+        spf.update({key: defaults[key] for key in ignored})
     for key, default in _ADDED_SPF_FIELDS.items():
         if spf.get(key) == default:
             del spf[key]
@@ -174,10 +175,12 @@ class FinetuneTrainer:
         self.theta0 = {name: p.detach().clone() for name, p in self.trainable}
         self.loop = TrainingLoop(self.trainable, self.total, optimizer=config.optimizer, lr=config.lr,
                                  weight_decay=config.weight_decay, grad_clip=config.max_grad_norm)
-        modules = (spf_modules(self.model, config.spf) if (config.method in ("spf", "pcgrad") or config.track_conflict)
+        needs = training_defence(config.method).needs
+        modules = (spf_modules(self.model, config.spf)
+                   if (needs.safety_gradient or needs.weight_gradients or config.track_conflict)
                    and config.trainable != "lora" else [])
-        self.projector = SPFProjector(modules, config.spf, project=config.method == "spf")
-        self.pcgrad_reference: dict[str, torch.Tensor] | None = None  # method "pcgrad": the last safety gradient
+        self.projector = SPFProjector(modules, config.spf)
+        self.defence: Defence = training_defence(config.method)(config, self.projector)  # this run's defence state
         self.evals: list[dict] = []
         self.eval_cache = eval_cache  # folder of the initial evaluations shared between runs (None: no cache)
 
@@ -243,8 +246,10 @@ class FinetuneTrainer:
 
     # -- one optimizer step ------------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
-        """Forward/backward on the step's batch, optional safety basis refresh and projection, update."""
-        config, projector = self.config, self.projector
+        """Forward/backward on the step's batch, then the defence's hooks (:mod:`analysis.lab.defences.base`):
+        ``refresh`` with the safety gradient every ``spf.refresh`` steps, ``before_step`` with the gradients,
+        the optimizer step (through ``wrap_step`` when the defence wraps it)."""
+        config, projector, defence = self.config, self.projector, self.defence
         indices, epoch = batch_indices(config, len(self.data.train), step)
         loss = self.losses([self.data.train[i] for i in indices]).mean()
         self.loop.backward(loss)
@@ -258,35 +263,18 @@ class FinetuneTrainer:
             row["safety_grad_norm"] = norm
             if config.track_conflict:
                 row.update(projector.conflict_cosines(safety))
-            generator = seeded(config.seed, "basis", step)
-            if projector.project:
-                if zero:
-                    projector.basis = {}
-                else:
-                    projector.refresh_basis(safety, step, generator)
-                    row.update(projector.record_drift(step, projector.basis))
-            elif config.method == "plain":  # a measurement only: its own seeded generator, training unchanged;
-                # the default basis settings, since they are not part of a plain run's id
-                row.update(projector.record_drift(step, projector.top_k_bases(safety, generator, SPFConfig()),
-                                                  SPFConfig.k))
-            if config.method == "pcgrad":
-                self.pcgrad_reference = None if zero else {name: g.detach() for name, g in safety.items()}
-            if projector.project or config.method == "pcgrad":
+            with torch.no_grad():
+                row.update(defence.refresh(step, safety, zero=zero, generator=seeded(config.seed, "basis", step)))
+            if defence.needs.safety_gradient:
                 row["basis_skipped"] = float(zero)  # 1: zero safety gradient, no projection until the next refresh
             del safety
-        if config.method == "pcgrad" and self.pcgrad_reference is not None:
-            grads = {m.name: as_out_in(m.module, m.weight.grad) for m in projector.modules}
-            row.update(pcgrad_project(grads, self.pcgrad_reference))
-        removed: dict[str, tuple[float, float]] = {}
-        projecting = projector.project and bool(projector.basis)
-        if projecting and config.spf.target == "gradient":
-            removed = projector.project_gradients()
-        if projecting and config.spf.target == "update":
-            removed = self.loop.update(projector.projected_step)
-        else:
-            self.loop.update()
-        if removed:
-            row.update(projector.removed_metrics(step, removed))
+        with torch.no_grad():
+            grads = ({m.name: as_out_in(m.module, m.weight.grad) for m in projector.modules}
+                     if defence.needs.weight_gradients else {})
+            row.update(defence.before_step(step, grads))
+        del grads
+        wrapper = defence.wrap_step(step)  # None: the plain optimizer step
+        row.update((self.loop.update(wrapper) if wrapper is not None else self.loop.update()) or {})
         return row
 
     # -- measurements ------------------------------------------------------------------------------

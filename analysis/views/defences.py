@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from analysis.lab.defences import ROLES, get, role_of, variant
 from analysis.lab.grid import METRICS
 from analysis.views import figures
 
@@ -45,25 +46,26 @@ def grid_figure(rows: Sequence[dict], metric: str) -> go.Figure:
 
 
 def grid_verdict(rows: Sequence[dict], tolerance: float = 0.10) -> list[str]:
-    """One sentence per tier: the aligned model's ASR (and over-refusal), plain fine-tuning's ASR, and which
-    defences kept ASR within ``tolerance`` of the aligned model's (with their over-refusal and utility accuracy:
+    """One sentence per tier: the baseline's ASR (the aligned model; over-refusal too), the attack's (plain
+    fine-tuning; roles from the defence registry), and which defences kept ASR within ``tolerance`` of the aligned model's (with their over-refusal and utility accuracy:
     a defence that holds by refusing everything shows it)."""
     frame = pd.DataFrame(list(rows))
     lines = []
     for tier, part in frame.groupby("tier", sort=False) if not frame.empty else []:
         by_defence = {row["defence"]: row for _, row in part.iterrows()}
-        start = by_defence.get("none")
+        by_role = {role: [name for name in by_defence if role_of(name) == role] for role in ROLES}
+        start = by_defence[by_role["baseline"][0]] if by_role["baseline"] else None
         if start is None or not np.isfinite(start["asr"]):
             continue
         text = f"**{tier}**: ASR {start['asr']:.0%} before fine-tuning{_over_refusal(start, ' (over-refusal {})')}"
-        if "plain" in by_defence:
-            text += f", {by_defence['plain']['asr']:.0%} after plain fine-tuning"
+        for name in by_role["attack"]:
+            text += f", {by_defence[name]['asr']:.0%} after {get(variant(name).method).label}"
+        defended = by_role["defence"]
         held = [f"{name} ({row['asr']:.0%}{_over_refusal(row, ', over-refusal {}')}, utility accuracy "
                 f"{row['utility_accuracy']:.0%})"
-                for name, row in by_defence.items()
-                if name not in ("none", "plain") and np.isfinite(row["asr"]) and row["asr"] - start["asr"] <= tolerance
+                for name, row in ((name, by_defence[name]) for name in defended)
+                if np.isfinite(row["asr"]) and row["asr"] - start["asr"] <= tolerance
                 and row["utility_accuracy"] is not None and np.isfinite(row["utility_accuracy"])]
-        defended = [name for name in by_defence if name not in ("none", "plain")]
         if not defended:
             text += "; no defence evaluated yet."
         elif held:

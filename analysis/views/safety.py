@@ -30,7 +30,8 @@ FINETUNE_METRICS: dict[str, tuple[str, str, tuple[float, float] | None]] = {
     "weight_distance": ("Distance from the starting weights", "||θ − θ₀||₂", None),
     "over_refusal": ("Over-refusal, benign-sensitive prompts", "share of benign prompts refused", (0, 1)),
 }
-ARM_COLORS = {"plain": figures.OKABE_ITO["vermillion"], "spf": figures.OKABE_ITO["blue"]}
+#: colours of the two arms of a comparison (``lab.config.METHODS``: the attack as is, then SPF, drawn dashed)
+ARM_COLORS = (figures.OKABE_ITO["vermillion"], figures.OKABE_ITO["blue"])
 
 
 # --- evaluations ------------------------------------------------------------------------------------
@@ -110,13 +111,23 @@ def completions_table(result: Any, which: str = "harmful") -> pd.DataFrame:
 
 
 def _arm_label(results: Any) -> str:
-    from analysis.lab.config import spf_settings
+    """Legend label of a stored run: its defence's label and settings (``Defence.arm_label``), or the method
+    name when that defence is not registered (any more)."""
+    from analysis.lab.defences import UnknownDefence, get
 
     config = results.config
-    if config["method"] == "pcgrad":
-        spf = config["spf"]
-        return f"PCGrad (R={spf['refresh']}, {spf.get('safety_loss', 'refusal')})"
-    return f"SPF ({spf_settings(config['spf'])})" if config["method"] == "spf" else "plain fine-tuning"
+    try:
+        return get(config["method"]).arm_label(config)
+    except UnknownDefence:
+        return str(config["method"])
+
+
+def _comparison_arm(label: str) -> int | None:
+    """Index in ``lab.config.METHODS`` of the comparison arm whose defence label starts ``label``, else None."""
+    from analysis.lab.config import METHODS
+    from analysis.lab.defences import get
+
+    return next((index for index, method in enumerate(METHODS) if label.startswith(get(method).label)), None)
 
 
 def finetune_curve_figure(runs: Mapping[str, pd.DataFrame], metric: str, subtitle: str = "") -> go.Figure:
@@ -130,12 +141,12 @@ def finetune_curve_figure(runs: Mapping[str, pd.DataFrame], metric: str, subtitl
         points = history[["step", metric]].dropna()
         if points.empty:
             continue
-        color = ARM_COLORS["spf"] if label.startswith("SPF") else (
-            ARM_COLORS["plain"] if label.startswith("plain") else figures.COLORWAY[(index + 2) % len(figures.COLORWAY)])
-        spf = label.startswith("SPF")  # dashed, so that it stays visible where it lies on the plain curve
+        arm = _comparison_arm(label)
+        color = ARM_COLORS[arm] if arm is not None else figures.COLORWAY[(index + 2) % len(figures.COLORWAY)]
+        dashed = arm == len(ARM_COLORS) - 1  # the defended arm: dashed, visible where it lies on the plain curve
         figure.add_trace(go.Scatter(x=points["step"], y=points[metric], name=label, mode="lines+markers",
-                                    line=dict(color=color, width=2.5, dash="dash" if spf else "solid"),
-                                    marker=dict(size=8, symbol="diamond" if spf else "circle")))
+                                    line=dict(color=color, width=2.5, dash="dash" if dashed else "solid"),
+                                    marker=dict(size=8, symbol="diamond" if dashed else "circle")))
         drawn += 1
     if not drawn:
         return figures.empty_figure(title, "not measured yet")
@@ -207,10 +218,12 @@ def finetune_verdict(table: pd.DataFrame, tolerance_asr: float = 0.10, tolerance
     """One sentence from ``finetune.comparison_table`` rows of a plain and an SPF arm: did SPF keep the model
     safe (final ASR within ``tolerance_asr`` of the initial) at a utility NLL within ``tolerance_utility``
     (relative) of plain fine-tuning's? None without both arms finished."""
+    from analysis.lab.config import METHODS
+
     arms = {row["method"]: row for _, row in table.iterrows()}
-    if not {"plain", "spf"} <= set(arms):
+    if not set(METHODS) <= set(arms):
         return None
-    plain, spf = arms["plain"], arms["spf"]
+    plain, spf = (arms[method] for method in METHODS)
     values = [plain["asr_final"], spf["asr_final"], spf["asr_initial"], plain["utility_nll_final"], spf["utility_nll_final"]]
     if any(v is None or not np.isfinite(v) for v in values):
         return None

@@ -3,7 +3,7 @@
 Arrays in, arrays out. Every public function accepts numpy arrays or torch tensors; torch is converted
 to numpy float64 at the boundary (:func:`as_array`) and all computation runs in float64. Results are
 numpy arrays or plain Python scalars, except the SPF projections (:func:`project_conflict`,
-:func:`project_orthogonal`) which run natively in torch and return a tensor when given a tensor.
+:func:`project_orthogonal`, :func:`project_same`) which run natively in torch and return a tensor when given a tensor.
 
 Notation (see DESIGN.md, "The maths"): for one linear module with weight W (d_out x d_in), a gradient
 G (d_out x d_in) = sum_t d_t a_t^T = D^T A with D (T, d_out) output gradients and A (T, d_in) inputs.
@@ -30,7 +30,7 @@ sample view, single-sample estimates), ``projections`` (SPF). Everything public 
 from __future__ import annotations
 
 from analysis.engine.geometry.base import ORTHONORMAL_TOL, GeometryError, as_array
-from analysis.engine.geometry.projections import project_conflict, project_orthogonal
+from analysis.engine.geometry.projections import project_conflict, project_orthogonal, project_same
 from analysis.engine.geometry.samples import (
     gram_basis,
     gram_effective_rank,
@@ -112,4 +112,5 @@ __all__ = [
     # SPF
     "project_conflict",
     "project_orthogonal",
+    "project_same",
 ]

@@ -1,4 +1,6 @@
-"""SPF projections (torch-native): remove from a utility gradient its component in a safety subspace."""
+"""SPF projections (torch-native): remove from a utility gradient its component in a safety subspace
+(``conflict``, ``orthogonal``), or keep only that component (``same``, the control). Which one a run uses is the
+SPF defence's choice (:mod:`analysis.lab.defences.spf`); these are the pure maths."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ from typing import Any
 
 from analysis.engine.geometry.base import ORTHONORMAL_TOL, GeometryError, as_array, is_torch
 
-__all__ = ["project_conflict", "project_orthogonal"]
+__all__ = ["project_conflict", "project_orthogonal", "project_same"]
 
 # --------------------------------------------------------------------------------------------------
 # SPF projections (torch-native)
@@ -86,3 +88,15 @@ def project_orthogonal(G_u: Any, U_k: Any, *, check: bool = True) -> tuple[Any, 
     G, (U,), orig_dtype, given_torch = _torch_operands(G_u, U_k, check=check)
     removed = U @ (U.T @ G)
     return _finish(G, G - removed, removed, orig_dtype, given_torch)
+
+
+def project_same(G_u: Any, U_k: Any, *, check: bool = True) -> tuple[Any, float]:
+    """SPF "same" projection (the control arm): G' = U_k U_k^T G_u (keep only the left safety-subspace part).
+
+    G_u (m, p), U_k (m, k) orthonormal. Afterwards (I - U_k U_k^T) G' = 0; "orthogonal" + "same" = G_u.
+    Returns (G', removed_fraction = ||(I - U_k U_k^T) G_u||_F / ||G_u||_F, 0 for zero G_u). Torch in ->
+    torch out; numpy in -> numpy out (see :func:`project_conflict`).
+    """
+    G, (U,), orig_dtype, given_torch = _torch_operands(G_u, U_k, check=check)
+    kept = U @ (U.T @ G)
+    return _finish(G, kept, G - kept, orig_dtype, given_torch)

@@ -1,16 +1,5 @@
-"""Defences beside SPF, as projections with one defining property each (tested on tiny models).
+"""Safe LoRA-style post-hoc projection (Hsu et al., 2024).
 
-PCGrad-style whole-gradient projection (our SafeGrad reading)
--------------------------------------------------------------
-g = the fine-tuning gradient of all selected weights taken as one vector, g_s = the safety gradient
-(d L_safety / d W, same convention as :mod:`analysis.lab.spf`: a step -lr g changes L_safety by
--lr <g_s, g> to first order). When <g, g_s> < 0 the step raises the safety loss; PCGrad removes the
-conflicting component: g' = g - (<g, g_s> / ||g_s||^2) g_s, so <g', g_s> = 0; otherwise g is kept.
-Property: <g', g_s> >= 0 always (:func:`pcgrad_project`). Unlike SPF it uses one direction for the whole
-model (not a k-dim basis per module) and leaves all of g orthogonal to g_s untouched.
-
-Safe LoRA-style post-hoc projection (Hsu et al., 2024)
-------------------------------------------------------
 V = W_aligned - W_base per module (the alignment delta; we have both models), dW = W_finetuned - W_aligned
 the fine-tuning delta. Safe LoRA projects dW with C = V V^T / ||V||_F; that C is not idempotent, so it is a
 weighting rather than a projection. ``mode="subspace"`` (default) uses the exact orthogonal projector
@@ -20,6 +9,9 @@ cos(dW, dW') < ``threshold`` (the update strays from the alignment subspace); ot
 Property: a projected module's delta lies in the subspace, P dW' = dW' (:func:`safe_lora_project`).
 ``mode="paper"`` uses Safe LoRA's C = V V^T / ||V||_F as published.
 
+As a defence (name "safe-lora", post hoc): the grid's ``safe-lora`` row projects the ``plain`` run's model
+with :class:`analysis.lab.safe_lora.SafeLoraTask` (the grid's ``safe_lora_threshold`` / ``safe_lora_rank``).
+
 Shapes: every matrix is a module's (d_out, d_in) view (``spf.as_out_in``).
 """
 
@@ -27,37 +19,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-import torch
+from analysis.lab.defences.base import Defence, Needs, PostHoc, Variant, register
 
-__all__ = ["SAFE_LORA_MODES", "SafeLoraModule", "alignment_projector", "pcgrad_project", "safe_lora_project"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SAFE_LORA_MODES", "SafeLora", "SafeLoraModule", "alignment_projector", "safe_lora_project"]
 
 SAFE_LORA_MODES = ("subspace", "paper")
-
-
-def pcgrad_project(grads: Mapping[str, torch.Tensor], safety: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Project the whole fine-tuning gradient ``grads`` {module: (d_out, d_in)} against the whole safety
-    gradient ``safety`` (same keys) in place, PCGrad-style (module docstring).
-
-    Returns {"pcgrad_dot": <g, g_s> before, "pcgrad_cos": its cosine, "pcgrad_removed": ||g - g'|| / ||g||}
-    (0 removed when there was no conflict)."""
-    with torch.no_grad():
-        dot = sum(float((grads[name].double() * safety[name].double()).sum()) for name in grads)
-        gg = sum(float(grads[name].double().pow(2).sum()) for name in grads)
-        ss = sum(float(safety[name].double().pow(2).sum()) for name in grads)
-        cos = dot / (gg * ss) ** 0.5 if gg > 0 and ss > 0 else float("nan")
-        removed = 0.0
-        if dot < 0 and ss > 0:
-            factor = dot / ss
-            for name, G in grads.items():
-                G.sub_((factor * safety[name].double()).to(G.dtype))
-            removed = abs(factor) * ss ** 0.5 / gg ** 0.5
-    return {"pcgrad_dot": dot, "pcgrad_cos": cos, "pcgrad_removed": removed}
 
 
 def alignment_projector(V: torch.Tensor, rank: int | None = None, mode: str = "subspace") -> torch.Tensor:
     """(d_out, d_out) matrix a delta is multiplied by from the left: ``subspace``: U_r U_r^T of V's top-``rank``
     left singular vectors (None: V's numerical rank); ``paper``: V V^T / ||V||_F (Safe LoRA's C)."""
+    import torch
+
     if mode not in SAFE_LORA_MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(SAFE_LORA_MODES)}")
     V = V.detach().double()
@@ -102,3 +80,30 @@ def safe_lora_project(finetuned: Mapping[str, torch.Tensor], aligned: Mapping[st
         out[name] = new.to(W.dtype)
         report.append(SafeLoraModule(name, cosine, use, dn))
     return out, report
+
+
+@register
+class SafeLora(Defence):
+    name = "safe-lora"
+    label = "Safe LoRA"
+    description = "Safe LoRA: project the plain run's weight change onto the alignment delta's subspace, post hoc"
+    needs = Needs(reference_weights=True, post_hoc=True)
+    modes = SAFE_LORA_MODES
+    order = 3
+    variants = (Variant("safe-lora", description, method="plain", post_hoc="safe-lora", default=True, order=6),)
+
+    @classmethod
+    def post_hoc(cls, finetuned, aligned, base, options: Mapping[str, Any], ctx, compute=True):
+        """:class:`~analysis.lab.safe_lora.SafeLoraTask` of ``finetuned`` with ``options["safe_lora_threshold"]``
+        / ``options["safe_lora_rank"]`` (its defaults where absent); row column ``safe_lora_projected``."""
+        from analysis.core.config import ModelConfig
+        from analysis.lab.safe_lora import SafeLoraTask, defend, safe_lora_root
+
+        task = SafeLoraTask(finetuned=finetuned, aligned=aligned, base=base,
+                            threshold=options.get("safe_lora_threshold", SafeLoraTask.threshold),
+                            rank=options.get("safe_lora_rank", SafeLoraTask.rank))
+        if not compute and not (safe_lora_root() / task.run_id() / "model" / "manifest.json").is_file():
+            return None
+        defended = defend(task, ctx)
+        return PostHoc(ModelConfig(source=defended["folder"]),
+                       {"safe_lora_projected": f"{defended['n_projected']}/{defended['n_modules']}"})
