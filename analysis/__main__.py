@@ -43,6 +43,17 @@ def task_class(kind: str) -> type:
     return TASKS[kind]
 
 
+def parse_task(kind: str, argv: list[str]):
+    """The task that ``python -m analysis <kind> <argv>`` describes, built but not run (``--config`` read too)."""
+    from analysis.core import cli
+
+    cls = task_class(kind)
+    parser = argparse.ArgumentParser(prog=f"python -m analysis {kind}")
+    cli.add_task_command(parser, cls)
+    args = parser.parse_args(argv)
+    return cli.load_task(args.config, cls) if args.config else cli.task_from_options(cls, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--job" in argv[:-1] and argv[:1] and argv[0] in TASK_MODULES:  # a queued job's worker: wait, light

@@ -96,17 +96,16 @@ def test_a_defence_registered_in_a_test_file_trains_through_the_trainer(half_ste
 
 
 def test_the_new_defence_reaches_the_config_check_the_cli_the_grid_and_the_views(half_step):
-    import argparse
 
-    from analysis.lab import finetune, grid
+    from analysis.lab import grid
     from analysis.lab.config import DEFENCES
 
     assert "test-half-step" in defences.training_names() and "test-half-step" in DEFENCES
     with pytest.raises(ConfigError, match="test-half-step.*LoRA"):  # Needs.weight_gradients: LoRA refused
         tiny_config(method="test-half-step", trainable="lora")
-    parser = argparse.ArgumentParser()
-    finetune.add_arguments(parser, "finetune")
-    task = finetune.task_from_args(parser.parse_args(["--model", "tiny-llama", "--mode", "test-half-step"]))
+    from analysis.__main__ import parse_task
+
+    task = parse_task("finetune", ["--model", "tiny-llama", "--mode", "test-half-step"])
     assert task.config.method == "test-half-step" and not task.compare
     assert "test-half" in grid.DEFENCES and "test-half" not in grid.DEFAULT_DEFENCES  # not in the default grid
     cell = grid.DefenceGridTask(model="tiny-llama", base="tiny-llama", defences=("none", "test-half"))

@@ -342,15 +342,11 @@ def test_a_resumed_pcgrad_run_keeps_its_reference_gradient(tmp_path):
 
 
 def test_the_cli_accepts_the_same_mode_and_the_kl_loss():
-    import argparse
 
-    from analysis.lab import finetune
+    from analysis.__main__ import parse_task
     from analysis.lab.trainer import run_id_for
 
-    parser = argparse.ArgumentParser()
-    finetune.add_arguments(parser, "finetune")
-    task = finetune.task_from_args(parser.parse_args(["--model", "tiny-llama", "--mode", "spf", "--spf-mode", "same",
-                                                      "--safety-loss", "kl"]))
+    task = parse_task("finetune", ["--model", "tiny-llama", "--mode", "spf", "--spf-mode", "same", "--safety-loss", "kl"])
     assert task.config.spf.mode == "same" and task.config.spf.safety_loss == "kl"
     assert task.config.label == "harmful-10 / spf (same, kl, k=8, R=10)"
     ids = {run_id_for(tiny_config(method="spf", spf=dict(mode=mode, safety_loss=loss)), "weights")

@@ -468,13 +468,9 @@ def test_cli_runs_both_arms(tmp_path, capsys, monkeypatch):
     assert "plain" in out and "spf" in out and "ASR" in out
     assert len(list_finetune_runs(tmp_path / "finetune")) == 2
     # the same task as a job file (what the web app starts): the very same runs, reused
-    import argparse
+    from analysis.__main__ import parse_task
 
-    from analysis.lab import finetune
-
-    parser = argparse.ArgumentParser()
-    finetune.add_arguments(parser, "finetune")
-    task = finetune.task_from_args(parser.parse_args(options))
+    task = parse_task("finetune", options)
     (tmp_path / "task.json").write_text(json.dumps({"kind": "finetune", "config": to_jsonable(task)}))
     assert main(["finetune", "--config", str(tmp_path / "task.json")]) == 0
     again = capsys.readouterr().out
@@ -504,19 +500,14 @@ def test_task_round_trips_through_json():
 
 
 def test_cli_config_file_gives_the_same_task_as_options(tmp_path):
-    import argparse
+    from analysis.__main__ import parse_task
 
-    from analysis.lab import finetune
-
-    parser = argparse.ArgumentParser()
-    finetune.add_arguments(parser, "finetune")
-    from_options = finetune.task_from_args(parser.parse_args(CLI_OPTIONS))
+    from_options = parse_task("finetune", CLI_OPTIONS)
     path = tmp_path / "task.json"
     path.write_text(json.dumps({"kind": "finetune", "config": to_jsonable(from_options)}))
     from analysis.core.cli import load_task
 
-    args = parser.parse_args(["--config", str(path)])
-    from_file = load_task(args.config, FinetuneTask)
+    from_file = parse_task("finetune", ["--config", str(path)])
     assert from_file == from_options and from_file.run_id() == from_options.run_id()
     assert from_options.compare and from_options.config.spf.k == 5 and from_options.config.lr == 2e-4
     (tmp_path / "fields.json").write_text(json.dumps(to_jsonable(from_options)))  # the bare fields work too

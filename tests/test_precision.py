@@ -109,11 +109,7 @@ def test_gradient_checkpointing_gives_the_same_run(tmp_path):
 
 
 def test_finetune_cli_takes_dtype_and_gradient_checkpointing():
-    import argparse
+    from analysis.__main__ import parse_task
 
-    from analysis.lab.finetune import add_arguments, task_from_args
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser, "finetune")
-    task = task_from_args(parser.parse_args(["--model", "tiny-llama", "--dtype", "bfloat16", "--gradient-checkpointing"]))
+    task = parse_task("finetune", ["--model", "tiny-llama", "--dtype", "bfloat16", "--gradient-checkpointing"])
     assert task.config.model == BF16 and task.config.gradient_checkpointing

@@ -107,11 +107,13 @@ def _is_model_group(field: dataclasses.Field, hint: Any) -> bool:
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, exclude: Iterable[str] = (), prefix: str = "",
-                group: Any = None) -> None:
+                group: Any = None, default_note: str | None = None) -> None:
     """Add an option for every CLI field of ``cls`` (not in ``exclude``); a ModelConfig field adds the shared
     model group (``--model``, ``--dtype``, ``--device-map``, ...), or one option (its source) when it names its
-    own flag; a nested settings dataclass adds its own CLI fields. Defaults and help come from the fields."""
+    own flag; a nested settings dataclass adds its own CLI fields. Defaults and help come from the fields; a
+    task whose nested settings default to something else (a preset) says so in ``cli_default_note``."""
     exclude = set(exclude)
+    default_note = default_note if prefix else getattr(cls, "cli_default_note", None)
     group = group if group is not None else parser.add_argument_group("task settings")
     for field, hint in cli_fields(cls):
         if field.name in exclude:
@@ -120,7 +122,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, exclude: Iterable[st
             _add_model_group(parser, field)
             continue
         if _is_nested(field, hint):
-            add_options(parser, _strip_optional(hint), prefix=f"{prefix}{field.name}.", group=group)
+            add_options(parser, _strip_optional(hint), prefix=f"{prefix}{field.name}.", group=group,
+                        default_note=default_note)
             continue
         value = default(cls, field.name)
         if _is_model_field(hint):  # a second model (e.g. the base model): its source, as a string option
@@ -129,8 +132,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type, exclude: Iterable[st
                                           field.metadata.get("required", False)))
             continue
         names = [_flag(field)] + ([field.metadata["short"]] if field.metadata.get("short") else [])
-        kwargs: dict[str, Any] = {"dest": prefix + field.name,
-                                  "help": _help(field.metadata["help"], value, field.metadata.get("required", False)),
+        shown = _help(field.metadata["help"], value, field.metadata.get("required", False))
+        if prefix and default_note and value is not False:
+            shown = f"{field.metadata['help']} (default: {default_note})"
+        kwargs: dict[str, Any] = {"dest": prefix + field.name, "help": shown,
                                   "default": argparse.SUPPRESS}
         base = _strip_optional(hint)
         if base is bool:
@@ -142,10 +147,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type, exclude: Iterable[st
         else:
             kwargs["type"] = base if base in (int, float) else str
         choices = _choices(field)
-        if choices is not None:
-            kwargs["choices"] = choices
-        if field.metadata.get("metavar") or (choices is None and base is not bool):
-            kwargs["metavar"] = field.metadata.get("metavar") or field.name.upper()
+        if choices is not None:  # shown, and checked by the task class (one error text for the CLI and the app)
+            kwargs["help"] = f"{kwargs['help'][:-1]}; {'any' if 'nargs' in kwargs else 'one'} of: {', '.join(choices)})"
+        if base is not bool:
+            kwargs["metavar"] = field.metadata.get("metavar") or (
+                "{" + ",".join(choices) + "}" if choices is not None and "nargs" not in kwargs else field.name.upper())
         group.add_argument(*names, **kwargs)
 
 
@@ -188,9 +194,10 @@ def options_to_task(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
     return cls(**values)
 
 
-def option_values(cls: type, given: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def option_values(cls: type, given: Mapping[str, Any], prefix: str = "", partial: bool = False) -> dict[str, Any]:
     """{field: value} of the CLI fields of ``cls`` that were given (``given``: parsed options by dest), nested
-    settings and the shared model group rebuilt from their own options."""
+    settings and the shared model group rebuilt from their own options (``partial``: nested settings as a dict
+    of what was given, for a task that fills the rest from elsewhere, e.g. a preset)."""
     values: dict[str, Any] = {}
     for field, hint in cli_fields(cls):
         name = prefix + field.name
@@ -199,9 +206,9 @@ def option_values(cls: type, given: Mapping[str, Any], prefix: str = "") -> dict
             if changes:
                 values[field.name] = dataclasses.replace(default_model(field), **changes)
         elif _is_nested(field, hint):
-            inner = option_values(_strip_optional(hint), given, prefix=f"{name}.")
+            inner = option_values(_strip_optional(hint), given, prefix=f"{name}.", partial=partial)
             if inner:
-                values[field.name] = dataclasses.replace(default(cls, field.name), **inner)
+                values[field.name] = inner if partial else dataclasses.replace(default(cls, field.name), **inner)
         elif name in given:
             value = given[name]
             values[field.name] = tuple(value) if isinstance(value, list) else value

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from analysis.core.config import ConfigError, ModelConfig, to_jsonable
+from analysis.core.options import option
 
 #: the two arms a comparison runs (the attack as is, and SPF); every training defence of the registry
 #: (:mod:`analysis.lab.defences`) is a valid ``FinetuneConfig.method``
@@ -66,14 +67,21 @@ class SPFConfig:
     when min(d_out, d_in) <= 128, else "randomized").
     """
 
-    k: int = 8
-    refresh: int = 10
-    safety_batch: int = 4
-    mode: str = "conflict"
-    target: str = "gradient"
-    safety_loss: str = "refusal"
-    layers: str = "all"
-    kinds: str = "all"
+    k: int = option(8, flag="--k", help="SPF basis size k per module", minimum=1, maximum=4096)
+    refresh: int = option(10, help="recompute the safety basis every R optimizer steps", minimum=1)
+    safety_batch: int = option(4, help="refusal examples per basis computation (1 allowed)", minimum=1,
+                               maximum=4096)
+    mode: str = option("conflict", flag="--spf-mode", choices=SPF_MODES,
+                       help="conflict: drop the basis components that raise the safety loss; orthogonal: drop "
+                            "U_k U_k^T G (CERT-Lab 'orth'); same: keep only U_k U_k^T G (CERT-Lab 'same', control)")
+    target: str = option("gradient", flag="--spf-target", choices=SPF_TARGETS,
+                         help="project the gradient before the optimizer, or the optimizer's update")
+    safety_loss: str = option("refusal", choices=SAFETY_LOSSES, legacy=True,
+                              help="refusal CE, refusal CE minus affirmative-target CE (contrast), minus the "
+                                   "affirmative-target CE alone (compliance), or KL(p_aligned || p_theta) on the "
+                                   "refusals (kl)")
+    layers: str = option("all", flag="--spf-layers", help="layers whose modules SPF projects, e.g. 0-29 or all")
+    kinds: str = option("all", flag="--spf-kinds", help="module kinds SPF projects, e.g. q,v,down or all")
     regex: str | None = None
     svd: str = "auto"
     oversample: int = 8
@@ -134,45 +142,46 @@ class FinetuneConfig:
     master weights (``analysis.lab.loop.TrainingLoop``).
     """
 
-    model: ModelConfig | str = "default-aligned"
+    model: ModelConfig = option(ModelConfig(source="default-aligned"), help="the model to fine-tune")
     preset: str = "custom"
     method: str = "plain"
-    spf: SPFConfig = SPFConfig()
+    spf: SPFConfig = option(SPFConfig(), help="the safety signal and the SPF projection")
     train_data: str = "harmful_prefix"
     train_split: str | None = None
-    n_train: int | None = 10
+    n_train: int | None = option(10, help="training examples taken from the preset's data", minimum=1)
     system_prompt: str | None = None
     eval_system_prompt: str | None = None
-    lr: float = 5e-5
-    batch_size: int = 10
-    epochs: int = 5
-    max_steps: int | None = None
+    lr: float = option(5e-5, help="learning rate")
+    batch_size: int = option(10, help="examples per optimizer step", minimum=1, maximum=4096)
+    epochs: int = option(5, help="passes over the training examples", minimum=1, maximum=10_000)
+    max_steps: int | None = option(None, help="stop after this many optimizer steps", minimum=1)
     max_length: int = 256
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
-    trainable: str = "blocks"
-    n_last_layers: int = 8
+    trainable: str = option("blocks", choices=TRAINABLE,
+                            help="what trains: blocks, the last N layers, the blocks' linear weights, all, LoRA")
+    n_last_layers: int = option(8, flag="--last-layers", help="with --trainable last: how many layers", minimum=1)
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    seed: int = 0
-    eval_every: int = 5
-    gen_every: int = 0
+    seed: int = option(0, help="seed of the data order, the sampled examples and the SPF basis", minimum=0)
+    eval_every: int = option(5, help="NLL evaluation every this many steps", minimum=1)
+    gen_every: int = option(0, help="ASR by generation every this many steps (0: only at the start and end)",
+                            minimum=0)
     eval_harmful_per_category: int = 2
     n_eval_utility: int = 20
-    gen_harmful_per_category: int | None = None
+    gen_harmful_per_category: int | None = option(None, flag="--gen-per-category", minimum=1,
+                                                  help="harmful prompts per HEx-PHI category for ASR (off: all)")
     n_gen_benign: int | None = None
     gen_max_new_tokens: int = 48  # as evaluate.EvalConfig, so the initial ASR matches the safety page
     gen_batch_size: int = 32
     track_conflict: bool = True
     checkpoint_every: int = 25
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = option(False, run_id=False,
+                                          help="recompute activations in the backward (less memory, same numbers)")
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, str):
-            object.__setattr__(self, "model", ModelConfig(source=self.model))
-        if not isinstance(self.model, ModelConfig):
-            raise ConfigError(f"model must be a ModelConfig or a source string, got {type(self.model).__name__}")
+        object.__setattr__(self, "model", ModelConfig.coerce(self.model))
         if isinstance(self.spf, Mapping):
             object.__setattr__(self, "spf", SPFConfig(**self.spf))
         if not isinstance(self.spf, SPFConfig):

@@ -69,7 +69,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from analysis.core.config import ConfigError, ModelConfig, config_hash, to_jsonable
+from analysis.core.config import ConfigError, config_hash, to_jsonable
+from analysis.core.options import option, option_values
 from analysis.core.store import atomic_write_json, file_sha256, finite_or_none
 from analysis.core.tasks import Event, TaskContext, register_task
 from analysis.lab.config import (
@@ -304,14 +305,36 @@ class FinetuneTask:
     equal (seed, data, settings; the initial evaluation is shared). ``force``: retrain finished runs."""
 
     kind: ClassVar[str] = "finetune"
+    #: on the command line, the run's settings start from the chosen preset (--preset), not from the field defaults
+    cli_default_note: ClassVar[str] = "the preset's"
+
+    config: FinetuneConfig = option(default_factory=FinetuneConfig, help="the run's settings")
+    compare: bool = False  # --mode both
+    force: bool = option(False, run_id=False, help="retrain even if a finished run matches")
 
     @staticmethod
     def add_extra_options(parser: argparse.ArgumentParser) -> None:
-        add_arguments(parser, "finetune")  # options still written by hand (issue 18: to be generated from the fields)
+        """``--preset`` (the attack the settings start from), ``--mode`` (a training defence, or both arms) and
+        ``--list``: options of the command, not fields of a run."""
+        from analysis.lab.defences import get, training_names
+
+        group = parser.add_argument_group("attack and method")
+        group.add_argument("--preset", default="harmful-10", metavar="PRESET",
+                           help=f"the attack after Qi et al. (default: harmful-10; one of: {', '.join(PRESETS)})")
+        group.add_argument("--mode", default="both", metavar="METHOD",
+                           help="; ".join(f"{name}: {get(name).description}" for name in training_names())
+                           + f"; both: the arms {' and '.join(METHODS)} side by side (default: both)")
+        group.add_argument("--list", action="store_true", help="list stored fine-tuning runs and exit")
 
     @staticmethod
     def from_options(args: argparse.Namespace) -> FinetuneTask:
-        return task_from_args(args)
+        """The preset with the settings given on the command line (``--mode both``: a comparison of the arms)."""
+        if args.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {args.preset!r}: choose from {', '.join(PRESETS)}")
+        values = option_values(FinetuneConfig, vars(args), prefix="config.", partial=True)
+        values["method"] = METHODS[0] if args.mode == "both" else args.mode
+        return FinetuneTask(preset(args.preset, **values), compare=args.mode == "both",
+                            force=getattr(args, "force", False))
 
     @staticmethod
     def run_command(args: argparse.Namespace) -> int | None:
@@ -324,10 +347,6 @@ class FinetuneTask:
     @staticmethod
     def print_result(result: Mapping[str, Any]) -> None:
         print_finetune(result)
-
-    config: FinetuneConfig
-    compare: bool = False
-    force: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.config, Mapping):
@@ -378,72 +397,6 @@ class FinetuneTask:
         runs = {method: result.run_id for method, result in results.items()}
         return {"run_id": self.combined_id(runs), "runs": runs, "cached": {m: r.cached for m, r in results.items()},
                 "table": json.loads(table.to_json(orient="records"))}
-
-
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    from analysis.core.cli import add_device_map_argument
-
-    parser.add_argument("--model", default="default-aligned", help="default-aligned, default, tiny-llama, a folder")
-    parser.add_argument("--dtype", default="float32", help="model dtype: float32 (default), float64, bfloat16 "
-                        "(trained through float32 master weights)")
-    add_device_map_argument(parser)
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute activations in the backward (less memory, same numbers)")
-    parser.add_argument("--preset", default="harmful-10", choices=sorted(PRESETS))
-    from analysis.lab.defences import get, training_names
-
-    parser.add_argument("--mode", default="both", choices=(*training_names(), "both"),
-                        help="; ".join(get(name).description for name in training_names())
-                        + f"; both: the arms {' and '.join(METHODS)} side by side")
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--n-train", type=int, default=None)
-    parser.add_argument("--trainable", choices=TRAINABLE, default=None)
-    parser.add_argument("--last-layers", type=int, default=None, help="with --trainable last")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--k", type=int, default=None, help="SPF basis size")
-    parser.add_argument("--refresh", type=int, default=None, help="SPF basis refresh interval R (steps)")
-    parser.add_argument("--safety-batch", type=int, default=None)
-    parser.add_argument("--spf-mode", choices=SPF_MODES, default=None,
-                        help="conflict: drop the basis components that raise the safety loss; orthogonal: drop "
-                             "U_k U_k^T G (CERT-Lab 'orth'); same: keep only U_k U_k^T G (CERT-Lab 'same', control)")
-    parser.add_argument("--spf-target", choices=SPF_TARGETS, default=None)
-    parser.add_argument("--safety-loss", choices=SAFETY_LOSSES, default=None,
-                        help="refusal CE (default), refusal CE minus affirmative-target CE (contrast), minus the "
-                             "affirmative-target CE alone (compliance), or KL(p_aligned || p_theta) on the refusals (kl)")
-    parser.add_argument("--spf-layers", default=None)
-    parser.add_argument("--spf-kinds", default=None)
-    parser.add_argument("--eval-every", type=int, default=None)
-    parser.add_argument("--gen-every", type=int, default=None)
-    parser.add_argument("--gen-per-category", type=int, default=None, help="harmful prompts per category for ASR")
-    parser.add_argument("--force", action="store_true", help="retrain even if a finished run matches")
-    parser.add_argument("--list", action="store_true", help="list stored fine-tuning runs and exit")
-
-
-def task_from_args(args: argparse.Namespace) -> FinetuneTask:
-    """The task the command-line options describe (``--mode both``: a comparison of the two arms)."""
-    overrides: dict[str, Any] = {"model": ModelConfig(source=args.model, dtype=args.dtype, device_map=args.device_map),
-                                 "method": METHODS[0] if args.mode == "both" else args.mode, "seed": args.seed,
-                                 "gradient_checkpointing": args.gradient_checkpointing}
-    for field, attr in (("lr", "lr"), ("epochs", "epochs"), ("batch_size", "batch_size"), ("max_steps", "max_steps"),
-                        ("n_train", "n_train"), ("trainable", "trainable"), ("n_last_layers", "last_layers"),
-                        ("eval_every", "eval_every"), ("gen_every", "gen_every"),
-                        ("gen_harmful_per_category", "gen_per_category")):
-        value = getattr(args, attr)
-        if value is not None:
-            overrides[field] = value
-    spf = {}
-    for field, attr in (("k", "k"), ("refresh", "refresh"), ("safety_batch", "safety_batch"), ("mode", "spf_mode"),
-                        ("target", "spf_target"), ("safety_loss", "safety_loss"), ("layers", "spf_layers"),
-                        ("kinds", "spf_kinds")):
-        value = getattr(args, attr)
-        if value is not None:
-            spf[field] = value
-    if spf:
-        overrides["spf"] = spf
-    return FinetuneTask(preset(args.preset, **overrides), compare=args.mode == "both", force=args.force)
 
 
 def print_finetune(result: Mapping[str, Any]) -> None:

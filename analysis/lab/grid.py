@@ -32,7 +32,6 @@ id>/`` (``table.json``, ``table.csv``). Command line: ``python -m analysis defen
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from collections.abc import Mapping
@@ -42,13 +41,14 @@ from typing import Any, ClassVar
 import pandas as pd
 
 from analysis.core.config import ConfigError, ModelConfig, cache_dir, config_hash, to_jsonable
+from analysis.core.options import check_bounds, option
 from analysis.core.store import RunStore
 from analysis.core.tasks import TaskContext, register_task
 from analysis.lab.defences import UnknownDefence, get, variant, variants
 
 # DEFENCES and DEFAULT_DEFENCES come from __getattr__ (read from the registry)
 __all__ = ["DEFAULT_DEFENCES", "DEFENCES", "METRICS", "RUN_OVERRIDES", "TIERS",  # noqa: F822
-           "DefenceGridTask", "GridResult", "add_arguments", "defences_root", "load_grid", "stored_grids",
+           "DefenceGridTask", "GridResult", "defences_root", "load_grid", "stored_grids",
            "stored_rows"]
 
 FORMAT_VERSION = 1
@@ -92,14 +92,10 @@ def defences_root() -> Path:
     return cache_dir() / "defences"
 
 
-def _as_model(value: Any, name: str) -> ModelConfig:
-    if isinstance(value, (str, Path)):
-        return ModelConfig(source=str(value))
-    if isinstance(value, Mapping):
-        return ModelConfig(**value)
-    if not isinstance(value, ModelConfig):
-        raise ConfigError(f"{name} must be a ModelConfig or a source string")
-    return value
+def _tier_names() -> tuple[str, ...]:
+    from analysis.lab.config import PRESETS
+
+    return tuple(PRESETS)
 
 
 @register_task
@@ -114,39 +110,33 @@ class DefenceGridTask:
 
     kind: ClassVar[str] = "defences"
 
-    @staticmethod
-    def add_extra_options(parser: argparse.ArgumentParser) -> None:
-        add_arguments(parser, "defences")  # options still written by hand (issue 18: to be generated from the fields)
-
-    @staticmethod
-    def from_options(args: argparse.Namespace) -> DefenceGridTask:
-        return DefenceGridTask(
-            tiers=tuple(args.tiers), defences=tuple(args.defences), model=args.model, base=args.base, seed=args.seed,
-            n_harmful=args.n_harmful, n_benign=args.n_benign, max_new_tokens=args.max_new_tokens,
-            utility_max_new_tokens=args.utility_max_new_tokens)
+    tiers: tuple[str, ...] = option(TIERS, help="fine-tuning presets (Qi et al.'s tiers)", choices=_tier_names)
+    defences: tuple[str, ...] = option(default_factory=_default_defences, choices=lambda: tuple(variants()),
+                                       help="grid rows: the registered defences and their variants")
+    model: ModelConfig = option(ModelConfig(source="default-aligned"), flag="--model",
+                                help="the aligned model every run starts from")
+    base: ModelConfig = option(ModelConfig(source="default"), flag="--base",
+                               help="the model before alignment (Safe LoRA's V)")
+    seed: int = option(0, help="seed of every fine-tuning run and evaluation subsample")
+    n_harmful: int | None = option(22, help="harmful prompts evaluated per cell (off: the whole held-out split)",
+                                   minimum=1)
+    n_benign: int | None = option(16, help="benign-sensitive prompts per cell (off: the whole split)", minimum=1)
+    max_new_tokens: int = option(32, help="new tokens per safety answer", minimum=1, maximum=1024)
+    utility_max_new_tokens: int = option(64, help="new tokens per scored utility answer", minimum=1, maximum=1024)
+    safe_lora_threshold: float = option(0.5, help="Safe LoRA: project a module when cos(dW, P dW) is below this")
+    safe_lora_rank: int | None = option(8, help="Safe LoRA: alignment subspace size per module (off: all of V)",
+                                        minimum=1)
+    overrides: Mapping[str, Any] | None = None  # FinetuneConfig fields for every run (the web app, tests)
 
     @staticmethod
     def print_result(result: Mapping[str, Any]) -> None:
         print_grid(result)
 
-    tiers: tuple[str, ...] = TIERS
-    defences: tuple[str, ...] = dataclasses.field(default_factory=_default_defences)
-    model: ModelConfig = ModelConfig(source="default-aligned")
-    base: ModelConfig = ModelConfig(source="default")
-    seed: int = 0
-    n_harmful: int | None = 22
-    n_benign: int | None = 16
-    max_new_tokens: int = 32
-    utility_max_new_tokens: int = 64
-    safe_lora_threshold: float = 0.5
-    safe_lora_rank: int | None = 8
-    overrides: Mapping[str, Any] | None = None
-
     def __post_init__(self) -> None:
         from analysis.lab.config import PRESETS
 
-        object.__setattr__(self, "model", _as_model(self.model, "model"))
-        object.__setattr__(self, "base", _as_model(self.base, "base"))
+        object.__setattr__(self, "model", ModelConfig.coerce(self.model, "model"))
+        object.__setattr__(self, "base", ModelConfig.coerce(self.base, "base"))
         object.__setattr__(self, "tiers", tuple(self.tiers))
         object.__setattr__(self, "defences", tuple(self.defences))
         if not self.tiers or not self.defences:
@@ -166,6 +156,7 @@ class DefenceGridTask:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be an integer >= 1 or None")
+        check_bounds(self)
 
     # -- the cells ---------------------------------------------------------------------------------
     def finetune_config(self, tier: str, defence: str | None = None):
@@ -337,21 +328,6 @@ def stored_grids(root: str | Path | None = None) -> list[GridResult]:
 # --------------------------------------------------------------------------------------------------
 # python -m analysis defences
 # --------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    defaults = DefenceGridTask()
-    parser.add_argument("--tiers", nargs="+", default=list(TIERS), help="fine-tuning presets (Qi et al.'s tiers)")
-    known, default = tuple(variants()), _default_defences()
-    parser.add_argument("--defences", nargs="+", default=list(default),
-                        help=f"any of {', '.join(known)} (default: {' '.join(default)})")
-    parser.add_argument("--model", default="default-aligned", help="the aligned model every run starts from")
-    parser.add_argument("--base", default="default", help="the model before alignment (Safe LoRA's V)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--n-harmful", type=int, default=defaults.n_harmful)
-    parser.add_argument("--n-benign", type=int, default=defaults.n_benign)
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--utility-max-new-tokens", type=int, default=defaults.utility_max_new_tokens)
 
 
 def print_grid(result: Mapping[str, Any]) -> None:

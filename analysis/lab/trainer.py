@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from analysis.core.config import ConfigError, config_hash, to_jsonable
+from analysis.core.options import identity_values
 from analysis.core.store import atomic_write_json, finite_or_none
 from analysis.core.tasks import resolve_device
 from analysis.lab.config import FinetuneConfig, SPFConfig
@@ -43,25 +44,18 @@ from analysis.llm.models import input_device, place
 # --------------------------------------------------------------------------------------------------
 
 
-# SPF settings added after FORMAT_VERSION 1 enter the run hash only when they differ from their default, so
-# that stored runs keep their ids.
-_ADDED_SPF_FIELDS = {"safety_loss": "refusal"}
 
 
 def _hashed_config(config: FinetuneConfig) -> dict:
     """The config as hashed into the run id: SPF settings that cannot change the run's defence
     (``Defence.run_id_ignores``; plain: the projection-only ones) at their defaults, so such a run is reused
     when only they change."""
-    values = to_jsonable(config, placement=False)  # without the model's device_map: where, not what
-    values.pop("gradient_checkpointing", None)  # how the backward is computed, not what
-    spf = values["spf"]
+    values = identity_values(config)  # without how/where it runs (device_map, gradient checkpointing) and the
+    spf = values["spf"]  # legacy fields at their defaults (spf.safety_loss): see analysis.core.options
     ignored = training_defence(config.method).run_id_ignores
     if ignored:
         defaults = to_jsonable(SPFConfig())
         spf.update({key: defaults[key] for key in ignored})
-    for key, default in _ADDED_SPF_FIELDS.items():
-        if spf.get(key) == default:
-            del spf[key]
     return values
 
 
