@@ -39,12 +39,12 @@ with left:
                             key="widget.grid.defences")
     st.caption(" · ".join(f"**{name}**: {item.description}" for name, item in VARIANTS.items()))
 with right:
-    n_harmful = st.number_input("Harmful prompts evaluated (held-out split, seeded subsample)", 1, 88,
-                                grid.DefenceGridTask.n_harmful, key="widget.grid.n_harmful")
-    n_benign = st.number_input("Benign-sensitive prompts (over-refusal)", 1, 64, grid.DefenceGridTask.n_benign,
-                               key="widget.grid.n_benign")
-    max_new_tokens = st.number_input("New tokens per answer (safety)", 8, 512, grid.DefenceGridTask.max_new_tokens,
-                                     key="widget.grid.tokens")
+    Grid = grid.DefenceGridTask
+    n_harmful = common.setting_input(Grid, "n_harmful", "Harmful prompts evaluated (held-out split, seeded subsample)",
+                                     max_value=88)
+    n_benign = common.setting_input(Grid, "n_benign", "Benign-sensitive prompts (over-refusal)", max_value=64)
+    max_new_tokens = common.setting_input(Grid, "max_new_tokens", "New tokens per answer (safety)", min_value=8,
+                                          max_value=512)
 try:
     task = grid.DefenceGridTask(model=source, base=base, tiers=tuple(tiers), defences=tuple(chosen), n_harmful=int(n_harmful),
                                 n_benign=int(n_benign), max_new_tokens=int(max_new_tokens))
