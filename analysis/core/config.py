@@ -61,6 +61,22 @@ def config_hash(value: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def package_versions(packages: tuple[str, ...] = ("torch", "transformers", "numpy", "scipy", "safetensors",
+                                                 "scikit-learn")) -> dict[str, str]:
+    """{"python": version, package: installed version} for the packages that are installed (manifests record
+    it, so a result can be traced to the software that computed it)."""
+    import importlib.metadata
+    import platform
+
+    versions = {"python": platform.python_version()}
+    for package in packages:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
 DTYPES = ("float32", "float64", "bfloat16")
 #: Values of :attr:`ModelConfig.device_map` (accelerate's strategies; "auto" = "balanced").
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")

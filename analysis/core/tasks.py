@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["TASKS", "Cancelled", "CancelToken", "Event", "Task", "TaskContext", "register_task", "resolve_device"]
+__all__ = ["TASKS", "Cancel", "Cancelled", "CancelToken", "Event", "Progress", "Task", "TaskContext", "register_task", "resolve_device"]
 
 DEVICES_HELP = "'auto' (a GPU if there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'"
 
@@ -30,6 +30,13 @@ class Cancelled(RuntimeError):
     def __init__(self, message: str = "cancelled", run_id: str = ""):
         super().__init__(message)
         self.run_id = run_id
+
+
+#: The plain callbacks of building blocks that also run inside other tasks (generation, NLLs, conversion):
+#: ``progress(fraction in [0, 1], message)`` (``TaskContext.report`` fits) and ``cancel() -> True: stop``
+#: (``lambda: ctx.cancelled``).
+Progress = Callable[[float, str], None]
+Cancel = Callable[[], bool]
 
 
 @dataclasses.dataclass(frozen=True)

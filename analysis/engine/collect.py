@@ -28,10 +28,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import importlib.metadata
 import json
 import os
-import platform
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -41,7 +39,7 @@ import numpy as np
 import torch
 
 from analysis.core import distributed as group
-from analysis.core.config import ConfigError, config_hash, to_jsonable
+from analysis.core.config import ConfigError, config_hash, package_versions, to_jsonable
 from analysis.core.store import RunWriter, StoreError, finite_or_none, json_default
 from analysis.core.tasks import TaskContext, resolve_device
 from analysis.engine import geometry as geo
@@ -164,7 +162,7 @@ def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store
             "curve_modules": [m.name for m in modules if m.name in curves],
             "n_batches": len(_plan_batches(config)),
             "projection": describe(config.projection_dim, config.seed, modules),
-            "versions": _versions(),
+            "versions": {**package_versions(), "engine": str(ENGINE_VERSION)},
             "engine": ENGINE_VERSION,
         }
         writer = store.open_run(run_id, manifest)
@@ -247,16 +245,6 @@ def _plan_batches(config: CollectionConfig) -> list[_Batch]:
 def _factor_dtype(model) -> torch.dtype:
     dtype = next(model.parameters()).dtype
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "engine": str(ENGINE_VERSION)}
-    for package in ("torch", "transformers", "numpy", "scipy", "safetensors", "scikit-learn"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 def _plain(value: Any) -> Any:

@@ -20,7 +20,7 @@ SPF_TARGETS = ("gradient", "update")
 SAFETY_LOSSES = ("refusal", "contrast", "compliance", "kl")
 SVD_METHODS = ("randomized", "lowrank", "exact", "auto")
 TRAINABLE = ("blocks", "last", "linear", "all", "lora")
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd")  # analysis.lab.loop.TrainingLoop
 
 
 def __getattr__(name: str) -> Any:

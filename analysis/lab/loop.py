@@ -23,8 +23,8 @@ from torch import nn
 
 from analysis.core.store import atomic_save_arrays, json_default
 from analysis.core.tasks import Cancelled
+from analysis.lab.config import OPTIMIZERS
 
-OPTIMIZERS = ("adamw", "sgd")
 #: Parameter dtypes trained through float32 master weights.
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 SCHEDULES = ("constant", "warmup-linear")

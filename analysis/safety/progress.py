@@ -7,14 +7,9 @@ callables rather than a :class:`~analysis.core.tasks.TaskContext`; a task passes
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from analysis.core.tasks import Cancelled
+from analysis.core.tasks import Cancel, Cancelled, Progress
 
 __all__ = ["Cancel", "EvalCancelled", "Progress", "check_cancel", "report"]
-
-Progress = Callable[[float, str], None]  # (fraction done in [0, 1], message)
-Cancel = Callable[[], bool]  # True: stop at the next check
 
 
 class EvalCancelled(Cancelled):
