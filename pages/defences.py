@@ -45,9 +45,14 @@ with right:
     n_benign = common.setting_input(Grid, "n_benign", "Benign-sensitive prompts (over-refusal)", max_value=64)
     max_new_tokens = common.setting_input(Grid, "max_new_tokens", "New tokens per answer (safety)", min_value=8,
                                           max_value=512)
+    seeds_text = st.text_input("Training seeds (comma-separated)", value=str(Grid.seed), key="widget.grid.seeds",
+                               help="each tier x defence x seed is a fine-tuning run of its own; the evaluation "
+                                    "prompts are those of the first seed, so the seeds are paired on them")
 try:
+    seeds = common.parse_seeds(seeds_text)
     task = grid.DefenceGridTask(model=source, base=base, tiers=tuple(tiers), defences=tuple(chosen), n_harmful=int(n_harmful),
-                                n_benign=int(n_benign), max_new_tokens=int(max_new_tokens))
+                                n_benign=int(n_benign), max_new_tokens=int(max_new_tokens), seed=seeds[0],
+                                seeds=seeds if len(seeds) > 1 else None)
     run_id = task.run_id()
 except InputError as error:
     st.error(str(error))

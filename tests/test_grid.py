@@ -41,6 +41,23 @@ def grid(model: str, **values) -> DefenceGridTask:
                               "max_new_tokens": 4, "utility_max_new_tokens": 4, "overrides": FAST, **values})
 
 
+def test_each_seed_is_a_run_of_its_own_and_the_evaluation_prompts_are_shared(tiny_aligned):
+    task = grid(tiny_aligned, tiers=("harmful-10",), defences=("none", "plain"), seed=0, seeds=(0, 1))
+    assert task.cells() == [("harmful-10", "none", 0), ("harmful-10", "plain", 0), ("harmful-10", "plain", 1)]
+    assert task.run_id() != grid(tiny_aligned, tiers=("harmful-10",), defences=("none", "plain")).run_id()
+    assert grid(tiny_aligned, seeds=None).run_id() == grid(tiny_aligned).run_id()  # a legacy field: ids kept
+    rows = run_grid(task).rows
+    plain = [row for row in rows if row["defence"] == "plain"]
+    assert [row["seed"] for row in plain] == [0, 1]
+    assert plain[0]["finetune_run"] != plain[1]["finetune_run"]  # two seeds, two fine-tuning runs
+    assert plain[0]["eval_run"] != plain[1]["eval_run"]
+    from analysis.lab.finetune import load_finetune_run
+
+    assert [load_finetune_run(row["finetune_run"]).config["seed"] for row in plain] == [0, 1]
+    with pytest.raises(ConfigError, match="seeds must be distinct"):
+        grid(tiny_aligned, seeds=(1, 1))
+
+
 def test_the_grid_trains_defends_and_evaluates_every_cell_then_reuses_them(tiny_aligned, tmp_path):
     from analysis.__main__ import main
     from analysis.lab.finetune import finetune_root
@@ -51,7 +68,7 @@ def test_the_grid_trains_defends_and_evaluates_every_cell_then_reuses_them(tiny_
     result = run_grid(task)
     assert stored_rows(task) == result.rows  # every cell is found without training or evaluating
     table = result.table
-    assert list(zip(table.tier, table.defence)) == task.cells()
+    assert list(zip(table.tier, table.defence, table.seed)) == task.cells()
     assert set(METRICS) <= set(table.columns)
     assert table.asr.between(0, 1).all() and table.utility_nll.gt(0).all()
     rows = {(r["tier"], r["defence"]): r for r in result.rows}

@@ -435,3 +435,16 @@ def setting_input(task_class: type, name: str, label: str, remember: bool = Fals
     if remember:
         return remembered_widget(key, st.number_input, label, value=value, **kwargs)
     return st.number_input(label, value=value, key=key, **kwargs)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """"0, 1, 2" -> (0, 1, 2); ConfigError naming the field for anything else (empty, negative, repeated)."""
+    from analysis.core.config import ConfigError
+
+    try:
+        seeds = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ConfigError(f"seeds {text!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds {text!r}: give distinct whole numbers >= 0, e.g. 0,1,2")
+    return seeds

@@ -30,7 +30,8 @@ from typing import Any
 from analysis.core.config import ConfigError, ModelConfig, to_jsonable
 
 __all__ = ["add_options", "check_bounds", "cli_fields", "default", "identity_values", "legacy_fields", "option",
-           "option_values", "options_to_task", "run_options"]
+           "option_values", "options_to_task", "run_options",
+           "without_legacy_defaults"]
 
 _MISSING = dataclasses.MISSING
 
@@ -140,10 +141,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type, exclude: Iterable[st
         base = _strip_optional(hint)
         if base is bool:
             kwargs["action"] = "store_true" if value is False else argparse.BooleanOptionalAction
-        elif typing.get_origin(base) is tuple:
+        elif typing.get_origin(base) is tuple:  # "--seeds 0 1 2" or "--seeds 0,1,2"
             kwargs["nargs"] = "+"
-            inner = (typing.get_args(base) or (str,))[0]
-            kwargs["type"] = inner if inner in (int, float) else str
+            kwargs["type"] = _list_of((typing.get_args(base) or (str,))[0])
         else:
             kwargs["type"] = base if base in (int, float) else str
         choices = _choices(field)
@@ -153,6 +153,19 @@ def add_options(parser: argparse.ArgumentParser, cls: type, exclude: Iterable[st
             kwargs["metavar"] = field.metadata.get("metavar") or (
                 "{" + ",".join(choices) + "}" if choices is not None and "nargs" not in kwargs else field.name.upper())
         group.add_argument(*names, **kwargs)
+
+
+def _list_of(inner: Any) -> Callable[[str], list]:
+    """argparse type of one item of a tuple option: "0,1,2" -> [0, 1, 2] (ints/floats converted)."""
+    convert = inner if inner in (int, float) else str
+
+    def parse(text: str) -> list:
+        try:
+            return [convert(item.strip()) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a list of {convert.__name__}s") from None
+
+    return parse
 
 
 def _add_model_group(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
@@ -211,7 +224,9 @@ def option_values(cls: type, given: Mapping[str, Any], prefix: str = "", partial
                 values[field.name] = inner if partial else dataclasses.replace(default(cls, field.name), **inner)
         elif name in given:
             value = given[name]
-            values[field.name] = tuple(value) if isinstance(value, list) else value
+            if isinstance(value, list):  # nargs="+": each item may itself be a comma-separated list
+                value = tuple(item for part in value for item in (part if isinstance(part, list) else [part]))
+            values[field.name] = value
     return values
 
 
@@ -240,8 +255,13 @@ def check_bounds(task: Any) -> None:
 def identity_values(task: Any) -> dict:
     """The task's settings as a run id hashes them: JSON-able, without ``run_id=False`` fields (recursively,
     so a model's device_map is left out), and without ``legacy`` fields that hold their default."""
-    values = to_jsonable(task, placement=False)
-    _drop_legacy(task, values)
+    return without_legacy_defaults(task, to_jsonable(task, placement=False))
+
+
+def without_legacy_defaults(obj: Any, values: dict) -> dict:
+    """``values`` (the JSON of dataclass ``obj``) without its ``legacy`` fields that hold their default (in
+    nested settings too); returns ``values``, changed in place."""
+    _drop_legacy(obj, values)
     return values
 
 

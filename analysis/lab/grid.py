@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import pandas as pd
 
 from analysis.core.config import ConfigError, ModelConfig, cache_dir, config_hash, to_jsonable
-from analysis.core.options import check_bounds, option
+from analysis.core.options import check_bounds, option, without_legacy_defaults
 from analysis.core.store import RunStore
 from analysis.core.tasks import TaskContext, register_task
 from analysis.lab.defences import UnknownDefence, get, variant, variants
@@ -118,6 +118,10 @@ class DefenceGridTask:
     base: ModelConfig = option(ModelConfig(source="default"), flag="--base",
                                help="the model before alignment (Safe LoRA's V)")
     seed: int = option(0, help="seed of every fine-tuning run and evaluation subsample")
+    seeds: tuple[int, ...] | None = option(None, legacy=True, metavar="SEED",
+                                           help="several training seeds: each tier x defence x seed is a run of its "
+                                                "own (stored and reused); the evaluation prompts stay those of "
+                                                "--seed, so seeds are paired on them (off: --seed alone)")
     n_harmful: int | None = option(22, help="harmful prompts evaluated per cell (off: the whole held-out split)",
                                    minimum=1)
     n_benign: int | None = option(16, help="benign-sensitive prompts per cell (off: the whole split)", minimum=1)
@@ -156,20 +160,33 @@ class DefenceGridTask:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be an integer >= 1 or None")
+        if self.seeds is not None:
+            seeds = tuple(self.seeds)
+            if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) \
+                    or len(set(seeds)) != len(seeds):
+                raise ConfigError(f"seeds must be distinct integers >= 0, got {self.seeds!r}")
+            object.__setattr__(self, "seeds", seeds)
         check_bounds(self)
 
+    @property
+    def training_seeds(self) -> tuple[int, ...]:
+        """The seeds of the fine-tuning runs: ``seeds``, or ``seed`` alone."""
+        return self.seeds if self.seeds is not None else (self.seed,)
+
     # -- the cells ---------------------------------------------------------------------------------
-    def finetune_config(self, tier: str, defence: str | None = None):
+    def finetune_config(self, tier: str, defence: str | None = None, seed: int | None = None):
         """The FinetuneConfig of a cell's fine-tuning run: the tier's preset with :data:`RUN_OVERRIDES`, the
         task's ``overrides`` and the variant's method and settings (None: the undefended attack, the variant
-        whose role is "attack"). ConfigError for a variant without a fine-tuning run."""
+        whose role is "attack"), trained with ``seed`` (None: the task's ``seed``). ConfigError for a variant
+        without a fine-tuning run."""
         from analysis.lab.config import preset
 
         known = variants()
         item = variant(defence) if defence is not None else next(v for v in known.values() if v.role == "attack")
         if not item.trains:
             raise ConfigError(f"defence {item.name!r} has no fine-tuning run")
-        values = {"model": self.model, "seed": self.seed, **RUN_OVERRIDES, **(self.overrides or {})}
+        values = {"model": self.model, "seed": self.seed if seed is None else seed, **RUN_OVERRIDES,
+                  **(self.overrides or {})}
         for name, value in {"method": item.method, **item.settings}.items():  # the variant's settings win;
             nested = isinstance(value, Mapping) and isinstance(values.get(name), Mapping)  # e.g. spf: merged
             values[name] = {**values[name], **value} if nested else value
@@ -184,13 +201,15 @@ class DefenceGridTask:
                           max_new_tokens=self.max_new_tokens, utility_max_new_tokens=self.utility_max_new_tokens,
                           system_prompt=preset(tier).eval_system_prompt)
 
-    def cells(self) -> list[tuple[str, str]]:
-        return [(tier, defence) for tier in self.tiers for defence in self.defences]
+    def cells(self) -> list[tuple[str, str, int]]:
+        """(tier, defence, seed) of every row; a defence without training has one row per tier (seed: ``seed``)."""
+        return [(tier, defence, seed) for tier in self.tiers for defence in self.defences
+                for seed in (self.training_seeds if variant(defence).trains else (self.seed,))]
 
     def n_runs(self) -> int:
         """How many distinct fine-tuning runs the cells need (cells with the same run share it)."""
-        return len({(tier, _run_key(self.finetune_config(tier, defence))) for tier, defence in self.cells()
-                    if variant(defence).trains})
+        return len({(tier, _run_key(self.finetune_config(tier, defence, seed))) for tier, defence, seed
+                    in self.cells() if variant(defence).trains})
 
     def run_id(self) -> str:
         """Hash of the settings, the two models' identities and the shipped data (no model loaded)."""
@@ -198,7 +217,8 @@ class DefenceGridTask:
         from analysis.llm.models import model_identity
 
         data = {tier: load_data(self.finetune_config(tier)).fingerprints for tier in self.tiers}
-        return config_hash({"format": FORMAT_VERSION, "task": to_jsonable(self), "data": data,
+        return config_hash({"format": FORMAT_VERSION, "task": without_legacy_defaults(self, to_jsonable(self)),
+                            "data": data,
                             "model": model_identity(self.model), "base": model_identity(self.base)})
 
     def execute(self, ctx: TaskContext) -> dict:
@@ -222,7 +242,7 @@ def _run_key(config) -> str:
     return config_hash(to_jsonable(config, placement=False))
 
 
-def _cell(task: DefenceGridTask, tier: str, defence: str, runs: dict[str, Any], *, compute: bool,
+def _cell(task: DefenceGridTask, tier: str, defence: str, seed: int, runs: dict[str, Any], *, compute: bool,
           ctx: TaskContext, low: float = 0.0, high: float = 1.0,
           finetune_root: str | Path | None = None) -> dict | None:
     """One row of the table: the cell's run (trained, or only looked up when not ``compute``; ``runs``: the
@@ -234,11 +254,12 @@ def _cell(task: DefenceGridTask, tier: str, defence: str, runs: dict[str, Any], 
     from analysis.safety.evaluate import evaluate, stored_evaluation
 
     middle = (low + high) / 2
-    row: dict[str, Any] = {"tier": tier, "defence": defence, "finetune_run": None, "train_seconds": None}
+    row: dict[str, Any] = {"tier": tier, "defence": defence, "seed": seed, "finetune_run": None,
+                           "train_seconds": None}
     model = task.model
     item = variant(defence)
     if item.trains:
-        config = task.finetune_config(tier, defence)
+        config = task.finetune_config(tier, defence, seed)
         key = _run_key(config)
         run = runs.get(key)
         if run is None and compute:
@@ -283,14 +304,14 @@ def run_grid(task: DefenceGridTask, ctx: TaskContext | None = None, *, finetune_
     cells = task.cells()
     rows: list[dict] = []
     runs: dict[str, Any] = {}
-    for index, (tier, defence) in enumerate(cells):
-        ctx.check_cancel(f"cancelled before {tier} / {defence}", run_id)
+    for index, (tier, defence, seed) in enumerate(cells):
+        ctx.check_cancel(f"cancelled before {tier} / {defence} / seed {seed}", run_id)
         low, high = index / len(cells), (index + 1) / len(cells)
-        row = _cell(task, tier, defence, runs, compute=True, ctx=ctx, low=low, high=high,
+        row = _cell(task, tier, defence, seed, runs, compute=True, ctx=ctx, low=low, high=high,
                     finetune_root=finetune_root)
         rows.append(row)
-        ctx.report(high, f"{tier} / {defence}: ASR {row['asr']:.0%}", live={"rows": rows})
-    key = {"format": FORMAT_VERSION, "task": to_jsonable(task)}
+        ctx.report(high, f"{tier} / {defence} / seed {seed}: ASR {row['asr']:.0%}", live={"rows": rows})
+    key = {"format": FORMAT_VERSION, "task": without_legacy_defaults(task, to_jsonable(task))}
     store.delete(run_id)
     with store.open_run(run_id, {"kind": task.kind, "config": key,
                                  "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) as writer:
@@ -303,8 +324,8 @@ def stored_rows(task: DefenceGridTask, *, finetune_root: str | Path | None = Non
     """The rows of the cells whose run, defended model and evaluation are all stored already (nothing is
     trained or evaluated; cheap: no model is loaded), in the grid's order."""
     runs: dict[str, Any] = {}
-    rows = [_cell(task, tier, defence, runs, compute=False, ctx=TaskContext(), finetune_root=finetune_root)
-            for tier, defence in task.cells()]
+    rows = [_cell(task, tier, defence, seed, runs, compute=False, ctx=TaskContext(), finetune_root=finetune_root)
+            for tier, defence, seed in task.cells()]
     return [row for row in rows if row is not None]
 
 
