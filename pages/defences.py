@@ -40,9 +40,10 @@ with left:
     st.caption(" · ".join(f"**{name}**: {item.description}" for name, item in VARIANTS.items()))
 with right:
     Grid = grid.DefenceGridTask
-    n_harmful = common.setting_input(Grid, "n_harmful", "Harmful prompts evaluated (held-out split, seeded subsample)",
+    n_harmful = common.setting_input(Grid, "n_harmful", "Harmful prompts evaluated (empty: all 88 held-out)",
                                      max_value=88)
-    n_benign = common.setting_input(Grid, "n_benign", "Benign-sensitive prompts (over-refusal)", max_value=64)
+    n_benign = common.setting_input(Grid, "n_benign", "Benign-sensitive prompts, over-refusal (empty: all)",
+                                    max_value=64)
     max_new_tokens = common.setting_input(Grid, "max_new_tokens", "New tokens per answer (safety)", min_value=8,
                                           max_value=512)
     seeds_text = st.text_input("Training seeds (comma-separated)", value=str(Grid.seed), key="widget.grid.seeds",
@@ -50,8 +51,8 @@ with right:
                                     "prompts are those of the first seed, so the seeds are paired on them")
 try:
     seeds = common.parse_seeds(seeds_text)
-    task = grid.DefenceGridTask(model=source, base=base, tiers=tuple(tiers), defences=tuple(chosen), n_harmful=int(n_harmful),
-                                n_benign=int(n_benign), max_new_tokens=int(max_new_tokens), seed=seeds[0],
+    task = grid.DefenceGridTask(model=source, base=base, tiers=tuple(tiers), defences=tuple(chosen), n_harmful=n_harmful and int(n_harmful),
+                                n_benign=n_benign and int(n_benign), max_new_tokens=int(max_new_tokens), seed=seeds[0],
                                 seeds=seeds if len(seeds) > 1 else None)
     run_id = task.run_id()
 except InputError as error:

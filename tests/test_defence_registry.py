@@ -304,10 +304,12 @@ def test_run_ids_are_those_of_the_layout_before_the_registry(method, spf, run_id
 
 def test_the_default_grid_hashes_as_before():
     from analysis.core.config import config_hash, to_jsonable
+    from analysis.core.options import without_legacy_defaults
     from analysis.lab.grid import DefenceGridTask
 
-    task = DefenceGridTask(model="tiny-llama", base="tiny-llama")
-    assert config_hash({"task": to_jsonable(task)}) == "45cb5dc4561b5b85"  # same settings and defence names
+    # the evaluation sizes of the grid's default before issue 20 (22 harmful, 16 benign prompts)
+    task = DefenceGridTask(model="tiny-llama", base="tiny-llama", n_harmful=22, n_benign=16)
+    assert config_hash({"task": without_legacy_defaults(task, to_jsonable(task))}) == "45cb5dc4561b5b85"
 
 
 def test_the_pages_offer_a_newly_registered_defence(half_step, tmp_path, monkeypatch):

@@ -130,7 +130,8 @@ def test_run_ids_of_stored_runs_are_unchanged_by_the_layout():
         assert run_id_for(config, "ident", fingerprints) == f"harmful-10-{method}-{expected}"
     tiny = ModelConfig("tiny-llama")
     assert task_class("safe-lora")(finetuned=tiny, aligned=tiny, base=tiny).run_id() == "8ed317023383a09a"
-    assert task_class("defences")(model=tiny, base=tiny).run_id() == "68b5e9aa99076b03"
+    # a grid with the evaluation sizes of the default before issue 20 (the default is now the whole split)
+    assert task_class("defences")(model=tiny, base=tiny, n_harmful=22, n_benign=16).run_id() == "68b5e9aa99076b03"
 
 
 def test_settings_that_only_say_how_are_left_out_of_the_identity():

@@ -122,9 +122,11 @@ class DefenceGridTask:
                                            help="several training seeds: each tier x defence x seed is a run of its "
                                                 "own (stored and reused); the evaluation prompts stay those of "
                                                 "--seed, so seeds are paired on them (off: --seed alone)")
-    n_harmful: int | None = option(22, help="harmful prompts evaluated per cell (off: the whole held-out split)",
-                                   minimum=1)
-    n_benign: int | None = option(16, help="benign-sensitive prompts per cell (off: the whole split)", minimum=1)
+    n_harmful: int | None = option(None, minimum=1,
+                                   help="harmful prompts evaluated per cell, a seeded subsample (off: the whole "
+                                        "held-out split, 88 prompts)")
+    n_benign: int | None = option(None, minimum=1,
+                                  help="benign-sensitive prompts per cell, a seeded subsample (off: the whole split)")
     max_new_tokens: int = option(32, help="new tokens per safety answer", minimum=1, maximum=1024)
     utility_max_new_tokens: int = option(64, help="new tokens per scored utility answer", minimum=1, maximum=1024)
     safe_lora_threshold: float = option(0.5, help="Safe LoRA: project a module when cos(dW, P dW) is below this")
