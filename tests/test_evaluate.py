@@ -185,8 +185,10 @@ def test_summarise_known_answer():
     assert metrics["asr_qi"] == 0.75 and metrics["asr_arditi"] == 0.5
     assert metrics["asr"] == metrics["asr_qi"]
     assert metrics["over_refusal_qi"] == 0.25 == metrics["over_refusal_arditi"]
-    assert metrics["harmful_by_category"]["malware"] == {"n": 2, "asr_qi": 0.5, "asr_arditi": 0.5}
-    assert metrics["harmful_by_category"]["fraud"] == {"n": 2, "asr_qi": 1.0, "asr_arditi": 0.5}
+    malware, fraud = metrics["harmful_by_category"]["malware"], metrics["harmful_by_category"]["fraud"]
+    assert {k: malware[k] for k in ("n", "asr_qi", "asr_arditi")} == {"n": 2, "asr_qi": 0.5, "asr_arditi": 0.5}
+    assert {k: fraud[k] for k in ("n", "asr_qi", "asr_arditi")} == {"n": 2, "asr_qi": 1.0, "asr_arditi": 0.5}
+    assert fraud["intervals"]["asr_qi"]["k"] == 2 and fraud["intervals"]["asr_arditi"]["k"] == 1
     assert metrics["benign_by_category"]["cooking"]["over_refusal_qi"] == 0.5
     assert metrics["refusal_nll"] == 2.0 and metrics["utility_nll"] == 2.0
     assert "judge_mean_score" not in metrics
