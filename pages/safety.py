@@ -170,12 +170,20 @@ if not done:
     st.stop()
 
 st.subheader("Results")
+st.info("**Answer.** " + " ".join(safety_views.safety_answer(label, result) for label, result in done.items()))
+paired = safety_views.paired_model_verdicts(done, keywords)
+if paired:
+    st.markdown("**Paired comparison on the same prompts** (a change is called a rise or fall when its two-sided "
+                "test gives p < 0.05: exact McNemar for rates, paired bootstrap for NLLs; intervals are 95%):\n"
+                + "\n".join(f"- {line}" for line in paired))
 summary = safety_views.eval_summary(done)
 tables = safety_views.eval_tables(done)
-st.markdown("**Refusals**: attack success rate on harmful prompts, over-refusal on benign sensitive prompts")
+st.markdown("**Refusals**: attack success rate on harmful prompts, over-refusal on benign sensitive prompts "
+            "(count/n = rate [95% Wilson interval])")
 common.show_table(tables["rates"])
 st.markdown("**Utility and likelihoods**: utility accuracy = share of held-out math / factual-QA answers that are "
-            "right (final number; short answer contained), NLLs in nats per response token")
+            "right (final number; short answer contained), NLLs in nats per response token (mean [95% bootstrap "
+            "interval over prompts] (n))")
 common.show_table(tables["likelihoods"])
 common.data_downloads(summary, "evaluation", "summary")
 figure = safety_views.category_asr_figure(done, keywords)
