@@ -22,7 +22,7 @@ from analysis.core.stats import bootstrap_mean, format_interval, format_rate, ra
 from analysis.core.store import RunStore, StoreError, finite_or_none
 from analysis.safety.keywords import KEYWORD_LISTS
 
-__all__ = ["EVAL_FORMAT_VERSION", "EvalResult", "evals_store", "format_report", "format_seconds", "interval_of", "load_evaluation",
+__all__ = ["EVAL_FORMAT_VERSION", "EvalResult", "evals_store", "format_report", "format_seconds", "interval_of", "load_evaluation", "load_evaluations",
            "mean_text", "metric_intervals", "rate_text", "save_evaluation", "summarise"]
 
 #: Bumped when stored evaluations can no longer be read or compared (2: one run folder per run id).
@@ -255,6 +255,18 @@ def load_evaluation(store: RunStore, run_id: str, manifest: dict | None = None) 
     return EvalResult(model=manifest["model"], config=manifest["config"], run_id=run_id, records=records,
                       nll=dict(nll), nll_ids=manifest["nll_ids"], metrics=metrics,
                       seconds=manifest["seconds"], created=manifest["created"], cached=True, folder=folder)
+
+
+def load_evaluations(run_ids, store: RunStore | None = None) -> dict[str, EvalResult]:
+    """{run id: its stored evaluation} for the ids that are stored complete (others are left out)."""
+    store = store if store is not None else evals_store()
+    out = {}
+    for run_id in dict.fromkeys(r for r in run_ids if r):
+        try:
+            out[run_id] = load_evaluation(store, run_id)
+        except (StoreError, KeyError, OSError, ValueError):
+            continue
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
