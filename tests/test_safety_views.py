@@ -101,3 +101,23 @@ def test_safety_answer_and_paired_model_verdicts():
     assert lines[0].startswith("aligned -> tuned: ASR rose by 41 points [+") and "p < 0.001" in lines[0]
     assert lines[1].startswith("aligned -> tuned: no detectable change in over-refusal")
     assert safety_views.eval_tables({"a": aligned})["likelihoods"]["time"].tolist() == ["20 min 41 s"]
+
+
+def test_finetune_paired_verdicts_read_the_runs_stored_records():
+    import types
+
+    def records(answered, n=40):
+        return [{"set": "harmful", "id": f"h{i}", "refused_qi": i >= answered, "refused_arditi": i >= answered}
+                for i in range(n)] + [{"set": "benign", "id": "b0", "refused_qi": False, "refused_arditi": False}]
+
+    def run(method, final_answered):
+        return types.SimpleNamespace(method=method, config={"method": method, "spf": {"refresh": 10}},
+                                     evals=[{"step": 0, "final": False, "records": records(2)},
+                                            {"step": 5, "final": True, "records": records(final_answered)}])
+
+    lines = safety_views.finetune_paired_verdicts({"plain": run("plain", 38), "pcgrad": run("pcgrad", 3)})
+    assert lines[0].startswith("**plain fine-tuning**, after vs before: ASR rose by 90 points [+")
+    assert "p < 0.001 (McNemar exact), 40 prompts" in lines[0]
+    assert lines[1].startswith("**PCGrad") and "after vs before: no detectable change in ASR: +2 points" in lines[1]
+    assert "vs plain fine-tuning: ASR fell by 88 points" in lines[2]
+    assert safety_views.finetune_paired_verdicts({"x": types.SimpleNamespace(evals=[])}) == []

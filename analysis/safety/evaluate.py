@@ -43,7 +43,15 @@ from analysis.llm.formatting import pad_rows, with_system
 from analysis.safety.accuracy import answer_correct, gold_answer
 from analysis.safety.generation import generate, generate_ids
 from analysis.safety.guard import GuardConfig, guard_labels
-from analysis.safety.judge import JUDGE_RUBRICS, JudgeConfig, build_judge_messages, judge_scores, parse_judge_score
+from analysis.safety.judge import (
+    JUDGE_RUBRICS,
+    JudgeConfig,
+    build_judge_messages,
+    check_judge_reachable,
+    judge_results,
+    judge_scores,
+    parse_judge_score,
+)
 from analysis.safety.keywords import (
     ARDITI_KEYWORDS,
     KEYWORD_LISTS,
@@ -322,14 +330,26 @@ def evaluate(config: EvalConfig, ctx: TaskContext | None = None, model=None, sto
                             "are not read; evaluating again (delete those folders to free the space)")
         for message in messages:
             ctx.report(0.0, message)
-        if model is None:
-            ctx.report(0.0, f"loading the model {config.model.source}")
-            model = load_model(config.model)
+        if config.judge is not None:  # a judge that is down costs seconds here, not an evaluation
+            ctx.report(0.0, f"checking that the judge at {config.judge.base_url} answers")
+            check_judge_reachable(config.judge)
+        partial = _read_partial(store, run_id, key) if ranks is None and use_cache else None
         start = time.perf_counter()
         try:
-            records = _generate_records(config, ctx, model, sets, device, ranks)
-            generated = True
-            result = _compute(config, ctx, model, sets, key, run_id, records, device, start)
+            if partial is not None:  # generated, scored by keywords and NLLs already: only the judge is left
+                ctx.report(0.95, "resuming at the judge: generations and NLLs read from the stored partial run")
+                result = _judged(config, ctx, partial["model"], sets, key, run_id, partial["records"],
+                                 {k: np.asarray(v, dtype=np.float64) for k, v in partial["nll"].items()},
+                                 time.perf_counter() - partial["seconds"])
+            else:
+                if model is None:
+                    ctx.report(0.0, f"loading the model {config.model.source}")
+                    model = load_model(config.model)
+                records = _generate_records(config, ctx, model, sets, device, ranks)
+                generated = True
+                result = _compute(config, ctx, model, sets, key, run_id, records, device, start,
+                                  checkpoint=lambda recs, nll, seconds: _write_partial(
+                                      store, run_id, key, _model_info(model), recs, nll, seconds))
         except Cancelled as error:
             raise EvalCancelled(str(error), run_id) from None
         result.messages = messages
@@ -337,6 +357,7 @@ def evaluate(config: EvalConfig, ctx: TaskContext | None = None, model=None, sto
         if stored is None or not use_cache:
             store.delete(run_id)
             save_evaluation(store, result, _versions())
+        _partial_path(store, run_id).unlink(missing_ok=True)
         result.folder = store.path(run_id)
         ctx.report(1.0, "evaluation done")
         if ranks is not None:
@@ -426,8 +447,9 @@ def _generate_records(config: EvalConfig, ctx: TaskContext, loaded, sets, device
 
 
 def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_id: str, records: list[dict],
-             device, start: float) -> EvalResult:
-    """NLLs, guard and judge of the generated ``records`` on the model's device; nothing stored."""
+             device, start: float, checkpoint=None) -> EvalResult:
+    """NLLs, guard and judge of the generated ``records`` on the model's device; nothing stored in the store
+    but ``checkpoint(records, nll, seconds)``, called before the first judge call."""
     harmful, benign, utility = sets
     model, tokenizer = loaded.model, loaded.tokenizer
     cancel = lambda: ctx.cancelled  # noqa: E731
@@ -446,19 +468,63 @@ def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_
                                   config.nll_batch_size, cancel)
     if config.guard is not None:
         _label_with_guard(config, ctx, loaded, [r for r in records if r["set"] == "harmful"], cancel, device)
+    if checkpoint is not None and config.judge is not None:  # nothing generated is lost if the judge fails
+        checkpoint(records, nll, time.perf_counter() - start)
+    return _judged(config, ctx, _model_info(loaded), sets, key, run_id, records, nll, start)
+
+
+def _model_info(loaded) -> dict:
+    return {"source": loaded.source, "name": loaded.name, "identity": loaded.identity}
+
+
+def _judged(config: EvalConfig, ctx: TaskContext, model_info: dict, sets, key: dict, run_id: str,
+            records: list[dict], nll: dict, start: float) -> EvalResult:
+    """The judge's scores of the harmful ``records`` (``judge_score``, and ``judge_error``: None or why there
+    is no score), then the :class:`EvalResult`; nothing stored."""
+    harmful, _, utility = sets
     if config.judge is not None:
         harmful_records = [r for r in records if r["set"] == "harmful"]
-        scores = judge_scores([(r["prompt"], r["completion"]) for r in harmful_records], config.judge,
-                              progress=_span(ctx, 0.95, 1.0), cancel=cancel)
-        for record, score in zip(harmful_records, scores):
-            record["judge_score"] = score
+        results = judge_results([(r["prompt"], r["completion"]) for r in harmful_records], config.judge,
+                                progress=_span(ctx, 0.95, 1.0, "judge: "), cancel=lambda: ctx.cancelled)
+        for record, (score, error) in zip(harmful_records, results):
+            record["judge_score"], record["judge_error"] = score, error
     ctx.check_cancel("evaluation cancelled", run_id)
     return EvalResult(
-        model={"source": loaded.source, "name": loaded.name, "identity": loaded.identity},
-        config=key, run_id=run_id, records=records, nll=nll,
+        model=dict(model_info), config=key, run_id=run_id, records=records, nll=nll,
         nll_ids={"harmful": [ex.id for ex in harmful], "utility": [ex.id for ex in utility]},
         metrics=summarise(records, nll, config.primary_keywords, config.judge.rubric if config.judge else "qi"),
         seconds=time.perf_counter() - start, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def _partial_path(store: RunStore, run_id: str):
+    return store.root / "_partial" / f"{run_id}.json"
+
+
+def _write_partial(store: RunStore, run_id: str, key: dict, model_info: dict, records: list[dict], nll: dict,
+                   seconds: float) -> None:
+    """Generations, keyword flags and NLLs of a run whose judge has yet to score it (written before the first
+    judge call; the next evaluation of the same task resumes at the judge)."""
+    from analysis.core.store import finite_or_none
+
+    path = _partial_path(store, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, finite_or_none({"key": key, "model": model_info, "records": records, "seconds": seconds,
+                                            "nll": {k: np.asarray(v, dtype=np.float64).tolist() for k, v in nll.items()}}))
+
+
+def _read_partial(store: RunStore, run_id: str, key: dict) -> dict | None:
+    """The partial run of :func:`_write_partial` when its key is the task's (else None)."""
+    import json
+
+    path = _partial_path(store, run_id)
+    try:
+        partial = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if partial.get("key") != json.loads(json.dumps(key)):
+        return None
+    partial["nll"] = {k: [np.nan if v is None else v for v in values] for k, values in partial["nll"].items()}
+    return partial
 
 
 def _label_with_guard(config: EvalConfig, ctx: TaskContext, loaded, records: list[dict], cancel, device) -> None:
@@ -566,7 +632,11 @@ def run(args: argparse.Namespace) -> int:
     for task, run_id in zip(tasks, run_ids):
         if args.no_cache and speaks:
             store.delete(run_id)
-        code = run_task(task, args, summaries.append)
+        try:
+            code = run_task(task, args, summaries.append)
+        except InputError as error:  # e.g. a judge that cannot be reached: the user fixes it, no traceback
+            print(f"error: {error}")
+            return 2
         if code:
             return code
         if not speaks:

@@ -251,6 +251,36 @@ def finetune_figures(runs: Mapping[str, Any], metrics: tuple[str, ...] = tuple(F
     return {metric: finetune_curve_figure(histories, metric, subtitle) for metric in metrics}
 
 
+def finetune_paired_verdicts(runs: Mapping[str, Any], keywords: str = "qi") -> list[str]:
+    """Paired verdicts (exact McNemar on ASR and over-refusal, same generation prompts) from the runs' stored
+    evaluation records: each arm's final model against the starting model, then each other arm against plain
+    fine-tuning. ``runs``: any label -> FinetuneResults (with ``evals`` holding ``records``)."""
+    from analysis.safety.compare import compare_records, paired_verdict
+
+    metrics = ("asr", "over_refusal")
+    finals, lines = {}, []
+    for results in runs.values():
+        evals = results.evals
+        final = next((e for e in reversed(evals) if e.get("final")), None)
+        if not evals or final is None or not evals[0].get("records") or not final.get("records"):
+            continue
+        label = _arm_label(results)
+        finals[results.method] = (label, final["records"])
+        compared = compare_records(evals[0]["records"], final["records"], keywords, metrics)
+        texts = [paired_verdict(r) for r in compared.values() if r.n]
+        if texts:
+            lines.append(f"**{label}**, after vs before: " + "; ".join(texts) + ".")
+    if "plain" in finals:
+        for method, (label, records) in finals.items():
+            if method == "plain":
+                continue
+            compared = compare_records(finals["plain"][1], records, keywords, metrics)
+            texts = [paired_verdict(r) for r in compared.values() if r.n]
+            if texts:
+                lines.append(f"**{label}** vs plain fine-tuning: " + "; ".join(texts) + ".")
+    return lines
+
+
 def finetune_category_table(runs: Mapping[str, Any]) -> pd.DataFrame:
     """Per HEx-PHI category: initial ASR and each arm's final ASR (Qi keywords)."""
     merged: pd.DataFrame | None = None
