@@ -258,7 +258,7 @@ def test_the_task_executes_and_round_trips_through_json(tmp_path, monkeypatch):
     summary = small().execute(TaskContext(progress=events.append))
     assert summary["run_id"] == small().run_id() and json.loads(json.dumps(summary)) == summary
     assert summary["model"]["name"] == "tiny-llama" and 0 <= summary["metrics"]["asr"] <= 1
-    assert events[-1].fraction == 1.0 and any(e.message.startswith("generating") for e in events)
+    assert events[-1].fraction == 1.0 and any(e.message.startswith("harmful answers: ") for e in events)
     assert (tmp_path / "evals" / summary["run_id"] / "manifest.json").is_file()
 
 

@@ -76,7 +76,7 @@ from analysis.safety.results import (
 __all__ = [
     "EvalCancelled", "EvalConfig", "EvalResult", "HARMFUL_RESPONSES", "evaluate", "evals_store", "format_report",
     "harmful_response_kind", "load_sets",
-    "result_key", "stored_evaluation", "summarise",
+    "result_key", "stage_plan", "stored_evaluation", "summarise",
     # re-exported building blocks (their home modules are analysis.safety.keywords/generation/nll/judge)
     "ARDITI_KEYWORDS", "Cancel", "GuardConfig", "JudgeConfig", "KEYWORD_LISTS", "Progress", "QI_KEYWORDS", "affirmative_nll",
     "affirmative_target", "atomic_write_json", "build_judge_messages", "generate", "generate_ids", "is_refusal",
@@ -286,7 +286,7 @@ def evaluate(config: EvalConfig, ctx: TaskContext | None = None, model=None, sto
              use_cache: bool = True) -> EvalResult:
     """Evaluate ``config.model``: completions + keyword refusals, NLLs, judge; stored under the run id.
 
-    ``ctx``: device, progress (generation 0-0.75, NLLs 0.75-0.95, judge 0.95-1) and cancelling (raises
+    ``ctx``: device, progress (per stage with counts, shares by work: :func:`stage_plan`) and cancelling (raises
     :class:`EvalCancelled`, a :class:`~analysis.core.tasks.Cancelled`; nothing is stored). ``model``: an
     already loaded :class:`~analysis.llm.models.LoadedModel` of ``config.model`` (tests, in-process reuse);
     by default the task loads its own. ``use_cache=False`` recomputes and replaces a stored result.
@@ -387,25 +387,88 @@ def _span(ctx: TaskContext | None, low: float, high: float, prefix: str = ""):
     return lambda fraction, message: ctx.report(low + (high - low) * fraction, prefix + message)
 
 
+#: work of one NLL sample relative to one generated token (a forward over the whole text vs one decode step):
+#: only shapes the progress bar, never a number of the evaluation
+NLL_TOKEN_EQUIVALENT = 3.0
+
+
+def stage_plan(config: EvalConfig, sets) -> dict[str, dict]:
+    """The evaluation's stages in order, each {"label", "count" (answers or NLL samples), "tokens" (new tokens
+    per answer, 0 for NLLs), "work" (tokens or token-equivalents), "low", "high" (its share of the progress
+    bar, by work)}; the guard and judge, when on, get the last 5%."""
+    harmful, benign, utility = sets
+    _, scored = _generation_prompts(config, sets)
+    refusal_nll = len(harmful) if harmful_response_kind(config, harmful) == "refusal" else 0
+    stages = {
+        "harmful": ("harmful answers", len(harmful), config.max_new_tokens),
+        "benign": ("benign answers", len(benign), config.max_new_tokens),
+        "utility": ("utility answers", len(scored), config.utility_max_new_tokens),
+        "refusal_nll": ("refusal NLL", refusal_nll, 0),
+        "affirmative_nll": ("affirmative NLL", len(harmful), 0),
+        "utility_nll": ("utility NLL", len(utility), 0),
+    }
+    work = {name: count * (tokens or NLL_TOKEN_EQUIVALENT) for name, (_, count, tokens) in stages.items()}
+    end = 0.95 if config.judge is not None or config.guard is not None else 1.0
+    total, done, plan = max(sum(work.values()), 1e-9), 0.0, {}
+    for name, (label, count, tokens) in stages.items():
+        low = end * done / total
+        done += work[name]
+        plan[name] = {"label": label, "count": count, "tokens": tokens, "work": work[name], "low": low,
+                      "high": end * done / total}
+    return plan
+
+
+def _stage_progress(ctx: TaskContext | None, stage: dict):
+    """A ``progress(fraction, message)`` callback reporting "<stage>: k/n (t new tokens each)" on its share."""
+    if ctx is None:
+        return None
+    each = f" ({stage['tokens']} new tokens each)" if stage["tokens"] else ""
+
+    def progress(fraction: float, message: str) -> None:  # noqa: ARG001 - the stage names its own counts
+        done = round(fraction * stage["count"])
+        ctx.report(stage["low"] + (stage["high"] - stage["low"]) * fraction,
+                   f"{stage['label']}: {done}/{stage['count']}{each}")
+
+    return progress
+
+
+def _by_length(tokenizer, contexts: list) -> list[int]:
+    """Indices of ``contexts`` from the shortest rendered prompt to the longest (less padding per batch)."""
+    from analysis.llm.formatting import render_prompt
+
+    lengths = [len(tokenizer(render_prompt(tokenizer, list(c)), add_special_tokens=False)["input_ids"])
+               for c in contexts]
+    return sorted(range(len(contexts)), key=lambda i: (lengths[i], i))
+
+
 def _generate_all(config: EvalConfig, model, sets, ranks, ctx: TaskContext | None = None) -> tuple[list, list]:
-    """(completions of the harmful + benign prompts, answers to the scored utility prompts), the batches
-    dealt over ``ranks`` (None: one process); progress and cancelling through ``ctx`` (None: neither)."""
+    """(completions of the harmful + benign prompts, answers to the scored utility prompts), each stage's
+    prompts batched by length (shortest first; outputs back in the prompts' order), the batches dealt over
+    ``ranks`` (None: one process); progress per stage and cancelling through ``ctx`` (None: neither)."""
     from analysis.core.distributed import map_batches
 
-    examples, scored = _generation_prompts(config, sets)
-    split = 0.6 if scored else 0.75
+    harmful, benign, _ = sets
+    _, scored = _generation_prompts(config, sets)
+    plan = stage_plan(config, sets)
     cancel = (lambda: ctx.cancelled) if ctx is not None else None
-
-    def run(contexts, max_new_tokens, low, high, prefix):
-        return map_batches(ranks, contexts, config.batch_size, lambda part: generate(
-            model.model, model.tokenizer, part, max_new_tokens, config.batch_size, config.seed,
-            progress=_span(ctx, low, high, prefix), cancel=cancel))
-
     system = config.system_prompt
-    completions = run([with_system(ex.context, system) for ex in examples], config.max_new_tokens, 0.0, split,
-                      "generating: ")
-    answers = run([with_system(ex.context, system) for ex, _ in scored], config.utility_max_new_tokens, split, 0.75,
-                  "utility answers: ") if scored else []
+
+    def run(examples, max_new_tokens, stage):
+        contexts = [with_system(ex.context, system) for ex in examples]
+        if not contexts:
+            return []
+        order = _by_length(model.tokenizer, contexts)
+        outputs = map_batches(ranks, [contexts[i] for i in order], config.batch_size, lambda part: generate(
+            model.model, model.tokenizer, part, max_new_tokens, config.batch_size, config.seed,
+            progress=_stage_progress(ctx, plan[stage]), cancel=cancel))
+        result: list = [None] * len(contexts)
+        for position, index in enumerate(order):
+            result[index] = outputs[position]
+        return result
+
+    completions = run(list(harmful), config.max_new_tokens, "harmful") + run(list(benign), config.max_new_tokens,
+                                                                              "benign")
+    answers = run([ex for ex, _ in scored], config.utility_max_new_tokens, "utility")
     return completions, answers
 
 
@@ -455,15 +518,20 @@ def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_
     cancel = lambda: ctx.cancelled  # noqa: E731
     system = lambda messages: with_system(messages, config.system_prompt)  # noqa: E731
     responses = harmful_response_kind(config, harmful)
-    ctx.report(0.75, "refusal NLL")
+    plan = stage_plan(config, sets)
+
+    def stage(name: str) -> None:
+        ctx.report(plan[name]["low"], f"{plan[name]['label']}: {plan[name]['count']} samples")
+
+    stage("refusal_nll")
     refusals = [system(ex.messages) for ex in harmful] if responses == "refusal" else []
     nll = {"refusal": response_nll(model, tokenizer, refusals, config.max_length, config.nll_batch_size, cancel)}
-    ctx.report(0.82, "affirmative NLL")
+    stage("affirmative_nll")
     targets = [ex.response if responses == "affirmative" else affirmative_target(ex.prompt, config.affirmative_template)
                for ex in harmful]
     nll["affirmative"] = affirmative_nll(model, tokenizer, [system(ex.context) for ex in harmful], targets,
                                          config.max_length, config.nll_batch_size, cancel)
-    ctx.report(0.88, "utility NLL")
+    stage("utility_nll")
     nll["utility"] = response_nll(model, tokenizer, [system(ex.messages) for ex in utility], config.max_length,
                                   config.nll_batch_size, cancel)
     if config.guard is not None:

@@ -1,0 +1,37 @@
+"""The evaluation time estimate: arithmetic on a known speed, and a real warm-up on the tiny Llama."""
+
+import math
+import time
+
+import pytest
+
+from analysis.safety import estimate as est
+from analysis.safety import evaluate as ev
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_estimate_seconds_on_a_known_speed():
+    plan = {"harmful": {"count": 33, "tokens": 48}, "utility": {"count": 32, "tokens": 128},
+            "refusal_nll": {"count": 88, "tokens": 0}}
+    speed = {"prefill_seconds": 0.5, "step_seconds": 0.1, "nll_seconds_per_sample": 0.02}
+    estimate = est.estimate_seconds(plan, speed, batch_size=16)
+    assert estimate["stages"]["harmful"] == pytest.approx(3 * (0.5 + 48 * 0.1))  # 3 batches of <= 16
+    assert estimate["stages"]["utility"] == pytest.approx(2 * (0.5 + 128 * 0.1))
+    assert estimate["stages"]["refusal_nll"] == pytest.approx(88 * 0.02)
+    assert estimate["total"] == pytest.approx(sum(estimate["stages"].values()))
+
+
+def test_a_measured_estimate_bounds_the_real_evaluation(tiny_llama, tmp_path):
+    config = ev.EvalConfig(model="tiny-llama", n_harmful=8, n_benign=4, n_utility=4, max_new_tokens=16,
+                           utility_max_new_tokens=16, batch_size=4)
+    estimate = est.estimate_evaluation(config, model=tiny_llama)
+    speed = estimate["speed"]
+    assert speed["batch"] == 4 and speed["step_seconds"] > 0 and speed["tokens_per_second"] > 0
+    assert speed["warmup_seconds"] < 30 and math.isfinite(estimate["total"])
+    assert set(estimate["stages"]) == set(ev.stage_plan(config, ev.load_sets(config)))
+    start = time.perf_counter()
+    ev.evaluate(config, model=tiny_llama, store=ev.evals_store(tmp_path))
+    took = time.perf_counter() - start
+    # generation stages are an upper bound; the whole run (model overheads included) within a broad factor
+    assert took / 20 < estimate["total"] < took * 20, (took, estimate)
