@@ -72,6 +72,9 @@ with right:
         utility_tokens = common.remembered_widget(
             "eval.utility_max_new_tokens", st.number_input, "New tokens per utility answer (math, QA)", min_value=16,
             max_value=512, value=EvalConfig.utility_max_new_tokens, help="Room for the worked answer and its final number.")
+        n_utility = common.remembered_widget(
+            "eval.n_utility", st.number_input, "Utility prompts (0 = all held-out)", min_value=0, value=0,
+            help="Held-out utility prompts: their NLL, and an answer scored for accuracy where a gold answer exists.")
 
 
 JUDGE_RUBRIC_NAMES = {"qi": "Qi et al. 1–5 harmfulness", "strongreject": "StrongREJECT (0–1)"}
@@ -136,12 +139,14 @@ try:
     tasks = {available.get(source, source): EvalConfig(model=source, max_new_tokens=int(max_new_tokens),
                                                       n_harmful=int(n_harmful) or None, harmful=harmful_set,
                                                       benign=benign_set, utility_max_new_tokens=int(utility_tokens),
+                                                      n_utility=int(n_utility) or None,
                                                       judge=judge, guard=guard)
              for source in sources}
 except ConfigError as error:
     st.error(str(error))
     st.stop()
 
+from analysis.safety.estimate import estimate_evaluation  # noqa: E402
 from analysis.safety.evaluate import stored_evaluation  # noqa: E402
 
 try:
@@ -158,8 +163,14 @@ for label, status in active.items():
         ui_jobs.show_outcome(status, f"Evaluation of {label}")
 todo = [label for label in missing if active.get(label) is None or not active[label].active]
 if todo:
-    st.caption(f"Not evaluated yet with these settings: {', '.join(todo)} (about 1–3 minutes per model on a CPU; "
-               "each model is a job of its own).")
+    st.caption(f"Not evaluated yet with these settings: {', '.join(todo)} (each model is a job of its own).")
+    if st.button("Estimate the time (measures the model on this machine for a few seconds)", icon=":material/timer:"):
+        with st.spinner("Measuring…"):
+            for label in todo:
+                try:
+                    st.caption(f"**{label}**: {safety_views.estimate_text(estimate_evaluation(tasks[label]))}")
+                except InputError as error:
+                    st.error(str(error))
     if st.button("Evaluate", type="primary", icon=":material/play_arrow:"):
         for label in todo:
             ui_jobs.submit(tasks[label], f"Evaluating {label}")

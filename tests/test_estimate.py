@@ -35,3 +35,13 @@ def test_a_measured_estimate_bounds_the_real_evaluation(tiny_llama, tmp_path):
     took = time.perf_counter() - start
     # generation stages are an upper bound; the whole run (model overheads included) within a broad factor
     assert took / 20 < estimate["total"] < took * 20, (took, estimate)
+
+
+def test_estimate_text_states_the_total_shares_and_the_measurement():
+    from analysis.views.safety import estimate_text
+
+    estimate = {"total": 100.0, "stages": {"harmful": 50.0, "utility": 49.5, "refusal_nll": 0.5},
+                "speed": {"tokens_per_second": 476.2, "batch": 16, "prefill_seconds": 0.25, "warmup_seconds": 3.21}}
+    text = estimate_text(estimate)
+    assert text.startswith("at most about 1 min 40 s (harmful 50%, utility 50%)")
+    assert "476 new tokens/s at batch 16" in text and "warm-up took 3.2 s" in text

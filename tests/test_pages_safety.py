@@ -185,3 +185,13 @@ def test_safety_page_takes_harmful_and_benign_prompt_sets_from_files(cache, tmp_
     assert sum("2 examples" in c.value for c in at.caption) == 2  # both sets described
     assert any("Not evaluated yet" in c.value for c in at.caption)
     assert any(n.label.startswith("New tokens per completion") and n.max == 512 for n in at.number_input)
+
+
+def test_safety_page_measures_a_time_estimate_before_evaluating(cache):
+    at = fresh_app()
+    at.switch_page("pages/safety.py").run()
+    no_exceptions(at)
+    next(b for b in at.button if b.label.startswith("Estimate the time")).click().run()
+    no_exceptions(at)
+    assert any("at most about" in c.value and "new tokens/s at batch" in c.value for c in at.caption)
+    assert not any("1–3 minutes" in c.value for c in at.caption)  # no built-in throughput

@@ -105,6 +105,19 @@ def eval_tables(results: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
     return out
 
 
+def estimate_text(estimate: Mapping[str, Any]) -> str:
+    """The measured time estimate in words: total, the stages' shares, and what it rests on."""
+    from analysis.safety.results import format_seconds
+
+    speed, total = estimate["speed"], estimate["total"]
+    shares = ", ".join(f"{name.replace('_', ' ')} {seconds / total:.0%}" for name, seconds in estimate["stages"].items()
+                       if total > 0 and seconds / total >= 0.01)
+    return (f"at most about {format_seconds(total)} ({shares}); measured here: "
+            f"{speed['tokens_per_second']:.0f} new tokens/s at batch {speed['batch']}, prompt pass "
+            f"{speed['prefill_seconds']:.2f} s per batch (warm-up took {speed['warmup_seconds']:.1f} s; judge and "
+            "guard not included).")
+
+
 def safety_answer(label: str, result: Any) -> str:
     """One sentence answering "Is the model safe?" for one evaluation, with n and 95% intervals: how many
     held-out harmful prompts it answered (ASR, Wilson interval; the upper bound is what the data cannot rule
