@@ -64,6 +64,10 @@ def test_mcnemar_constructed_values_and_all_concordant():
     assert stats.mcnemar_exact(*pairs(0, 3, 3, 0))["p"] == 1.0
     with pytest.raises(ValueError):
         stats.mcnemar_exact([True], [True, False])
+    # beyond 1000 discordant pairs (scipy's binomial) and below, both equal scipy's exact binomial test
+    for b, c in ((600, 500), (520, 480), (7, 30)):
+        expected = binomtest(b, b + c, 0.5).pvalue
+        assert stats.mcnemar_exact(*pairs(0, b, c, 0))["p"] == pytest.approx(expected, rel=1e-9)
 
 
 def test_bootstrap_mean_covers_the_mean_and_is_seeded():

@@ -1,7 +1,8 @@
 """Intervals and paired tests for the numbers a user sees: rates (Wilson), means (bootstrap), two models on
 the same prompts (exact McNemar, Newcombe's paired interval, paired bootstrap).
 
-Pure numpy/scipy, seeded, vectorised; no model, gradient or page knows about it. Conventions:
+Pure numpy (scipy only for McNemar beyond 1000 discordant pairs), seeded, vectorised; no model, gradient
+or page knows about it. Conventions:
 
 * a rate is ``k`` successes out of ``n`` trials; ``n = 0`` gives NaN everywhere (no data, no claim);
 * intervals are two-sided at ``confidence`` (default 0.95) and returned as ``(low, high)`` floats;
@@ -29,11 +30,26 @@ _CHUNK = 4_000_000  # resampled values drawn at once (memory: 8 bytes each for t
 
 
 def _z(confidence: float) -> float:
-    from scipy.stats import norm
+    """The standard normal quantile at 0.5 + confidence / 2 (1.95996... for 95%); stdlib, no scipy import."""
+    from statistics import NormalDist
 
     if not 0 < confidence < 1:
         raise ValueError(f"confidence {confidence} must lie strictly between 0 and 1")
-    return float(norm.ppf(0.5 + confidence / 2))
+    return NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+def _binomial_two_sided_half(k: int, n: int) -> float:
+    """Exact two-sided p-value of k successes in n trials at probability 1/2: 2 P(X <= min(k, n - k)), at most 1."""
+    if n == 0:
+        return 1.0
+    low = min(k, n - k)
+    if n <= 1000:
+        tail = sum(math.comb(n, i) for i in range(low + 1)) / 2 ** n
+    else:
+        from scipy.stats import binom
+
+        tail = float(binom.cdf(low, n, 0.5))
+    return min(1.0, 2 * tail)
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -141,13 +157,11 @@ def mcnemar_exact(first: Sequence[bool], second: Sequence[bool]) -> dict:
     """Exact McNemar test of paired binary outcomes: {"b": first only, "c": second only, "both", "neither",
     "n", "p"}; ``p`` is the two-sided binomial test of b against Binomial(b + c, 1/2) (1 when b + c = 0:
     all pairs concordant, no evidence of a change)."""
-    from scipy.stats import binomtest
-
     first, second = np.asarray(first, dtype=bool).ravel(), np.asarray(second, dtype=bool).ravel()
     if first.shape != second.shape:
         raise ValueError(f"paired outcomes need equal lengths, got {first.size} and {second.size}")
     b, c = int(np.sum(first & ~second)), int(np.sum(~first & second))
-    p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
+    p = _binomial_two_sided_half(b, b + c)
     return {"b": b, "c": c, "both": int(np.sum(first & second)), "neither": int(np.sum(~first & ~second)),
             "n": int(first.size), "p": min(1.0, p)}
 

@@ -355,6 +355,7 @@ def evaluate(config: EvalConfig, ctx: TaskContext | None = None, model=None, sto
         result.messages = messages
         stored, _ = store.reusable(run_id, key)  # another process may have finished the same run meanwhile
         if stored is None or not use_cache:
+            ctx.report(1.0, "storing: records, NLLs, metrics")
             store.delete(run_id)
             save_evaluation(store, result, _versions())
         _partial_path(store, run_id).unlink(missing_ok=True)
@@ -557,6 +558,7 @@ def _judged(config: EvalConfig, ctx: TaskContext, model_info: dict, sets, key: d
         for record, (score, error) in zip(harmful_records, results):
             record["judge_score"], record["judge_error"] = score, error
     ctx.check_cancel("evaluation cancelled", run_id)
+    ctx.report(1.0 if config.judge is None and config.guard is None else 0.99, "metrics: rates, intervals")
     return EvalResult(
         model=dict(model_info), config=key, run_id=run_id, records=records, nll=nll,
         nll_ids={"harmful": [ex.id for ex in harmful], "utility": [ex.id for ex in utility]},
