@@ -134,3 +134,16 @@ def test_paired_rates_difference_symmetry_and_coverage():
         r = stats.paired_rates(first, second)
         hits += r.low <= 0.3 <= r.high
     assert 0.91 <= hits / trials <= 0.995
+
+
+def test_across_seeds_is_the_student_t_interval():
+    # three seeds' ASR: mean 0.5, sd 0.1, t_{0.975, 2} = 4.302653 -> half-width 4.302653 * 0.1 / sqrt(3)
+    result = stats.across_seeds([0.4, 0.5, 0.6])
+    assert result["mean"] == pytest.approx(0.5) and result["sd"] == pytest.approx(0.1)
+    assert result["high"] - 0.5 == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)
+    assert result["n"] == 3 and result["values"] == [0.4, 0.5, 0.6]
+    one = stats.across_seeds([0.3, None, float("nan")])
+    assert one["n"] == 1 and one["mean"] == 0.3 and math.isnan(one["low"])
+    assert stats.across_seeds([])["n"] == 0
+    same = stats.across_seeds([0.2, 0.2])
+    assert (same["low"], same["high"]) == (0.2, 0.2)

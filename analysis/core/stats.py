@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["PairedRates", "bootstrap_mean", "format_interval", "format_rate", "mcnemar_exact", "paired_bootstrap",
+__all__ = ["PairedRates", "across_seeds", "bootstrap_mean", "format_interval", "format_rate", "mcnemar_exact", "paired_bootstrap",
            "paired_rates", "rate_interval", "wilson_interval"]
 
 DEFAULT_BOOTSTRAP = 2000
@@ -209,3 +209,23 @@ def paired_rates(first: Sequence[bool], second: Sequence[bool], confidence: floa
     epsilon = math.sqrt(max(0.0, (u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2))
     return PairedRates(n=n, k_first=k1, k_second=k2, b=b, c=c, difference=difference,
                        low=max(-1.0, difference - delta), high=min(1.0, difference + epsilon), p=test["p"])
+
+
+def across_seeds(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """A metric measured once per seed (e.g. a grid cell's ASR for seeds 0, 1, 2): {"mean", "low", "high",
+    "n", "sd", "values"}, the interval ``mean -/+ t_{n-1} sd / sqrt(n)`` (Student t; the seeds are the
+    samples, so it speaks to seed-to-seed variation only, not to the prompts). NaNs dropped; n = 1: the value
+    with a NaN interval; n = 0: all NaN."""
+    from scipy.stats import t
+
+    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(values)
+    if n == 0:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0, "sd": math.nan, "values": []}
+    mean = float(np.mean(values))
+    if n == 1:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "n": 1, "sd": math.nan, "values": values}
+    _z(confidence)
+    sd = float(np.std(values, ddof=1))
+    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "sd": sd, "values": values}
