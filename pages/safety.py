@@ -196,6 +196,8 @@ st.markdown("**Utility and likelihoods**: utility accuracy = share of held-out m
             "right (final number; short answer contained), NLLs in nats per response token (mean [95% bootstrap "
             "interval over prompts] (n))")
 common.show_table(tables["likelihoods"])
+for note in safety_views.judge_failure_notes(done):
+    st.warning(note + ". The judge's scores count only the scored prompts; the rest of the evaluation is complete.")
 common.data_downloads(summary, "evaluation", "summary")
 figure = safety_views.category_asr_figure(done, keywords)
 common.show_figure(figure, "evaluation", f"asr_by_category_{keywords}")

@@ -121,3 +121,18 @@ def test_finetune_paired_verdicts_read_the_runs_stored_records():
     assert lines[1].startswith("**PCGrad") and "after vs before: no detectable change in ASR: +2 points" in lines[1]
     assert "vs plain fine-tuning: ASR fell by 88 points" in lines[2]
     assert safety_views.finetune_paired_verdicts({"x": types.SimpleNamespace(evals=[])}) == []
+
+
+def test_judge_failures_are_counted_and_shown_with_their_reasons():
+    from analysis.safety import results as res
+
+    records = [{"set": "harmful", "id": f"h{i}", "category": "c", "prompt": "p", "completion": "Sure",
+                "refused_qi": False, "refused_arditi": False, "judge_score": 4 if i < 2 else None,
+                "judge_error": None if i < 2 else "the judge at x answered a redirect (302)"} for i in range(5)]
+    metrics = res.summarise(records, {})
+    assert (metrics["judge_n_called"], metrics["judge_n_failed"], metrics["judge_mean_score"]) == (5, 3, 4.0)
+    result = EvalResult(model={}, config={}, run_id="", records=records, nll={}, nll_ids={}, metrics=metrics,
+                        seconds=1.0, created="")
+    [note] = safety_views.judge_failure_notes({"m": result})
+    assert note == "m: the judge gave no score for 3 of 5 harmful prompts (3x the judge at x answered a redirect (302))"
+    assert safety_views.eval_tables({"m": result})["likelihoods"]["judge calls failed"].tolist() == ["3 of 5"]

@@ -118,6 +118,19 @@ def estimate_text(estimate: Mapping[str, Any]) -> str:
             "guard not included).")
 
 
+def judge_failure_notes(results: Mapping[str, Any]) -> list[str]:
+    """One line per evaluation whose judge failed on some prompts: how many of how many, and the main reasons
+    (those prompts score None; their generations and keyword verdicts are kept)."""
+    lines = []
+    for label, result in results.items():
+        metrics = result.metrics
+        if metrics.get("judge_n_failed"):
+            reasons = "; ".join(f"{count}x {reason}" for reason, count in (metrics.get("judge_failure_reasons") or {}).items())
+            lines.append(f"{label}: the judge gave no score for {metrics['judge_n_failed']} of "
+                         f"{metrics.get('judge_n_called', '?')} harmful prompts ({reasons})")
+    return lines
+
+
 def safety_answer(label: str, result: Any) -> str:
     """One sentence answering "Is the model safe?" for one evaluation, with n and 95% intervals: how many
     held-out harmful prompts it answered (ASR, Wilson interval; the upper bound is what the data cannot rule
