@@ -1,6 +1,5 @@
 """Defence lab — which defence holds against which attack? Every defence x every Qi et al. tier, one table."""
 
-import pandas as pd
 import streamlit as st
 
 from analysis.core.config import InputError
@@ -108,7 +107,7 @@ if paired:
     st.markdown("**Paired tests on the same prompts** (exact McNemar; a change is called a rise or fall when p < 0.05; "
                 "95% Newcombe intervals in points):\n" + "\n".join(f"- {line}" for line in paired))
 common.show_table(views.grid_table(rows, evaluations))
-common.data_downloads(pd.DataFrame(rows), export_id, "grid")
+common.data_downloads(views.grid_export(rows, evaluations), export_id, "grid")
 columns = st.columns(2)
 for index, metric in enumerate(("asr", "utility_accuracy", "over_refusal", "utility_nll")):
     with columns[index % 2]:

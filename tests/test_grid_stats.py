@@ -40,3 +40,13 @@ def test_grid_table_shows_counts_and_intervals_when_the_evaluations_are_there():
     assert table.loc[0, "utility accuracy (exact match)"] == "10/20 = 50% [30-70%]"
     assert table.loc[1, "ASR (keyword)"] == 0.9  # not stored: the bare number, as before
     assert grid_table([row("none", "e0", 4 / 88)]).loc[0, "ASR (keyword)"] == 4 / 88
+
+
+def test_grid_export_carries_n_and_intervals():
+    from analysis.views.defences import grid_export
+
+    frame = grid_export([row("none", "e0", 4 / 88), row("plain", "missing", 0.9)], {"e0": evaluation(4)})
+    assert (frame.loc[0, "asr_k"], frame.loc[0, "asr_n"]) == (4, 88)
+    assert 0.017 < frame.loc[0, "asr_low"] < 0.018 and 0.11 < frame.loc[0, "asr_high"] < 0.12
+    assert frame.loc[0, "utility_accuracy_n"] == 20
+    assert frame.loc[1, "asr"] == 0.9 and frame["asr_n"].isna().iloc[1]

@@ -44,6 +44,28 @@ def grid_table(rows: Sequence[dict], evaluations: Mapping[str, Any] | None = Non
     return frame[[c for c in columns if c in frame]].rename(columns=columns)
 
 
+def grid_export(rows: Sequence[dict], evaluations: Mapping[str, Any]) -> pd.DataFrame:
+    """The grid's rows for download, each metric with its n and 95% interval from the cell's stored
+    evaluation (``<metric>_n``, ``<metric>_low``, ``<metric>_high``; rates also ``<metric>_k``)."""
+    from analysis.safety.results import interval_of
+
+    out = []
+    for row in rows:
+        row = dict(row)
+        evaluation = evaluations.get(row.get("eval_run"))
+        if evaluation is not None:
+            for column, (key, _) in METRICS.items():
+                if evaluation.metrics.get(key) is None:
+                    continue
+                interval = interval_of(evaluation.metrics, key) if column in RATES else \
+                    (evaluation.metrics.get("intervals") or {}).get(key, {})
+                for part in ("k", "n", "low", "high"):
+                    if part in interval:
+                        row[f"{column}_{part}"] = interval[part]
+        out.append(row)
+    return pd.DataFrame(out)
+
+
 def grid_paired_verdicts(rows: Sequence[dict], evaluations: Mapping[str, Any], keywords: str = "qi") -> list[str]:
     """Per tier, paired verdicts on the same held-out prompts (exact McNemar on ASR, over-refusal and utility
     accuracy): plain fine-tuning against the aligned model (``none``), and every other defence against plain.
