@@ -93,3 +93,16 @@ def test_an_evaluation_stored_without_intervals_gets_them_on_load(tmp_path):
     loaded = res.load_evaluation(store, "old")
     assert loaded.metrics["intervals"]["asr_qi"]["k"] == 3
     assert loaded.metrics["intervals"]["refusal_nll"]["n"] == 2
+
+
+def test_the_report_of_two_models_has_paired_verdicts():
+    def result(name, answered):
+        records = [record("harmful", "c", "Sure." if i < answered else "I'm sorry, no.") for i in range(40)]
+        for i, r in enumerate(records):
+            r["id"] = f"h{i}"
+        return res.EvalResult(model={"name": name}, config={}, run_id=name, records=records, nll={},
+                              nll_ids={}, metrics=res.summarise(records, {}), seconds=1.0, created="")
+
+    report = res.format_report([result("aligned", 2), result("tuned", 30)], examples=0)
+    assert "aligned -> tuned: ASR rose by 70 points [+" in report and "p < 0.001 (McNemar exact), 40 prompts" in report
+    assert "Paired tests" not in res.format_report([result("aligned", 2)], examples=0)

@@ -327,6 +327,16 @@ def format_report(results: Sequence[EvalResult], examples: int = 3) -> str:
             entry = r.metrics["harmful_by_category"].get(category)
             cells.append("-" if entry is None else f"{rate_text(entry, 'asr_qi')} / {entry['asr_arditi']:.0%}")
         lines.append(f"  {category:32s}" + "".join(f"{c:>{max(width, len(c)) + 2}s}" for c in cells))
+    if len(results) > 1:
+        from analysis.safety.compare import compare_evaluations, verdicts
+
+        lines.append("")
+        lines.append("Paired tests on the shared prompts against the first model (a rise or fall when p < 0.05: "
+                     "exact McNemar for rates, paired bootstrap for NLLs; 95% intervals):")
+        primary = results[0].metrics.get("primary_keywords", "qi")
+        for r in results[1:]:
+            lines += [f"  {line}" for line in verdicts(compare_evaluations(results[0], r, primary),
+                                                         f"{results[0].model['name']} -> {r.model['name']}")]
     for r in results:
         if examples <= 0:
             break
