@@ -23,8 +23,8 @@ WARMUP_STEPS = 8
 
 @torch.no_grad()
 def measure_speed(loaded: Any, config: Any, sets: Any, steps: int = WARMUP_STEPS) -> dict:
-    """Measured on ``loaded`` (a LoadedModel on its device) with the first ``config.batch_size`` harmful
-    prompts of ``sets``: {"batch": prompts per batch, "prefill_seconds": one batch's prompt pass,
+    """Measured on ``loaded`` (a LoadedModel on its device) with the first ``config.batch_size`` harmful +
+    benign prompts of ``sets`` (a full batch where there are enough): {"batch": prompts per batch, "prefill_seconds": one batch's prompt pass,
     "step_seconds": one decode step of the batch, "tokens_per_second": batch / step, "nll_seconds_per_sample",
     "warmup_seconds": what measuring took}."""
     from analysis.llm.formatting import pad_rows, pad_token_id, render_prompt, with_system
@@ -34,7 +34,7 @@ def measure_speed(loaded: Any, config: Any, sets: Any, steps: int = WARMUP_STEPS
     began = time.perf_counter()
     model, tokenizer = loaded.model, loaded.tokenizer
     harmful = list(sets[0]) or list(sets[2])
-    examples = harmful[:config.batch_size]
+    examples = (list(sets[0]) + list(sets[1]) or list(sets[2]))[:config.batch_size]  # a full batch where possible
     rows = [tokenizer(render_prompt(tokenizer, with_system(ex.context, config.system_prompt)),
                       add_special_tokens=False)["input_ids"] for ex in examples]
     batch = pad_rows(rows, pad_token_id(tokenizer), side="left")
