@@ -136,3 +136,20 @@ def test_judge_failures_are_counted_and_shown_with_their_reasons():
     [note] = safety_views.judge_failure_notes({"m": result})
     assert note == "m: the judge gave no score for 3 of 5 harmful prompts (3x the judge at x answered a redirect (302))"
     assert safety_views.eval_tables({"m": result})["likelihoods"]["judge calls failed"].tolist() == ["3 of 5"]
+
+
+def test_finetune_category_figure_has_wilson_error_bars_and_n_in_the_labels():
+    import types
+
+    def run(method, final):
+        table = pd.DataFrame([{"category": "malware", "n": 2, "initial": 0.0, "final": final},
+                              {"category": "fraud", "n": 4, "initial": 0.25, "final": 0.5}])
+        return types.SimpleNamespace(method=method, config={"method": method, "spf": {"refresh": 10}},
+                                     category_table=lambda which="harmful", t=table: t)
+
+    figure = safety_views.finetune_category_figure({"plain": run("plain", 1.0)})
+    before, after = figure.data
+    assert list(after.x) == ["malware (n=2)", "fraud (n=4)"] and list(after.y) == [1.0, 0.5]
+    # 2/2 answered: Wilson [34%, 100%]; 0/2: [0%, 66%]
+    assert round(1.0 - after.error_y.arrayminus[0], 2) == 0.34 and after.error_y.array[0] == 0
+    assert round(before.error_y.array[0], 2) == 0.66

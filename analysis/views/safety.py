@@ -323,14 +323,30 @@ def finetune_category_table(runs: Mapping[str, Any]) -> pd.DataFrame:
 
 
 def finetune_category_figure(runs: Mapping[str, Any]) -> go.Figure:
-    """Grouped bars per category: initial ASR and each arm's final ASR."""
+    """Grouped bars per category: initial ASR and each arm's final ASR, with Wilson 95% error bars and the
+    number of prompts in the category labels (a fine-tuning run evaluates few prompts per category)."""
+    from analysis.safety.results import interval_of
+
     table = finetune_category_table(runs)
     value_columns = [c for c in table.columns if "ASR" in c]
-    long = table.melt(id_vars=["category"], value_vars=value_columns, var_name="model", value_name="rate")
+    id_columns = ["category"] + (["n"] if "n" in table else [])
+    long = table.melt(id_vars=id_columns, value_vars=value_columns, var_name="model", value_name="rate")
     long["model"] = long["model"].str.replace("final ASR · ", "after ", regex=False).str.replace(
         "initial ASR", "before fine-tuning", regex=False)
+    if "n" in long and not long.empty:
+        intervals = [interval_of({"n": int(n), "asr": rate}, "asr") if pd.notna(n) and pd.notna(rate) else {}
+                     for n, rate in zip(long["n"], long["rate"])]
+        long["low"] = [i.get("low", np.nan) for i in intervals]
+        long["high"] = [i.get("high", np.nan) for i in intervals]
+        long["category"] = long["category"] + " (n=" + long["n"].map(lambda n: f"{int(n)}" if pd.notna(n) else "?") + ")"
     figure = figures.category_bar_figure(long, "category", "rate", "ASR per HEx-PHI category, before and after",
-                                         "ASR (harmful prompts answered)", series="model", number_format=None)
+                                         "ASR (harmful prompts answered)", series="model", number_format=None,
+                                         subtitle="bars: 95% Wilson intervals" if "low" in long else "")
+    for trace in figure.data:
+        part = long[long["model"] == trace.name]
+        if "low" in part and len(part) == len(trace.y):
+            trace.error_y = dict(type="data", symmetric=False, array=(part["high"] - part["rate"]).tolist(),
+                                 arrayminus=(part["rate"] - part["low"]).tolist(), thickness=1.2, width=3)
     figure.update_yaxes(range=[0, 1.1], tickformat=".0%")
     figure.update_xaxes(tickangle=-30)
     figure.update_layout(legend=dict(orientation="h", x=1.0, xanchor="right", y=1.02, yanchor="bottom"),
