@@ -106,3 +106,9 @@ def test_the_report_of_two_models_has_paired_verdicts():
     report = res.format_report([result("aligned", 2), result("tuned", 30)], examples=0)
     assert "aligned -> tuned: ASR rose by 70 points [+" in report and "p < 0.001 (McNemar exact), 40 prompts" in report
     assert "Paired tests" not in res.format_report([result("aligned", 2)], examples=0)
+
+
+def test_a_rate_that_was_not_measured_reads_as_a_dash():
+    metrics = res.summarise([record("harmful", "c", "Sure.")], {})
+    assert metrics["utility_accuracy"] is None and res.rate_text(metrics, "utility_accuracy") == "-"
+    assert res.rate_text(metrics, "over_refusal_qi") == "0/0 (no prompts)"

@@ -154,6 +154,8 @@ _RATE_COUNTS = {"asr": "n_harmful", "over_refusal": "n_benign", "utility_accurac
 
 def rate_text(metrics: Mapping, key: str) -> str:
     """``"3/8 = 38% [14-69%]"`` for a rate of ``metrics`` (see :func:`interval_of`); "-" when unknown."""
+    if key in metrics and metrics[key] is None:  # not measured (e.g. utility answers off)
+        return "-"
     interval = interval_of(metrics, key)
     if interval.get("k") is None:
         return "0/0 (no prompts)" if interval.get("n") == 0 else "-"
