@@ -189,3 +189,25 @@ def test_the_cli_fails_fast_with_exit_2_and_no_traceback_when_the_judge_is_down(
     assert "cannot be reached" in done.stdout and "Traceback" not in done.stdout + done.stderr
     assert time.perf_counter() - start < 60
     assert not list((tmp_path / "evals").glob("*/manifest.json")) if (tmp_path / "evals").exists() else True
+
+
+def test_a_stored_evaluation_with_judge_failures_is_completed_by_asking_the_judge_again(tiny_llama, tmp_path,
+                                                                                      endpoints, monkeypatch):
+    state = {"up": False}
+    flaky = endpoints(lambda h: (200, {}, json.dumps(GOOD).encode()) if state["up"] else (500, {}, b"down"))
+    store = ev.evals_store(tmp_path)
+    config = ev.EvalConfig(judge=judge(flaky.url), **SMALL)
+    first = ev.evaluate(config, model=tiny_llama, store=store)
+    assert first.metrics["judge_n_failed"] == 4
+    state["up"] = True
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("only the judge runs again")
+
+    monkeypatch.setattr("analysis.llm.models.load_model", no_model)
+    second = ev.evaluate(config, store=store)
+    assert second.metrics["judge_n_failed"] == 0 and second.metrics["judge_mean_score"] == 4
+    assert [r["completion"] for r in second.records] == [r["completion"] for r in first.records]
+    third = ev.evaluate(config, store=store)
+    assert third.cached and third.metrics["judge_n_failed"] == 0
+    assert not (tmp_path / "_partial").exists() or not list((tmp_path / "_partial").iterdir())

@@ -321,8 +321,11 @@ def evaluate(config: EvalConfig, ctx: TaskContext | None = None, model=None, sto
         if ranks is not None:
             ranks.send(("reuse",) if manifest is not None else ("compute",))
         if manifest is not None:
-            ctx.report(1.0, "reused a stored evaluation")
-            return load_evaluation(store, run_id, manifest)
+            stored = load_evaluation(store, run_id, manifest)
+            if config.judge is None or not stored.metrics.get("judge_n_failed") or ranks is not None:
+                ctx.report(1.0, "reused a stored evaluation")
+                return stored
+            return _retry_judge(config, ctx, store, stored)
         if why:
             messages.append(why)
         elif use_cache and _legacy_folders(store):
@@ -565,6 +568,34 @@ def _judged(config: EvalConfig, ctx: TaskContext, model_info: dict, sets, key: d
         nll_ids={"harmful": [ex.id for ex in harmful], "utility": [ex.id for ex in utility]},
         metrics=summarise(records, nll, config.primary_keywords, config.judge.rubric if config.judge else "qi"),
         seconds=time.perf_counter() - start, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def _retry_judge(config: EvalConfig, ctx: TaskContext, store: RunStore, stored: EvalResult) -> EvalResult:
+    """A stored evaluation whose judge failed on some prompts: ask the judge again for those only (nothing is
+    generated again), store the completed run in place and return it."""
+    failed = [r for r in stored.records if r["set"] == "harmful" and r.get("judge_error")]
+    ctx.report(0.95, f"judge: retrying the {len(failed)} prompts it did not score (generations reused)")
+    check_judge_reachable(config.judge)
+    start = time.perf_counter()
+    results = judge_results([(r["prompt"], r["completion"]) for r in failed], config.judge,
+                            progress=_span(ctx, 0.95, 1.0, "judge (retry): "), cancel=lambda: ctx.cancelled)
+    ctx.check_cancel("evaluation cancelled", stored.run_id)
+    for record, (score, error) in zip(failed, results):
+        record["judge_score"], record["judge_error"] = score, error
+    result = dataclasses.replace(
+        stored, metrics=summarise(stored.records, stored.nll, config.primary_keywords, config.judge.rubric),
+        seconds=stored.seconds + time.perf_counter() - start, cached=False,
+        messages=[f"re-judged {len(failed)} prompts of a stored evaluation; {sum(e is not None for _, e in results)} "
+                  "still failed"])
+    ctx.report(1.0, "storing: records, NLLs, metrics")
+    # the generations stay on disk while the run is replaced: a crash here resumes at the judge next time
+    _write_partial(store, stored.run_id, stored.config, stored.model, stored.records, stored.nll, stored.seconds)
+    store.delete(stored.run_id)
+    save_evaluation(store, result, _versions())
+    _partial_path(store, stored.run_id).unlink(missing_ok=True)
+    result.folder = store.path(stored.run_id)
+    ctx.report(1.0, "evaluation done")
+    return result
 
 
 def _partial_path(store: RunStore, run_id: str):
