@@ -45,3 +45,14 @@ def test_estimate_text_states_the_total_shares_and_the_measurement():
     text = estimate_text(estimate)
     assert text.startswith("at most about 1 min 40 s (harmful 50%, utility 50%)")
     assert "476 new tokens/s at batch 16" in text and "warm-up took 3.2 s" in text
+
+
+def test_the_cli_prints_the_estimate_and_evaluates_nothing(tmp_path, monkeypatch, capsys):
+    from analysis.__main__ import main
+
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
+    code = main(["evaluate", "--model", "tiny-llama", "--n-harmful", "4", "--n-benign", "2", "--n-utility", "2",
+                 "--max-new-tokens", "4", "--estimate", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("tiny-llama: at most about ") and "new tokens/s at batch" in out
+    assert not (tmp_path / "evals").exists() or not any((tmp_path / "evals").glob("*/manifest.json"))

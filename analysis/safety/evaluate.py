@@ -685,6 +685,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-cache", action="store_true", help="recompute even when a stored result matches")
     parser.add_argument("--examples", type=int, default=3, help="completions to print per set")
+    parser.add_argument("--estimate", action="store_true",
+                        help="print how long each evaluation would take here (a short measured warm-up) and stop")
     parser.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (judge off without it)")
     parser.add_argument("--judge-model", default=None)
     parser.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
@@ -723,6 +725,23 @@ def run(args: argparse.Namespace) -> int:
     except InputError as error:
         print(f"error: {error}")
         return 2
+    if getattr(args, "estimate", False):
+        from analysis.safety.estimate import estimate_evaluation
+        from analysis.safety.results import format_seconds
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        for task in tasks:
+            try:
+                estimate = estimate_evaluation(task, device=resolve_device(args.device))
+            except InputError as error:
+                print(f"error: {error}")
+                return 2
+            speed = estimate["speed"]
+            stages = ", ".join(f"{name} {format_seconds(seconds)}" for name, seconds in estimate["stages"].items())
+            print(f"{task.model.source}: at most about {format_seconds(estimate['total'])} ({stages}); measured "
+                  f"{speed['tokens_per_second']:.0f} new tokens/s at batch {speed['batch']} on {estimate['device']}")
+        return 0
     if getattr(args, "job", None):
         if len(tasks) != 1:
             print("error: a job runs one evaluation task (one model)")
