@@ -287,7 +287,7 @@ def cuda_tests() -> dict:
 
 
 def _gib(value: float) -> str:
-    return f"{value / 2**30:.2f} GiB"
+    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.1f} MiB"
 
 
 def table_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
@@ -314,7 +314,7 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str, str]]:
                     add(section, f"{key} rel. error", f"{value:.1e}", f"<= {TOLERANCE:.0e}", value <= TOLERANCE)
         elif section == "planner":
             add(section, f"peak, {result['shape']} {result['dtype']}",
-                f"{_gib(result['measured_peak_bytes'])} vs {_gib(result['predicted_peak_bytes'])} predicted",
+                f"{_gib(result['measured_peak_bytes'])} vs {_gib(result['predicted_peak_bytes'])} ({result['peak_ratio']:.2f}x)",
                 "ratio 0.5-1.5", 0.5 <= result["peak_ratio"] <= 1.5)
             add(section, "capture / fwd+bwd time", f"{result['capture_ratio']:.2f}x", "<= 2", result["capture_ratio"] <= 2)
         elif section == "spf-bf16":
