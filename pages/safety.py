@@ -146,6 +146,7 @@ except ConfigError as error:
     st.error(str(error))
     st.stop()
 
+from analysis.core.tasks import resolve_device  # noqa: E402
 from analysis.safety.estimate import estimate_evaluation  # noqa: E402
 from analysis.safety.evaluate import stored_evaluation  # noqa: E402
 
@@ -164,11 +165,13 @@ for label, status in active.items():
 todo = [label for label in missing if active.get(label) is None or not active[label].active]
 if todo:
     st.caption(f"Not evaluated yet with these settings: {', '.join(todo)} (each model is a job of its own).")
-    if st.button("Estimate the time (measures the model on this machine for a few seconds)", icon=":material/timer:"):
+    if st.button("Estimate the time (loads the model and times a few batches here: seconds to a minute)",
+                 icon=":material/timer:"):
         with st.spinner("Measuring…"):
             for label in todo:
                 try:
-                    st.caption(f"**{label}**: {safety_views.estimate_text(estimate_evaluation(tasks[label]))}")
+                    estimate = estimate_evaluation(tasks[label], device=resolve_device("auto"))
+                    st.caption(f"**{label}**: {safety_views.estimate_text(estimate)}")
                 except InputError as error:
                     st.error(str(error))
     if st.button("Evaluate", type="primary", icon=":material/play_arrow:"):
