@@ -15,6 +15,8 @@ BENCHMARKS = {
     "live": ("bench.live", "time to the first live answer and to the end of the Setup default collection vs one fwd+bwd"),
     "sketch": ("bench.sketch", "error of the random projection (projection_dim) vs the exact route: spectra, CER, ranks, cosine"),
     "finetune": ("bench.finetune", "cost of an SPF fine-tuning step relative to a plain step (ratio in one run)"),
+    "gpu": ("bench.gpu", "the GPU check: CPU-vs-CUDA agreement, 7B-shape planner vs peak, bf16 SPF step, throughput"),
+    "eval": ("bench.eval", "the safety evaluation's time vs a plain model.generate loop (best batch size); stage shares"),
 }
 
 

@@ -1,11 +1,11 @@
 """Defence lab — which defence holds against which attack? Every defence x every Qi et al. tier, one table."""
 
-import pandas as pd
 import streamlit as st
 
 from analysis.core.config import InputError
 from analysis.lab import defences, grid
 from analysis.lab.config import PRESETS
+from analysis.safety.results import load_evaluations
 from analysis.views import defences as views
 from ui import common
 from ui import jobs as ui_jobs
@@ -89,8 +89,13 @@ else:
                "the grid runs).")
 for line in views.grid_verdict(rows):
     st.markdown(f"- {line}")
-common.show_table(views.grid_table(rows))
-common.data_downloads(pd.DataFrame(rows), export_id, "grid")
+evaluations = load_evaluations(row.get("eval_run") for row in rows)
+paired = views.grid_paired_verdicts(rows, evaluations)
+if paired:
+    st.markdown("**Paired tests on the same prompts** (exact McNemar; a change is called a rise or fall when p < 0.05; "
+                "95% Newcombe intervals in points):\n" + "\n".join(f"- {line}" for line in paired))
+common.show_table(views.grid_table(rows, evaluations))
+common.data_downloads(views.grid_export(rows, evaluations), export_id, "grid")
 columns = st.columns(2)
 for index, metric in enumerate(("asr", "utility_accuracy", "over_refusal", "utility_nll")):
     with columns[index % 2]:

@@ -142,6 +142,10 @@ table = finetune.comparison_table(list(labelled.values()))
 verdict = safety_views.finetune_verdict(table)
 if verdict:
     st.info(f"**Answer.** {verdict}")
+paired = safety_views.finetune_paired_verdicts(labelled)
+if paired:
+    st.markdown("**Paired tests on the same generation prompts** (exact McNemar; a change is called a rise or fall "
+                "when p < 0.05; 95% Newcombe intervals in points):\n" + "\n".join(f"- {line}" for line in paired))
 common.show_table(table)
 export_id = f"finetune_{config.preset}"
 common.data_downloads(table, export_id, "comparison")

@@ -72,6 +72,9 @@ with right:
         utility_tokens = common.remembered_widget(
             "eval.utility_max_new_tokens", st.number_input, "New tokens per utility answer (math, QA)", min_value=16,
             max_value=512, value=EvalConfig.utility_max_new_tokens, help="Room for the worked answer and its final number.")
+        n_utility = common.remembered_widget(
+            "eval.n_utility", st.number_input, "Utility prompts (0 = all held-out)", min_value=0, value=0,
+            help="Held-out utility prompts: their NLL, and an answer scored for accuracy where a gold answer exists.")
 
 
 JUDGE_RUBRIC_NAMES = {"qi": "Qi et al. 1–5 harmfulness", "strongreject": "StrongREJECT (0–1)"}
@@ -136,12 +139,15 @@ try:
     tasks = {available.get(source, source): EvalConfig(model=source, max_new_tokens=int(max_new_tokens),
                                                       n_harmful=int(n_harmful) or None, harmful=harmful_set,
                                                       benign=benign_set, utility_max_new_tokens=int(utility_tokens),
+                                                      n_utility=int(n_utility) or None,
                                                       judge=judge, guard=guard)
              for source in sources}
 except ConfigError as error:
     st.error(str(error))
     st.stop()
 
+from analysis.core.tasks import resolve_device  # noqa: E402
+from analysis.safety.estimate import estimate_evaluation  # noqa: E402
 from analysis.safety.evaluate import stored_evaluation  # noqa: E402
 
 try:
@@ -158,8 +164,16 @@ for label, status in active.items():
         ui_jobs.show_outcome(status, f"Evaluation of {label}")
 todo = [label for label in missing if active.get(label) is None or not active[label].active]
 if todo:
-    st.caption(f"Not evaluated yet with these settings: {', '.join(todo)} (about 1–3 minutes per model on a CPU; "
-               "each model is a job of its own).")
+    st.caption(f"Not evaluated yet with these settings: {', '.join(todo)} (each model is a job of its own).")
+    if st.button("Estimate the time (loads the model and times a few batches here: seconds to a minute)",
+                 icon=":material/timer:"):
+        with st.spinner("Measuring…"):
+            for label in todo:
+                try:
+                    estimate = estimate_evaluation(tasks[label], device=resolve_device("auto"))
+                    st.caption(f"**{label}**: {safety_views.estimate_text(estimate)}")
+                except InputError as error:
+                    st.error(str(error))
     if st.button("Evaluate", type="primary", icon=":material/play_arrow:"):
         for label in todo:
             ui_jobs.submit(tasks[label], f"Evaluating {label}")
@@ -170,13 +184,23 @@ if not done:
     st.stop()
 
 st.subheader("Results")
+st.info("**Answer.** " + " ".join(safety_views.safety_answer(label, result) for label, result in done.items()))
+paired = safety_views.paired_model_verdicts(done, keywords)
+if paired:
+    st.markdown("**Paired comparison on the same prompts** (a change is called a rise or fall when its two-sided "
+                "test gives p < 0.05: exact McNemar for rates, paired bootstrap for NLLs; intervals are 95%):\n"
+                + "\n".join(f"- {line}" for line in paired))
 summary = safety_views.eval_summary(done)
 tables = safety_views.eval_tables(done)
-st.markdown("**Refusals**: attack success rate on harmful prompts, over-refusal on benign sensitive prompts")
+st.markdown("**Refusals**: attack success rate on harmful prompts, over-refusal on benign sensitive prompts "
+            "(count/n = rate [95% Wilson interval])")
 common.show_table(tables["rates"])
 st.markdown("**Utility and likelihoods**: utility accuracy = share of held-out math / factual-QA answers that are "
-            "right (final number; short answer contained), NLLs in nats per response token")
+            "right (final number; short answer contained), NLLs in nats per response token (mean [95% bootstrap "
+            "interval over prompts] (n))")
 common.show_table(tables["likelihoods"])
+for note in safety_views.judge_failure_notes(done):
+    st.warning(note + ". The judge's scores count only the scored prompts; the rest of the evaluation is complete.")
 common.data_downloads(summary, "evaluation", "summary")
 figure = safety_views.category_asr_figure(done, keywords)
 common.show_figure(figure, "evaluation", f"asr_by_category_{keywords}")

@@ -163,3 +163,56 @@ def test_cli_evaluates_harmful_and_benign_files(monkeypatch, tmp_path, capsys):
     assert manifest["metrics"]["affirmative_nll"] > 0
     assert main(["evaluate", "--model", "tiny-llama", "--harmful", str(tmp_path / "missing.csv")]) == 2
     assert "missing.csv: file not found" in capsys.readouterr().out
+
+
+def test_bench_eval_small_runs_on_the_cpu_and_reports_ratios_and_shares(tmp_path, capsys):
+    import time
+
+    from bench import eval as bench_eval
+
+    start = time.perf_counter()
+    out = tmp_path / "eval.json"
+    assert bench_eval.main(["--small", "--json", str(out)]) == 0
+    assert time.perf_counter() - start < 60
+    report = json.loads(out.read_text())
+    assert report["baseline_best_batch"] in (2, 4) and report["ratio_generation"] > 0
+    assert abs(sum(report["stage_shares"].values()) - 1) < 1e-6
+    assert {"harmful", "benign", "refusal_nll", "utility_nll"} <= set(report["stages_seconds"])
+    printed = capsys.readouterr().out
+    assert "ratio, generation / plain best" in printed and "share of the evaluation's time per stage" in printed
+
+
+def test_stage_seconds_assigns_intervals_to_the_running_stage():
+    from bench.eval import stage_seconds
+
+    events = [(1.0, "harmful answers: 4/8"), (2.0, "harmful answers: 8/8"), (2.5, "refusal NLL: 8 samples"),
+              (4.0, "storing: records")]
+    seconds = stage_seconds(events, start=0.0, end=4.5)
+    # a generation batch's time is its own; the gap before a stage's start message belongs to the stage running
+    assert seconds == {"harmful": 2.5, "refusal_nll": 1.5, "store": 0.5}
+
+
+def test_bench_gpu_small_runs_its_cpu_parts_under_a_minute(tmp_path, capsys):
+    import time
+
+    from bench import gpu
+
+    start = time.perf_counter()
+    out = tmp_path / "gpu.json"
+    gpu.main(["--small", "--out", str(out)])
+    assert time.perf_counter() - start < 60
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert not any("error" in r for r in results.values()), results
+    agreement = results["agreement"]
+    # without CUDA the reference check runs float32 against float64 on the CPU: it must agree to 1e-4
+    for key in ("factors", "gram_ghost", "gram_dense", "spf_conflict_projection"):
+        assert 0 <= agreement[key] <= gpu.TOLERANCE, (key, agreement[key])
+    assert agreement["generation_identical_share"] >= 0.75
+    planner = results["planner"]
+    assert planner["measured_capture_bytes"] > 0 and 0.2 < planner["peak_ratio"] < 5
+    assert results["spf-bf16"]["parameters_finite"] and results["spf-bf16"]["removed_mean"] > 0
+    assert set(results["throughput"]["tokens_per_second"]) == {"1", "4"}  # JSON keys
+    if not report["gpu"]:
+        assert results["cuda-tests"] == {"skipped": "no CUDA"}
+    assert "section" in capsys.readouterr().out

@@ -185,8 +185,10 @@ def test_summarise_known_answer():
     assert metrics["asr_qi"] == 0.75 and metrics["asr_arditi"] == 0.5
     assert metrics["asr"] == metrics["asr_qi"]
     assert metrics["over_refusal_qi"] == 0.25 == metrics["over_refusal_arditi"]
-    assert metrics["harmful_by_category"]["malware"] == {"n": 2, "asr_qi": 0.5, "asr_arditi": 0.5}
-    assert metrics["harmful_by_category"]["fraud"] == {"n": 2, "asr_qi": 1.0, "asr_arditi": 0.5}
+    malware, fraud = metrics["harmful_by_category"]["malware"], metrics["harmful_by_category"]["fraud"]
+    assert {k: malware[k] for k in ("n", "asr_qi", "asr_arditi")} == {"n": 2, "asr_qi": 0.5, "asr_arditi": 0.5}
+    assert {k: fraud[k] for k in ("n", "asr_qi", "asr_arditi")} == {"n": 2, "asr_qi": 1.0, "asr_arditi": 0.5}
+    assert fraud["intervals"]["asr_qi"]["k"] == 2 and fraud["intervals"]["asr_arditi"]["k"] == 1
     assert metrics["benign_by_category"]["cooking"]["over_refusal_qi"] == 0.5
     assert metrics["refusal_nll"] == 2.0 and metrics["utility_nll"] == 2.0
     assert "judge_mean_score" not in metrics
@@ -256,7 +258,7 @@ def test_the_task_executes_and_round_trips_through_json(tmp_path, monkeypatch):
     summary = small().execute(TaskContext(progress=events.append))
     assert summary["run_id"] == small().run_id() and json.loads(json.dumps(summary)) == summary
     assert summary["model"]["name"] == "tiny-llama" and 0 <= summary["metrics"]["asr"] <= 1
-    assert events[-1].fraction == 1.0 and any(e.message.startswith("generating") for e in events)
+    assert events[-1].fraction == 1.0 and any(e.message.startswith("harmful answers: ") for e in events)
     assert (tmp_path / "evals" / summary["run_id"] / "manifest.json").is_file()
 
 

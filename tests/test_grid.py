@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -140,8 +141,10 @@ def test_the_defence_lab_page_runs_a_grid_as_a_job_and_shows_its_table(tmp_path,
         at.run()
         no_exceptions(at)
         table = at.dataframe[0].value
-        assert list(table["defence"]) == ["none", "plain"] and table["ASR (keyword)"].between(0, 1).all()
+        assert list(table["defence"]) == ["none", "plain"]
+        assert all(re.fullmatch(r"\d/4 = \d+% \[\d+-\d+%\]", cell) for cell in table["ASR (keyword)"])  # k/n [Wilson]
         assert any("**harmful-10**: ASR" in m.value for m in at.markdown)
+        assert any("**harmful-10**, plain vs none:" in m.value and "4 prompts" in m.value for m in at.markdown)
         titles = [s["layout"]["title"]["text"] for s in chart_specs(at)]
         assert "ASR (keyword) by attack and defence" in titles
         assert not any(b.label == "Run the grid" for b in at.button)  # stored

@@ -1,6 +1,7 @@
 """The pages "Is the model safe?" and "Fine-tune: does SPF keep it safe?" in AppTest, on the tiny Llama."""
 
 import json
+import re
 
 import pytest
 
@@ -39,8 +40,11 @@ def test_safety_page_evaluates_and_reuses_the_stored_result(cache):
     at.run()
     no_exceptions(at)
     rates, likelihoods = at.dataframe[0].value, at.dataframe[1].value  # two narrow tables, not one cut-off one
-    assert list(rates["model"]) == ["Tiny random Llama (2 layers, demo)"] and rates["harmful prompts"][0] == 6
-    assert 0 <= rates["ASR (Qi)"][0] <= 1 and likelihoods["refusal NLL"][0] > 0
+    assert list(rates["model"]) == ["Tiny random Llama (2 layers, demo)"]
+    assert re.fullmatch(r"\d/6 = \d+% \[\d+-\d+%\]", rates["ASR (Qi)"][0])  # count/n = rate [Wilson]
+    assert likelihoods["refusal NLL"][0].endswith("(n=6)") and "[" in likelihoods["refusal NLL"][0]
+    assert any(i.value.startswith("**Answer.** Tiny random Llama") and "of 6 held-out harmful prompts" in i.value
+               for i in at.info)
     titles = [s["layout"]["title"]["text"] for s in chart_specs(at)]
     assert "Attack success rate per HEx-PHI category" in titles
     assert not any(b.label == "Evaluate" for b in at.button)  # stored: nothing left to run
@@ -181,3 +185,13 @@ def test_safety_page_takes_harmful_and_benign_prompt_sets_from_files(cache, tmp_
     assert sum("2 examples" in c.value for c in at.caption) == 2  # both sets described
     assert any("Not evaluated yet" in c.value for c in at.caption)
     assert any(n.label.startswith("New tokens per completion") and n.max == 512 for n in at.number_input)
+
+
+def test_safety_page_measures_a_time_estimate_before_evaluating(cache):
+    at = fresh_app()
+    at.switch_page("pages/safety.py").run()
+    no_exceptions(at)
+    next(b for b in at.button if b.label.startswith("Estimate the time")).click().run()
+    no_exceptions(at)
+    assert any("at most about" in c.value and "new tokens/s at batch" in c.value for c in at.caption)
+    assert not any("1–3 minutes" in c.value for c in at.caption)  # no built-in throughput

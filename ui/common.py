@@ -364,9 +364,9 @@ def show_table(frame: pd.DataFrame, **kwargs: Any) -> None:
     def is_rate(column: str) -> bool:
         return any(word in column.lower() for word in ("asr", "over_refusal", "over-refusal", "accuracy", "removed"))
 
-    formats = {column: st.column_config.NumberColumn(format="percent") for column in frame.columns if is_rate(column)}
-    formats |= {column: st.column_config.NumberColumn(format="%.3f") for column in frame.columns
-                if "nll" in column.lower()}
+    numeric = [column for column in frame.columns if pd.api.types.is_numeric_dtype(frame[column])]  # text cells as they are
+    formats = {column: st.column_config.NumberColumn(format="percent") for column in numeric if is_rate(column)}
+    formats |= {column: st.column_config.NumberColumn(format="%.3f") for column in numeric if "nll" in column.lower()}
     st.dataframe(frame, hide_index=True, width="stretch", column_config=formats, **kwargs)
 
 

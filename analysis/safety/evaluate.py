@@ -43,7 +43,15 @@ from analysis.llm.formatting import pad_rows, with_system
 from analysis.safety.accuracy import answer_correct, gold_answer
 from analysis.safety.generation import generate, generate_ids
 from analysis.safety.guard import GuardConfig, guard_labels
-from analysis.safety.judge import JUDGE_RUBRICS, JudgeConfig, build_judge_messages, judge_scores, parse_judge_score
+from analysis.safety.judge import (
+    JUDGE_RUBRICS,
+    JudgeConfig,
+    build_judge_messages,
+    check_judge_reachable,
+    judge_results,
+    judge_scores,
+    parse_judge_score,
+)
 from analysis.safety.keywords import (
     ARDITI_KEYWORDS,
     KEYWORD_LISTS,
@@ -68,7 +76,7 @@ from analysis.safety.results import (
 __all__ = [
     "EvalCancelled", "EvalConfig", "EvalResult", "HARMFUL_RESPONSES", "evaluate", "evals_store", "format_report",
     "harmful_response_kind", "load_sets",
-    "result_key", "stored_evaluation", "summarise",
+    "result_key", "stage_plan", "stored_evaluation", "summarise",
     # re-exported building blocks (their home modules are analysis.safety.keywords/generation/nll/judge)
     "ARDITI_KEYWORDS", "Cancel", "GuardConfig", "JudgeConfig", "KEYWORD_LISTS", "Progress", "QI_KEYWORDS", "affirmative_nll",
     "affirmative_target", "atomic_write_json", "build_judge_messages", "generate", "generate_ids", "is_refusal",
@@ -287,7 +295,7 @@ def evaluate(config: EvalConfig, ctx: TaskContext | None = None, model=None, sto
              use_cache: bool = True) -> EvalResult:
     """Evaluate ``config.model``: completions + keyword refusals, NLLs, judge; stored under the run id.
 
-    ``ctx``: device, progress (generation 0-0.75, NLLs 0.75-0.95, judge 0.95-1) and cancelling (raises
+    ``ctx``: device, progress (per stage with counts, shares by work: :func:`stage_plan`) and cancelling (raises
     :class:`EvalCancelled`, a :class:`~analysis.core.tasks.Cancelled`; nothing is stored). ``model``: an
     already loaded :class:`~analysis.llm.models.LoadedModel` of ``config.model`` (tests, in-process reuse);
     by default the task loads its own. ``use_cache=False`` recomputes and replaces a stored result.
@@ -322,8 +330,11 @@ def evaluate(config: EvalConfig, ctx: TaskContext | None = None, model=None, sto
         if ranks is not None:
             ranks.send(("reuse",) if manifest is not None else ("compute",))
         if manifest is not None:
-            ctx.report(1.0, "reused a stored evaluation")
-            return load_evaluation(store, run_id, manifest)
+            stored = load_evaluation(store, run_id, manifest)
+            if config.judge is None or not stored.metrics.get("judge_n_failed") or ranks is not None:
+                ctx.report(1.0, "reused a stored evaluation")
+                return stored
+            return _retry_judge(config, ctx, store, stored)
         if why:
             messages.append(why)
         elif use_cache and _legacy_folders(store):
@@ -331,21 +342,35 @@ def evaluate(config: EvalConfig, ctx: TaskContext | None = None, model=None, sto
                             "are not read; evaluating again (delete those folders to free the space)")
         for message in messages:
             ctx.report(0.0, message)
-        if model is None:
-            ctx.report(0.0, f"loading the model {config.model.source}")
-            model = load_model(config.model)
+        if config.judge is not None:  # a judge that is down costs seconds here, not an evaluation
+            ctx.report(0.0, f"checking that the judge at {config.judge.base_url} answers")
+            check_judge_reachable(config.judge)
+        partial = _read_partial(store, run_id, key) if ranks is None and use_cache else None
         start = time.perf_counter()
         try:
-            records = _generate_records(config, ctx, model, sets, device, ranks)
-            generated = True
-            result = _compute(config, ctx, model, sets, key, run_id, records, device, start)
+            if partial is not None:  # generated, scored by keywords and NLLs already: only the judge is left
+                ctx.report(0.95, "resuming at the judge: generations and NLLs read from the stored partial run")
+                result = _judged(config, ctx, partial["model"], sets, key, run_id, partial["records"],
+                                 {k: np.asarray(v, dtype=np.float64) for k, v in partial["nll"].items()},
+                                 time.perf_counter() - partial["seconds"])
+            else:
+                if model is None:
+                    ctx.report(0.0, f"loading the model {config.model.source}")
+                    model = load_model(config.model)
+                records = _generate_records(config, ctx, model, sets, device, ranks)
+                generated = True
+                result = _compute(config, ctx, model, sets, key, run_id, records, device, start,
+                                  checkpoint=lambda recs, nll, seconds: _write_partial(
+                                      store, run_id, key, _model_info(model), recs, nll, seconds))
         except Cancelled as error:
             raise EvalCancelled(str(error), run_id) from None
         result.messages = messages
         stored, _ = store.reusable(run_id, key)  # another process may have finished the same run meanwhile
         if stored is None or not use_cache:
+            ctx.report(1.0, "storing: records, NLLs, metrics")
             store.delete(run_id)
             save_evaluation(store, result, _versions())
+        _partial_path(store, run_id).unlink(missing_ok=True)
         result.folder = store.path(run_id)
         ctx.report(1.0, "evaluation done")
         if ranks is not None:
@@ -375,25 +400,89 @@ def _span(ctx: TaskContext | None, low: float, high: float, prefix: str = ""):
     return lambda fraction, message: ctx.report(low + (high - low) * fraction, prefix + message)
 
 
+#: work of one NLL sample relative to one generated token of a batched answer (a forward over the whole text vs
+#: one decode step): ~15-20 on SmolLM2-135M on a CPU (bench eval, 24-prompt runs). Only shapes the progress
+#: bar, never a number of the evaluation (the time estimate measures NLLs itself)
+NLL_TOKEN_EQUIVALENT = 15.0
+
+
+def stage_plan(config: EvalConfig, sets) -> dict[str, dict]:
+    """The evaluation's stages in order, each {"label", "count" (answers or NLL samples), "tokens" (new tokens
+    per answer, 0 for NLLs), "work" (tokens or token-equivalents), "low", "high" (its share of the progress
+    bar, by work)}; the guard and judge, when on, get the last 5%."""
+    harmful, benign, utility = sets
+    _, scored = _generation_prompts(config, sets)
+    refusal_nll = len(harmful) if harmful_response_kind(config, harmful) == "refusal" else 0
+    stages = {
+        "harmful": ("harmful answers", len(harmful), config.max_new_tokens),
+        "benign": ("benign answers", len(benign), config.max_new_tokens),
+        "utility": ("utility answers", len(scored), config.utility_max_new_tokens),
+        "refusal_nll": ("refusal NLL", refusal_nll, 0),
+        "affirmative_nll": ("affirmative NLL", len(harmful), 0),
+        "utility_nll": ("utility NLL", len(utility), 0),
+    }
+    work = {name: count * (tokens or NLL_TOKEN_EQUIVALENT) for name, (_, count, tokens) in stages.items()}
+    end = 0.95 if config.judge is not None or config.guard is not None else 1.0
+    total, done, plan = max(sum(work.values()), 1e-9), 0.0, {}
+    for name, (label, count, tokens) in stages.items():
+        low = end * done / total
+        done += work[name]
+        plan[name] = {"label": label, "count": count, "tokens": tokens, "work": work[name], "low": low,
+                      "high": end * done / total}
+    return plan
+
+
+def _stage_progress(ctx: TaskContext | None, stage: dict):
+    """A ``progress(fraction, message)`` callback reporting "<stage>: k/n (t new tokens each)" on its share."""
+    if ctx is None:
+        return None
+    each = f" ({stage['tokens']} new tokens each)" if stage["tokens"] else ""
+
+    def progress(fraction: float, message: str) -> None:  # noqa: ARG001 - the stage names its own counts
+        done = round(fraction * stage["count"])
+        ctx.report(stage["low"] + (stage["high"] - stage["low"]) * fraction,
+                   f"{stage['label']}: {done}/{stage['count']}{each}")
+
+    return progress
+
+
+def _by_length(tokenizer, contexts: list) -> list[int]:
+    """Indices of ``contexts`` from the shortest rendered prompt to the longest (less padding per batch)."""
+    from analysis.llm.formatting import render_prompt
+
+    lengths = [len(tokenizer(render_prompt(tokenizer, list(c)), add_special_tokens=False)["input_ids"])
+               for c in contexts]
+    return sorted(range(len(contexts)), key=lambda i: (lengths[i], i))
+
+
 def _generate_all(config: EvalConfig, model, sets, ranks, ctx: TaskContext | None = None) -> tuple[list, list]:
-    """(completions of the harmful + benign prompts, answers to the scored utility prompts), the batches
-    dealt over ``ranks`` (None: one process); progress and cancelling through ``ctx`` (None: neither)."""
+    """(completions of the harmful + benign prompts, answers to the scored utility prompts), each stage's
+    prompts batched by length (shortest first; outputs back in the prompts' order), the batches dealt over
+    ``ranks`` (None: one process); progress per stage and cancelling through ``ctx`` (None: neither)."""
     from analysis.core.distributed import map_batches
 
-    examples, scored = _generation_prompts(config, sets)
-    split = 0.6 if scored else 0.75
+    harmful, benign, _ = sets
+    _, scored = _generation_prompts(config, sets)
+    plan = stage_plan(config, sets)
     cancel = (lambda: ctx.cancelled) if ctx is not None else None
-
-    def run(contexts, max_new_tokens, low, high, prefix):
-        return map_batches(ranks, contexts, config.batch_size, lambda part: generate(
-            model.model, model.tokenizer, part, max_new_tokens, config.batch_size, config.seed,
-            progress=_span(ctx, low, high, prefix), cancel=cancel))
-
     system = config.system_prompt
-    completions = run([with_system(ex.context, system) for ex in examples], config.max_new_tokens, 0.0, split,
-                      "generating: ")
-    answers = run([with_system(ex.context, system) for ex, _ in scored], config.utility_max_new_tokens, split, 0.75,
-                  "utility answers: ") if scored else []
+
+    def run(examples, max_new_tokens, stage):
+        contexts = [with_system(ex.context, system) for ex in examples]
+        if not contexts:
+            return []
+        order = _by_length(model.tokenizer, contexts)
+        outputs = map_batches(ranks, [contexts[i] for i in order], config.batch_size, lambda part: generate(
+            model.model, model.tokenizer, part, max_new_tokens, config.batch_size, config.seed,
+            progress=_stage_progress(ctx, plan[stage]), cancel=cancel))
+        result: list = [None] * len(contexts)
+        for position, index in enumerate(order):
+            result[index] = outputs[position]
+        return result
+
+    completions = run(list(harmful), config.max_new_tokens, "harmful") + run(list(benign), config.max_new_tokens,
+                                                                              "benign")
+    answers = run([ex for ex, _ in scored], config.utility_max_new_tokens, "utility")
     return completions, answers
 
 
@@ -435,39 +524,118 @@ def _generate_records(config: EvalConfig, ctx: TaskContext, loaded, sets, device
 
 
 def _compute(config: EvalConfig, ctx: TaskContext, loaded, sets, key: dict, run_id: str, records: list[dict],
-             device, start: float) -> EvalResult:
-    """NLLs, guard and judge of the generated ``records`` on the model's device; nothing stored."""
+             device, start: float, checkpoint=None) -> EvalResult:
+    """NLLs, guard and judge of the generated ``records`` on the model's device; nothing stored in the store
+    but ``checkpoint(records, nll, seconds)``, called before the first judge call."""
     harmful, benign, utility = sets
     model, tokenizer = loaded.model, loaded.tokenizer
     cancel = lambda: ctx.cancelled  # noqa: E731
     system = lambda messages: with_system(messages, config.system_prompt)  # noqa: E731
     responses = harmful_response_kind(config, harmful)
-    ctx.report(0.75, "refusal NLL")
+    plan = stage_plan(config, sets)
+
+    def stage(name: str) -> None:
+        ctx.report(plan[name]["low"], f"{plan[name]['label']}: {plan[name]['count']} samples")
+
+    stage("refusal_nll")
     refusals = [system(ex.messages) for ex in harmful] if responses == "refusal" else []
     nll = {"refusal": response_nll(model, tokenizer, refusals, config.max_length, config.nll_batch_size, cancel)}
-    ctx.report(0.82, "affirmative NLL")
+    stage("affirmative_nll")
     targets = [ex.response if responses == "affirmative" else affirmative_target(ex.prompt, config.affirmative_template)
                for ex in harmful]
     nll["affirmative"] = affirmative_nll(model, tokenizer, [system(ex.context) for ex in harmful], targets,
                                          config.max_length, config.nll_batch_size, cancel)
-    ctx.report(0.88, "utility NLL")
+    stage("utility_nll")
     nll["utility"] = response_nll(model, tokenizer, [system(ex.messages) for ex in utility], config.max_length,
                                   config.nll_batch_size, cancel)
     if config.guard is not None:
         _label_with_guard(config, ctx, loaded, [r for r in records if r["set"] == "harmful"], cancel, device)
+    if checkpoint is not None and config.judge is not None:  # nothing generated is lost if the judge fails
+        checkpoint(records, nll, time.perf_counter() - start)
+    return _judged(config, ctx, _model_info(loaded), sets, key, run_id, records, nll, start)
+
+
+def _model_info(loaded) -> dict:
+    return {"source": loaded.source, "name": loaded.name, "identity": loaded.identity}
+
+
+def _judged(config: EvalConfig, ctx: TaskContext, model_info: dict, sets, key: dict, run_id: str,
+            records: list[dict], nll: dict, start: float) -> EvalResult:
+    """The judge's scores of the harmful ``records`` (``judge_score``, and ``judge_error``: None or why there
+    is no score), then the :class:`EvalResult`; nothing stored."""
+    harmful, _, utility = sets
     if config.judge is not None:
         harmful_records = [r for r in records if r["set"] == "harmful"]
-        scores = judge_scores([(r["prompt"], r["completion"]) for r in harmful_records], config.judge,
-                              progress=_span(ctx, 0.95, 1.0), cancel=cancel)
-        for record, score in zip(harmful_records, scores):
-            record["judge_score"] = score
+        results = judge_results([(r["prompt"], r["completion"]) for r in harmful_records], config.judge,
+                                progress=_span(ctx, 0.95, 1.0, "judge: "), cancel=lambda: ctx.cancelled)
+        for record, (score, error) in zip(harmful_records, results):
+            record["judge_score"], record["judge_error"] = score, error
     ctx.check_cancel("evaluation cancelled", run_id)
+    ctx.report(1.0 if config.judge is None and config.guard is None else 0.99, "metrics: rates, intervals")
     return EvalResult(
-        model={"source": loaded.source, "name": loaded.name, "identity": loaded.identity},
-        config=key, run_id=run_id, records=records, nll=nll,
+        model=dict(model_info), config=key, run_id=run_id, records=records, nll=nll,
         nll_ids={"harmful": [ex.id for ex in harmful], "utility": [ex.id for ex in utility]},
         metrics=summarise(records, nll, config.primary_keywords, config.judge.rubric if config.judge else "qi"),
         seconds=time.perf_counter() - start, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def _retry_judge(config: EvalConfig, ctx: TaskContext, store: RunStore, stored: EvalResult) -> EvalResult:
+    """A stored evaluation whose judge failed on some prompts: ask the judge again for those only (nothing is
+    generated again), store the completed run in place and return it."""
+    failed = [r for r in stored.records if r["set"] == "harmful" and r.get("judge_error")]
+    ctx.report(0.95, f"judge: retrying the {len(failed)} prompts it did not score (generations reused)")
+    check_judge_reachable(config.judge)
+    start = time.perf_counter()
+    results = judge_results([(r["prompt"], r["completion"]) for r in failed], config.judge,
+                            progress=_span(ctx, 0.95, 1.0, "judge (retry): "), cancel=lambda: ctx.cancelled)
+    ctx.check_cancel("evaluation cancelled", stored.run_id)
+    for record, (score, error) in zip(failed, results):
+        record["judge_score"], record["judge_error"] = score, error
+    result = dataclasses.replace(
+        stored, metrics=summarise(stored.records, stored.nll, config.primary_keywords, config.judge.rubric),
+        seconds=stored.seconds + time.perf_counter() - start, cached=False,
+        messages=[f"re-judged {len(failed)} prompts of a stored evaluation; {sum(e is not None for _, e in results)} "
+                  "still failed"])
+    ctx.report(1.0, "storing: records, NLLs, metrics")
+    # the generations stay on disk while the run is replaced: a crash here resumes at the judge next time
+    _write_partial(store, stored.run_id, stored.config, stored.model, stored.records, stored.nll, stored.seconds)
+    store.delete(stored.run_id)
+    save_evaluation(store, result, _versions())
+    _partial_path(store, stored.run_id).unlink(missing_ok=True)
+    result.folder = store.path(stored.run_id)
+    ctx.report(1.0, "evaluation done")
+    return result
+
+
+def _partial_path(store: RunStore, run_id: str):
+    return store.root / "_partial" / f"{run_id}.json"
+
+
+def _write_partial(store: RunStore, run_id: str, key: dict, model_info: dict, records: list[dict], nll: dict,
+                   seconds: float) -> None:
+    """Generations, keyword flags and NLLs of a run whose judge has yet to score it (written before the first
+    judge call; the next evaluation of the same task resumes at the judge)."""
+    from analysis.core.store import finite_or_none
+
+    path = _partial_path(store, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, finite_or_none({"key": key, "model": model_info, "records": records, "seconds": seconds,
+                                            "nll": {k: np.asarray(v, dtype=np.float64).tolist() for k, v in nll.items()}}))
+
+
+def _read_partial(store: RunStore, run_id: str, key: dict) -> dict | None:
+    """The partial run of :func:`_write_partial` when its key is the task's (else None)."""
+    import json
+
+    path = _partial_path(store, run_id)
+    try:
+        partial = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if partial.get("key") != json.loads(json.dumps(key)):
+        return None
+    partial["nll"] = {k: [np.nan if v is None else v for v in values] for k, values in partial["nll"].items()}
+    return partial
 
 
 def _label_with_guard(config: EvalConfig, ctx: TaskContext, loaded, records: list[dict], cancel, device) -> None:
@@ -526,6 +694,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-cache", action="store_true", help="recompute even when a stored result matches")
     parser.add_argument("--examples", type=int, default=3, help="completions to print per set")
+    parser.add_argument("--estimate", action="store_true",
+                        help="print how long each evaluation would take here (a short measured warm-up) and stop")
     parser.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (judge off without it)")
     parser.add_argument("--judge-model", default=None)
     parser.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
@@ -563,6 +733,23 @@ def run(args: argparse.Namespace) -> int:
     except InputError as error:
         print(f"error: {error}")
         return 2
+    if getattr(args, "estimate", False):
+        from analysis.safety.estimate import estimate_evaluation
+        from analysis.safety.results import format_seconds
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        for task in tasks:
+            try:
+                estimate = estimate_evaluation(task, device=resolve_device(args.device))
+            except InputError as error:
+                print(f"error: {error}")
+                return 2
+            speed = estimate["speed"]
+            stages = ", ".join(f"{name} {format_seconds(seconds)}" for name, seconds in estimate["stages"].items())
+            print(f"{task.model.source}: at most about {format_seconds(estimate['total'])} ({stages}); measured "
+                  f"{speed['tokens_per_second']:.0f} new tokens/s at batch {speed['batch']} on {estimate['device']}")
+        return 0
     if getattr(args, "job", None):
         if len(tasks) != 1:
             print("error: a job runs one evaluation task (one model)")
@@ -574,7 +761,11 @@ def run(args: argparse.Namespace) -> int:
     for task, run_id in zip(tasks, run_ids):
         if args.no_cache and speaks:
             store.delete(run_id)
-        code = run_task(task, args, summaries.append)
+        try:
+            code = run_task(task, args, summaries.append)
+        except InputError as error:  # e.g. a judge that cannot be reached: the user fixes it, no traceback
+            print(f"error: {error}")
+            return 2
         if code:
             return code
         if not speaks:

@@ -7,7 +7,8 @@ per response token.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,14 +21,72 @@ from analysis.views import figures
 RATES = ("asr", "over_refusal", "utility_accuracy")
 
 
-def grid_table(rows: Sequence[dict]) -> pd.DataFrame:
-    """Readable table: tier, defence, the metrics under their labels (with units), training seconds."""
+def grid_table(rows: Sequence[dict], evaluations: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Readable table: tier, defence, the metrics under their labels (with units), training seconds. With the
+    cells' ``evaluations`` ({eval run id: EvalResult}), rates read "k/n = x% [Wilson 95%]" and NLLs
+    "mean [bootstrap 95%] (n)"."""
+    from analysis.safety.results import mean_text, rate_text
+
     frame = pd.DataFrame(list(rows))
     if frame.empty:
         return frame
+    if evaluations:
+        frame = frame.astype(object)
+        for index, row in frame.iterrows():
+            evaluation = evaluations.get(row.get("eval_run"))
+            if evaluation is None:
+                continue
+            for column, (key, _) in METRICS.items():
+                if column in frame and evaluation.metrics.get(key) is not None:
+                    text = rate_text if column in RATES else mean_text
+                    frame.at[index, column] = text(evaluation.metrics, key)
     columns = {"tier": "attack tier", "defence": "defence", **{key: label for key, (_, label) in METRICS.items()},
                "train_seconds": "fine-tuning (s)"}
     return frame[[c for c in columns if c in frame]].rename(columns=columns)
+
+
+def grid_export(rows: Sequence[dict], evaluations: Mapping[str, Any]) -> pd.DataFrame:
+    """The grid's rows for download, each metric with its n and 95% interval from the cell's stored
+    evaluation (``<metric>_n``, ``<metric>_low``, ``<metric>_high``; rates also ``<metric>_k``)."""
+    from analysis.safety.results import interval_of
+
+    out = []
+    for row in rows:
+        row = dict(row)
+        evaluation = evaluations.get(row.get("eval_run"))
+        if evaluation is not None:
+            for column, (key, _) in METRICS.items():
+                if evaluation.metrics.get(key) is None:
+                    continue
+                interval = interval_of(evaluation.metrics, key) if column in RATES else \
+                    (evaluation.metrics.get("intervals") or {}).get(key, {})
+                for part in ("k", "n", "low", "high"):
+                    if part in interval:
+                        row[f"{column}_{part}"] = interval[part]
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def grid_paired_verdicts(rows: Sequence[dict], evaluations: Mapping[str, Any], keywords: str = "qi") -> list[str]:
+    """Per tier, paired verdicts on the same held-out prompts (exact McNemar on ASR, over-refusal and utility
+    accuracy): plain fine-tuning against the aligned model (``none``), and every other defence against plain.
+    A defence is called better than plain only when its test says so (p < 0.05); the interval shows what the
+    prompts cannot rule out."""
+    from analysis.safety.compare import compare_records, paired_verdict
+
+    frame = pd.DataFrame(list(rows))
+    lines = []
+    for tier, part in frame.groupby("tier", sort=False) if not frame.empty else []:
+        found = {row["defence"]: evaluations.get(row.get("eval_run")) for _, row in part.iterrows()}
+        found = {name: evaluation for name, evaluation in found.items() if evaluation is not None}
+        pairs = [("none", "plain")] if {"none", "plain"} <= set(found) else []
+        pairs += [("plain", name) for name in found if name not in ("none", "plain") and "plain" in found]
+        for first, second in pairs:
+            compared = compare_records(found[first].records, found[second].records, keywords)
+            texts = [paired_verdict(result) for result in compared.values() if result.n]
+            if texts:
+                lines.append(f"**{tier}**, {second} vs {first}: " + "; ".join(texts) + ".")
+    return lines
 
 
 def grid_figure(rows: Sequence[dict], metric: str) -> go.Figure:

@@ -37,37 +37,68 @@ ARM_COLORS = (figures.OKABE_ITO["vermillion"], figures.OKABE_ITO["blue"])
 # --- evaluations ------------------------------------------------------------------------------------
 
 
+#: summary column -> (metric key, kind): rates get count/n and a Wilson interval, means a bootstrap interval
+SUMMARY_METRICS = {
+    "ASR (Qi)": ("asr_qi", "rate"), "ASR (Arditi)": ("asr_arditi", "rate"),
+    "over-refusal (Qi)": ("over_refusal_qi", "rate"), "over-refusal (Arditi)": ("over_refusal_arditi", "rate"),
+    "refusal NLL": ("refusal_nll", "mean"), "affirmative NLL": ("affirmative_nll", "mean"),
+    "utility accuracy": ("utility_accuracy", "rate"), "utility NLL": ("utility_nll", "mean"),
+    "judge mean score": ("judge_mean_score", "mean"), "StrongREJECT score": ("strongreject_score", "mean"),
+    "guard unsafe rate": ("guard_unsafe_rate", "rate"),
+}
+
+
 def eval_summary(results: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per evaluated model (``results``: label -> EvalResult): rates and mean NLLs."""
+    """One row per evaluated model (``results``: label -> EvalResult), for exports: prompt counts, each
+    metric with its n and 95% interval (``<metric> n``, ``<metric> low``, ``<metric> high``; Wilson for
+    rates, bootstrap over prompts for means), judge calls that failed, and the evaluation's seconds."""
+    from analysis.safety.results import interval_of
+
     rows = []
     for label, result in results.items():
         metrics = result.metrics
-        rows.append({
-            "model": label, "harmful prompts": metrics["n_harmful"], "benign prompts": metrics["n_benign"],
-            "ASR (Qi)": metrics["asr_qi"], "ASR (Arditi)": metrics["asr_arditi"],
-            "over-refusal (Qi)": metrics["over_refusal_qi"], "over-refusal (Arditi)": metrics["over_refusal_arditi"],
-            "refusal NLL": metrics.get("refusal_nll"), "affirmative NLL": metrics.get("affirmative_nll"),
-            "utility accuracy": metrics.get("utility_accuracy"), "utility NLL": metrics.get("utility_nll"),
-            "judge mean score": metrics.get("judge_mean_score"), "StrongREJECT score": metrics.get("strongreject_score"),
-            "guard unsafe rate": metrics.get("guard_unsafe_rate"),
-            "seconds": result.seconds,
-        })
+        row = {"model": label, "harmful prompts": metrics["n_harmful"], "benign prompts": metrics["n_benign"]}
+        for column, (key, kind) in SUMMARY_METRICS.items():
+            value = metrics.get(key)
+            interval = interval_of(metrics, key) if kind == "rate" else (metrics.get("intervals") or {}).get(key, {})
+            row[column] = value
+            if value is not None:
+                row.update({f"{column} n": interval.get("n"), f"{column} low": interval.get("low"),
+                            f"{column} high": interval.get("high")})
+        if metrics.get("judge_n_failed"):
+            row["judge calls failed"] = metrics["judge_n_failed"]
+        row["seconds"] = result.seconds
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
 #: The evaluation summary as two narrow tables (one wide table is cut off on a laptop screen).
 EVAL_TABLES = {
-    "rates": ["model", "harmful prompts", "benign prompts", "ASR (Qi)", "ASR (Arditi)", "over-refusal (Qi)",
-              "over-refusal (Arditi)"],
+    "rates": ["model", "ASR (Qi)", "ASR (Arditi)", "over-refusal (Qi)", "over-refusal (Arditi)"],
     "likelihoods": ["model", "utility accuracy", "utility NLL", "refusal NLL", "affirmative NLL", "judge mean score",
-                    "StrongREJECT score", "guard unsafe rate", "seconds"],
+                    "StrongREJECT score", "guard unsafe rate", "judge calls failed", "time"],
 }
 
 
 def eval_tables(results: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
-    """:func:`eval_summary` split into {"rates": counts and rates, "likelihoods": NLLs (nats per response
-    token), judge score and seconds}; columns that are empty for every model (e.g. no judge) are left out."""
-    summary = eval_summary(results)
+    """The evaluation summary for reading, as text cells with n and 95% interval: {"rates": ASR and
+    over-refusal as "3/8 = 38% [14-69%]", "likelihoods": utility accuracy likewise, NLLs (nats per response
+    token) and judge scores as "1.234 [1.100, 1.390] (n=88)", judge failures, time}; columns empty for every
+    model (e.g. no judge) are left out."""
+    from analysis.safety.results import format_seconds, mean_text, rate_text
+
+    rows = []
+    for label, result in results.items():
+        metrics = result.metrics
+        row: dict = {"model": label}
+        for column, (key, kind) in SUMMARY_METRICS.items():
+            if metrics.get(key) is not None:
+                row[column] = rate_text(metrics, key) if kind == "rate" else mean_text(metrics, key)
+        if metrics.get("judge_n_failed"):
+            row["judge calls failed"] = f"{metrics['judge_n_failed']} of {metrics.get('judge_n_called', '?')}"
+        row["time"] = format_seconds(result.seconds)
+        rows.append(row)
+    summary = pd.DataFrame(rows)
     out = {}
     for name, columns in EVAL_TABLES.items():
         frame = summary[[c for c in columns if c in summary]]
@@ -75,22 +106,96 @@ def eval_tables(results: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
     return out
 
 
+def estimate_text(estimate: Mapping[str, Any]) -> str:
+    """The measured time estimate in words: total, the stages' shares, and what it rests on."""
+    from analysis.safety.results import format_seconds
+
+    speed, total = estimate["speed"], estimate["total"]
+    shares = ", ".join(f"{name.replace('_', ' ')} {seconds / total:.0%}" for name, seconds in estimate["stages"].items()
+                       if total > 0 and seconds / total >= 0.01)
+    return (f"at most about {format_seconds(total)} ({shares}); measured here: "
+            f"{speed['tokens_per_second']:.0f} new tokens/s at batch {speed['batch']}, prompt pass "
+            f"{speed['prefill_seconds']:.2f} s per batch (warm-up took {speed['warmup_seconds']:.1f} s; judge and "
+            "guard not included).")
+
+
+def judge_failure_notes(results: Mapping[str, Any]) -> list[str]:
+    """One line per evaluation whose judge failed on some prompts: how many of how many, and the main reasons
+    (those prompts score None; their generations and keyword verdicts are kept)."""
+    lines = []
+    for label, result in results.items():
+        metrics = result.metrics
+        if metrics.get("judge_n_failed"):
+            reasons = "; ".join(f"{count}x {reason}" for reason, count in (metrics.get("judge_failure_reasons") or {}).items())
+            lines.append(f"{label}: the judge gave no score for {metrics['judge_n_failed']} of "
+                         f"{metrics.get('judge_n_called', '?')} harmful prompts ({reasons})")
+    return lines
+
+
+def safety_answer(label: str, result: Any) -> str:
+    """One sentence answering "Is the model safe?" for one evaluation, with n and 95% intervals: how many
+    held-out harmful prompts it answered (ASR, Wilson interval; the upper bound is what the data cannot rule
+    out) and how many benign prompts it refused."""
+    from analysis.safety.results import interval_of, rate_text
+
+    metrics = result.metrics
+    keywords = metrics.get("primary_keywords", "qi")
+    asr = interval_of(metrics, f"asr_{keywords}")
+    if not asr.get("n"):
+        return f"{label}: no harmful prompts were evaluated."
+    text = (f"{label} answered {asr['k']} of {asr['n']} held-out harmful prompts (ASR {rate_text(metrics, f'asr_{keywords}')}, "
+            f"refusals by {keywords} keywords): with 95% confidence its ASR on prompts like these is at most "
+            f"{asr['high']:.0%}")
+    over = interval_of(metrics, f"over_refusal_{keywords}")
+    if over.get("n"):
+        text += f"; it refused {over['k']} of {over['n']} benign prompts (over-refusal {rate_text(metrics, f'over_refusal_{keywords}')})"
+    return text + "."
+
+
+def paired_model_verdicts(results: Mapping[str, Any], keywords: str = "qi") -> list[str]:
+    """For two or more evaluations on the same prompts, the paired verdicts (McNemar on ASR, over-refusal and
+    utility accuracy, paired bootstrap on the NLLs) of each model against the first one."""
+    from analysis.safety.compare import compare_evaluations, verdicts
+
+    labels = list(results)
+    lines = []
+    for label in labels[1:]:
+        compared = compare_evaluations(results[labels[0]], results[label], keywords)
+        lines += verdicts(compared, f"{labels[0]} -> {label}")
+    return lines
+
+
 def category_rates(results: Mapping[str, Any], keywords: str = "qi", which: str = "harmful") -> pd.DataFrame:
-    """Long table: category, model, n, rate (ASR for ``which="harmful"``, over-refusal for "benign")."""
+    """Long table: category, model, n, k, rate (ASR for ``which="harmful"``, over-refusal for "benign") and
+    its Wilson 95% interval (low, high)."""
     column = f"{'asr' if which == 'harmful' else 'over_refusal'}_{keywords}"
-    columns = ["category", "model", "n", "rate"]
-    frames = [result.category_table(which).rename(columns={column: "rate"}).assign(model=label)[columns]
+    columns = ["category", "model", "n", "k", "rate", "low", "high"]
+    frames = [result.category_table(which).rename(columns={column: "rate", f"{column}_k": "k", f"{column}_low": "low",
+                                                           f"{column}_high": "high"}).assign(model=label)[columns]
               for label, result in results.items()]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 def category_asr_figure(results: Mapping[str, Any], keywords: str = "qi") -> go.Figure:
-    """Grouped bars: ASR per HEx-PHI category, one bar per model."""
+    """Grouped bars: ASR per HEx-PHI category, one bar per model, with Wilson 95% error bars and n in the
+    category labels (a bar of 100% that rests on 2 prompts shows an interval down to 34%); k/n and the
+    interval on hover."""
     frame = category_rates(results, keywords)
+    if not frame.empty and frame.groupby("category")["n"].nunique().max() == 1:  # same prompts: n in the label
+        frame = frame.assign(category=frame["category"] + " (n=" + frame["n"].astype(str) + ")")
     figure = figures.category_bar_figure(
         frame, "category", "rate", "Attack success rate per HEx-PHI category", "ASR (harmful prompts answered)",
-        series="model", number_format=".0%" if len(results) <= 2 else None,
-        subtitle=f"greedy completions, refusal = {KEYWORD_NAMES[keywords]}")
+        series="model", number_format=None,
+        subtitle=f"greedy completions, refusal = {KEYWORD_NAMES[keywords]}; bars: 95% Wilson intervals")
+    for trace in figure.data:
+        part = frame[frame["model"] == trace.name]
+        if len(part) != len(trace.y):
+            continue
+        trace.error_y = dict(type="data", symmetric=False, array=(part["high"] - part["rate"]).tolist(),
+                             arrayminus=(part["rate"] - part["low"]).tolist(), thickness=1.2, width=3)
+        trace.customdata = part[["k", "n", "low", "high"]].to_numpy()
+        trace.hovertemplate = ("%{x}: %{customdata[0]}/%{customdata[1]} = %{y:.0%} "
+                               "[%{customdata[2]:.0%}-%{customdata[3]:.0%}]<extra>%{fullData.name}</extra>")
     figure.update_yaxes(range=[0, 1.1], tickformat=".0%")
     figure.update_xaxes(tickangle=-30)
     figure.update_layout(legend=dict(orientation="h", x=1.0, xanchor="right", y=1.02, yanchor="bottom"),
@@ -183,6 +288,36 @@ def finetune_figures(runs: Mapping[str, Any], metrics: tuple[str, ...] = tuple(F
     return {metric: finetune_curve_figure(histories, metric, subtitle) for metric in metrics}
 
 
+def finetune_paired_verdicts(runs: Mapping[str, Any], keywords: str = "qi") -> list[str]:
+    """Paired verdicts (exact McNemar on ASR and over-refusal, same generation prompts) from the runs' stored
+    evaluation records: each arm's final model against the starting model, then each other arm against plain
+    fine-tuning. ``runs``: any label -> FinetuneResults (with ``evals`` holding ``records``)."""
+    from analysis.safety.compare import compare_records, paired_verdict
+
+    metrics = ("asr", "over_refusal")
+    finals, lines = {}, []
+    for results in runs.values():
+        evals = results.evals
+        final = next((e for e in reversed(evals) if e.get("final")), None)
+        if not evals or final is None or not evals[0].get("records") or not final.get("records"):
+            continue
+        label = _arm_label(results)
+        finals[results.method] = (label, final["records"])
+        compared = compare_records(evals[0]["records"], final["records"], keywords, metrics)
+        texts = [paired_verdict(r) for r in compared.values() if r.n]
+        if texts:
+            lines.append(f"**{label}**, after vs before: " + "; ".join(texts) + ".")
+    if "plain" in finals:
+        for method, (label, records) in finals.items():
+            if method == "plain":
+                continue
+            compared = compare_records(finals["plain"][1], records, keywords, metrics)
+            texts = [paired_verdict(r) for r in compared.values() if r.n]
+            if texts:
+                lines.append(f"**{label}** vs plain fine-tuning: " + "; ".join(texts) + ".")
+    return lines
+
+
 def finetune_category_table(runs: Mapping[str, Any]) -> pd.DataFrame:
     """Per HEx-PHI category: initial ASR and each arm's final ASR (Qi keywords)."""
     merged: pd.DataFrame | None = None
@@ -199,14 +334,30 @@ def finetune_category_table(runs: Mapping[str, Any]) -> pd.DataFrame:
 
 
 def finetune_category_figure(runs: Mapping[str, Any]) -> go.Figure:
-    """Grouped bars per category: initial ASR and each arm's final ASR."""
+    """Grouped bars per category: initial ASR and each arm's final ASR, with Wilson 95% error bars and the
+    number of prompts in the category labels (a fine-tuning run evaluates few prompts per category)."""
+    from analysis.safety.results import interval_of
+
     table = finetune_category_table(runs)
     value_columns = [c for c in table.columns if "ASR" in c]
-    long = table.melt(id_vars=["category"], value_vars=value_columns, var_name="model", value_name="rate")
+    id_columns = ["category"] + (["n"] if "n" in table else [])
+    long = table.melt(id_vars=id_columns, value_vars=value_columns, var_name="model", value_name="rate")
     long["model"] = long["model"].str.replace("final ASR · ", "after ", regex=False).str.replace(
         "initial ASR", "before fine-tuning", regex=False)
+    if "n" in long and not long.empty:
+        intervals = [interval_of({"n": int(n), "asr": rate}, "asr") if pd.notna(n) and pd.notna(rate) else {}
+                     for n, rate in zip(long["n"], long["rate"])]
+        long["low"] = [i.get("low", np.nan) for i in intervals]
+        long["high"] = [i.get("high", np.nan) for i in intervals]
+        long["category"] = long["category"] + " (n=" + long["n"].map(lambda n: f"{int(n)}" if pd.notna(n) else "?") + ")"
     figure = figures.category_bar_figure(long, "category", "rate", "ASR per HEx-PHI category, before and after",
-                                         "ASR (harmful prompts answered)", series="model", number_format=None)
+                                         "ASR (harmful prompts answered)", series="model", number_format=None,
+                                         subtitle="bars: 95% Wilson intervals" if "low" in long else "")
+    for trace in figure.data:
+        part = long[long["model"] == trace.name]
+        if "low" in part and len(part) == len(trace.y):
+            trace.error_y = dict(type="data", symmetric=False, array=(part["high"] - part["rate"]).tolist(),
+                                 arrayminus=(part["rate"] - part["low"]).tolist(), thickness=1.2, width=3)
     figure.update_yaxes(range=[0, 1.1], tickformat=".0%")
     figure.update_xaxes(tickangle=-30)
     figure.update_layout(legend=dict(orientation="h", x=1.0, xanchor="right", y=1.02, yanchor="bottom"),
