@@ -162,11 +162,16 @@ def test_grid_views_read_the_rows_right():
     rows = [row("harmful-10", "none", 0.09), row("harmful-10", "plain", 1.0), row("harmful-10", "spf", 0.15, 0.5),
             row("harmful-10", "pcgrad", 0.9), row("aoa", "none", 0.1), row("aoa", "plain", 0.95),
             row("aoa", "orth", 0.5), row("benign", "none", 0.09)]
-    verdict = grid_verdict(rows)
+    verdict = grid_verdict(rows)  # a description: which defence holds is for the paired tests to say
     assert verdict[0] == ("**harmful-10**: ASR 9% before fine-tuning (over-refusal 10%), 100% after plain "
-                          "fine-tuning; within 10% of the start: spf (15%, over-refusal 10%, utility accuracy 50%).")
-    assert verdict[1].endswith("none of orth kept ASR within 10% of the start.")
+                          "fine-tuning; with a defence: spf 15%, over-refusal 10%, utility accuracy 50%; pcgrad 90%, "
+                          "over-refusal 10%, utility accuracy 25%.")
+    assert verdict[1].endswith("with a defence: orth 50%, over-refusal 10%, utility accuracy 25%.")
     assert verdict[2] == "**benign**: ASR 9% before fine-tuning (over-refusal 10%); no defence evaluated yet."
+    seeded = [{**r, "seed": 0} for r in rows] + [{**row("harmful-10", "plain", 0.8), "seed": 1}]
+    assert "100% after" not in grid_verdict(seeded)[0] and "90% after plain" in grid_verdict(seeded)[0]
+    assert grid_verdict(seeded)[0].endswith("(means of 2 seeds).")
+    assert grid_table(seeded).iloc[1]["ASR (keyword)"] == "0.900 (seeds: 100%, 80%)"
     table = grid_table(rows)
     assert list(table.columns[:4]) == ["attack tier", "defence", "ASR (keyword)", "over-refusal"]
     figure = grid_figure(rows, "asr")

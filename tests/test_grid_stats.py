@@ -50,3 +50,22 @@ def test_grid_export_carries_n_and_intervals():
     assert 0.017 < frame.loc[0, "asr_low"] < 0.018 and 0.11 < frame.loc[0, "asr_high"] < 0.12
     assert frame.loc[0, "utility_accuracy_n"] == 20
     assert frame.loc[1, "asr"] == 0.9 and frame["asr_n"].isna().iloc[1]
+
+
+def test_seeds_are_pooled_prompt_by_prompt_and_the_table_counts_prompts_times_seeds():
+    evaluations = {"none": evaluation(4), "p0": evaluation(80), "p1": evaluation(84), "s0": evaluation(78),
+                   "s1": evaluation(10)}
+
+    def seeded(defence, eval_run, seed):
+        return {**row(defence, eval_run, 0.5), "seed": seed}
+
+    rows = [seeded("none", "none", 0), seeded("plain", "p0", 0), seeded("plain", "p1", 1),
+            seeded("spf", "s0", 0), seeded("spf", "s1", 1)]
+    lines = grid_paired_verdicts(rows, evaluations)
+    assert lines[0].startswith("**harmful-10**, plain vs none (pairs: prompt x 2 seeds): ASR rose by")
+    assert "176 prompts" in lines[0]  # 88 prompts x 2 seeds, the aligned model repeated for each seed
+    # spf vs plain: seed 0 loses 2 (80 -> 78), seed 1 drops 74 (84 -> 10): pooled, a significant fall
+    assert lines[1].startswith("**harmful-10**, spf vs plain (pairs: prompt x 2 seeds): ASR fell by 43 points")
+    table = grid_table(rows, evaluations)
+    assert table.loc[1, "ASR (keyword)"].startswith("164/176 = 93%") and "(seeds: 50%, 50%)" in table.loc[1, "ASR (keyword)"]
+    assert list(table["seeds"]) == ["0", "0, 1", "0, 1"]

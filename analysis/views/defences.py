@@ -21,33 +21,91 @@ from analysis.views import figures
 RATES = ("asr", "over_refusal", "utility_accuracy")
 
 
+def _cells(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """(tier, defence, its rows: one per seed) in the grid's order."""
+    return [(tier, defence, part) for (tier, defence), part in frame.groupby(["tier", "defence"], sort=False)]
+
+
+def _seed_of(row: Mapping) -> Any:
+    seed = row.get("seed")
+    return 0 if seed is None or (isinstance(seed, float) and not np.isfinite(seed)) else int(seed)
+
+
+def pooled_records(rows: Sequence[dict], evaluations: Mapping[str, Any]) -> dict[tuple[str, str], list[dict]]:
+    """{(tier, defence): evaluation records of all its seeds}, each record's id prefixed with its seed
+    (``"1:h17"``), so that a defence and plain fine-tuning pair up prompt by prompt *and* seed by seed. A cell
+    without training (the aligned model) has one evaluation; it is repeated for every seed of its tier, since
+    each seed's fine-tuned model is compared with the same starting model. Cells without a stored evaluation
+    are left out."""
+    frame = pd.DataFrame(list(rows))
+    out: dict[tuple[str, str], list[dict]] = {}
+    if frame.empty:
+        return out
+    tier_seeds = {tier: sorted({_seed_of(row) for row in part.to_dict("records")})
+                  for tier, part in frame.groupby("tier", sort=False)}
+    for tier, defence, part in _cells(frame):
+        cell_rows = part.to_dict("records")
+        seeds = [_seed_of(row) for row in cell_rows]
+        if len(cell_rows) == 1 and not variant(defence).trains:
+            seeds = tier_seeds[tier]
+            cell_rows = cell_rows * len(seeds)
+        records = []
+        for row, seed in zip(cell_rows, seeds):
+            evaluation = evaluations.get(row.get("eval_run"))
+            if evaluation is None:
+                records = []
+                break
+            records += [{**record, "id": f"{seed}:{record.get('id')}"} for record in evaluation.records]
+        if records:
+            out[(tier, defence)] = records
+    return out
+
+
 def grid_table(rows: Sequence[dict], evaluations: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    """Readable table: tier, defence, the metrics under their labels (with units), training seconds. With the
-    cells' ``evaluations`` ({eval run id: EvalResult}), rates read "k/n = x% [Wilson 95%]" and NLLs
-    "mean [bootstrap 95%] (n)"."""
-    from analysis.safety.results import mean_text, rate_text
+    """Readable table, one row per tier x defence: the metrics under their labels (with units), the seeds and
+    the fine-tuning time. Several seeds: the mean of the seeds (rates: pooled over prompts x seeds) and the
+    per-seed values. With the cells' ``evaluations`` ({eval run id: EvalResult}), rates read
+    "k/n = x% [Wilson 95%]" (n = prompts x seeds) and an NLL of one seed "mean [bootstrap 95%] (n)"."""
+    from analysis.core.stats import format_rate
+    from analysis.safety.results import interval_of, mean_text
 
     frame = pd.DataFrame(list(rows))
     if frame.empty:
         return frame
-    if evaluations:
-        frame = frame.astype(object)
-        for index, row in frame.iterrows():
-            evaluation = evaluations.get(row.get("eval_run"))
-            if evaluation is None:
-                continue
-            for column, (key, _) in METRICS.items():
-                if column in frame and evaluation.metrics.get(key) is not None:
-                    text = rate_text if column in RATES else mean_text
-                    frame.at[index, column] = text(evaluation.metrics, key)
+    out = []
+    for tier, defence, part in _cells(frame):
+        cell = part.to_dict("records")
+        row: dict[str, Any] = {"tier": tier, "defence": defence,
+                               "seeds": ", ".join(str(_seed_of(r)) for r in cell)}
+        found = [evaluations.get(r.get("eval_run")) for r in cell] if evaluations else []
+        for column, (key, _) in METRICS.items():
+            values = [r.get(column) for r in cell if r.get(column) is not None and np.isfinite(r.get(column))]
+            mean = float(np.mean(values)) if values else None
+            row[column] = mean
+            if found and all(e is not None and e.metrics.get(key) is not None for e in found):
+                if column in RATES:
+                    intervals = [interval_of(e.metrics, key) for e in found]
+                    if all(i.get("k") is not None for i in intervals):
+                        row[column] = format_rate(sum(i["k"] for i in intervals), sum(i["n"] for i in intervals))
+                elif len(found) == 1:
+                    row[column] = mean_text(found[0].metrics, key)
+            if len(values) > 1:
+                shown = [f"{v:.0%}" if column in RATES else f"{v:.2f}" for v in values]
+                row[column] = f"{row[column] if isinstance(row[column], str) else format(mean, '.3f')} " \
+                              f"(seeds: {', '.join(shown)})"
+        seconds = [r.get("train_seconds") for r in cell if r.get("train_seconds") is not None]
+        row["train_seconds"] = float(np.mean(seconds)) if seconds else None
+        out.append(row)
+    table = pd.DataFrame(out)
     columns = {"tier": "attack tier", "defence": "defence", **{key: label for key, (_, label) in METRICS.items()},
-               "train_seconds": "fine-tuning (s)"}
-    return frame[[c for c in columns if c in frame]].rename(columns=columns)
+               "seeds": "seeds", "train_seconds": "fine-tuning (s, mean)"}
+    return table[[c for c in columns if c in table]].rename(columns=columns)
 
 
 def grid_export(rows: Sequence[dict], evaluations: Mapping[str, Any]) -> pd.DataFrame:
-    """The grid's rows for download, each metric with its n and 95% interval from the cell's stored
-    evaluation (``<metric>_n``, ``<metric>_low``, ``<metric>_high``; rates also ``<metric>_k``)."""
+    """The grid's rows (one per tier x defence x seed) for download, each metric with its n and 95% interval
+    from the cell's stored evaluation (``<metric>_n``, ``<metric>_low``, ``<metric>_high``; rates also
+    ``<metric>_k``)."""
     from analysis.safety.results import interval_of
 
     out = []
@@ -69,34 +127,51 @@ def grid_export(rows: Sequence[dict], evaluations: Mapping[str, Any]) -> pd.Data
 
 def grid_paired_verdicts(rows: Sequence[dict], evaluations: Mapping[str, Any], keywords: str = "qi") -> list[str]:
     """Per tier, paired verdicts on the same held-out prompts (exact McNemar on ASR, over-refusal and utility
-    accuracy): plain fine-tuning against the aligned model (``none``), and every other defence against plain.
-    A defence is called better than plain only when its test says so (p < 0.05); the interval shows what the
-    prompts cannot rule out."""
+    accuracy; Newcombe 95% intervals): the attack (roles from the defence registry) against the aligned model,
+    and every defence against the attack. With several seeds the pairs are (prompt, seed): each seed's
+    defended model against the same seed's attacked model (the aligned model repeated per seed); the test
+    treats the pairs as independent. A defence is called better than the attack only when its test says so
+    (p < 0.05); the interval shows what the prompts cannot rule out."""
     from analysis.safety.compare import compare_records, paired_verdict
 
-    frame = pd.DataFrame(list(rows))
+    pooled = pooled_records(rows, evaluations)
     lines = []
-    for tier, part in frame.groupby("tier", sort=False) if not frame.empty else []:
-        found = {row["defence"]: evaluations.get(row.get("eval_run")) for _, row in part.iterrows()}
-        found = {name: evaluation for name, evaluation in found.items() if evaluation is not None}
-        pairs = [("none", "plain")] if {"none", "plain"} <= set(found) else []
-        pairs += [("plain", name) for name in found if name not in ("none", "plain") and "plain" in found]
+    for tier in dict.fromkeys(tier for tier, _ in pooled):
+        by_role = {role: [d for (t, d) in pooled if t == tier and role_of(d) == role] for role in ROLES}
+        pairs = [(base, attack) for base in by_role["baseline"] for attack in by_role["attack"]]
+        pairs += [(attack, defence) for attack in by_role["attack"] for defence in by_role["defence"]]
         for first, second in pairs:
-            compared = compare_records(found[first].records, found[second].records, keywords)
+            compared = compare_records(pooled[(tier, first)], pooled[(tier, second)], keywords)
             texts = [paired_verdict(result) for result in compared.values() if result.n]
             if texts:
-                lines.append(f"**{tier}**, {second} vs {first}: " + "; ".join(texts) + ".")
+                seeds = len({record["id"].split(":", 1)[0] for record in pooled[(tier, second)]})
+                pairs_text = f" (pairs: prompt x {seeds} seeds)" if seeds > 1 else ""
+                lines.append(f"**{tier}**, {second} vs {first}{pairs_text}: " + "; ".join(texts) + ".")
     return lines
 
 
-def grid_figure(rows: Sequence[dict], metric: str) -> go.Figure:
-    """Bars of one metric per attack tier, one bar per defence (in the grid's order)."""
-    label = METRICS[metric][1]
+def _seed_means(rows: Sequence[dict]) -> pd.DataFrame:
+    """One row per tier x defence: the metrics' means over the cell's seeds (grid order)."""
     frame = pd.DataFrame(list(rows))
+    if frame.empty:
+        return frame
+    metrics = [column for column in METRICS if column in frame]
+    means = [{"tier": tier, "defence": defence, "n_seeds": len(part),
+              **{column: pd.to_numeric(part[column], errors="coerce").mean() for column in metrics}}
+             for tier, defence, part in _cells(frame)]
+    return pd.DataFrame(means)
+
+
+def grid_figure(rows: Sequence[dict], metric: str) -> go.Figure:
+    """Bars of one metric per attack tier, one bar per defence (in the grid's order; several seeds: their mean)."""
+    label = METRICS[metric][1]
+    frame = _seed_means(rows)
     if frame.empty or metric not in frame:
         return figures.empty_figure(label, "no finished cells yet")
-    figure = figures.category_bar_figure(frame, "tier", metric, f"{label[0].upper()}{label[1:]} by attack and defence",
-                                         label, series="defence", number_format=".0%" if metric in RATES else ".2f")
+    seeds = int(frame["n_seeds"].max())
+    title = f"{label[0].upper()}{label[1:]} by attack and defence" + (f" (mean of {seeds} seeds)" if seeds > 1 else "")
+    figure = figures.category_bar_figure(frame, "tier", metric, title, label, series="defence",
+                                         number_format=".0%" if metric in RATES else ".2f")
     figure.update_xaxes(title_text="attack tier (Qi et al. 2023)")
     figure.update_layout(legend_title_text="defence")
     if metric in RATES:
@@ -104,11 +179,12 @@ def grid_figure(rows: Sequence[dict], metric: str) -> go.Figure:
     return figure
 
 
-def grid_verdict(rows: Sequence[dict], tolerance: float = 0.10) -> list[str]:
-    """One sentence per tier: the baseline's ASR (the aligned model; over-refusal too), the attack's (plain
-    fine-tuning; roles from the defence registry), and which defences kept ASR within ``tolerance`` of the aligned model's (with their over-refusal and utility accuracy:
-    a defence that holds by refusing everything shows it)."""
-    frame = pd.DataFrame(list(rows))
+def grid_verdict(rows: Sequence[dict]) -> list[str]:
+    """One descriptive sentence per tier (several seeds: their means): the baseline's ASR (the aligned model;
+    over-refusal too), the attack's (plain fine-tuning; roles from the defence registry) and each defence's
+    ASR, over-refusal and utility accuracy. No claim is made here: whether a defence holds is decided by the
+    paired tests (:func:`grid_paired_verdicts`)."""
+    frame = _seed_means(rows)
     lines = []
     for tier, part in frame.groupby("tier", sort=False) if not frame.empty else []:
         by_defence = {row["defence"]: row for _, row in part.iterrows()}
@@ -119,19 +195,14 @@ def grid_verdict(rows: Sequence[dict], tolerance: float = 0.10) -> list[str]:
         text = f"**{tier}**: ASR {start['asr']:.0%} before fine-tuning{_over_refusal(start, ' (over-refusal {})')}"
         for name in by_role["attack"]:
             text += f", {by_defence[name]['asr']:.0%} after {get(variant(name).method).label}"
-        defended = by_role["defence"]
-        held = [f"{name} ({row['asr']:.0%}{_over_refusal(row, ', over-refusal {}')}, utility accuracy "
-                f"{row['utility_accuracy']:.0%})"
-                for name, row in ((name, by_defence[name]) for name in defended)
-                if np.isfinite(row["asr"]) and row["asr"] - start["asr"] <= tolerance
-                and row["utility_accuracy"] is not None and np.isfinite(row["utility_accuracy"])]
-        if not defended:
-            text += "; no defence evaluated yet."
-        elif held:
-            text += f"; within {tolerance:.0%} of the start: {', '.join(held)}."
-        else:
-            text += f"; none of {', '.join(defended)} kept ASR within {tolerance:.0%} of the start."
-        lines.append(text)
+        defended = [f"{name} {row['asr']:.0%}{_over_refusal(row, ', over-refusal {}')}"
+                    + (f", utility accuracy {row['utility_accuracy']:.0%}"
+                       if row.get("utility_accuracy") is not None and np.isfinite(row["utility_accuracy"]) else "")
+                    for name, row in ((name, by_defence[name]) for name in by_role["defence"])
+                    if np.isfinite(row["asr"])]
+        text += f"; with a defence: {'; '.join(defended)}" if defended else "; no defence evaluated yet"
+        seeds = int(part["n_seeds"].max())
+        lines.append(text + (f" (means of {seeds} seeds)." if seeds > 1 else "."))
     return lines
 
 

@@ -307,14 +307,17 @@ def finetune_paired_verdicts(runs: Mapping[str, Any], keywords: str = "qi") -> l
         texts = [paired_verdict(r) for r in compared.values() if r.n]
         if texts:
             lines.append(f"**{label}**, after vs before: " + "; ".join(texts) + ".")
-    if "plain" in finals:
+    from analysis.lab.defences import variants
+
+    attack = next(item.method for item in variants().values() if item.role == "attack")  # plain fine-tuning
+    if attack in finals:
         for method, (label, records) in finals.items():
-            if method == "plain":
+            if method == attack:
                 continue
-            compared = compare_records(finals["plain"][1], records, keywords, metrics)
+            compared = compare_records(finals[attack][1], records, keywords, metrics)
             texts = [paired_verdict(r) for r in compared.values() if r.n]
             if texts:
-                lines.append(f"**{label}** vs plain fine-tuning: " + "; ".join(texts) + ".")
+                lines.append(f"**{label}** vs {finals[attack][0]}: " + "; ".join(texts) + ".")
     return lines
 
 
