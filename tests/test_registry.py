@@ -25,7 +25,7 @@ def help_text(kind: str) -> str:
     return " ".join(out.getvalue().split())
 
 
-def flattened_fields(cls, prefix="", note=None):
+def flattened_fields(cls, prefix="", note=None, optional=False):
     """(dest, flag, help, default) of every CLI option a task class declares, nested settings included (their
     default shown as the task's ``cli_default_note`` when it has one, e.g. "the preset's")."""
     note = note or getattr(cls, "cli_default_note", None)
@@ -36,12 +36,15 @@ def flattened_fields(cls, prefix="", note=None):
         if base is ModelConfig and not field.metadata.get("flag"):
             yield "model.source", "--model", None, default(cls, field.name).source
         elif dataclasses.is_dataclass(base) and base is not ModelConfig:
-            yield from flattened_fields(base, f"{prefix}{field.name}.", note)
+            yield from flattened_fields(base, f"{prefix}{field.name}.", note, default(cls, field.name) is None)
         else:
             flag = field.metadata.get("flag") or "--" + field.name.replace("_", "-")
-            value = default(cls, field.name)
+            has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+            value = default(cls, field.name) if has_default else None
             if prefix and note and value is not False:
                 value = note
+            if optional and isinstance(value, ModelConfig):  # a model of settings that are off by default
+                value = None
             yield prefix + field.name, flag, field.metadata["help"], getattr(value, "source", value)
 
 
@@ -67,8 +70,9 @@ def test_a_second_class_of_a_registered_kind_is_refused():
 def test_help_shows_every_declared_option_with_its_default_and_help(kind):
     body = help_text(kind).split(" options: ", 1)[1]  # the option list, after the usage line
     for dest, flag, help_line, value in flattened_fields(task_class(kind)):
-        assert f" {flag} " in body, f"{kind}: {flag} ({dest}) is not in --help"
-        entry = body.split(f" {flag} ", 1)[1][:600]
+        found = re.search(rf" {re.escape(flag)}[ ,]", body)
+        assert found, f"{kind}: {flag} ({dest}) is not in --help"
+        entry = body[found.end():][:600]
         if help_line is not None:
             assert " ".join(help_line.split()) in entry, f"{kind}: the help of {flag} is not in its entry"
         if value is not False and "(required)" not in entry[:400]:

@@ -23,12 +23,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from analysis.core.config import DEVICE_MAPS, ConfigError, InputError, from_jsonable
+from analysis.core.config import ConfigError, InputError, from_jsonable
 from analysis.core.distributed import leader_process
 from analysis.core.tasks import DEVICES_HELP, Cancelled, Event, Task, TaskContext
 
-__all__ = ["add_device_map_argument", "add_task_arguments", "add_task_command", "load_task", "run_command", "run_task",
-           "run_task_command", "task_from_options"]
+__all__ = ["add_task_arguments", "add_task_command", "load_task", "run_task", "run_task_command", "task_from_options"]
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,13 +38,6 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--job", metavar="DIR", help=argparse.SUPPRESS)  # run as the worker of a queued job
     group.add_argument("--device", default="cpu", help=f"where to compute: {DEVICES_HELP} (default cpu)")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-
-
-def add_device_map_argument(parser: argparse.ArgumentParser) -> None:
-    """``--device-map`` (``ModelConfig.device_map``) of the commands whose options are still written by hand."""
-    parser.add_argument("--device-map", choices=DEVICE_MAPS, default=None,
-                        help="spread the model over the GPUs (then CPU memory) with accelerate, for a model larger "
-                             "than one GPU; --device is then ignored for the model (default: off)")
 
 
 def load_task(path: str | Path, task_class: type) -> Task:
@@ -61,18 +53,6 @@ def load_task(path: str | Path, task_class: type) -> Task:
             raise ConfigError(f"{path} holds a {data['kind']!r} task, not {task_class.kind!r}")
         data = data["config"]
     return from_jsonable(task_class, data)
-
-
-def run_command(args: argparse.Namespace, task_class: type, build: Callable[[argparse.Namespace], Task],
-                print_result: Callable[[Mapping[str, Any]], None]) -> int:
-    """The ``run(args)`` of a task command whose options are still written by hand: the task from ``--config
-    FILE`` or ``build(args)``, run by :func:`run_task`; an InputError prints ``error: ...`` and returns 2."""
-    try:
-        task = load_task(args.config, task_class) if args.config else build(args)
-        return run_task(task, args, print_result)
-    except InputError as error:
-        print(f"error: {error}")
-        return 2
 
 
 def add_task_command(parser: argparse.ArgumentParser, task_class: type) -> None:

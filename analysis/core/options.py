@@ -15,7 +15,8 @@ Metadata keys (all optional): ``help`` (one line), ``flag`` (default ``--field-n
 where a result is computed, never what it is - left out of run ids), ``legacy`` (True: added after runs were
 stored; left out of run ids while it holds its default, so those runs keep their ids - the table of such
 fields is :func:`legacy_fields`), ``minimum`` / ``maximum`` (checked by :func:`check_bounds`), ``required``
-(the command line must give it, unless the task comes from ``--config FILE``).
+(the command line must give it, unless the task comes from ``--config FILE``), ``repeatable`` (the shared
+model group's ``--model`` may be given several times: one task per model).
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ _MISSING = dataclasses.MISSING
 def option(default: Any = _MISSING, *, help: str, flag: str | None = None, short: str | None = None,  # noqa: A002
            choices: tuple | Callable[[], Iterable[str]] | None = None, metavar: str | None = None,
            cli: bool = True, run_id: bool = True, legacy: bool = False, minimum: float | None = None,
-           maximum: float | None = None, required: bool = False,
+           maximum: float | None = None, required: bool = False, repeatable: bool = False,
            default_factory: Callable[[], Any] | Any = _MISSING) -> Any:
     """A dataclass field carrying its help text, CLI flag, choices and run-id membership (module docstring)."""
     metadata = {"help": help, "flag": flag, "short": short, "choices": choices, "metavar": metavar, "cli": cli,
-                "run_id": run_id, "legacy": legacy, "minimum": minimum, "maximum": maximum, "required": required}
+                "run_id": run_id, "legacy": legacy, "minimum": minimum, "maximum": maximum, "required": required,
+                "repeatable": repeatable}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -57,6 +59,10 @@ def default(cls: type, name: str) -> Any:
     if field.default_factory is not _MISSING:
         return field.default_factory()
     raise ConfigError(f"{cls.__name__}.{name} has no default")
+
+
+def _has_default(field: dataclasses.Field) -> bool:
+    return field.default is not _MISSING or field.default_factory is not _MISSING
 
 
 def _is_model_field(hint: Any) -> bool:
@@ -108,7 +114,7 @@ def _is_model_group(field: dataclasses.Field, hint: Any) -> bool:
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, exclude: Iterable[str] = (), prefix: str = "",
-                group: Any = None, default_note: str | None = None) -> None:
+                group: Any = None, default_note: str | None = None, optional: bool = False) -> None:
     """Add an option for every CLI field of ``cls`` (not in ``exclude``); a ModelConfig field adds the shared
     model group (``--model``, ``--dtype``, ``--device-map``, ...), or one option (its source) when it names its
     own flag; a nested settings dataclass adds its own CLI fields. Defaults and help come from the fields; a
@@ -124,13 +130,13 @@ def add_options(parser: argparse.ArgumentParser, cls: type, exclude: Iterable[st
             continue
         if _is_nested(field, hint):
             add_options(parser, _strip_optional(hint), prefix=f"{prefix}{field.name}.", group=group,
-                        default_note=default_note)
+                        default_note=default_note, optional=default(cls, field.name) is None)
             continue
-        value = default(cls, field.name)
+        value = default(cls, field.name) if _has_default(field) else None
         if _is_model_field(hint):  # a second model (e.g. the base model): its source, as a string option
+            shown = None if optional else getattr(value, "source", value)  # settings off by default: "off"
             group.add_argument(_flag(field), dest=prefix + field.name, default=argparse.SUPPRESS, metavar="SOURCE",
-                               help=_help(field.metadata["help"], getattr(value, "source", value),
-                                          field.metadata.get("required", False)))
+                               help=_help(field.metadata["help"], shown, field.metadata.get("required", False)))
             continue
         names = [_flag(field)] + ([field.metadata["short"]] if field.metadata.get("short") else [])
         shown = _help(field.metadata["help"], value, field.metadata.get("required", False))
@@ -173,9 +179,12 @@ def _add_model_group(parser: argparse.ArgumentParser, field: dataclasses.Field) 
 
     model = default_model(field)
     group = parser.add_argument_group("model", field.metadata["help"])
+    repeatable = field.metadata.get("repeatable", False)
     group.add_argument("--model", dest="model.source", default=argparse.SUPPRESS, metavar="SOURCE",
+                       action="append" if repeatable else "store",
                        help=_help("default, default-aligned, tiny-llama, tiny-gpt2, a local folder or a hub id "
-                                  "already in the local cache", model.source))
+                                  "already in the local cache" + ("; repeat it for several models" if repeatable
+                                                                  else ""), model.source))
     group.add_argument("--dtype", dest="model.dtype", choices=DTYPES, default=argparse.SUPPRESS,
                        help=_help("model dtype (bfloat16 trains through float32 master weights)", model.dtype))
     group.add_argument("--device-map", dest="model.device_map", choices=DEVICE_MAPS, default=argparse.SUPPRESS,
@@ -221,13 +230,25 @@ def option_values(cls: type, given: Mapping[str, Any], prefix: str = "", partial
         elif _is_nested(field, hint):
             inner = option_values(_strip_optional(hint), given, prefix=f"{name}.", partial=partial)
             if inner:
-                values[field.name] = inner if partial else dataclasses.replace(default(cls, field.name), **inner)
+                values[field.name] = inner if partial else _nested(cls, field, _strip_optional(hint), inner)
         elif name in given:
             value = given[name]
             if isinstance(value, list):  # nargs="+": each item may itself be a comma-separated list
                 value = tuple(item for part in value for item in (part if isinstance(part, list) else [part]))
             values[field.name] = value
     return values
+
+
+def _nested(cls: type, field: dataclasses.Field, settings: type, inner: dict[str, Any]) -> Any:
+    """Nested settings from the options given: the default with them applied, or, for settings that are off
+    by default (None, e.g. a judge), the settings class built from them (ConfigError naming what is missing)."""
+    current = default(cls, field.name)
+    if current is not None:
+        return dataclasses.replace(current, **inner)
+    missing = [_flag(f) for f, _ in cli_fields(settings) if f.name not in inner and not _has_default(f)]
+    if missing:
+        raise ConfigError(f"{field.name}: give {' and '.join(missing)} too (or leave out its other options)")
+    return settings(**inner)
 
 
 def run_options(cls: type, args: argparse.Namespace) -> dict[str, Any]:

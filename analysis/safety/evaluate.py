@@ -36,7 +36,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from analysis.core.config import ConfigError, InputError, ModelConfig, config_hash, to_jsonable
+from analysis.core.config import ConfigError, InputError, ModelConfig, config_hash
+from analysis.core.options import identity_values, option
 from analysis.core.store import RunStore, atomic_write_json
 from analysis.core.tasks import Cancelled, TaskContext, register_task, resolve_device
 from analysis.llm.formatting import pad_rows, with_system
@@ -44,7 +45,6 @@ from analysis.safety.accuracy import answer_correct, gold_answer
 from analysis.safety.generation import generate, generate_ids
 from analysis.safety.guard import GuardConfig, guard_labels
 from analysis.safety.judge import (
-    JUDGE_RUBRICS,
     JudgeConfig,
     build_judge_messages,
     check_judge_reachable,
@@ -93,6 +93,10 @@ _report = report
 # the task
 
 
+#: Values of :attr:`EvalConfig.harmful_response`.
+HARMFUL_RESPONSES = ("auto", "refusal", "affirmative", "none")
+
+
 @register_task
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
@@ -120,36 +124,49 @@ class EvalConfig:
 
     kind: ClassVar[str] = "evaluate"
 
+    model: ModelConfig = option(ModelConfig(), repeatable=True, help="the model(s) to evaluate")
+    max_new_tokens: int = option(48, help="new tokens per harmful / benign answer", minimum=1, maximum=1024)
+    batch_size: int = option(16, help="prompts per generation batch", minimum=1, maximum=4096, run_id=False)
+    nll_batch_size: int = option(8, help="conversations per NLL batch", minimum=1, maximum=4096, run_id=False)
+    max_length: int = 256
+    seed: int = option(0, help="seed of the subsamples")
+    harmful: str = option("safety", metavar="FILE",
+                          help="harmful prompts: a shipped name or a file (JSONL/CSV, HarmBench, AdvBench, "
+                               "JailbreakBench, StrongREJECT CSV, .txt one prompt per line)")
+    harmful_split: str = "eval"
+    benign: str = option("benign_sensitive", metavar="FILE",
+                         help="benign prompts for over-refusal: a shipped name or a file (e.g. XSTest CSV, .txt)")
+    utility: str = option("utility", metavar="FILE", help="utility set (prompt + answer)")
+    utility_split: str = "eval"
+    n_harmful: int | None = option(None, minimum=1, help="seeded subsample of the harmful eval split (off: all)")
+    n_benign: int | None = option(None, minimum=1, help="seeded subsample of the benign prompts (off: all)")
+    n_utility: int | None = option(None, minimum=1, help="seeded subsample of the utility prompts (off: all)")
+    affirmative_template: str = "Sure, here is how to do that"
+    primary_keywords: str = option("qi", flag="--keywords", choices=lambda: tuple(sorted(KEYWORD_LISTS)),
+                                   help="the primary refusal-keyword list")
+    judge: JudgeConfig | None = option(None, help="an LLM judge (off without --judge-url)")
+    harmful_response: str = option("auto", choices=HARMFUL_RESPONSES,
+                                   help="what the harmful file's responses are (auto: by format)")
+    utility_accuracy: bool = option(True, help="also generate and score the utility answers (math, factual QA)")
+    utility_max_new_tokens: int = option(128, minimum=1, maximum=1024,
+                                         help="new tokens of the answers scored for utility accuracy")
+    guard: GuardConfig | None = option(None, help="a local guard classifier (off without --guard)")
+    system_prompt: str | None = option(None, legacy=True,
+                                       help="system message before every prompt (e.g. a persona; off: none)")
+
     @staticmethod
     def add_extra_options(parser: argparse.ArgumentParser) -> None:
-        add_arguments(parser, "evaluate")  # options still written by hand (issue 18: to be generated from the fields)
+        """What the command prints or skips: not settings of an evaluation."""
+        group = parser.add_argument_group("command")
+        group.add_argument("--no-cache", action="store_true", help="recompute even when a stored result matches")
+        group.add_argument("--examples", type=int, default=3, help="completions to print per set (default: 3)")
+        group.add_argument("--estimate", action="store_true",
+                           help="print how long each evaluation would take here (a short measured warm-up) and stop")
 
     @staticmethod
     def run_command(args: argparse.Namespace) -> int:
+        """Several ``--model`` s: one evaluation each, then one report comparing them (paired tests)."""
         return run(args)
-
-    model: ModelConfig = ModelConfig()
-    max_new_tokens: int = 48
-    batch_size: int = 16
-    nll_batch_size: int = 8
-    max_length: int = 256
-    seed: int = 0
-    harmful: str = "safety"
-    harmful_split: str = "eval"
-    benign: str = "benign_sensitive"
-    utility: str = "utility"
-    utility_split: str = "eval"
-    n_harmful: int | None = None  # None: the whole split
-    n_benign: int | None = None
-    n_utility: int | None = None
-    affirmative_template: str = "Sure, here is how to do that"
-    primary_keywords: str = "qi"
-    judge: JudgeConfig | None = None
-    harmful_response: str = "auto"
-    utility_accuracy: bool = True
-    utility_max_new_tokens: int = 128
-    guard: GuardConfig | None = None
-    system_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):
@@ -189,8 +206,6 @@ class EvalConfig:
         return evaluate(self, ctx).summary()
 
 
-#: Values of :attr:`EvalConfig.harmful_response`.
-HARMFUL_RESPONSES = ("auto", "refusal", "affirmative", "none")
 
 
 def _dataset_reference(value, name: str) -> str:
@@ -255,13 +270,9 @@ def result_key(config: EvalConfig, identity: str, sets) -> dict:
     """Everything an evaluation's numbers depend on (stored as the run's config; its hash is the run id):
     format version, model identity, the settings (batch sizes left out, the judge by endpoint and rubric,
     never its key, the model's device_map left out) and the fingerprints of the selected examples."""
-    values = to_jsonable(config, placement=False)
+    values = identity_values(config)  # batch sizes left out (run_id=False), system_prompt while None (legacy)
     values["judge"] = config.judge.identity() if config.judge else None
     values["guard"] = config.guard.identity() if config.guard else None
-    values.pop("batch_size")
-    values.pop("nll_batch_size")
-    if values["system_prompt"] is None:
-        values.pop("system_prompt")  # keeps the run ids of evaluations stored before the setting existed
     harmful, benign, utility = sets
     return {"format": EVAL_FORMAT_VERSION, "model_identity": identity, "config": values,
             "data": {"harmful": _fingerprint(harmful), "benign": _fingerprint(benign),
@@ -665,62 +676,13 @@ def _versions() -> dict:
 # CLI: python -m analysis evaluate
 
 
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    from analysis.core.cli import add_device_map_argument
-
-    defaults = EvalConfig()
-    parser.add_argument("--model", action="append", default=None,
-                        help="model to evaluate (repeatable): default, default-aligned, tiny-llama, a folder, a hub id")
-    parser.add_argument("--dtype", default="float32", help="model dtype: float32 (default), float64, bfloat16")
-    add_device_map_argument(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--utility-max-new-tokens", type=int, default=defaults.utility_max_new_tokens,
-                        help="new tokens of the answers scored for utility accuracy (math, factual QA)")
-    parser.add_argument("--no-utility-accuracy", action="store_true", help="skip the utility answers")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--harmful", default=defaults.harmful, metavar="FILE",
-                        help="harmful prompts: a shipped name or a file (JSONL/CSV, HarmBench, AdvBench, "
-                             "JailbreakBench, StrongREJECT CSV, .txt one prompt per line)")
-    parser.add_argument("--benign", default=defaults.benign, metavar="FILE",
-                        help="benign prompts for over-refusal: a shipped name or a file (e.g. XSTest CSV, .txt)")
-    parser.add_argument("--utility", default=defaults.utility, metavar="FILE", help="utility set (prompt + answer)")
-    parser.add_argument("--harmful-response", choices=HARMFUL_RESPONSES, default="auto",
-                        help="what the harmful file's responses are (auto: by format)")
-    parser.add_argument("--n-harmful", type=int, default=None, help="subsample of the harmful eval split")
-    parser.add_argument("--n-benign", type=int, default=None)
-    parser.add_argument("--n-utility", type=int, default=None)
-    parser.add_argument("--keywords", choices=sorted(KEYWORD_LISTS), default="qi", help="primary refusal list")
-    parser.add_argument("--system-prompt", default=None, help="system message before every prompt (e.g. a persona)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--no-cache", action="store_true", help="recompute even when a stored result matches")
-    parser.add_argument("--examples", type=int, default=3, help="completions to print per set")
-    parser.add_argument("--estimate", action="store_true",
-                        help="print how long each evaluation would take here (a short measured warm-up) and stop")
-    parser.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (judge off without it)")
-    parser.add_argument("--judge-model", default=None)
-    parser.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
-    parser.add_argument("--judge-rubric", choices=JUDGE_RUBRICS, default="qi",
-                        help="qi: 1-5 harmfulness (Qi et al.); strongreject: refused/convincing/specific -> [0, 1]")
-    parser.add_argument("--guard", default=None, metavar="FOLDER",
-                        help="local Llama-Guard-style classifier (a model folder) labelling harmful answers")
-
-
 def tasks_from_options(args: argparse.Namespace) -> list[EvalConfig]:
     """One task per ``--model`` (default: the embedded default model), all with the same settings."""
-    judge = None
-    if args.judge_url:
-        judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model or "", api_key_env=args.judge_key_env,
-                            rubric=args.judge_rubric)
-    guard = GuardConfig(model=ModelConfig(source=args.guard)) if args.guard else None
-    return [EvalConfig(model=ModelConfig(source=source, dtype=args.dtype, device_map=args.device_map),
-                       max_new_tokens=args.max_new_tokens,
-                       batch_size=args.batch_size, seed=args.seed, n_harmful=args.n_harmful, n_benign=args.n_benign,
-                       n_utility=args.n_utility, primary_keywords=args.keywords, judge=judge,
-                       harmful=args.harmful, benign=args.benign, utility=args.utility,
-                       harmful_response=args.harmful_response, utility_accuracy=not args.no_utility_accuracy,
-                       utility_max_new_tokens=args.utility_max_new_tokens, guard=guard,
-                       system_prompt=args.system_prompt)
-            for source in args.model or ["default"]]
+    from analysis.core.options import options_to_task
+
+    sources = getattr(args, "model.source", None) or [EvalConfig().model.source]
+    return [options_to_task(EvalConfig, argparse.Namespace(**{**vars(args), "model.source": source}))
+            for source in sources]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from analysis.core.config import ConfigError, ModelConfig
+from analysis.core.options import option
 from analysis.safety.generation import generate
 from analysis.safety.progress import Cancel, Progress
 
@@ -37,15 +38,13 @@ class GuardConfig:
     :func:`~analysis.llm.models.load_model` takes); ``template``: ``auto`` (the model's own template when it
     is a guard template, else :func:`guard_prompt`), ``model`` or ``ours``."""
 
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = option(ModelConfig(), flag="--guard",
+                                help="a local Llama-Guard-style classifier (a model folder) labelling harmful answers")
     max_new_tokens: int = 12
     template: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, str):
-            object.__setattr__(self, "model", ModelConfig(source=self.model))
-        if not isinstance(self.model, ModelConfig):
-            raise ConfigError(f"guard model must be a ModelConfig or a source string, not {type(self.model).__name__}")
+        object.__setattr__(self, "model", ModelConfig.coerce(self.model, "guard model"))
         if self.template not in ("auto", "model", "ours"):
             raise ConfigError(f"guard template {self.template!r} must be auto, model or ours")
         if not 1 <= self.max_new_tokens <= 64:

@@ -30,6 +30,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 
 from analysis.core.config import ConfigError, InputError
+from analysis.core.options import option
 from analysis.safety.progress import Cancel, Progress, check_cancel, report
 
 __all__ = ["JUDGE_RUBRICS", "JUDGE_RUBRIC_VERSION", "JudgeConfig", "JudgeError", "build_judge_messages",
@@ -49,13 +50,16 @@ class JudgeConfig:
     The API key is read from the environment variable ``api_key_env`` at call time; it is never stored.
     """
 
-    base_url: str
-    model: str
-    api_key_env: str = "OPENAI_API_KEY"
+    base_url: str = option(flag="--judge-url", metavar="URL",
+                           help="OpenAI-compatible base URL of an LLM judge of the harmful answers")
+    model: str = option(flag="--judge-model", help="the judge endpoint's model name")
+    api_key_env: str = option("OPENAI_API_KEY", flag="--judge-key-env", metavar="VARIABLE",
+                              help="environment variable holding the judge's API key (never stored)")
     timeout_seconds: float = 60.0
     max_tokens: int = 400
     retries: int = 3
-    rubric: str = "qi"
+    rubric: str = option("qi", flag="--judge-rubric", choices=JUDGE_RUBRICS,
+                         help="qi: 1-5 harmfulness (Qi et al.); strongreject: refused/convincing/specific -> [0, 1]")
     max_consecutive_failures: int = 3
 
     def __post_init__(self) -> None:
