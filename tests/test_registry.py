@@ -202,3 +202,22 @@ def test_a_model_is_coerced_in_one_place():
         ModelConfig.coerce(5, "base")
     with pytest.raises(ConfigError, match="has no field"):
         ModelConfig.coerce({"sauce": "x"})
+
+
+def test_every_command_line_in_the_readme_parses():
+    """The README's command lines use options that exist (parsed, not run)."""
+    import shlex
+    from pathlib import Path
+
+    from analysis.core.cli import add_task_command
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text().replace("\\\n", " ")
+    lines = [line.split("#")[0] for line in text.splitlines() if "-m analysis " in line]
+    assert len(lines) >= 10
+    for line in lines:
+        argv = shlex.split(line.split("-m analysis ", 1)[1])
+        if argv[0] not in TASK_MODULES:
+            continue
+        parser = argparse.ArgumentParser(exit_on_error=False)
+        add_task_command(parser, task_class(argv[0]))
+        parser.parse_args(argv[1:])
