@@ -20,12 +20,11 @@ st.caption("Attack success rate (ASR) = share of held-out harmful prompts whose 
 
 # ---- the aligned model -------------------------------------------------------------------------------
 st.header("1 · The safety-aligned default model", divider="gray")
-align_job = ui_jobs.current("align")
-if align_job is not None and align_job.active:
-    ui_jobs.follow(align_job)
-else:
-    if align_job is not None:
-        ui_jobs.show_outcome(align_job, "Alignment")
+built = ui_jobs.aligned_model_panel(
+    "SmolLM2-135M-Instruct as shipped answers harmful requests, so its safety gradient has nothing to preserve. "
+    "Build the safety-aligned variant once: refusals on the safety set's analysis split, mixed with the model's own "
+    "answers to benign prompts (self-distillation); its progress shows the time left.")
+if built:
     manifest = aligned_manifest()
     if manifest is not None:
         st.success(f"Built: `{aligned_folder()}` — selectable as “safety-aligned variant” on every page.")
@@ -37,17 +36,13 @@ else:
         head, tail = losses[:10], losses[-10:]
         columns[3].metric("Loss, first → last 10 steps",
                           f"{sum(head) / len(head):.2f} → {sum(tail) / len(tail):.2f}" if losses else "—")
+        seconds = manifest.get("seconds") or {}
+        if seconds.get("training") is not None:
+            st.caption(f"Measured when it was built: self-distillation {seconds.get('self_distillation', 0) / 60:.0f} "
+                       f"min + training {seconds['training'] / 60:.0f} min on {seconds.get('torch_threads', '?')} "
+                       "torch thread(s).")
         with st.expander("Manifest"):
             st.json(manifest, expanded=False)
-    else:
-        st.info("SmolLM2-135M-Instruct as shipped answers harmful requests, so its safety gradient has nothing to "
-                "preserve. Build the safety-aligned variant once: refusals on the safety set's analysis split, mixed "
-                "with the model's own answers to benign prompts (self-distillation). About 15–25 minutes on a 2-core CPU.")
-        if st.button("Build the aligned model", type="primary", icon=":material/shield:"):
-            from analysis.lab.align import AlignTask
-
-            ui_jobs.submit(AlignTask(), "Building the safety-aligned default model")
-            st.rerun()
 
 # ---- evaluation -------------------------------------------------------------------------------------
 st.header("2 · Evaluate", divider="gray")

@@ -159,3 +159,15 @@ def job_panel(task: Task, *, what: str, label: str, stored: bool, stored_text: s
         submit(task, label)
         st.rerun()
     return status
+
+
+def aligned_model_panel(todo_text: str) -> bool:
+    """The one "build the safety-aligned default model" panel (Setup, "Is the model safe?"): its job followed,
+    its outcome, or a start button with ``todo_text`` and the measured cost. True when the model is built."""
+    from analysis.lab.align import AlignTask
+    from ui.common import aligned_model_available
+
+    built = aligned_model_available()
+    job_panel(AlignTask(), what="Alignment", label="Building the safety-aligned default model", stored=built,
+              stored_text=None, todo_text=todo_text, button="Build the aligned model")
+    return built
