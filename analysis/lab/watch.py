@@ -1,0 +1,533 @@
+"""Watch (and optionally protect) a Hugging Face ``Trainer`` / TRL run: :class:`SafetyGeometryCallback`.
+
+One line in a training script, ``trainer.add_callback(SafetyGeometryCallback(tokenizer))``, records the
+safety geometry of every update while the run trains, into a run folder the dashboard reads live
+(:mod:`analysis.lab.watch_store`; page "Watch a training run").
+
+What is measured (DESIGN.md notation), at ``on_pre_optimizer_step`` (after accumulation and clipping,
+before ``optimizer.step()``) of optimizer steps 0, N, 2N, ... (``interval`` N; row ``step`` = the number
+of updates already taken, so the row describes the weights theta_step and the update step + 1):
+
+* Measured modules: every module of a registered linear layer type (``capture.LAYER_TYPES``) whose weight
+  is trainable, without the output head. Full fine-tuning: the linear weights of the blocks. PEFT/LoRA:
+  the adapter factors ``lora_A`` (r x d_in) and ``lora_B`` (d_out x r), each its own matrix (the frozen
+  base weights carry no gradient). Trainable parameters outside them (norms, biases, embeddings) are not
+  measured; the manifest lists what is and how many parameters are not (``measured``).
+* G_train (d_out, d_in): the module's ``weight.grad`` as the optimizer is about to use it (all micro-batches
+  accumulated, clipped). G_safety = (1/n) sum_i G_i over a fixed safety batch of n refusals (shipped
+  ``safety`` analysis split by default): one capture pass (:func:`analysis.engine.capture.capture_batch`,
+  per-sample response-token losses, no ``.grad`` written), G_safety = D^T A / n from the stacked factors.
+  The capture runs in eval mode (dropout off) under a forked RNG, so the training run is bitwise unchanged.
+* Safety subspace: U_k, V_k, the top-k singular vectors of G_safety, exact from the factors
+  (``geometry.factored_svd``: QR of D^T and A^T, SVD of the small core); directions with
+  s_j <= ``spf.BASIS_RTOL`` s_1 are dropped, as SPF does.
+* Per module and in total (all measured modules as one vector): ``cos`` = cos(G_train, G_safety);
+  ``share`` = ||U_k^T G_train||_F^2 / ||G_train||_F^2, the share of the update's energy in the (left) safety
+  subspace (= the squared fraction SPF's "orthogonal" mode removes; a random direction gives ~k/d_out);
+  ``dloss`` = <G_safety, W_after - W_before>, the first-order change of the safety loss caused by the
+  update actually taken (any optimizer; exact to first order, measured after the step);
+  ``dloss_sgd`` = -lr <G_safety, G_train>, what a plain SGD step would cause (for Adam only an estimate
+  of the direction of the effect, since Adam rescales coordinates); ``drift`` = the subspace overlap phi
+  (mean cos^2 of the principal angles, ``geometry.subspace_overlap``) of U_k against the first recorded
+  U_k (1: unchanged; random: ~k/d_out). ``safety_loss``: the mean refusal loss of the safety batch.
+* Every ``eval_every`` steps, at step 0 and at the end: ``refusal_nll`` (mean response NLL of the refusals
+  of ``n_eval`` held-out harmful prompts, the ``eval`` split) and ``refusal_rate`` (keyword refusal rate of
+  greedy completions of the same prompts, ``safety.keywords.is_refusal``).
+
+Acting (``mode``): "spf" projects every measured module's gradient against its safety basis (SPF modes
+"conflict" / "orthogonal" / "same") and "pcgrad" the whole gradient against the whole safety gradient,
+in place, before the optimizer steps, with the lab's implementation (:func:`apply_defence`, the one call
+site); the basis (or PCGrad's reference gradient) is refreshed every ``refresh`` optimizer steps. Rows then
+also hold the gradient after the projection (``cos_applied``, ``share_applied``) and the removed share.
+
+Precision and placement: measurements in float64 on the module's device; bf16/fp16 models capture in their
+dtype. fp16 with ``max_grad_norm = 0``: the gradients may still carry the loss scale at this hook (cosines
+and shares are scale-free; dloss_sgd is not). DDP: with ``mode="watch"`` only rank 0 measures and writes;
+with a defence every rank computes the same basis (same weights, same fixed batch) and projects its own
+(already all-reduced) gradient; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from analysis.core.config import ConfigError, to_jsonable
+from analysis.lab.watch_store import MODULE_METRICS
+
+MODES = ("watch", "spf", "pcgrad")
+SPF_MODES = ("conflict", "orthogonal", "same")
+
+__all__ = ["MODES", "MODULE_METRICS", "SafetyGeometryCallback", "SafetyGradient", "WatchConfig", "WatchedModule",
+           "apply_defence", "measure", "safety_gradients", "watched_modules"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchConfig:
+    """Settings of :class:`SafetyGeometryCallback` (validated; a bad value raises ``ConfigError``).
+
+    interval: record every N optimizer steps (and step 0). eval_every: refusal NLL / keyword refusal rate
+    every M steps (0: only at step 0 and at the end; None: never). k: safety-subspace size per module.
+    mode: "watch" | "spf" | "pcgrad"; spf_mode: "conflict" | "orthogonal" | "same"; refresh: R, recompute
+    the basis every R optimizer steps (defences only; the measurement always uses the current step's).
+    safety_data / safety_split / safety_batch: the fixed safety batch (a shipped name or a file of
+    refusals). eval_data / eval_split / n_eval / eval_max_new_tokens: the held-out harmful prompts.
+    max_length: tokens per conversation. modules: regex on HF paths to restrict the measured modules.
+    """
+
+    interval: int = 10
+    eval_every: int | None = 50
+    k: int = 8
+    mode: str = "watch"
+    spf_mode: str = "conflict"
+    refresh: int = 10
+    safety_data: str = "safety"
+    safety_split: str | None = "analysis"
+    safety_batch: int = 4
+    eval_data: str = "safety"
+    eval_split: str | None = "eval"
+    n_eval: int = 8
+    eval_max_new_tokens: int = 32
+    max_length: int = 256
+    modules: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("interval", "k", "refresh", "safety_batch", "n_eval", "eval_max_new_tokens", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"watch.{name} must be an integer >= 1, got {value!r}")
+        if self.eval_every is not None and (isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int)
+                                            or self.eval_every < 0):
+            raise ConfigError(f"watch.eval_every must be an integer >= 0 or None, got {self.eval_every!r}")
+        if self.eval_every and self.eval_every % self.interval:
+            raise ConfigError(f"watch.eval_every ({self.eval_every}) must be a multiple of watch.interval "
+                              f"({self.interval}): evaluations run on recorded steps")
+        if self.mode not in MODES:
+            raise ConfigError(f"watch.mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.spf_mode not in SPF_MODES:
+            raise ConfigError(f"watch.spf_mode {self.spf_mode!r} is not one of {', '.join(SPF_MODES)}")
+        if self.modules is not None:
+            import re
+
+            try:
+                re.compile(self.modules)
+            except re.error as error:
+                raise ConfigError(f"watch.modules {self.modules!r} is not a valid regular expression: {error}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# which modules
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class WatchedModule:
+    """One measured matrix: HF path, display label, transformer layer, kind (``q``, ``down``, ...), LoRA
+    factor ("A", "B" or None), the module and its weight (shape (d_out, d_in) after ``as_out_in``)."""
+
+    name: str
+    label: str
+    layer: int | None
+    kind: str
+    factor: str | None
+    module: nn.Module
+    weight: nn.Parameter
+
+    def describe(self) -> dict[str, Any]:
+        d_out, d_in = self.grad_view(self.weight).shape
+        return {"name": self.name, "label": self.label, "layer": self.layer, "kind": self.kind,
+                "factor": self.factor, "d_out": int(d_out), "d_in": int(d_in)}
+
+    def grad_view(self, tensor: torch.Tensor) -> torch.Tensor:
+        from analysis.lab.spf import as_out_in
+
+        return as_out_in(self.module, tensor)
+
+
+def _lora_factor(name: str) -> tuple[str, str | None]:
+    """(path of the adapted module, "A" / "B") for a PEFT LoRA factor's path, else (name, None)."""
+    for factor in ("A", "B"):
+        marker = f".lora_{factor}."
+        if marker in name:
+            return name.split(marker)[0], factor
+    return name, None
+
+
+def watched_modules(model: nn.Module, regex: str | None = None) -> list[WatchedModule]:
+    """The measured modules (module docstring), in model order; ``regex`` restricts them by HF path.
+
+    Raises ConfigError when none is trainable (e.g. a frozen model) or the regex matches none."""
+    import re
+
+    from analysis.engine.capture import LAYER_TYPES, ModuleInfo, _kind, layer_index
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = []
+    for name, module in model.named_modules():
+        if type(module) not in LAYER_TYPES or module is head or not module.weight.requires_grad:
+            continue
+        if regex and not re.search(regex, name):
+            continue
+        parent, factor = _lora_factor(name)
+        layer, kind = layer_index(parent), _kind(parent)
+        label = ModuleInfo(parent, kind, layer, 0, 0).label + (f".{factor}" if factor else "")
+        out.append(WatchedModule(name, label, layer, kind, factor, module, module.weight))
+    if not out:
+        where = f" matching {regex!r}" if regex else ""
+        raise ConfigError(f"no trainable linear weight or LoRA factor{where} in the model: nothing to measure")
+    return out
+
+
+def measured_statement(model: nn.Module, modules: Sequence[WatchedModule]) -> dict[str, Any]:
+    """What the callback measures and what it leaves out, for the manifest."""
+    lora = any(m.factor for m in modules)
+    measured_ids = {id(m.weight) for m in modules}
+    others = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in measured_ids]
+    return {
+        "what": "LoRA adapter factors (lora_A, lora_B), each as its own matrix" if lora
+        else "trainable linear weights of the blocks (output head excluded)",
+        "n_modules": len(modules),
+        "n_parameters": int(sum(m.weight.numel() for m in modules)),
+        "not_measured_parameters": int(sum(p.numel() for _, p in others)),
+        "not_measured_examples": [n for n, _ in others[:5]],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# the safety gradient and its basis
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SafetyGradient:
+    """G_safety of one module at the current weights: ``G`` (d_out, d_in) float64 on the module's device,
+    its top-k basis ``U`` (d_out, k'), ``V`` (d_in, k') (torch float64, same device; k' <= k, empty for a zero
+    gradient) and ``U_host`` (the same U as numpy, for the drift)."""
+
+    G: torch.Tensor
+    U: torch.Tensor
+    V: torch.Tensor
+    U_host: np.ndarray
+
+
+def _batch_to(batch, device: torch.device):
+    if device.type == "cpu":
+        return batch
+    return dataclasses.replace(batch, **{name: getattr(batch, name).to(device)
+                                         for name in ("input_ids", "attention_mask", "labels", "position_ids")})
+
+
+def safety_gradients(model: nn.Module, batch, modules: Sequence[WatchedModule], k: int
+                     ) -> tuple[float, dict[str, SafetyGradient]]:
+    """(mean safety loss, {module: SafetyGradient}) of a tokenised safety batch at the current weights.
+
+    One capture pass (``capture_batch``: no ``.grad`` written), in eval mode, under a forked RNG (CPU and
+    CUDA), so the training run it is called from is bitwise unchanged."""
+    from analysis.engine.capture import capture_batch
+    from analysis.engine.geometry import factored_svd
+    from analysis.lab.spf import BASIS_RTOL
+    from analysis.llm.models import input_device
+
+    was_training = model.training
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            factors = capture_batch(model, _batch_to(batch, input_device(model)), [m.name for m in modules])
+    finally:
+        model.train(was_training)
+    n = factors.n_samples
+    out = {}
+    for m in modules:
+        D, A = factors.output_grads[m.name], factors.inputs[m.name]
+        G = (D.double().T @ A.double()) / n
+        U, s, V = factored_svd(D.detach().cpu().double().numpy(), A.detach().cpu().double().numpy(), k)
+        keep = int((s > BASIS_RTOL * s[0]).sum()) if s.size and s[0] > 0 else 0
+        U, V = U[:, :keep], V[:, :keep]
+        out[m.name] = SafetyGradient(G, torch.from_numpy(np.ascontiguousarray(U)).to(G.device),
+                                     torch.from_numpy(np.ascontiguousarray(V)).to(G.device), U)
+    return float(factors.losses.mean()), out
+
+
+# --------------------------------------------------------------------------------------------------
+# measuring one update
+# --------------------------------------------------------------------------------------------------
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else float("nan")
+
+
+def measure(modules: Sequence[WatchedModule], safety: Mapping[str, SafetyGradient], lr: float,
+            reference: Mapping[str, np.ndarray] | None = None) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(totals, per-module lists) of cos, share, dloss_sgd, drift, grad_norm, safety_norm for the current
+    ``.grad`` of ``modules`` against ``safety`` (module docstring); ``reference`` {module: U_0 (d_out, k0)}
+    for the drift (None or a missing/empty entry: NaN). A module without ``.grad`` counts as a zero gradient.
+    Totals take all modules as one vector; ``drift`` is the mean over modules with a defined value."""
+    from analysis.engine.geometry import subspace_overlap
+
+    per: dict[str, list[float]] = {key: [] for key in ("cos", "share", "dloss_sgd", "drift", "grad_norm",
+                                                       "safety_norm")}
+    dot_sum = gg_sum = ss_sum = inside_sum = 0.0
+    with torch.no_grad():
+        for m in modules:
+            s = safety[m.name]
+            grad = m.weight.grad
+            G = m.grad_view(grad).double() if grad is not None else torch.zeros_like(s.G)
+            dot, gg, ss = float((s.G * G).sum()), float(G.pow(2).sum()), float(s.G.pow(2).sum())
+            inside = float((s.U.T @ G).pow(2).sum()) if s.U.shape[1] else float("nan")
+            dot_sum, gg_sum, ss_sum = dot_sum + dot, gg_sum + gg, ss_sum + ss
+            inside_sum += 0.0 if math.isnan(inside) else inside
+            per["cos"].append(_ratio(dot, math.sqrt(gg * ss)))
+            per["share"].append(_ratio(inside, gg))
+            per["dloss_sgd"].append(-lr * dot)
+            first = None if reference is None else reference.get(m.name)
+            drift = (subspace_overlap(first, s.U_host) if first is not None and first.shape[1] and s.U_host.shape[1]
+                     else float("nan"))
+            per["drift"].append(drift)
+            per["grad_norm"].append(math.sqrt(gg))
+            per["safety_norm"].append(math.sqrt(ss))
+    drifts = [d for d in per["drift"] if not math.isnan(d)]
+    totals = {"cos": _ratio(dot_sum, math.sqrt(gg_sum * ss_sum)), "share": _ratio(inside_sum, gg_sum),
+              "dloss_sgd": -lr * dot_sum, "drift": float(np.mean(drifts)) if drifts else float("nan"),
+              "grad_norm": math.sqrt(gg_sum), "safety_norm": math.sqrt(ss_sum)}
+    return totals, per
+
+
+def weight_dot(modules: Sequence[WatchedModule], safety: Mapping[str, SafetyGradient],
+               before: Mapping[str, torch.Tensor]) -> list[float]:
+    """Per module <G_safety, W_now - W_before> (the first-order safety-loss change of the update taken)."""
+    with torch.no_grad():
+        return [float((safety[m.name].G * m.grad_view(m.weight.detach() - before[m.name]).double()).sum())
+                for m in modules]
+
+
+# --------------------------------------------------------------------------------------------------
+# acting: the one call site of the lab's defence code
+# --------------------------------------------------------------------------------------------------
+
+
+def apply_defence(mode: str, spf_mode: str, grads: Mapping[str, torch.Tensor],
+                  safety: Mapping[str, SafetyGradient]) -> dict[str, float]:
+    """Project the gradient views ``grads`` {module: (d_out, d_in) view of ``.grad``} in place with the lab's
+    defence (``mode`` "spf": ``lab.spf.project_gradients`` against each module's (U_k, V_k) in ``spf_mode``;
+    "pcgrad": ``lab.defences.pcgrad_project`` against the whole G_safety). Returns ``removed``
+    (||G - G'|| / ||G|| over all modules) and the defence's own metrics. The one place the callback calls
+    defence code: point it at the defence registry when it exists."""
+    if mode == "spf":
+        from analysis.lab.spf import project_gradients
+
+        basis = {name: (s.U, s.V) for name, s in safety.items()}
+        with torch.no_grad():
+            removed = project_gradients(grads, basis, spf_mode)
+        total = sum(norm * norm for _, norm in removed.values())
+        lost = sum((fraction * norm) ** 2 for fraction, norm in removed.values())
+        return {"removed": math.sqrt(lost / total) if total > 0 else 0.0}
+    if mode == "pcgrad":
+        from analysis.lab.defences import pcgrad_project
+
+        out = pcgrad_project(grads, {name: s.G for name, s in safety.items()})
+        return {"removed": out["pcgrad_removed"], "pcgrad_cos": out["pcgrad_cos"]}
+    raise ConfigError(f"mode {mode!r} does not act: use 'spf' or 'pcgrad'")
+
+
+# --------------------------------------------------------------------------------------------------
+# the callback
+# --------------------------------------------------------------------------------------------------
+
+
+def _tokenizer_of(processing_class):
+    return getattr(processing_class, "tokenizer", processing_class)
+
+
+def _conversations(source: str | Sequence, split: str | None, n: int, seed: int, what: str) -> list[list[dict]]:
+    """``n`` conversations (seeded ``take``) of a shipped dataset / file, or the given list of conversations."""
+    from analysis.llm.data import DataError, load_any
+
+    if not isinstance(source, str):
+        conversations = [list(c) for c in source]
+        if not conversations:
+            raise ConfigError(f"{what}: the given list of conversations is empty")
+        return conversations[:n]
+    try:
+        dataset = load_any(source)
+        if split:
+            dataset = dataset.split(split)
+        dataset = dataset.take(min(n, len(dataset)), seed=seed)
+    except DataError as error:
+        raise ConfigError(f"{what}: {error}") from None
+    return [list(ex.messages) for ex in dataset]
+
+
+class SafetyGeometryCallback(TrainerCallback):
+    """Measures (and with ``mode="spf"`` / ``"pcgrad"`` protects) a ``transformers.Trainer`` or TRL run; see the
+    module docstring for every recorded quantity.
+
+    ``tokenizer``: the model's tokenizer (default: the trainer's ``processing_class``). ``run_dir``: the run
+    folder to write (default ``<cache>/watch/<output_dir name>-<time>``); an unfinished folder of an interrupted
+    run is resumed. ``safety`` / ``eval_conversations``: lists of conversations instead of the shipped sets.
+    Other keyword arguments are :class:`WatchConfig` fields (or pass ``config``). ``run_dir`` is set once
+    training has begun (``self.run_dir``)."""
+
+    def __init__(self, tokenizer=None, run_dir: str | Path | None = None, config: WatchConfig | None = None,
+                 safety: Sequence | None = None, eval_conversations: Sequence | None = None, **settings: Any):
+        self.config = config if config is not None else WatchConfig(**settings)
+        if config is not None and settings:
+            self.config = dataclasses.replace(config, **settings)
+        self.tokenizer = tokenizer
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._safety_source = safety if safety is not None else self.config.safety_data
+        self._eval_source = eval_conversations if eval_conversations is not None else self.config.eval_data
+        self.modules: list[WatchedModule] = []
+        self.writer = None
+        self.rows: list[dict] = []  # every row written (rank 0), also kept in memory for tests and scripts
+        self._batch = None
+        self._eval: list[list[dict]] = []
+        self._reference: dict[str, np.ndarray] | None = None
+        self._defence: dict[str, SafetyGradient] | None = None  # the basis / reference gradient in use
+        self._pending: dict | None = None
+        self._before: dict[str, torch.Tensor] | None = None
+        self._measured_safety: dict[str, SafetyGradient] | None = None
+        self._last_eval_step: int | None = None
+
+    # -- setup ------------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        from analysis.llm.formatting import tokenize_batch
+
+        config = self.config
+        self.tokenizer = self.tokenizer if self.tokenizer is not None else _tokenizer_of(processing_class)
+        if self.tokenizer is None:
+            raise ConfigError("SafetyGeometryCallback needs the tokenizer: pass it, or give the trainer a "
+                              "processing_class")
+        self.modules = watched_modules(model, config.modules)
+        safety = _conversations(self._safety_source, config.safety_split, config.safety_batch, config.seed,
+                                "safety batch")
+        self._batch = tokenize_batch(self.tokenizer, safety, config.max_length)
+        if config.eval_every is not None:
+            self._eval = _conversations(self._eval_source, config.eval_split, config.n_eval, config.seed,
+                                        "held-out harmful prompts")
+        if state.is_world_process_zero:
+            self._open(args, model, safety)
+
+    def _open(self, args, model, safety) -> None:
+        import datetime as _dt
+
+        from analysis.core.config import cache_dir
+        from analysis.lab.watch_store import open_watch_run
+
+        if self.run_dir is None:
+            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            name = Path(str(getattr(args, "output_dir", None) or "run")).name or "run"
+            self.run_dir = cache_dir() / "watch" / f"{name}-{stamp}"
+        base = getattr(model, "get_base_model", lambda: model)()
+        manifest = {
+            "kind": "watch",
+            "config": to_jsonable(self.config),
+            "model": {"name": str(getattr(getattr(base, "config", None), "_name_or_path", "") or type(base).__name__),
+                      "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
+            "measured": measured_statement(model, self.modules),
+            "modules": [m.describe() for m in self.modules],
+            "safety_batch": {"source": self._safety_source if isinstance(self._safety_source, str) else "(given)",
+                             "prompts": [c[-2]["content"] if len(c) > 1 else "" for c in safety]},
+            "training": {key: _plain(getattr(args, key, None)) for key in (
+                "learning_rate", "optim", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "max_grad_norm", "bf16", "fp16", "max_steps", "num_train_epochs", "world_size", "seed")},
+        }
+        self.writer = open_watch_run(self.run_dir, manifest)
+        self._reference = self.writer.load_reference()
+
+    # -- every optimizer step ----------------------------------------------------------------------
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        config, step = self.config, state.global_step
+        rank0 = state.is_world_process_zero
+        measure_due = rank0 and step % config.interval == 0
+        acting = config.mode != "watch"
+        refresh_due = acting and (self._defence is None or step % config.refresh == 0)
+        if not (measure_due or refresh_due):
+            return self._act(control) if acting else None
+        safety_loss, safety = safety_gradients(model, self._batch, self.modules, config.k)
+        if refresh_due:
+            self._defence = safety
+        if measure_due:
+            lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else float("nan")
+            if self._reference is None:
+                self._reference = {name: s.U_host for name, s in safety.items()}
+                self.writer.save_reference(self._reference)
+            totals, per = measure(self.modules, safety, lr, self._reference)
+            row = {"step": step, "epoch": state.epoch, "lr": lr, "safety_loss": safety_loss, **totals,
+                   "refreshed": bool(refresh_due), "modules": per}
+            if self._eval_due(step):
+                row.update(self._evaluate(model))
+                self._last_eval_step = step
+            self._pending, self._measured_safety = row, safety
+            with torch.no_grad():
+                self._before = {m.name: m.weight.detach().clone() for m in self.modules}
+        if acting:
+            self._act(control)
+        return None
+
+    def _act(self, control):
+        grads = {m.name: m.grad_view(m.weight.grad) for m in self.modules if m.weight.grad is not None}
+        metrics = apply_defence(self.config.mode, self.config.spf_mode, grads, self._defence)
+        if self._pending is not None:
+            totals, _ = measure(self.modules, self._measured_safety, self._pending["lr"])
+            self._pending.update({"cos_applied": totals["cos"], "share_applied": totals["share"], **metrics})
+        return None
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self._pending is None:
+            return
+        row, self._pending = self._pending, None
+        dots = weight_dot(self.modules, self._measured_safety, self._before)
+        row["modules"]["dloss"] = dots
+        row["dloss"] = float(sum(dots))
+        self._before = self._measured_safety = None
+        self._write(row)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero or self.writer is None:
+            return
+        try:
+            step = state.global_step
+            if self.config.eval_every is not None and self._last_eval_step != step:
+                self._write({"step": step, "epoch": state.epoch, "final": True, **self._evaluate(model)})
+            self.writer.finish(self.rows)
+        finally:
+            self.writer.close()
+
+    # -- evaluation and writing ----------------------------------------------------------------------
+    def _eval_due(self, step: int) -> bool:
+        every = self.config.eval_every
+        return every is not None and (step == 0 or (every > 0 and step % every == 0))
+
+    def _evaluate(self, model) -> dict[str, float]:
+        """Refusal NLL and keyword refusal rate on the held-out harmful prompts (no grad, RNG forked)."""
+        from analysis.safety.generation import generate
+        from analysis.safety.keywords import is_refusal
+        from analysis.safety.nll import response_nll
+
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            nll = response_nll(model, self.tokenizer, self._eval, self.config.max_length)
+            completions = generate(model, self.tokenizer, [c[:-1] for c in self._eval],
+                                   self.config.eval_max_new_tokens)
+        refused = [is_refusal(text) for text in completions]
+        return {"refusal_nll": float(np.mean(nll)), "refusal_rate": float(np.mean(refused)), "n_eval": len(refused)}
+
+    def _write(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.writer is not None:
+            self.writer.write_row(row)
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
