@@ -1,0 +1,79 @@
+"""The page "Watch a training run" in AppTest: a run still being written, then one more row, then complete."""
+
+import copy
+import json
+
+import pytest
+
+from analysis.lab.watch import SafetyGeometryCallback
+from analysis.lab.watch_store import open_watch_run, read_watch_run
+from tests.test_app import chart_specs, fresh_app, no_exceptions, seed_cache
+from tests.test_watch import SETTINGS, _train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path / "cache"))
+    seed_cache(tmp_path / "cache", model="tiny-llama")
+    return tmp_path / "cache"
+
+
+def test_watch_page_without_runs_says_how_to_record_one(cache):
+    at = fresh_app()
+    at.switch_page("pages/watch.py").run()
+    no_exceptions(at)
+    assert any("No watched run yet" in i.value for i in at.info)
+
+
+def test_watch_page_follows_a_run_that_is_still_being_written(cache, tiny_llama, tmp_path):
+    recorded = SafetyGeometryCallback(tiny_llama.tokenizer, run_dir=tmp_path / "done" / "run", interval=1,
+                                      **dict(SETTINGS, eval_every=2, n_eval=2, eval_max_new_tokens=4))
+    _train(copy.deepcopy(tiny_llama.model), tiny_llama.tokenizer, tmp_path, [recorded], steps=4)
+    manifest = json.loads((tmp_path / "done" / "run" / "manifest.json").read_text())
+    manifest = {k: v for k, v in manifest.items() if k in ("kind", "config", "model", "measured", "modules",
+                                                          "safety_batch", "training")}
+    writer = open_watch_run(cache / "watch" / "live", manifest)  # a script in the middle of training
+    try:
+        for row in recorded.rows[:2]:
+            writer.write_row(row)
+        assert read_watch_run(cache / "watch" / "live").status == "running"
+        at = fresh_app()
+        at.switch_page("pages/watch.py").run()
+        no_exceptions(at)
+        assert at.selectbox(key="widget.watch.run").value == str(cache / "watch" / "live")
+        verdict = next(i.value for i in at.info if i.value.startswith("**Verdict.**"))
+        assert "by step 1" in verdict and "still training" in verdict
+        titles = [s["layout"]["title"]["text"] for s in chart_specs(at)]
+        assert titles == ["The update against the safety gradient (all modules)", "Refusals on held-out harmful prompts",
+                          "Share of the update in the safety subspace", "Does the safety subspace move?"]
+        heatmap = chart_specs(at)[2]
+        assert heatmap["data"][0]["x"] == ["0", "1"] and len(heatmap["data"][0]["y"]) == 14
+
+        writer.write_row(recorded.rows[2])  # the script records one more step
+        at.run()
+        no_exceptions(at)
+        assert chart_specs(at)[2]["data"][0]["x"] == ["0", "1", "2"]
+        assert "by step 2" in next(i.value for i in at.info if i.value.startswith("**Verdict.**"))
+        at.radio(key="widget.watch.metric").set_value("cos").run()
+        no_exceptions(at)
+        assert chart_specs(at)[2]["layout"]["title"]["text"] == "cos(G_train, G_safety)"
+
+        for row in recorded.rows[3:]:
+            writer.write_row(row)
+        writer.finish()
+    finally:
+        writer.close()
+    at.run()
+    no_exceptions(at)
+    verdict = next(i.value for i in at.info if i.value.startswith("**Verdict.**"))
+    assert "finished" in verdict and "Refusal NLL on 2 held-out harmful prompts" in verdict
+
+
+def test_watch_page_says_when_a_folder_is_not_a_watch_run(cache, tmp_path):
+    at = fresh_app()
+    at.switch_page("pages/watch.py").run()
+    at.text_input(key="widget.watch.path").set_value(str(tmp_path / "nowhere")).run()
+    no_exceptions(at)
+    assert any("not a watch run" in e.value for e in at.error)
