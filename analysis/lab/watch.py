@@ -18,8 +18,9 @@ of updates already taken, so the row describes the weights theta_step and the up
   ``safety`` analysis split by default): one capture pass (:func:`analysis.engine.capture.capture_batch`,
   per-sample response-token losses, no ``.grad`` written), G_safety = D^T A / n from the stacked factors.
   The capture runs in eval mode (dropout off) under a forked RNG, so the training run is bitwise unchanged.
-* Safety subspace: U_k, V_k, the top-k singular vectors of G_safety, exact from the factors
-  (``geometry.factored_svd``: QR of D^T and A^T, SVD of the small core); directions with
+* Safety subspace: U_k, V_k, the top-k singular vectors of G_safety, by the lab's SPF basis
+  (``spf.top_k_basis``, ``svd="auto"``: exact when a side is <= 128, else the seeded randomized range finder
+  with 2 power iterations; ``svd="exact"`` for exact bases at ~0.5 s per SmolLM2 matrix); directions with
   s_j <= ``spf.BASIS_RTOL`` s_1 are dropped, as SPF does.
 * Per module and in total (all measured modules as one vector): ``cos`` = cos(G_train, G_safety);
   ``share`` = ||U_k^T G_train||_F^2 / ||G_train||_F^2, the share of the update's energy in the (left) safety
@@ -40,7 +41,8 @@ in place, before the optimizer steps, with the lab's implementation (:func:`appl
 site); the basis (or PCGrad's reference gradient) is refreshed every ``refresh`` optimizer steps. Rows then
 also hold the gradient after the projection (``cos_applied``, ``share_applied``) and the removed share.
 
-Precision and placement: measurements in float64 on the module's device; bf16/fp16 models capture in their
+Precision and placement: G_safety in float32 (float64 for a float64 model), every sum accumulated in float64,
+on the module's device; bf16/fp16 models capture in their
 dtype. fp16 with ``max_grad_norm = 0``: the gradients may still carry the loss scale at this hook (cosines
 and shares are scale-free; dloss_sgd is not). DDP: with ``mode="watch"`` only rank 0 measures and writes;
 with a defence every rank computes the same basis (same weights, same fixed batch) and projects its own
@@ -61,6 +63,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from analysis.core.config import ConfigError, to_jsonable
+from analysis.lab.config import SVD_METHODS
 from analysis.lab.watch_store import MODULE_METRICS
 
 MODES = ("watch", "spf", "pcgrad")
@@ -81,6 +84,7 @@ class WatchConfig:
     safety_data / safety_split / safety_batch: the fixed safety batch (a shipped name or a file of
     refusals). eval_data / eval_split / n_eval / eval_max_new_tokens: the held-out harmful prompts.
     max_length: tokens per conversation. modules: regex on HF paths to restrict the measured modules.
+    svd: how the top-k basis is computed (``lab.spf.top_k_basis``: "auto", "exact", "randomized", "lowrank").
     """
 
     interval: int = 10
@@ -98,6 +102,7 @@ class WatchConfig:
     eval_max_new_tokens: int = 32
     max_length: int = 256
     modules: str | None = None
+    svd: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -111,6 +116,8 @@ class WatchConfig:
         if self.eval_every and self.eval_every % self.interval:
             raise ConfigError(f"watch.eval_every ({self.eval_every}) must be a multiple of watch.interval "
                               f"({self.interval}): evaluations run on recorded steps")
+        if self.svd not in SVD_METHODS:
+            raise ConfigError(f"watch.svd {self.svd!r} is not one of {', '.join(SVD_METHODS)}")
         if self.mode not in MODES:
             raise ConfigError(f"watch.mode {self.mode!r} is not one of {', '.join(MODES)}")
         if self.spf_mode not in SPF_MODES:
@@ -209,9 +216,9 @@ def measured_statement(model: nn.Module, modules: Sequence[WatchedModule]) -> di
 
 @dataclasses.dataclass
 class SafetyGradient:
-    """G_safety of one module at the current weights: ``G`` (d_out, d_in) float64 on the module's device,
-    its top-k basis ``U`` (d_out, k'), ``V`` (d_in, k') (torch float64, same device; k' <= k, empty for a zero
-    gradient) and ``U_host`` (the same U as numpy, for the drift)."""
+    """G_safety of one module at the current weights: ``G`` (d_out, d_in) on the module's device (float32, or
+    float64 for a float64 model), its top-k basis ``U`` (d_out, k'), ``V`` (d_in, k') (same device and dtype;
+    k' <= k, empty for a zero gradient) and ``U_host`` (U as float64 numpy, for the drift)."""
 
     G: torch.Tensor
     U: torch.Tensor
@@ -226,15 +233,16 @@ def _batch_to(batch, device: torch.device):
                                          for name in ("input_ids", "attention_mask", "labels", "position_ids")})
 
 
-def safety_gradients(model: nn.Module, batch, modules: Sequence[WatchedModule], k: int
-                     ) -> tuple[float, dict[str, SafetyGradient]]:
+def safety_gradients(model: nn.Module, batch, modules: Sequence[WatchedModule], k: int, svd: str = "auto",
+                     generator: torch.Generator | None = None) -> tuple[float, dict[str, SafetyGradient]]:
     """(mean safety loss, {module: SafetyGradient}) of a tokenised safety batch at the current weights.
 
     One capture pass (``capture_batch``: no ``.grad`` written), in eval mode, under a forked RNG (CPU and
-    CUDA), so the training run it is called from is bitwise unchanged."""
+    CUDA), so the training run it is called from is bitwise unchanged. G = D^T A / n in the factors' dtype
+    (float32 at least); the basis is the lab's ``spf.top_k_basis(G, k, svd)`` (SPF's own basis: "auto" is
+    exact up to 128 rows or columns, else the seeded randomized range finder, ``generator``)."""
     from analysis.engine.capture import capture_batch
-    from analysis.engine.geometry import factored_svd
-    from analysis.lab.spf import BASIS_RTOL
+    from analysis.lab.spf import top_k_basis
     from analysis.llm.models import input_device
 
     was_training = model.training
@@ -247,14 +255,14 @@ def safety_gradients(model: nn.Module, batch, modules: Sequence[WatchedModule], 
         model.train(was_training)
     n = factors.n_samples
     out = {}
-    for m in modules:
-        D, A = factors.output_grads[m.name], factors.inputs[m.name]
-        G = (D.double().T @ A.double()) / n
-        U, s, V = factored_svd(D.detach().cpu().double().numpy(), A.detach().cpu().double().numpy(), k)
-        keep = int((s > BASIS_RTOL * s[0]).sum()) if s.size and s[0] > 0 else 0
-        U, V = U[:, :keep], V[:, :keep]
-        out[m.name] = SafetyGradient(G, torch.from_numpy(np.ascontiguousarray(U)).to(G.device),
-                                     torch.from_numpy(np.ascontiguousarray(V)).to(G.device), U)
+    with torch.no_grad():
+        for m in modules:
+            D, A = factors.output_grads.pop(m.name), factors.inputs.pop(m.name)
+            work = torch.promote_types(D.dtype, torch.float32)
+            G = (D.to(work).T @ A.to(work)) / n
+            del D, A
+            U, _, V = top_k_basis(G, k, svd, generator=generator)
+            out[m.name] = SafetyGradient(G, U, V, U.detach().cpu().double().numpy())
     return float(factors.losses.mean()), out
 
 
@@ -273,7 +281,7 @@ def measure(modules: Sequence[WatchedModule], safety: Mapping[str, SafetyGradien
     ``.grad`` of ``modules`` against ``safety`` (module docstring); ``reference`` {module: U_0 (d_out, k0)}
     for the drift (None or a missing/empty entry: NaN). A module without ``.grad`` counts as a zero gradient.
     Totals take all modules as one vector; ``drift`` is the mean over modules with a defined value."""
-    from analysis.engine.geometry import subspace_overlap
+    from analysis.engine.geometry import GeometryError, subspace_overlap
 
     per: dict[str, list[float]] = {key: [] for key in ("cos", "share", "dloss_sgd", "drift", "grad_norm",
                                                        "safety_norm")}
@@ -282,17 +290,22 @@ def measure(modules: Sequence[WatchedModule], safety: Mapping[str, SafetyGradien
         for m in modules:
             s = safety[m.name]
             grad = m.weight.grad
-            G = m.grad_view(grad).double() if grad is not None else torch.zeros_like(s.G)
-            dot, gg, ss = float((s.G * G).sum()), float(G.pow(2).sum()), float(s.G.pow(2).sum())
-            inside = float((s.U.T @ G).pow(2).sum()) if s.U.shape[1] else float("nan")
+            G = m.grad_view(grad).to(s.G.dtype) if grad is not None else torch.zeros_like(s.G)
+            dot = float((s.G * G).sum(dtype=torch.float64))
+            gg, ss = float(G.pow(2).sum(dtype=torch.float64)), float(s.G.pow(2).sum(dtype=torch.float64))
+            inside = float((s.U.T @ G).pow(2).sum(dtype=torch.float64)) if s.U.shape[1] else float("nan")
             dot_sum, gg_sum, ss_sum = dot_sum + dot, gg_sum + gg, ss_sum + ss
             inside_sum += 0.0 if math.isnan(inside) else inside
             per["cos"].append(_ratio(dot, math.sqrt(gg * ss)))
             per["share"].append(_ratio(inside, gg))
             per["dloss_sgd"].append(-lr * dot)
             first = None if reference is None else reference.get(m.name)
-            drift = (subspace_overlap(first, s.U_host) if first is not None and first.shape[1] and s.U_host.shape[1]
-                     else float("nan"))
+            drift = float("nan")
+            if first is not None and first.shape[1] and s.U_host.shape[1]:
+                try:
+                    drift = subspace_overlap(first, s.U_host)
+                except GeometryError:  # a basis not orthonormal to 1e-5 (never expected): no number, no crash
+                    pass
             per["drift"].append(drift)
             per["grad_norm"].append(math.sqrt(gg))
             per["safety_norm"].append(math.sqrt(ss))
@@ -307,8 +320,8 @@ def weight_dot(modules: Sequence[WatchedModule], safety: Mapping[str, SafetyGrad
                before: Mapping[str, torch.Tensor]) -> list[float]:
     """Per module <G_safety, W_now - W_before> (the first-order safety-loss change of the update taken)."""
     with torch.no_grad():
-        return [float((safety[m.name].G * m.grad_view(m.weight.detach() - before[m.name]).double()).sum())
-                for m in modules]
+        return [float((safety[m.name].G * m.grad_view(m.weight.detach() - before[m.name]).to(safety[m.name].G.dtype)
+                       ).sum(dtype=torch.float64)) for m in modules]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -454,7 +467,10 @@ class SafetyGeometryCallback(TrainerCallback):
         refresh_due = acting and (self._defence is None or step % config.refresh == 0)
         if not (measure_due or refresh_due):
             return self._act(control) if acting else None
-        safety_loss, safety = safety_gradients(model, self._batch, self.modules, config.k)
+        from analysis.lab.finetune_data import seeded
+
+        safety_loss, safety = safety_gradients(model, self._batch, self.modules, config.k, config.svd,
+                                               seeded(config.seed, "watch", step))
         if refresh_due:
             self._defence = safety
         if measure_due:
