@@ -80,9 +80,9 @@ class Snapshot:
 
 
 def _safety_batch(tokenizer):
-    from analysis.lab.watch import _conversations
+    from analysis.lab.watch import load_conversations
 
-    conversations = _conversations("safety", "analysis", SETTINGS["safety_batch"], 0, "safety")
+    conversations = load_conversations("safety", "analysis", SETTINGS["safety_batch"], 0, "safety")
     return conversations, tokenize_batch(tokenizer, conversations, MAX_LENGTH)
 
 

@@ -362,7 +362,7 @@ def _tokenizer_of(processing_class):
     return getattr(processing_class, "tokenizer", processing_class)
 
 
-def _conversations(source: str | Sequence, split: str | None, n: int, seed: int, what: str) -> list[list[dict]]:
+def load_conversations(source: str | Sequence, split: str | None, n: int, seed: int, what: str) -> list[list[dict]]:
     """``n`` conversations (seeded ``take``) of a shipped dataset / file, or the given list of conversations."""
     from analysis.llm.data import DataError, load_any
 
@@ -422,11 +422,11 @@ class SafetyGeometryCallback(TrainerCallback):
             raise ConfigError("SafetyGeometryCallback needs the tokenizer: pass it, or give the trainer a "
                               "processing_class")
         self.modules = watched_modules(model, config.modules)
-        safety = _conversations(self._safety_source, config.safety_split, config.safety_batch, config.seed,
+        safety = load_conversations(self._safety_source, config.safety_split, config.safety_batch, config.seed,
                                 "safety batch")
         self._batch = tokenize_batch(self.tokenizer, safety, config.max_length)
         if config.eval_every is not None:
-            self._eval = _conversations(self._eval_source, config.eval_split, config.n_eval, config.seed,
+            self._eval = load_conversations(self._eval_source, config.eval_split, config.n_eval, config.seed,
                                         "held-out harmful prompts")
         if state.is_world_process_zero:
             self._open(args, model, safety)
