@@ -4,7 +4,6 @@ from pathlib import Path
 
 import streamlit as st
 
-from analysis.lab.watch_store import WatchRunError
 from analysis.views import watch as views
 from ui import common
 
@@ -38,7 +37,7 @@ if not folder:
 
 try:
     status = views.load(Path(folder)).status
-except WatchRunError as error:
+except views.WatchRunError as error:
     st.error(common.readable_error(error))
     st.stop()
 

@@ -282,3 +282,26 @@ def test_a_complete_run_folder_is_not_overwritten(tiny_llama, tmp_path):
         else:
             with pytest.raises(WatchRunError, match="complete"):
                 _train(copy.deepcopy(tiny_llama.model), tiny_llama.tokenizer, tmp_path, [watch], steps=2)
+
+
+@pytest.mark.parametrize("precision", ["bf16-weights", "bf16-autocast"])
+def test_mixed_precision_runs_record_finite_numbers(tiny_llama, tmp_path, precision):
+    """bf16 weights (G_safety and the sums in float32/float64) and bf16 autocast (the capture runs outside it)."""
+    from transformers import Trainer, TrainingArguments
+
+    model = copy.deepcopy(tiny_llama.model)
+    if precision == "bf16-weights":
+        model = model.to(torch.bfloat16)
+    watch = SafetyGeometryCallback(tiny_llama.tokenizer, run_dir=tmp_path / "w" / precision, interval=1,
+                                   mode="spf", refresh=1, **SETTINGS)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2,
+                             learning_rate=1e-3, bf16=precision == "bf16-autocast", report_to="none", use_cpu=True,
+                             save_strategy="no", logging_steps=1000, disable_tqdm=True, dataloader_num_workers=0)
+    Trainer(model=model, args=args, train_dataset=_dataset(tiny_llama.tokenizer),
+            data_collator=_collator(tiny_llama.tokenizer), callbacks=[watch]).train()
+    run = read_watch_run(tmp_path / "w" / precision)
+    assert run.steps == [0, 1]
+    for metric in ("cos", "share", "dloss", "drift"):
+        assert np.isfinite(run.per_module[metric]).all(), metric
+    assert ((run.per_module["share"] >= 0) & (run.per_module["share"] <= 1 + 1e-6)).all()
+    assert run.manifest["model"]["dtype"] == ("bfloat16" if precision == "bf16-weights" else "float32")

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from analysis.lab.watch_store import WatchRun, list_watch_runs, read_watch_run, watch_root
+from analysis.lab.watch_store import WatchRun, WatchRunError, list_watch_runs, read_watch_run, watch_root
 from analysis.views.figures import (
     BASELINE_COLOR,
     DIVERGING_SCALE,
@@ -32,7 +32,7 @@ HEATMAP_METRICS = {
     "drift": ("Safety subspace overlap with step 0 (phi)", "phi", False),
 }
 
-__all__ = ["HEATMAP_METRICS", "drift_figure", "export_tables", "list_runs", "load", "module_heatmap",
+__all__ = ["HEATMAP_METRICS", "WatchRunError", "drift_figure", "export_tables", "list_runs", "load", "module_heatmap",
            "random_share", "refusal_figure", "totals_figure", "verdict"]
 
 
