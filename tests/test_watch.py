@@ -305,3 +305,44 @@ def test_mixed_precision_runs_record_finite_numbers(tiny_llama, tmp_path, precis
         assert np.isfinite(run.per_module[metric]).all(), metric
     assert ((run.per_module["share"] >= 0) & (run.per_module["share"] <= 1 + 1e-6)).all()
     assert run.manifest["model"]["dtype"] == ("bfloat16" if precision == "bf16-weights" else "float32")
+
+
+DDP_SCRIPT = '''
+import sys, torch
+from analysis.core.config import ModelConfig
+from analysis.llm.models import load_model
+from analysis.lab.watch import SafetyGeometryCallback
+from tests.test_watch import SETTINGS, _train
+from pathlib import Path
+folder, mode = Path(sys.argv[1]), sys.argv[2]
+torch.set_num_threads(1)
+loaded = load_model(ModelConfig("tiny-llama", dtype="float64"))
+watch = SafetyGeometryCallback(loaded.tokenizer, run_dir=folder / "run", interval=1, mode=mode, refresh=1, **SETTINGS)
+trainer = _train(loaded.model, loaded.tokenizer, folder, [watch], steps=3, batch=2)
+rank = trainer.args.process_index
+torch.save({n: p.detach() for n, p in loaded.model.named_parameters()}, folder / f"rank{rank}.pt")
+print("rank", rank, "rows", len(watch.rows), "writer", watch.writer is not None)
+'''
+
+
+@pytest.mark.parametrize("mode", ["watch", "spf"])
+def test_ddp_rank0_writes_and_every_rank_projects(tmp_path, mode):
+    """torchrun --nproc-per-node 2 (gloo, CPU): rank 0 alone measures and writes the run; with SPF every rank
+    projects its (all-reduced) gradient the same way, so the replicas stay identical."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(script), str(tmp_path), mode]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "rank 0 rows 3 writer True" in out.stdout and "rank 1 rows 0 writer False" in out.stdout
+    run = read_watch_run(tmp_path / "run")
+    assert run.status == "complete" and run.steps == [0, 1, 2]
+    assert run.manifest["training"]["world_size"] == 2
+    weights = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
