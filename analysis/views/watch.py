@@ -101,7 +101,7 @@ def totals_figure(run: WatchRun) -> go.Figure:
     figure.add_hline(y=random_share(run), line=dict(color=BASELINE_COLOR, dash="dash"),
                      annotation_text="random direction (k/d)", annotation_position="bottom right")
     figure.add_hline(y=0.0, line=dict(color="#444444", width=1))
-    return figure
+    return _step_axis(figure, frame["step"])
 
 
 def drift_figure(run: WatchRun) -> go.Figure:
@@ -119,8 +119,7 @@ def drift_figure(run: WatchRun) -> go.Figure:
                                     mode="lines+markers", line=dict(color=OKABE_ITO["purple"]), yaxis="y2"))
         figure.update_layout(yaxis2=dict(title="nats per update", overlaying="y", side="right", showgrid=False))
     figure.update_yaxes(range=[0, 1.05], selector=dict(anchor="x"))
-    figure.update_layout(legend=dict(x=0.01, y=0.02, xanchor="left", yanchor="bottom"))
-    return figure
+    return _step_axis(figure, frame["step"])
 
 
 def refusal_figure(run: WatchRun) -> go.Figure:
@@ -143,6 +142,16 @@ def refusal_figure(run: WatchRun) -> go.Figure:
                                     mode="lines+markers", line=dict(color=OKABE_ITO["blue"]), yaxis="y2"))
         figure.update_layout(yaxis2=dict(title="refusal rate", overlaying="y", side="right", range=[0, 1.05],
                                          tickformat=".0%", showgrid=False))
+    return _step_axis(figure, list(measured["step"]) + list(evals["step"]))
+
+
+def _step_axis(figure: go.Figure, steps) -> go.Figure:
+    """Integer step ticks (every step while there are few) and the legend under the plot."""
+    steps = sorted({int(s) for s in steps})
+    if 0 < len(steps) <= 20:
+        figure.update_xaxes(tickvals=steps)
+    figure.update_layout(legend=dict(orientation="h", x=0.0, y=-0.22, xanchor="left", yanchor="top"),
+                         margin=dict(b=110))
     return figure
 
 
