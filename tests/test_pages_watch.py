@@ -77,3 +77,17 @@ def test_watch_page_says_when_a_folder_is_not_a_watch_run(cache, tmp_path):
     at.text_input(key="widget.watch.path").set_value(str(tmp_path / "nowhere")).run()
     no_exceptions(at)
     assert any("not a watch run" in e.value for e in at.error)
+
+
+def test_cli_lists_runs_and_prints_a_verdict(cache, tiny_llama, tmp_path, capsys):
+    from analysis.__main__ import main
+
+    watch = SafetyGeometryCallback(tiny_llama.tokenizer, run_dir=cache / "watch" / "cli", interval=1, **SETTINGS)
+    _train(copy.deepcopy(tiny_llama.model), tiny_llama.tokenizer, tmp_path, [watch], steps=2)
+    capsys.readouterr()
+    assert main(["watch"]) == 0
+    assert "cli" in capsys.readouterr().out
+    assert main(["watch", str(cache / "watch" / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("cli: complete, 2 recorded steps") and "by step 1" in out
+    assert main(["watch", str(tmp_path / "nothing")]) == 2

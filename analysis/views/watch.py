@@ -168,9 +168,10 @@ def verdict(run: WatchRun) -> str:
         return f"No step recorded yet (run {status})."
     first, last = frame.iloc[0], frame.iloc[-1]
     span = f"from step {int(first['step'])} to step {int(last['step'])}"
-    direction = "rose" if last["share"] > first["share"] else "fell" if last["share"] < first["share"] else "stayed"
+    a, b = _fmt(first["share"]), _fmt(last["share"])
+    moved = f"stayed at {b}" if a == b else f"{'rose' if last['share'] > first['share'] else 'fell'} from {a} to {b}"
     parts = [f"The update's overlap with the safety subspace (share of its energy in the top-k safety directions) "
-             f"{direction} from {_fmt(first['share'])} to {_fmt(last['share'])} by step {int(last['step'])} "
+             f"{moved} by step {int(last['step'])} "
              f"(a random direction: {_fmt(random_share(run))}); cos(G_train, G_safety) went from "
              f"{_fmt(first['cos'])} to {_fmt(last['cos'])}"]
     if "share_applied" in frame and frame["share_applied"].notna().any():
@@ -199,3 +200,32 @@ def export_tables(run: WatchRun) -> dict[str, pd.DataFrame]:
         long.append(melted.set_index(["step", "module"]))
     modules = pd.concat(long, axis=1).reset_index() if long else pd.DataFrame(columns=["step", "module"])
     return {"totals": run.totals.copy(), "modules": modules}
+
+
+# --------------------------------------------------------------------------------------------------
+# command line: ``python -m analysis watch [FOLDER]``
+# --------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser, command: str) -> None:
+    parser.add_argument("folder", nargs="?", help="a watch run folder (default: list the runs under --root)")
+    parser.add_argument("--root", default=None, help="folder of watch runs (default: <cache>/watch)")
+
+
+def run(args) -> int:
+    """List the watch runs, or print one run's status, verdict and recorded totals."""
+    if not args.folder:
+        runs = list_runs(args.root)
+        print(runs.to_string(index=False) if not runs.empty else f"no watch run under {args.root or default_root()}")
+        return 0
+    try:
+        watched = load(args.folder)
+    except WatchRunError as error:
+        print(f"error: {error}")
+        return 2
+    print(f"{watched.run_id}: {watched.status}, {len(watched.steps)} recorded steps")
+    print(verdict(watched))
+    columns = [c for c in ("step", "cos", "share", "share_applied", "dloss", "drift", "safety_loss", "refusal_nll",
+                           "refusal_rate") if c in watched.totals]
+    print(watched.totals[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
