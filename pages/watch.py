@@ -55,9 +55,11 @@ def show(folder: str) -> None:
         common.show_figure(views.totals_figure(run), run.run_id, "watch_totals")
     with top[1]:
         common.show_figure(views.refusal_figure(run), run.run_id, "watch_refusal")
-    metric = st.radio("Per module", list(views.HEATMAP_METRICS), horizontal=True, key="widget.watch.metric",
-                      format_func=lambda m: views.HEATMAP_METRICS[m][0])
-    common.show_figure(views.module_heatmap(run, metric), run.run_id, f"watch_{metric}")
+    left, right = st.columns([4, 1])
+    metric = left.radio("Per layer", list(views.HEATMAP_METRICS), horizontal=True, key="widget.watch.metric",
+                        format_func=lambda m: views.HEATMAP_METRICS[m][0])
+    kind = right.selectbox("Modules", ["all", *views.kinds(run)], key="widget.watch.kind")
+    common.show_figure(views.module_heatmap(run, metric, kind), run.run_id, f"watch_{metric}_{kind}")
     common.show_figure(views.drift_figure(run), run.run_id, "watch_drift")
     tables = views.export_tables(run)
     with st.expander("Recorded rows"):

@@ -49,7 +49,7 @@ def test_watch_page_follows_a_run_that_is_still_being_written(cache, tiny_llama,
         assert titles == ["The update against the safety gradient (all modules)", "Refusals on held-out harmful prompts",
                           "Share of the update in the safety subspace", "Does the safety subspace move?"]
         heatmap = chart_specs(at)[2]
-        assert heatmap["data"][0]["x"] == ["0", "1"] and len(heatmap["data"][0]["y"]) == 14
+        assert heatmap["data"][0]["x"] == ["0", "1"] and heatmap["data"][0]["y"] == ["L0", "L1"]
 
         writer.write_row(recorded.rows[2])  # the script records one more step
         at.run()
@@ -59,6 +59,9 @@ def test_watch_page_follows_a_run_that_is_still_being_written(cache, tiny_llama,
         at.radio(key="widget.watch.metric").set_value("cos").run()
         no_exceptions(at)
         assert chart_specs(at)[2]["layout"]["title"]["text"] == "cos(G_train, G_safety)"
+        at.selectbox(key="widget.watch.kind").set_value("down").run()
+        no_exceptions(at)
+        assert "down modules" in chart_specs(at)[2]["layout"]["title"]["subtitle"]["text"]
 
         for row in recorded.rows[3:]:
             writer.write_row(row)
@@ -91,3 +94,28 @@ def test_cli_lists_runs_and_prints_a_verdict(cache, tiny_llama, tmp_path, capsys
     out = capsys.readouterr().out
     assert out.startswith("cli: complete, 2 recorded steps") and "by step 1" in out
     assert main(["watch", str(tmp_path / "nothing")]) == 2
+
+
+def test_layer_aggregates_recombine_into_the_recorded_totals(tiny_llama, tmp_path):
+    """Per-layer share / cos / dloss (views.watch.layer_frame) weighted back over the layers give the totals the
+    callback recorded over all modules (an exact identity of the aggregation)."""
+    import numpy as np
+
+    from analysis.views import watch as views
+
+    watch = SafetyGeometryCallback(tiny_llama.tokenizer, run_dir=tmp_path / "w" / "agg", interval=1, **SETTINGS)
+    _train(copy.deepcopy(tiny_llama.model), tiny_llama.tokenizer, tmp_path, [watch], steps=3)
+    run = read_watch_run(tmp_path / "w" / "agg")
+    layer_of = np.array([m["layer"] for m in run.modules])
+    gg = run.per_module["grad_norm"] ** 2
+    ss = run.per_module["safety_norm"] ** 2
+    GG = np.stack([gg[:, layer_of == layer].sum(1) for layer in (0, 1)], 1)
+    SS = np.stack([ss[:, layer_of == layer].sum(1) for layer in (0, 1)], 1)
+    share = views.layer_frame(run, "share").to_numpy().T
+    cos = views.layer_frame(run, "cos").to_numpy().T
+    dloss = views.layer_frame(run, "dloss").to_numpy().T
+    totals = run.totals[run.totals["cos"].notna()]
+    assert np.allclose((share * GG).sum(1) / GG.sum(1), totals["share"], rtol=1e-9)
+    assert np.allclose((cos * np.sqrt(GG * SS)).sum(1) / np.sqrt(GG.sum(1) * SS.sum(1)), totals["cos"], rtol=1e-9)
+    assert np.allclose(dloss.sum(1), totals["dloss"], rtol=1e-9)
+    assert views.kinds(run) == ["q", "k", "v", "o", "gate", "up", "down"]

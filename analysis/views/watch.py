@@ -18,6 +18,7 @@ from analysis.lab.watch_store import WatchRun, WatchRunError, list_watch_runs, r
 from analysis.views.figures import (
     BASELINE_COLOR,
     DIVERGING_SCALE,
+    HEIGHT,
     OKABE_ITO,
     SEQUENTIAL_SCALE,
     empty_figure,
@@ -32,8 +33,8 @@ HEATMAP_METRICS = {
     "drift": ("Safety subspace overlap with step 0 (phi)", "phi", False),
 }
 
-__all__ = ["HEATMAP_METRICS", "WatchRunError", "drift_figure", "export_tables", "list_runs", "load", "module_heatmap",
-           "random_share", "refusal_figure", "totals_figure", "verdict"]
+__all__ = ["HEATMAP_METRICS", "WatchRunError", "drift_figure", "export_tables", "kinds", "layer_frame", "list_runs",
+           "load", "module_heatmap", "random_share", "refusal_figure", "totals_figure", "verdict"]
 
 
 def list_runs(root: str | Path | None = None) -> pd.DataFrame:
@@ -62,23 +63,65 @@ def random_share(run: WatchRun) -> float:
     return float(np.mean([min(k, d) / d for d in outs])) if outs else float("nan")
 
 
-def module_heatmap(run: WatchRun, metric: str = "share") -> go.Figure:
-    """Modules (rows, model order: layer by layer) x recorded steps (columns) of one per-module metric."""
+def kinds(run: WatchRun) -> list[str]:
+    """Module kinds present, in model order (``q``, ``k``, ..., with ``.A`` / ``.B`` for LoRA factors)."""
+    out: list[str] = []
+    for module in run.modules:
+        kind = _kind_label(module)
+        if kind not in out:
+            out.append(kind)
+    return out
+
+
+def _kind_label(module: dict) -> str:
+    return module["kind"] + (f".{module['factor']}" if module.get("factor") else "")
+
+
+def layer_frame(run: WatchRun, metric: str, kind: str = "all") -> pd.DataFrame:
+    """(layers x recorded steps) of one metric over the layer's modules of ``kind`` ("all": every module),
+    aggregated exactly from the per-module values: share = sum share_m g_m^2 / sum g_m^2 (g = ||G_train||),
+    cos = sum cos_m g_m s_m / sqrt(sum g_m^2 sum s_m^2) (s = ||G_safety||), dloss = sum, drift = mean."""
+    chosen = [j for j, m in enumerate(run.modules) if kind == "all" or _kind_label(m) == kind]
+    layers = sorted({run.modules[j]["layer"] for j in chosen if run.modules[j]["layer"] is not None})
+    values = run.per_module[metric]
+    g, s = run.per_module["grad_norm"], run.per_module["safety_norm"]
+    out = np.full((len(layers), len(run.steps)), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for row, layer in enumerate(layers):
+            cols = [j for j in chosen if run.modules[j]["layer"] == layer]
+            v, gg, ss = values[:, cols], g[:, cols] ** 2, s[:, cols] ** 2
+            ok = np.isfinite(v)
+            if metric == "share":
+                out[row] = np.where(ok, v * gg, 0).sum(1) / np.where(ok, gg, 0).sum(1)
+            elif metric == "cos":
+                out[row] = np.where(ok, v * np.sqrt(gg * ss), 0).sum(1) / np.sqrt(gg.sum(1) * ss.sum(1))
+            elif metric == "dloss":
+                out[row] = np.where(ok, v, 0).sum(1)
+            else:
+                out[row] = [np.mean(r[np.isfinite(r)]) if np.isfinite(r).any() else np.nan for r in v]
+            out[row, ~ok.any(1)] = np.nan
+    return pd.DataFrame(out, index=pd.Index([f"L{layer}" for layer in layers], name="layer"),
+                        columns=pd.Index(run.steps, name="step"))
+
+
+def module_heatmap(run: WatchRun, metric: str = "share", kind: str = "all") -> go.Figure:
+    """Layers (rows) x recorded steps (columns) of one metric, over the modules of ``kind`` (:func:`layer_frame`)."""
     title, colorbar, signed = HEATMAP_METRICS[metric]
-    frame = run.module_frame(metric)
-    if frame.empty:
+    frame = layer_frame(run, metric, kind)
+    if frame.empty or frame.shape[1] == 0:
         return empty_figure(title, "No step recorded yet.")
-    values = frame.to_numpy().T
-    figure = new_figure(title, "optimizer step", "module", subtitle=f"{run.run_id} · {len(frame.columns)} modules")
+    values = frame.to_numpy()
+    which = "all modules" if kind == "all" else f"{kind} modules"
+    figure = new_figure(title, "optimizer step", "layer", subtitle=f"{run.run_id} · per layer, {which}")
     limit = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
     scale = dict(colorscale=DIVERGING_SCALE, zmid=0.0, zmin=-limit, zmax=limit) if signed else dict(
         colorscale=SEQUENTIAL_SCALE, zmin=0.0, zmax=1.0 if metric in ("share", "drift") else None)
-    figure.add_trace(go.Heatmap(z=values, x=[str(s) for s in frame.index], y=list(frame.columns),
+    figure.add_trace(go.Heatmap(z=values, x=[str(s) for s in frame.columns], y=list(frame.index),
                                 colorbar=dict(title=colorbar), hoverongaps=False,
                                 hovertemplate="step %{x}<br>%{y}<br>%{z:.4g}<extra></extra>", **scale))
     figure.update_yaxes(autorange="reversed", type="category")
     figure.update_xaxes(type="category")
-    figure.update_layout(height=max(420, 14 * len(frame.columns) + 160))
+    figure.update_layout(height=max(HEIGHT, 18 * len(frame.index) + 200))
     return figure
 
 
