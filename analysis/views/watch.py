@@ -161,7 +161,7 @@ def drift_figure(run: WatchRun) -> go.Figure:
         figure.add_trace(go.Scatter(x=frame["step"], y=frame["dloss"], name="refusal-loss change (1st order)",
                                     mode="lines+markers", line=dict(color=OKABE_ITO["purple"]), yaxis="y2"))
         figure.update_layout(yaxis2=dict(title="nats per update", overlaying="y", side="right", showgrid=False))
-    figure.update_yaxes(range=[0, 1.05], selector=dict(anchor="x"))
+    figure.update_layout(yaxis=dict(range=[0, 1.05]))
     return _step_axis(figure, frame["step"])
 
 
