@@ -442,11 +442,11 @@ class SafetyGeometryCallback(TrainerCallback):
                               "processing_class")
         self.modules = watched_modules(model, config.modules)
         safety = load_conversations(self._safety_source, config.safety_split, config.safety_batch, config.seed,
-                                "safety batch")
+                                    "safety batch")
         self._batch = tokenize_batch(self.tokenizer, safety, config.max_length)
         if config.eval_every is not None:
             self._eval = load_conversations(self._eval_source, config.eval_split, config.n_eval, config.seed,
-                                        "held-out harmful prompts")
+                                            "held-out harmful prompts")
         if state.is_world_process_zero:
             self._open(args, model, safety)
 
@@ -490,8 +490,9 @@ class SafetyGeometryCallback(TrainerCallback):
 
         safety_loss, safety = safety_gradients(model, self._batch, self.modules, config.k, config.svd,
                                                seeded(config.seed, "watch", step))
-        if refresh_due:
-            self._defence = safety
+        if refresh_due:  # SPF keeps only the bases (PCGrad needs the whole G_safety)
+            self._defence = safety if config.mode == "pcgrad" else {
+                name: dataclasses.replace(s, G=s.G.new_empty(0)) for name, s in safety.items()}
         if measure_due:
             lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else float("nan")
             if self._reference is None:
