@@ -47,7 +47,8 @@ on the module's device; bf16/fp16 models capture in their
 dtype. fp16 with ``max_grad_norm = 0``: the gradients may still carry the loss scale at this hook (cosines
 and shares are scale-free; dloss_sgd is not). DDP: with ``mode="watch"`` only rank 0 measures and writes;
 with a defence every rank computes the same basis (same weights, same fixed batch) and projects its own
-(already all-reduced) gradient; rank 0 writes.
+(already all-reduced) gradient; rank 0 writes. Tested: gradient accumulation, bf16 weights / autocast, LoRA, DDP
+(gloo); fp16 and ``device_map`` models are handled as described but untested (no GPU here).
 """
 
 from __future__ import annotations
@@ -405,8 +406,9 @@ class SafetyGeometryCallback(TrainerCallback):
     module docstring for every recorded quantity.
 
     ``tokenizer``: the model's tokenizer (default: the trainer's ``processing_class``). ``run_dir``: the run
-    folder to write (default ``<cache>/watch/<output_dir name>-<time>``); an unfinished folder of an interrupted
-    run is resumed. ``safety`` / ``eval_conversations``: lists of conversations instead of the shipped sets.
+    folder to write (default ``<cache>/watch/<output_dir name>-<time>``); the unfinished folder of a run whose
+    process is gone is resumed (its rows and step-0 basis kept); a complete one, or one a live process still
+    holds (e.g. a crashed ``train()`` earlier in the same notebook), raises ``WatchRunError``. ``safety`` / ``eval_conversations``: lists of conversations instead of the shipped sets.
     Other keyword arguments are :class:`WatchConfig` fields (or pass ``config``). ``run_dir`` is set once
     training has begun (``self.run_dir``)."""
 
