@@ -346,3 +346,29 @@ def test_ddp_rank0_writes_and_every_rank_projects(tmp_path, mode):
     assert run.manifest["training"]["world_size"] == 2
     weights = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_an_interrupted_run_is_resumed_with_its_step0_basis(tiny_llama, tmp_path):
+    """A run whose process is gone (lock released, not complete) is resumed by the next callback with the same
+    run_dir: the manifest counts the resume, the step-0 basis of the first attempt is the drift reference."""
+    class Crash(Exception):
+        pass
+
+    class CrashAfterStep1(Snapshot):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise Crash
+
+    folder = tmp_path / "w" / "resumed"
+    first = SafetyGeometryCallback(tiny_llama.tokenizer, run_dir=folder, interval=1, **SETTINGS)
+    with pytest.raises(Crash):
+        _train(copy.deepcopy(tiny_llama.model), tiny_llama.tokenizer, tmp_path, [first, CrashAfterStep1([])], steps=4)
+    first.writer.close()  # what the end of its process does
+    assert read_watch_run(folder).status == "interrupted"
+    reference = first.writer.load_reference()
+    second = SafetyGeometryCallback(tiny_llama.tokenizer, run_dir=folder, interval=1, **SETTINGS)
+    _train(copy.deepcopy(tiny_llama.model), tiny_llama.tokenizer, tmp_path, [second], steps=3, lr=0.5)
+    run = read_watch_run(folder)
+    assert run.status == "complete" and run.manifest["resumed"] == 1 and run.steps == [0, 1, 2]
+    assert set(second._reference) == set(reference)
+    assert all(np.array_equal(second._reference[name], reference[name]) for name in reference)
