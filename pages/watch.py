@@ -22,10 +22,12 @@ with st.expander("How to record a run"):
 runs = views.list_runs()
 options = list(runs["folder"]) if not runs.empty else []
 labels = {row.folder: f"{row.run_id} · {row.status} · {row.mode} · step {row.last_step}" for row in runs.itertuples()}
+typed_before = str(st.session_state.get("widget.watch.path", "")).strip()
 left, right = st.columns([3, 2])
 with left:
     chosen = st.selectbox("Run", options, format_func=lambda f: labels.get(f, f), key="widget.watch.run",
-                          placeholder="no recorded run yet", index=0 if options else None)
+                          placeholder="no recorded run yet", index=0 if options else None, disabled=bool(typed_before),
+                          help="clear the folder field to pick a run here" if typed_before else None)
 with right:
     typed = st.text_input("…or a run folder written by a script", key="widget.watch.path",
                           placeholder=str(views.default_root() / "<run>"))
