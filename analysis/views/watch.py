@@ -202,6 +202,22 @@ def _fmt(value: float) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.2f}"
 
 
+def wilson(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a rate with ``successes`` of ``n`` (replace by the project's shared one when
+    it exists)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _rate(rate: float, n: int) -> str:
+    low, high = wilson(round(rate * n), n)
+    return f"{rate:.0%} [{low:.0%}, {high:.0%}]"
+
+
 def verdict(run: WatchRun) -> str:
     """One or two sentences on how the run moved, from its first to its last recorded step."""
     frame = _measured(run)
@@ -227,8 +243,8 @@ def verdict(run: WatchRun) -> str:
         a, b = evals.iloc[0], evals.iloc[-1]
         n = int(b.get("n_eval", 0) or 0)
         text += (f" Refusal NLL on {n} held-out harmful prompts: {_fmt(a['refusal_nll'])} -> {_fmt(b['refusal_nll'])} "
-                 f"nats/token; keyword refusal rate {a['refusal_rate']:.0%} -> {b['refusal_rate']:.0%} "
-                 f"(step {int(a['step'])} -> {int(b['step'])}).")
+                 f"nats/token; keyword refusal rate {_rate(a['refusal_rate'], n)} -> {_rate(b['refusal_rate'], n)} "
+                 f"(step {int(a['step'])} -> {int(b['step'])}; 95% Wilson intervals, n = {n}).")
     return text
 
 
