@@ -22,7 +22,6 @@ TASK_MODULES = {
     "finetune": ("analysis.lab.finetune", "fine-tune (attack presets) with plain SFT and/or SPF; live safety metrics"),
     "safe-lora": ("analysis.lab.safe_lora", "Safe LoRA-style post-hoc projection of a fine-tuned model's delta"),
     "defences": ("analysis.lab.grid", "every defence against every attack tier: the ASR / utility table"),
-    "watch": ("analysis.views.watch", "list the watched training runs (SafetyGeometryCallback) or print one's verdict"),
     "why": ("analysis.lab.why", "why a defence fails: a fine-tuning run's update vs the safety subspaces"),
 }
 # command -> (module providing add_arguments/run, one-line help)
@@ -31,6 +30,7 @@ COMMANDS = {
     "summary": ("analysis.llm.cli", "print a model summary (family, parameters, linear modules)"),
     "runs": ("analysis.engine.cli", "list the stored collection runs"),
     "delete": ("analysis.engine.cli", "delete a stored run"),
+    "watch": ("analysis.views.watch", "list the watched training runs (SafetyGeometryCallback) or print one's verdict"),
 }
 
 

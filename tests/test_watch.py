@@ -180,8 +180,8 @@ def test_watch_mode_leaves_training_bitwise_unchanged(tiny_llama, tmp_path):
 def test_projected_update_equals_the_lab_trainer_step(tiny64, tmp_path, mode, spf_mode):
     """Done-when 3: the gradient the optimizer receives equals the lab's SPF (SPFProjector, exact basis) /
     PCGrad projection of the same gradients against the same safety batch, to 1e-6; refreshed every R."""
-    from analysis.lab.config import SPFConfig
-    from analysis.lab.defences import pcgrad_project
+    from analysis.lab.config import FinetuneConfig, SPFConfig
+    from analysis.lab.defences import training_defence
     from analysis.lab.spf import SPFProjector, as_out_in, spf_modules
 
     model = copy.deepcopy(tiny64.model)
@@ -198,16 +198,15 @@ def test_projected_update_equals_the_lab_trainer_step(tiny64, tmp_path, mode, sp
         lab_model.load_state_dict(before.weights[basis_step], strict=False)
         lab_model.train()
         spf = SPFConfig(k=SETTINGS["k"], mode=spf_mode, svd="exact")
-        projector = SPFProjector(spf_modules(lab_model, spf), spf, project=True)
+        projector = SPFProjector(spf_modules(lab_model, spf), spf)
+        defence = training_defence(mode)(FinetuneConfig(method=mode, spf=spf), projector)  # the trainer's hooks
         safety = projector.safety_gradients(response_losses(lab_model, batch.model_inputs(), batch.labels).mean())
-        projector.refresh_basis(safety, 1, torch.Generator().manual_seed(0))
+        defence.refresh(1, safety, zero=False, generator=torch.Generator().manual_seed(0))
         lab_model.load_state_dict(before.weights[step], strict=False)
         for m in projector.modules:
             m.weight.grad = before.grads[step][f"{m.name}.weight"].clone()
-        if mode == "spf":
-            projector.project_gradients()
-        else:
-            pcgrad_project({m.name: as_out_in(m.module, m.weight.grad) for m in projector.modules}, safety)
+        with torch.no_grad():
+            defence.before_step(step, {m.name: as_out_in(m.module, m.weight.grad) for m in projector.modules})
         for m in projector.modules:
             assert torch.allclose(after.grads[step][f"{m.name}.weight"], m.weight.grad, atol=1e-6), (step, m.name)
     changed = [not torch.equal(after.grads[step][name], before.grads[step][name])

@@ -63,7 +63,7 @@ import torch
 from transformers import TrainerCallback
 
 from analysis.core.config import ConfigError, to_jsonable
-from analysis.lab.config import SVD_METHODS
+from analysis.lab.config import SPF_MODES, SVD_METHODS
 from analysis.lab.watch_geometry import (
     SafetyGradient,
     WatchedModule,
@@ -77,10 +77,10 @@ from analysis.lab.watch_geometry import (
 )
 from analysis.lab.watch_store import MODULE_METRICS
 
-MODES = ("watch", "spf", "pcgrad")
-SPF_MODES = ("conflict", "orthogonal", "same")
+#: "watch" (measure only) or a training defence of the registry that projects gradients (spf, pcgrad, ...)
+WATCH = "watch"
 
-__all__ = ["MODES", "MODULE_METRICS", "SafetyGeometryCallback", "SafetyGradient", "WatchConfig", "WatchedModule",
+__all__ = ["MODULE_METRICS", "WATCH", "SafetyGeometryCallback", "SafetyGradient", "WatchConfig", "WatchedModule",
            "apply_defence", "capture_factors", "load_conversations", "measure", "measured_statement",
            "safety_gradients", "watched_modules", "weight_dot"]
 
@@ -130,8 +130,15 @@ class WatchConfig:
                               f"({self.interval}): evaluations run on recorded steps")
         if self.svd not in SVD_METHODS:
             raise ConfigError(f"watch.svd {self.svd!r} is not one of {', '.join(SVD_METHODS)}")
-        if self.mode not in MODES:
-            raise ConfigError(f"watch.mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.mode != WATCH:
+            from analysis.lab.defences import training_defence, training_names
+
+            if self.mode not in training_names():
+                raise ConfigError(f"watch.mode {self.mode!r} is not 'watch' or a training defence: "
+                                  f"{', '.join(training_names())}")
+            if not training_defence(self.mode).needs.weight_gradients:
+                raise ConfigError(f"watch.mode {self.mode!r} does not act on gradients: use 'watch' or a projecting "
+                                  "defence such as 'spf' or 'pcgrad'")
         if self.spf_mode not in SPF_MODES:
             raise ConfigError(f"watch.spf_mode {self.spf_mode!r} is not one of {', '.join(SPF_MODES)}")
         if self.modules is not None:
@@ -254,7 +261,7 @@ class SafetyGeometryCallback(TrainerCallback):
         config, step = self.config, state.global_step
         rank0 = state.is_world_process_zero
         measure_due = rank0 and step % config.interval == 0
-        acting = config.mode != "watch"
+        acting = config.mode != WATCH
         refresh_due = acting and (self._defence is None or step % config.refresh == 0)
         if not (measure_due or refresh_due):
             return self._act(control) if acting else None
@@ -262,8 +269,11 @@ class SafetyGeometryCallback(TrainerCallback):
 
         safety_loss, safety = safety_gradients(model, self._batch, self.modules, config.k, config.svd,
                                                seeded(config.seed, "watch", step))
-        if refresh_due:  # SPF keeps only the bases (PCGrad needs the whole G_safety)
-            self._defence = safety if config.mode == "pcgrad" else {
+        if refresh_due:  # a basis-only defence (SPF) keeps only the bases; PCGrad needs the whole G_safety
+            from analysis.lab.defences import training_defence
+
+            basis_only = training_defence(config.mode).needs.safety_basis
+            self._defence = safety if not basis_only else {
                 name: dataclasses.replace(s, G=s.G.new_empty(0)) for name, s in safety.items()}
         if measure_due:
             lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else float("nan")

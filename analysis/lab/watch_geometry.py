@@ -64,7 +64,7 @@ def watched_modules(model: nn.Module, regex: str | None = None) -> list[WatchedM
     Raises ConfigError when none is trainable (e.g. a frozen model) or the regex matches none."""
     import re
 
-    from analysis.engine.capture import LAYER_TYPES, ModuleInfo, _kind, layer_index
+    from analysis.llm.anatomy import LAYER_TYPES, ModuleInfo, layer_index, module_kind
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out = []
@@ -74,7 +74,7 @@ def watched_modules(model: nn.Module, regex: str | None = None) -> list[WatchedM
         if regex and not re.search(regex, name):
             continue
         parent, factor = _lora_factor(name)
-        layer, kind = layer_index(parent), _kind(parent)
+        layer, kind = layer_index(parent), module_kind(parent)
         label = ModuleInfo(parent, kind, layer, 0, 0).label + (f".{factor}" if factor else "")
         out.append(WatchedModule(name, label, layer, kind, factor, module, module.weight))
     if not out:
@@ -238,23 +238,12 @@ def weight_dot(modules: Sequence[WatchedModule], safety: Mapping[str, SafetyGrad
 
 def apply_defence(mode: str, spf_mode: str, grads: Mapping[str, torch.Tensor],
                   safety: Mapping[str, SafetyGradient]) -> dict[str, float]:
-    """Project the gradient views ``grads`` {module: (d_out, d_in) view of ``.grad``} in place with the lab's
-    defence (``mode`` "spf": ``lab.spf.project_gradients`` against each module's (U_k, V_k) in ``spf_mode``;
-    "pcgrad": ``lab.defences.pcgrad_project`` against the whole G_safety). Returns ``removed``
-    (||G - G'|| / ||G|| over all modules) and the defence's own metrics. The one place the callback calls
-    defence code: point it at the defence registry when it exists."""
-    if mode == "spf":
-        from analysis.lab.spf import project_gradients
+    """Project the gradient views ``grads`` {module: (d_out, d_in) view of ``.grad``} in place with the
+    registered training defence ``mode`` (:meth:`analysis.lab.defences.Defence.project`: SPF against each
+    module's (U_k, V_k) in ``spf_mode``, PCGrad against the whole G_safety): the very code the lab's trainer
+    runs. Returns ``removed`` (||G - G'|| / ||G|| over all modules) and the defence's own metrics."""
+    from analysis.lab.defences import training_defence
 
-        basis = {name: (s.U, s.V) for name, s in safety.items()}
-        with torch.no_grad():
-            removed = project_gradients(grads, basis, spf_mode)
-        total = sum(norm * norm for _, norm in removed.values())
-        lost = sum((fraction * norm) ** 2 for fraction, norm in removed.values())
-        return {"removed": math.sqrt(lost / total) if total > 0 else 0.0}
-    if mode == "pcgrad":
-        from analysis.lab.defences import pcgrad_project
-
-        out = pcgrad_project(grads, {name: s.G for name, s in safety.items()})
-        return {"removed": out["pcgrad_removed"], "pcgrad_cos": out["pcgrad_cos"]}
-    raise ConfigError(f"mode {mode!r} does not act: use 'spf' or 'pcgrad'")
+    with torch.no_grad():
+        return training_defence(mode).project(grads, {name: s.G for name, s in safety.items()},
+                                              {name: (s.U, s.V) for name, s in safety.items()}, spf_mode)

@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from analysis.core.config import InputError
 
 __all__ = ["ALL_KINDS", "KIND_NAMES", "LAYER_TYPES", "LayerType", "ModuleInfo", "SelectionError", "as_out_in",
-           "find_linear_modules", "layer_index", "parse_layers", "select_modules", "weight_grad_as_out_in"]
+           "find_linear_modules", "layer_index", "module_kind", "parse_layers", "select_modules", "weight_grad_as_out_in"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,8 @@ class ModuleInfo:
         return f"L{self.layer}.{block}.{self.kind}"
 
 
-def _kind(name: str) -> str:
+def module_kind(name: str) -> str:
+    """Short kind of a module's HF path (``q``, ``down``, ...; :data:`KIND_NAMES`, GPT-2's ``c_proj`` by its block)."""
     parts = name.split(".")
     last = parts[-1]
     if last == "c_proj":  # GPT-2: attn.c_proj is the output projection, mlp.c_proj the down projection
@@ -101,7 +102,7 @@ def find_linear_modules(model: nn.Module, include_output_head: bool = False) -> 
         if module is output_head and not include_output_head:
             continue
         d_out, d_in = layer_type.weight_as_out_in(module).shape
-        infos.append(ModuleInfo(name, _kind(name), layer_index(name), d_out, d_in))
+        infos.append(ModuleInfo(name, module_kind(name), layer_index(name), d_out, d_in))
     return infos
 
 

@@ -185,6 +185,16 @@ class Defence:
 
     # -- post hoc ------------------------------------------------------------------------------------
     @classmethod
+    def project(cls, grads: Mapping[str, torch.Tensor], safety: Mapping[str, torch.Tensor],
+                bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]], mode: str | None = None) -> dict[str, float]:
+        """One projection outside a run of the trainer (e.g. a training-loop callback that measured its own
+        safety gradients): change ``grads`` {module: (d_out, d_in)} in place against ``safety`` {module: G_safety}
+        or ``bases`` {module: (U_k, V_k)} with the same code the trainer's hooks use; ``mode``: one of
+        ``modes``. Returns {"removed": ||G - G'|| / ||G|| over all modules, ...the defence's own metrics}. A
+        defence that does not project gradients raises ConfigError."""
+        raise ConfigError(f"defence {cls.name!r} does not project gradients")
+
+    @classmethod
     def post_hoc(cls, finetuned: ModelConfig, aligned: ModelConfig, base: ModelConfig, options: Mapping[str, Any],
                  ctx: TaskContext, compute: bool = True) -> PostHoc | None:
         """The defended model of a finished run's model ``finetuned`` (``aligned``: where the run started,

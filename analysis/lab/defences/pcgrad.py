@@ -67,6 +67,11 @@ class PCGrad(Defence):
         self.reference: dict[str, torch.Tensor] | None = None  # the last non-zero safety gradient
 
     @classmethod
+    def project(cls, grads, safety, bases, mode=None):
+        metrics = pcgrad_project(grads, safety)
+        return {"removed": metrics["pcgrad_removed"], **metrics}
+
+    @classmethod
     def settings_text(cls, config: Mapping[str, Any]) -> str:
         spf = config["spf"]
         return f"R={spf['refresh']}, {spf.get('safety_loss', 'refusal')}"

@@ -17,10 +17,11 @@ every refresh (``SPFProjector.record_drift``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from analysis.lab.config import SPF_MODES
+from analysis.lab.config import SPF_MODES, SPFConfig
 from analysis.lab.defences.base import Defence, Needs, Variant, register
 
 if TYPE_CHECKING:
@@ -91,6 +92,13 @@ class SPF(Defence):
         Variant("spf-kl", "SPF with the KL-to-aligned signal on harmful prompts", method="spf",
                 settings={"spf": {"safety_loss": "kl"}}, order=8),
     )
+
+    @classmethod
+    def project(cls, grads, safety, bases, mode=None):
+        removed = project_gradients(grads, bases, mode or SPFConfig.mode)
+        total = sum(norm * norm for _, norm in removed.values())
+        lost = sum((fraction * norm) ** 2 for fraction, norm in removed.values())
+        return {"removed": math.sqrt(lost / total) if total > 0 else 0.0}
 
     @classmethod
     def settings_text(cls, config: Mapping[str, Any]) -> str:
