@@ -120,11 +120,3 @@ def test_layer_aggregates_recombine_into_the_recorded_totals(tiny_llama, tmp_pat
     assert np.allclose(dloss.sum(1), totals["dloss"], rtol=1e-9)
     assert views.kinds(run) == ["q", "k", "v", "o", "gate", "up", "down"]
 
-
-def test_wilson_interval_known_values():
-    from analysis.views.watch import wilson
-
-    low, high = wilson(8, 8)  # 8 of 8: [0.676, 1] (Wilson 1927; e.g. statsmodels proportion_confint method="wilson")
-    assert abs(low - 0.6756) < 1e-3 and high == 1.0
-    low, high = wilson(5, 10)
-    assert abs(low - 0.2366) < 1e-3 and abs(high - 0.7634) < 1e-3

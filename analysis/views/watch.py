@@ -202,19 +202,10 @@ def _fmt(value: float) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.2f}"
 
 
-def wilson(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a rate with ``successes`` of ``n`` (replace by the project's shared one when
-    it exists)."""
-    if n <= 0:
-        return float("nan"), float("nan")
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def _rate(rate: float, n: int) -> str:
-    low, high = wilson(round(rate * n), n)
+    from analysis.core.stats import wilson_interval
+
+    low, high = wilson_interval(round(rate * n), n)
     return f"{rate:.0%} [{low:.0%}, {high:.0%}]"
 
 
