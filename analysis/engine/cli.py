@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         add("--gram-route", choices=("auto", "ghost", "dense"), default=defaults.gram_route)
         add("--curve-layers", default=defaults.curve_layers, help="overlap-vs-n curve layers: auto, all, none, 0,10")
         add("--curve-boot", type=int, default=defaults.curve_boot, help="random subsets per n for the curve")
+        add("--n-boot", type=int, default=defaults.n_boot,
+            help="bootstrap replicates for the metrics' 95%% intervals (0: none)")
+        add("--n-perm", type=int, default=defaults.n_perm,
+            help="permutations for the null model's p-values (0: none)")
         add("--modules-per-pass", type=int, default=defaults.modules_per_pass,
             help="capture at most this many modules per forward+backward pass (0: all; bounds memory and disk)")
         add("--projection-dim", type=int, default=None, metavar="P",
@@ -79,7 +83,7 @@ def _config(args: argparse.Namespace):
         layers=args.layers, kinds=args.modules, regex=args.regex, max_length=args.max_length,
         batch_size=args.batch_size, padding_side=args.padding_side, top_k=args.top_k, seed=args.seed,
         gram_route=args.gram_route, curve_layers=args.curve_layers, curve_boot=args.curve_boot,
-        modules_per_pass=args.modules_per_pass, projection_dim=args.projection_dim)
+        n_boot=args.n_boot, n_perm=args.n_perm, modules_per_pass=args.modules_per_pass, projection_dim=args.projection_dim)
 
 
 def print_summary(results) -> None:

@@ -107,6 +107,9 @@ class CollectionConfig:
     curve_layers: layers whose modules get an overlap-vs-n curve: "auto" (first, middle and last selected
         layer), "all", "none" or a layer list "0,10,20"; curve_boot: random subsets per n. The curve costs
         about twice the rest of a module's analysis (a dense SVD per large subset), hence a subset of layers.
+    n_boot / n_perm: bootstrap replicates (95% percentile intervals of every per-module metric) and
+        permutations (null model of claims I-III) computed beside the point estimates and stored with the run
+        (:mod:`analysis.engine.resampling`; seeded by ``seed``; 0: none). In the run id unless both are 0.
     modules_per_pass: capture the factors of at most this many modules (in model order) per forward +
         backward pass over all samples, analyse and delete them, then the next group (0: all in one pass).
         Bounds the memory and disk of the factors by the group's; costs one more pass per group. A
@@ -135,6 +138,8 @@ class CollectionConfig:
     gram_route: str = "auto"
     curve_layers: str = "auto"
     curve_boot: int = 8
+    n_boot: int = 200
+    n_perm: int = 200
     modules_per_pass: int = 0
     projection_dim: int | None = None
 
@@ -161,6 +166,10 @@ class CollectionConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("n_boot", "n_perm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0 (0: none), got {value!r}")
         if isinstance(self.modules_per_pass, bool) or not isinstance(self.modules_per_pass, int) \
                 or self.modules_per_pass < 0:
             raise ConfigError(f"modules_per_pass must be an integer >= 0 (0: all modules in one pass), "
@@ -262,6 +271,9 @@ def run_identity(config: CollectionConfig, model_identity: str, datasets: Mappin
                 if key not in PERFORMANCE_FIELDS}
     if settings.get("projection_dim") is None:
         settings.pop("projection_dim", None)
+    if not settings.get("n_boot") and not settings.get("n_perm"):  # runs without resampling keep their ids
+        settings.pop("n_boot", None)
+        settings.pop("n_perm", None)
     return {
         "config": settings,
         "model_identity": model_identity,

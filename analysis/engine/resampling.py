@@ -1,0 +1,266 @@
+"""Bootstrap intervals and permutation null of one module's metrics, and the run-wide evidence built from them.
+
+:func:`resample_module` runs at analysis time, beside the point estimates (it needs the factors): B bootstrap
+replicates (each set resampled with replacement at its own size) and P permutations (pooled samples split at
+random with the original sizes), the same rows for every module of a run (seeded by the run's seed), so that
+across-module summaries resample prompts, not modules. Spectral metrics of the resampled means come from the
+module's :class:`~analysis.engine.geometry.resampling.SpectralCore` (m = CORE_RANK directions per side);
+cosines and pair shares are exact from the Gram matrix. Stored arrays (``resampling.safetensors``, key
+``<kind>.<stat>/<module>``):
+
+* ``boot.<stat>`` (B,): replicates of a per-module statistic (BOOT_STATS). Spectral ones are shifted by the
+  core's error at the observed sample (exact - core), so their percentile interval sits around the exact
+  point estimate (a no-op when the core is exact, ``captured`` = 1).
+* ``perm.<stat>`` (P,) and ``core.<stat>`` (1,): the permutation null of PERM_STATS and the observed value
+  computed the same way (in the core), for an exact permutation p-value.
+* ``captured`` (B,): share of each replicate's safety-mean energy inside the core (1 = exact).
+* ``utility_phi_to_safety`` (n_u,): phi of each utility sample's top-k subspace with the *safety* batch top-k
+  (claim III's unrelated-sample baseline).
+
+:func:`gram_resampling` gives the Gram-only part (cosine, pair shares) for runs stored before resampling
+existed. :class:`Evidence` gathers a run's arrays into (modules x draws) matrices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analysis.engine.geometry import resampling as rs
+from analysis.engine.geometry import subspaces as sub
+
+__all__ = ["BOOT_STATS", "CORE_RANK", "PERM_STATS", "RESAMPLING_FILE", "Evidence", "gram_resampling",
+           "load_evidence", "resample_module"]
+
+#: Directions per side of the spectral core (exact when the stacked factors have rank <= this).
+CORE_RANK = 128
+RESAMPLING_FILE = "resampling.safetensors"
+#: Per-module statistics with bootstrap replicates. diff_* = safety - utility.
+BOOT_STATS = ("safety_k90", "utility_k90", "diff_k90", "safety_effective_rank", "utility_effective_rank",
+              "diff_effective_rank", "safety_stable_rank", "utility_stable_rank", "safety_cer", "utility_cer",
+              "cosine_su", "phi_su", "cross_cos_frac_negative", "safety_sample_phi_mean", "safety_sample_top1_mean",
+              "utility_sample_phi_to_safety_mean", "diff_sample_phi")
+#: Statistics with a permutation null (safety and utility samples exchangeable).
+PERM_STATS = ("diff_k90", "diff_effective_rank", "cosine_su", "diff_sample_phi")
+#: Spectral statistics (computed in the core; shifted by the core's error for the bootstrap).
+SPECTRAL = ("safety_k90", "utility_k90", "diff_k90", "safety_effective_rank", "utility_effective_rank",
+            "diff_effective_rank", "safety_stable_rank", "utility_stable_rank", "safety_cer", "utility_cer", "phi_su")
+
+
+def _set_stats(cores: np.ndarray, weights: np.ndarray, K: np.ndarray, top_k: int) -> tuple[dict, np.ndarray]:
+    """Spectral stats of weighted means (weights (R, n), already / set size) and their top-k core bases."""
+    s2, U = rs.core_spectra(cores, top_k)
+    total = np.einsum("rn,rn->r", weights @ K, weights)
+    stats = rs.spectrum_stats(s2, total, (0.9,), top_k)
+    return stats, U
+
+
+def _phi(U_a: np.ndarray, U_b: np.ndarray) -> np.ndarray:
+    k = min(U_a.shape[2], U_b.shape[2])
+    return np.clip(np.sum((np.swapaxes(U_a, 1, 2) @ U_b) ** 2, axis=(1, 2)) / max(k, 1), 0.0, 1.0)
+
+
+def _spectral(core: rs.SpectralCore, K: np.ndarray, safety_w: np.ndarray, utility_w: np.ndarray,
+              top_k: int) -> dict[str, np.ndarray]:
+    """Spectral statistics of R pairs of weighted means (rows of safety_w, utility_w (R, n), / set size)."""
+    s_stats, U_s = _set_stats(core.means(safety_w), safety_w, K, top_k)
+    u_stats, U_u = _set_stats(core.means(utility_w), utility_w, K, top_k)
+    out = {"safety_k90": s_stats["k90"], "utility_k90": u_stats["k90"],
+           "safety_effective_rank": s_stats["effective_rank"], "utility_effective_rank": u_stats["effective_rank"],
+           "safety_stable_rank": s_stats["stable_rank"], "utility_stable_rank": u_stats["stable_rank"],
+           "safety_cer": s_stats["cer"], "utility_cer": u_stats["cer"], "phi_su": _phi(U_s, U_u)}
+    out["diff_k90"] = out["safety_k90"] - out["utility_k90"]
+    out["diff_effective_rank"] = out["safety_effective_rank"] - out["utility_effective_rank"]
+    return out
+
+
+def _split(weights: np.ndarray, n_safety: int) -> tuple[np.ndarray, np.ndarray]:
+    """Set-mean weight rows (R, n): the safety block / its total, the utility block / its total, zeros elsewhere."""
+    s, u = np.zeros_like(weights), np.zeros_like(weights)
+    s[:, :n_safety], u[:, n_safety:] = weights[:, :n_safety], weights[:, n_safety:]
+    return s / s.sum(axis=1, keepdims=True), u / u.sum(axis=1, keepdims=True)
+
+
+def gram_resampling(K: Any, n_safety: int, n_boot: int, n_perm: int, seed: int) -> dict[str, np.ndarray]:
+    """The Gram-exact part: ``boot.cosine_su``, ``boot.cross_cos_frac_negative`` (B,), ``perm.cosine_su`` (P,),
+    ``core.cosine_su`` (1,) (the observed cosine). K (n, n), safety first."""
+    Km = np.asarray(K, dtype=np.float64)
+    n = Km.shape[0]
+    n_utility = n - n_safety
+    out: dict[str, np.ndarray] = {}
+    observed = rs.weighted_cosines(Km, *_split(np.ones((1, n)), n_safety))
+    out["core.cosine_su"] = observed
+    if n_boot:
+        W = rs.resample_weights(n_safety, n_utility, n_boot, seed)
+        out["boot.cosine_su"] = rs.weighted_cosines(Km, *_split(W, n_safety))
+        d = np.sqrt(np.clip(np.diag(Km), 0, None))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            negative = (Km[:n_safety, n_safety:] / np.outer(d[:n_safety], d[n_safety:]) < 0).astype(float)
+        out["boot.cross_cos_frac_negative"] = np.einsum("bi,ij,bj->b", W[:, :n_safety], negative,
+                                                        W[:, n_safety:]) / (n_safety * n_utility)
+    if n_perm:
+        masks = rs.permutation_masks(n_safety, n_utility, n_perm, seed).astype(float)
+        out["perm.cosine_su"] = rs.weighted_cosines(Km, masks / n_safety, (1 - masks) / n_utility)
+    return out
+
+
+def resample_module(pairs: Sequence[tuple[Any, Any]], K: Any, n_safety: int, top_k: int, n_boot: int, n_perm: int,
+                    seed: int, observed: dict[str, float], safety_phi: np.ndarray, safety_top1: np.ndarray,
+                    utility_phi_to_safety: np.ndarray, core_rank: int = CORE_RANK) -> dict[str, np.ndarray]:
+    """All resampling arrays of one module (keys as stored, without the module: ``boot.<stat>``, ...).
+
+    pairs: (D_i, A_i) of all samples, safety first; K their Gram (n, n); observed: the exact point estimates
+    (table row keys ``safety_k90``, ``safety_effective_rank``, ... and ``phi_su``) used to shift the core's
+    bootstrap; safety_phi / safety_top1 (n_s,): single-sample phi and |<u1_i, u1>| of the safety samples;
+    utility_phi_to_safety (n_u,): phi of each utility sample's top-k with the safety batch top-k.
+    """
+    Km = np.asarray(K, dtype=np.float64)
+    n = Km.shape[0]
+    n_utility = n - n_safety
+    out = gram_resampling(Km, n_safety, n_boot, n_perm, seed)
+    out["utility_phi_to_safety"] = np.asarray(utility_phi_to_safety, dtype=float)
+    core = rs.SpectralCore(pairs, core_rank, seed)
+    obs_core = _spectral(core, Km, *_split(np.ones((1, n)), n_safety), top_k)
+    for stat, value in obs_core.items():
+        out[f"core.{stat}"] = value
+    phi_s, top1_s = np.asarray(safety_phi, float), np.asarray(safety_top1, float)
+    phi_u = out["utility_phi_to_safety"]
+    pooled_phi = np.concatenate([phi_s, phi_u])
+    out["core.diff_sample_phi"] = np.array([np.nanmean(phi_s) - np.nanmean(phi_u)])
+    if n_boot:
+        W = rs.resample_weights(n_safety, n_utility, n_boot, seed)
+        safety_w, utility_w = _split(W, n_safety)
+        boot = _spectral(core, Km, safety_w, utility_w, top_k)
+        for stat, values in boot.items():
+            exact = observed.get(stat, np.nan)
+            if stat == "diff_k90":
+                exact = observed.get("safety_k90", np.nan) - observed.get("utility_k90", np.nan)
+            elif stat == "diff_effective_rank":
+                exact = observed.get("safety_effective_rank", np.nan) - observed.get("utility_effective_rank", np.nan)
+            shift = exact - obs_core[stat][0] if np.isfinite(exact) else 0.0
+            out[f"boot.{stat}"] = values + shift
+        total = np.einsum("rn,rn->r", safety_w @ Km, safety_w)
+        inside = np.sum(core.means(safety_w) ** 2, axis=(1, 2))
+        out["captured"] = rs.captured_share(inside, Km, safety_w) if total.size else inside
+        w_s, w_u = W[:, :n_safety], W[:, n_safety:]
+        with np.errstate(invalid="ignore"):
+            ok_s, ok_u = np.isfinite(phi_s), np.isfinite(phi_u)
+            mean_phi_s = (w_s[:, ok_s] @ phi_s[ok_s]) / w_s[:, ok_s].sum(axis=1)
+            mean_top1_s = (w_s[:, ok_s] @ top1_s[ok_s]) / w_s[:, ok_s].sum(axis=1)
+            mean_phi_u = (w_u[:, ok_u] @ phi_u[ok_u]) / w_u[:, ok_u].sum(axis=1)
+        out["boot.safety_sample_phi_mean"] = mean_phi_s
+        out["boot.safety_sample_top1_mean"] = mean_top1_s
+        out["boot.utility_sample_phi_to_safety_mean"] = mean_phi_u
+        out["boot.diff_sample_phi"] = mean_phi_s - mean_phi_u
+    if n_perm:
+        masks = rs.permutation_masks(n_safety, n_utility, n_perm, seed)
+        perm = _spectral(core, Km, masks / n_safety, (~masks) / n_utility, top_k)
+        out["perm.diff_k90"], out["perm.diff_effective_rank"] = perm["diff_k90"], perm["diff_effective_rank"]
+        ok = np.isfinite(pooled_phi)
+        with np.errstate(invalid="ignore"):
+            out["perm.diff_sample_phi"] = ((masks[:, ok] @ pooled_phi[ok]) / masks[:, ok].sum(axis=1)
+                                           - ((~masks[:, ok]) @ pooled_phi[ok]) / (~masks[:, ok]).sum(axis=1))
+    out["core_rank"] = np.array([core.rank], dtype=float)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# a run's evidence
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Evidence:
+    """A run's resampling arrays as matrices over modules (rows, model order) x draws (columns).
+
+    boot[stat] (M, B), perm[stat] (M, P), core[stat] (M,) (the observed value computed as the permutation
+    draws are), n_safety / n_utility / n_boot / n_perm / seed, modules (HF paths), labels, ``spectral``:
+    False when only the Gram part is there (a run stored before resampling: spectral statistics and claim
+    III's baseline need the factors, i.e. a new collection), captured (M,) the smallest share of a bootstrap
+    replicate's energy inside the core (1 = exact), ``source``: "stored" or "recomputed from the Gram"."""
+
+    modules: list[str]
+    labels: list[str]
+    n_safety: int
+    n_utility: int
+    n_boot: int
+    n_perm: int
+    seed: int
+    boot: dict[str, np.ndarray]
+    perm: dict[str, np.ndarray]
+    core: dict[str, np.ndarray]
+    captured: np.ndarray
+    spectral: bool
+    source: str
+
+
+def _stack(per_module: list[dict[str, np.ndarray]], prefix: str) -> dict[str, np.ndarray]:
+    keys = sorted({k[len(prefix):] for arrays in per_module for k in arrays if k.startswith(prefix)})
+    out = {}
+    for key in keys:
+        rows = [arrays.get(prefix + key) for arrays in per_module]
+        width = max(np.size(r) for r in rows if r is not None)
+        out[key] = np.vstack([np.full(width, np.nan) if r is None else np.asarray(r, float).reshape(-1)
+                              for r in rows])
+    return out
+
+
+def evidence_from_arrays(per_module: list[dict[str, np.ndarray]], modules: list[str], labels: list[str],
+                         n_safety: int, n_utility: int, seed: int, source: str = "stored") -> Evidence:
+    """:class:`Evidence` from each module's resampling arrays (keys as :func:`resample_module` returns)."""
+    boot, perm, core = _stack(per_module, "boot."), _stack(per_module, "perm."), _stack(per_module, "core.")
+    captured = np.array([np.nanmin(a["captured"]) if "captured" in a and np.size(a["captured"]) else np.nan
+                         for a in per_module])
+    n_boot = next((v.shape[1] for v in boot.values()), 0)
+    n_perm = next((v.shape[1] for v in perm.values()), 0)
+    return Evidence(modules, labels, n_safety, n_utility, n_boot, n_perm, seed, boot, perm,
+                    {k: v[:, 0] for k, v in core.items()}, captured, "safety_k90" in boot, source)
+
+
+def load_evidence(run, n_boot: int = 200, n_perm: int = 200, progress=None) -> Evidence:
+    """The run's :class:`Evidence`: its stored resampling arrays, or (a run stored before them) the Gram-only
+    part recomputed on demand with ``n_boot`` / ``n_perm`` and the run's seed (``progress(fraction)`` after each
+    module). Cached on the run object."""
+    cache = getattr(run, "_cache", None)
+    if isinstance(cache, dict) and "evidence" in cache:
+        return cache["evidence"]
+    n_s, n_u = int(run.config["n_safety"]), int(run.config["n_utility"])
+    seed = int(run.config.get("seed", 0))
+    path = Path(run.folder) / RESAMPLING_FILE
+    per_module: list[dict[str, np.ndarray]] = []
+    if path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as handle:
+            grouped: dict[str, dict[str, np.ndarray]] = {m: {} for m in run.module_names}
+            for key in handle.keys():
+                quantity, _, module = key.partition("/")
+                if module in grouped:
+                    grouped[module][quantity] = handle.get_tensor(key)
+        per_module = [grouped[m] for m in run.module_names]
+        source = "stored"
+    else:
+        for index, name in enumerate(run.module_names):
+            per_module.append(gram_resampling(run.gram(name), n_s, n_boot, n_perm, seed))
+            if progress is not None:
+                progress((index + 1) / len(run.module_names))
+        source = "recomputed from the Gram"
+    evidence = evidence_from_arrays(per_module, list(run.module_names), [m.label for m in run.modules], n_s, n_u,
+                                    seed, source)
+    if isinstance(cache, dict):
+        cache["evidence"] = evidence
+    return evidence
+
+
+def unrelated_phi(per_sample_bases: Sequence[np.ndarray], reference: np.ndarray) -> np.ndarray:
+    """phi of each sample's top-k basis (list of (d, k_i), null dropped) with a reference basis (d, k'); NaN
+    for an empty basis."""
+    out = np.full(len(per_sample_bases), np.nan)
+    for i, basis in enumerate(per_sample_bases):
+        if basis.shape[1] and reference.shape[1]:
+            out[i] = sub.subspace_overlap(basis, reference)
+    return out
