@@ -303,13 +303,44 @@ def curve_labels(run) -> list[str]:
     return [m.label for m in run.modules if m.name in names]
 
 
+def single_sample_summary(run, which: str = "safety") -> dict[str, float]:
+    """The one definition of the single-sample summaries every page and export shows: phi (and |<u1_i, u1>|) =
+    the median over modules of the per-module mean over the set's samples (``analysis.engine.evidence``
+    SUMMARIES "median_sample_phi"), with its 95% bootstrap interval over prompts when the run has one."""
+    from analysis.engine import evidence as ev
+    from analysis.engine.resampling import load_evidence
+
+    table = run.table
+    out = {"phi": float(table[f"{which}_sample_phi_mean"].astype(float).median()),
+           "top1": float(table[f"{which}_sample_top1_mean"].astype(float).median()),
+           "phi_lo": float("nan"), "phi_hi": float("nan"), "top1_lo": float("nan"), "top1_hi": float("nan")}
+    if which == "safety":
+        try:
+            evidence = load_evidence(run)
+        except (OSError, KeyError, ValueError):
+            return out
+        for key, name in (("median_sample_phi", "phi"), ("median_sample_top1", "top1")):
+            result = ev.summary(table, evidence, key)
+            out[f"{name}_lo"], out[f"{name}_hi"] = result.lo, result.hi
+    return out
+
+
 def single_sample_answer(run, which: str = "safety") -> str:
+    """One line: the single-sample phi and |<u1_i, u1>| as :func:`single_sample_summary` defines them (the
+    Findings page shows the same numbers), the random baseline, and the spread over samples."""
     scores = sample_scores(run, which)
-    baseline = run.table["phi_baseline"].mean()
-    return (f"A single {which} sample's top-{run.top_k} subspace overlaps the {len(scores)}-sample one with a median "
-            f"φ = {scores['phi'].median():.2f} (best {scores['phi'].max():.2f}, worst {scores['phi'].min():.2f}; "
-            f"random subspaces: {baseline:.3f}); its top direction matches with median |⟨u₁ᵢ, u₁⟩| = "
-            f"{scores['top1'].median():.2f}.")
+    summary = single_sample_summary(run, which)
+    baseline = run.table["phi_baseline"].median()
+
+    def interval(name: str) -> str:
+        lo, hi = summary[f"{name}_lo"], summary[f"{name}_hi"]
+        return f" (95% CI {lo:.2f}–{hi:.2f})" if np.isfinite(lo) else ""
+
+    return (f"A single {which} sample's top-{run.top_k} subspace overlaps the {len(scores)}-sample one with "
+            f"φ = {summary['phi']:.3f}{interval('phi')} (median over {len(run.table)} modules of the mean over "
+            f"samples; random subspaces: {baseline:.3f}); its top direction matches with |⟨u₁ᵢ, u₁⟩| = "
+            f"{summary['top1']:.3f}{interval('top1')} (same averaging). Per sample (mean over modules): best "
+            f"φ = {scores['phi'].max():.2f}, worst {scores['phi'].min():.2f}.")
 
 
 def best_and_worst(scores: pd.DataFrame, count: int = 5, column: str = "phi") -> tuple[pd.DataFrame, pd.DataFrame]:
