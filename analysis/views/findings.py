@@ -31,7 +31,7 @@ from analysis.engine import evidence as ev
 from analysis.engine.geometry import resampling as rs
 from analysis.engine.resampling import Evidence, load_evidence
 
-__all__ = ["ALPHA", "CLAIMS", "FINDINGS_COLUMNS", "SMALL_N", "VERDICTS", "claim_verdicts", "findings",
+__all__ = ["ALPHA", "CLAIMS", "ROWS", "claim_results", "FINDINGS_COLUMNS", "SMALL_N", "VERDICTS", "claim_verdicts", "findings",
            "findings_text", "format_value", "module_table", "verdict"]
 
 ALPHA = ev.ALPHA
@@ -105,12 +105,19 @@ def _nulls(table: pd.DataFrame) -> dict[str, float]:
             "median_sample_top1": float(np.nanmedian(np.sqrt(2.0 / (math.pi * d_out))))}
 
 
+def claim_results(run, evidence: Evidence | None = None) -> dict[str, ev.SummaryResult]:
+    """{summary key: its :class:`analysis.engine.evidence.SummaryResult`} for every row of ROWS (value,
+    interval, p-value, the null distribution to draw)."""
+    evidence = evidence if evidence is not None else load_evidence(run)
+    nulls = _nulls(run.table)
+    return {key: ev.summary(run.table, evidence, key, nulls.get(key)) for specs in ROWS.values() for key, _, _ in specs}
+
+
 def findings(run, evidence: Evidence | None = None) -> tuple[pd.DataFrame, str]:
     """(table, text) for one run (``RunResults`` or alike: ``.table``, ``.config``, ``.manifest``, ``.run_id``;
     ``evidence`` default: :func:`analysis.engine.resampling.load_evidence`). table: FINDINGS_COLUMNS, the
     deciding row of each claim first. text: one markdown line per claim."""
     evidence = evidence if evidence is not None else load_evidence(run)
-    table = run.table
     n_s, n_u = int(run.config["n_safety"]), int(run.config["n_utility"])
     caveats = [_model_caveat(run)]
     if min(n_s, n_u) < SMALL_N:
@@ -118,11 +125,11 @@ def findings(run, evidence: Evidence | None = None) -> tuple[pd.DataFrame, str]:
     if n_s != n_u:
         caveats.append("the sets have different n, so their ranks are not directly comparable")
     base_caveat = "; ".join(c for c in caveats if c)
-    nulls = _nulls(table)
+    results = claim_results(run, evidence)
     rows = []
     for claim, specs in ROWS.items():
         for key, direction, unit in specs:
-            result = ev.summary(table, evidence, key, nulls.get(key))
+            result = results[key]
             spec = ev.SUMMARIES[key]
             null = result.null
             null_text = (f"{format_value(null, unit)} (the median of the permutation distribution)"
