@@ -22,6 +22,7 @@ COMMANDS = {
     "finetune": ("analysis.lab.finetune", "fine-tune (attack presets) with plain SFT and/or SPF; live safety metrics"),
     "safe-lora": ("analysis.lab.safe_lora", "Safe LoRA-style post-hoc projection of a fine-tuned model's delta"),
     "defences": ("analysis.lab.grid", "every defence against every attack tier: the ASR / utility table"),
+    "findings": ("analysis.views.cli", "the findings table of a stored run: verdicts by tests, intervals, p-values"),
     "why": ("analysis.lab.why", "why a defence fails: a fine-tuning run's update vs the safety subspaces"),
 }
 

@@ -90,3 +90,21 @@ def test_older_run_gets_the_gram_part_on_demand(tiny_run, tmp_path):
     assert frame[frame["claim"] == "I"]["verdict"].eq("not tested").all()
     assert np.isfinite(frame[frame["claim"] == "II"]["p_value"]).all()
     assert "Collect it again" in text
+
+
+def test_findings_command(tiny_run, capsys):
+    import json
+
+    from analysis.__main__ import main
+
+    store = str(tiny_run.folder.parent)
+    assert main(["findings", "--run", tiny_run.run_id[:8], "--json", "--modules", "--store", store]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["run_id"] == tiny_run.run_id and payload["n_boot"] == 50 and payload["n_perm"] == 50
+    assert [row["claim"] for row in payload["findings"]] == ["I", "I", "II", "II", "III", "III", "III"]
+    assert all(row["p_value"] is not None and row["lo"] is not None for row in payload["findings"])
+    assert len(payload["modules"]) == len(tiny_run.modules)
+    assert main(["findings", "--run", tiny_run.run_id, "--store", store]) == 0
+    out = capsys.readouterr().out
+    assert "95% CI" in out and "I — " in out
+    assert main(["findings", "--run", "nope", "--store", store]) == 2
