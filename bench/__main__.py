@@ -14,6 +14,7 @@ BENCHMARKS = {
     "scaling": ("bench.scaling", "capture time and peak memory vs width, depth, tokens, samples; growth exponents"),
     "live": ("bench.live", "time to the first live answer and to the end of the Setup default collection vs one fwd+bwd"),
     "sketch": ("bench.sketch", "error of the random projection (projection_dim) vs the exact route: spectra, CER, ranks, cosine"),
+    "intervals": ("bench.intervals", "cost of the bootstrap intervals + permutation null vs the point estimates and one fwd+bwd"),
     "finetune": ("bench.finetune", "cost of an SPF fine-tuning step relative to a plain step (ratio in one run)"),
 }
 

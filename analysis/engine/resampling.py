@@ -4,7 +4,9 @@
 replicates (each set resampled with replacement at its own size) and P permutations (pooled samples split at
 random with the original sizes), the same rows for every module of a run (seeded by the run's seed), so that
 across-module summaries resample prompts, not modules. Spectral metrics of the resampled means come from the
-module's :class:`~analysis.engine.geometry.resampling.SpectralCore` (m = CORE_RANK directions per side);
+module's :class:`~analysis.engine.geometry.resampling.SpectralCore` (m = CORE_RANK directions per side; on
+SmolLM2, n = 8 + 8, 128 tokens, it holds >= 97% of every replicate's energy in attention modules and >= 74% in
+gate_proj, 1536 wide: ``captured`` records it per replicate, the findings say it);
 cosines and pair shares are exact from the Gram matrix. Stored arrays (``resampling.safetensors``, key
 ``<kind>.<stat>/<module>``):
 
@@ -54,11 +56,12 @@ SPECTRAL = ("safety_k90", "utility_k90", "diff_k90", "safety_effective_rank", "u
             "diff_effective_rank", "safety_stable_rank", "utility_stable_rank", "safety_cer", "utility_cer", "phi_su")
 
 
-def _set_stats(cores: np.ndarray, weights: np.ndarray, K: np.ndarray, top_k: int) -> tuple[dict, np.ndarray]:
-    """Spectral stats of weighted means (weights (R, n), already / set size) and their top-k core bases."""
+def _set_stats(cores: np.ndarray, top_k: int) -> tuple[dict, np.ndarray]:
+    """Spectral stats of the cores (R, m, m) of weighted means and their top-k core bases. The energy is the
+    core's own (the stats are those of the mean projected on the core: exact when ``captured`` = 1; with a
+    truncated core k@0.9 stays defined, and the replicates are re-centred on the exact estimate)."""
     s2, U = rs.core_spectra(cores, top_k)
-    total = np.einsum("rn,rn->r", weights @ K, weights)
-    stats = rs.spectrum_stats(s2, total, (0.9,), top_k)
+    stats = rs.spectrum_stats(s2, s2.sum(axis=1), (0.9,), max(top_k, 1))
     return stats, U
 
 
@@ -68,14 +71,18 @@ def _phi(U_a: np.ndarray, U_b: np.ndarray) -> np.ndarray:
 
 
 def _spectral(core: rs.SpectralCore, K: np.ndarray, safety_w: np.ndarray, utility_w: np.ndarray,
-              top_k: int) -> dict[str, np.ndarray]:
-    """Spectral statistics of R pairs of weighted means (rows of safety_w, utility_w (R, n), / set size)."""
-    s_stats, U_s = _set_stats(core.means(safety_w), safety_w, K, top_k)
-    u_stats, U_u = _set_stats(core.means(utility_w), utility_w, K, top_k)
+              top_k: int, vectors: bool = True) -> dict[str, np.ndarray]:
+    """Spectral statistics of R pairs of weighted means (rows of safety_w, utility_w (R, n), / set size);
+    ``vectors`` False skips the top-k bases and phi_su (the permutations need only the spectra). K is unused
+    (kept for the call sites' symmetry with the Gram statistics)."""
+    s_stats, U_s = _set_stats(core.means(safety_w), top_k if vectors else 0)
+    u_stats, U_u = _set_stats(core.means(utility_w), top_k if vectors else 0)
     out = {"safety_k90": s_stats["k90"], "utility_k90": u_stats["k90"],
            "safety_effective_rank": s_stats["effective_rank"], "utility_effective_rank": u_stats["effective_rank"],
            "safety_stable_rank": s_stats["stable_rank"], "utility_stable_rank": u_stats["stable_rank"],
-           "safety_cer": s_stats["cer"], "utility_cer": u_stats["cer"], "phi_su": _phi(U_s, U_u)}
+           "safety_cer": s_stats["cer"], "utility_cer": u_stats["cer"]}
+    if vectors:
+        out["phi_su"] = _phi(U_s, U_u)
     out["diff_k90"] = out["safety_k90"] - out["utility_k90"]
     out["diff_effective_rank"] = out["safety_effective_rank"] - out["utility_effective_rank"]
     return out
@@ -161,7 +168,7 @@ def resample_module(pairs: Sequence[tuple[Any, Any]], K: Any, n_safety: int, top
         out["boot.diff_sample_phi"] = mean_phi_s - mean_phi_u
     if n_perm:
         masks = rs.permutation_masks(n_safety, n_utility, n_perm, seed)
-        perm = _spectral(core, Km, masks / n_safety, (~masks) / n_utility, top_k)
+        perm = _spectral(core, Km, masks / n_safety, (~masks) / n_utility, top_k, vectors=False)
         out["perm.diff_k90"], out["perm.diff_effective_rank"] = perm["diff_k90"], perm["diff_effective_rank"]
         ok = np.isfinite(pooled_phi)
         with np.errstate(invalid="ignore"):
