@@ -108,3 +108,20 @@ def test_findings_command(tiny_run, capsys):
     out = capsys.readouterr().out
     assert "95% CI" in out and "I — " in out
     assert main(["findings", "--run", "nope", "--store", store]) == 2
+
+
+def test_pictures_and_exports_carry_the_intervals(tiny_run):
+    tables = views.run_tables(tiny_run)
+    assert {"findings", "module_intervals"} <= set(tables)
+    assert {"p_value", "lo", "hi", "verdict"} <= set(tables["findings"].columns)
+    assert {"cosine_su_lo", "cosine_su_hi", "cosine_su_zero_q", "diff_k90_q"} <= set(tables["module_intervals"].columns)
+    figures = views.run_figures(tiny_run)
+    assert {"null_claim_I", "null_claim_II", "null_claim_III", "module_diff_k90", "module_cosine"} <= set(figures)
+    null = figures["null_claim_I"]
+    assert null.data[0].type == "histogram" and len(null.data[0].x) == 50  # the 50 permutations
+    bars = figures["module_cosine"].data[0]
+    assert bars.error_y.array is not None and len(bars.x) == len(tiny_run.modules)
+    module = views.default_module(tiny_run)
+    _, cer = views.spectra_figures(tiny_run, module, 0.9)
+    assert any("95% interval" in (trace.name or "") for trace in cer.data)
+    assert any("Findings (decided by tests)" in line for line in views.run_answers(tiny_run))

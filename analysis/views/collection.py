@@ -88,10 +88,35 @@ def spectra(run, module: str) -> dict[str, np.ndarray]:
     return {which: run.singular_values(module, which) for which in SETS}
 
 
+def module_intervals(run):
+    """Per-module statistics with 95% intervals, p-values and Benjamini-Hochberg significance
+    (``analysis.views.findings.module_table``), or None for a run without a folder of results (e.g. a table
+    made by hand). Computed once per run object."""
+    from analysis.views import findings as fv
+
+    cache = getattr(run, "_cache", None)
+    if isinstance(cache, dict) and "module_intervals" in cache:
+        return cache["module_intervals"]
+    try:
+        frame = fv.module_table(run)
+    except (AttributeError, OSError, KeyError, TypeError):
+        return None
+    if isinstance(cache, dict):
+        cache["module_intervals"] = frame
+    return frame
+
+
 def spectra_figures(run, module: str, eta: float = 0.9, normalise: bool = True) -> tuple[go.Figure, go.Figure]:
-    """(singular spectra on a log axis, CER(k) curves with the eta line) of one module, safety vs utility."""
+    """(singular spectra on a log axis, CER(k) curves with the eta line) of one module, safety vs utility; the
+    CER figure carries the 95% intervals of k@0.9 (stored for eta = 0.9) when the run has them."""
+    from analysis.views import evidence_figures as efig
+
     values = spectra(run, module)
-    return fig.spectra_figure(values, module, normalise=normalise), fig.cer_figure(values, eta, module)
+    cer = fig.cer_figure(values, eta, module)
+    modules = module_intervals(run)
+    if modules is not None:
+        cer = efig.cer_with_interval(cer, modules, module, eta)
+    return fig.spectra_figure(values, module, normalise=normalise), cer
 
 
 def rank_heatmaps(run, metric: str = "k_eta", eta: float = 0.9) -> dict[str, go.Figure]:
@@ -110,6 +135,16 @@ def rank_heatmaps(run, metric: str = "k_eta", eta: float = 0.9) -> dict[str, go.
     out["ratio"] = fig.layer_kind_heatmap(table.assign(value=ratio), "value", f"Safety / utility ratio of {name}",
                                           "ratio (log colour)", log_colors=True, number_format=".2f",
                                           subtitle=ratio_reading(metric, eta))
+    tested = {"k_eta": "diff_k90", "effective_rank": "diff_effective_rank"}.get(metric)
+    modules = module_intervals(run) if tested and (metric != "k_eta" or eta == 0.9) else None
+    if modules is not None and f"{tested}_significant" in modules:
+        from analysis.views import evidence_figures as efig
+
+        out["ratio"] = efig.significance_heatmap(
+            modules.assign(value=ratio.to_numpy()), "value", f"{tested}_significant",
+            f"Safety / utility ratio of {name}", "ratio (log colour)", log_colors=True, number_format=".2f",
+            subtitle=ratio_reading(metric, eta) + "; ○ safety and utility differ after Benjamini-Hochberg "
+                     "(permutation test, α = 0.05)")
     return out
 
 
@@ -174,9 +209,17 @@ def low_rank_answer(run, eta: float = 0.9, module: str | None = None, metric: st
 
 def cosine_heatmap(run) -> go.Figure:
     """cos(G_safety, G_utility) of the batch-mean gradients per layer x module kind, centred at 0."""
-    return fig.layer_kind_heatmap(run.table, "cosine_su", "Cosine of safety and utility gradients",
-                                  "cosine", diverging=True, number_format="+.2f",
-                                  subtitle="batch-mean gradients; red = conflict (cosine < 0)")
+    from analysis.views import evidence_figures as efig
+
+    modules = module_intervals(run)
+    subtitle = "batch-mean gradients; red = conflict (cosine < 0)"
+    if modules is None or "cosine_su_zero_significant" not in modules:
+        return fig.layer_kind_heatmap(run.table, "cosine_su", "Cosine of safety and utility gradients",
+                                      "cosine", diverging=True, number_format="+.2f", subtitle=subtitle)
+    return efig.significance_heatmap(modules, "cosine_su", "cosine_su_zero_significant",
+                                     "Cosine of safety and utility gradients", "cosine", diverging=True,
+                                     number_format="+.2f", subtitle=subtitle + "; ○ cosine ≠ 0 after "
+                                     "Benjamini-Hochberg (bootstrap test, α = 0.05)")
 
 
 def fraction_negative_heatmap(run) -> go.Figure:
@@ -454,6 +497,16 @@ def run_figures(run, eta: float = 0.9, module: str | None = None) -> dict[str, g
     out["overlap_heatmap"] = overlap_heatmap(run)
     for label in curve_labels(run)[:EXPORT_CURVES]:
         out[f"overlap_vs_n_{label}"] = overlap_curve_figure(run, label)
+    modules = module_intervals(run)
+    if modules is not None:
+        from analysis.views import evidence_figures as efig
+
+        for claim, figure in efig.claim_figures(run).items():
+            out[f"null_claim_{claim}"] = figure
+        out["module_diff_k90"] = efig.module_interval_figure(modules, "diff_k90", "k@0.9, safety − utility",
+                                                             "directions", "diff_k90_significant")
+        out["module_cosine"] = efig.module_interval_figure(modules, "cosine_su", "cos(G_s, G_u)", "cosine",
+                                                           "cosine_su_zero_significant")
     return out
 
 
@@ -465,13 +518,26 @@ def run_answers(run, eta: float = 0.9, module: str | None = None) -> list[str]:
     answers.append(f"Do safety and utility fight? {conflict_answer(run)}")
     if module:
         answers.append(f"Do they fight in {module}? {conflict_answer(run, module)}")
-    return answers + [f"Is one sample enough? {single_sample_answer(run)}"]
+    answers.append(f"Is one sample enough? {single_sample_answer(run)}")
+    if module_intervals(run) is not None:
+        from analysis.views import findings as fv
+
+        answers.append("Findings (decided by tests). " + fv.findings(run)[1].replace("\n", " "))
+    return answers
 
 
 def run_tables(run) -> dict[str, pd.DataFrame]:
     """The run's tables: per-module metrics and per-sample metadata with single-sample scores."""
-    return {"modules": run.table, "samples": run.samples,
-            "single_sample_safety": sample_scores(run, "safety").drop(columns=["prompt", "response"], errors="ignore")}
+    tables = {"modules": run.table, "samples": run.samples,
+              "single_sample_safety": sample_scores(run, "safety").drop(columns=["prompt", "response"],
+                                                                        errors="ignore")}
+    modules = module_intervals(run)
+    if modules is not None:  # the intervals, p-values and verdicts travel with every export
+        from analysis.views import findings as fv
+
+        tables["findings"] = fv.findings(run)[0]
+        tables["module_intervals"] = modules
+    return tables
 
 
 # -------------------------------------------------------------------------------------------------
