@@ -125,3 +125,12 @@ def test_pictures_and_exports_carry_the_intervals(tiny_run):
     _, cer = views.spectra_figures(tiny_run, module, 0.9)
     assert any("95% interval" in (trace.name or "") for trace in cer.data)
     assert any("Findings (decided by tests)" in line for line in views.run_answers(tiny_run))
+
+
+def test_page_answers_say_what_is_tested(tiny_run):
+    """Regression: '19 of 28 modules' and 'a median 23% of pairs' had no test; the answers now add one."""
+    for answer in (views.low_rank_answer(tiny_run, 0.9), views.conflict_answer(tiny_run)):
+        assert "after Benjamini-Hochberg" in answer and "Tested:" in answer
+    module = views.default_module(tiny_run)
+    assert "95% CI" in views.low_rank_answer(tiny_run, 0.9, module)
+    assert "95% CI" in views.conflict_answer(tiny_run, module)

@@ -181,9 +181,14 @@ def low_rank_answer(run, eta: float = 0.9, module: str | None = None, metric: st
     column = eta_column(eta)
     if module:
         row = table[table["label"] == module].iloc[0]
-        return (f"{module}: {eta:.0%} of the safety gradient's energy lies in k = {int(row[f'safety_{column}'])} "
-                f"of {min(int(row['d_out']), int(row['d_in']))} directions; utility needs k = "
-                f"{int(row[f'utility_{column}'])} (effective rank {row['safety_effective_rank']:.1f} vs "
+        modules = module_intervals(run) if eta == 0.9 else None
+        ci = {"safety": "", "utility": ""}
+        if modules is not None and modules["safety_k90_lo"].notna().any():
+            m = modules[modules["label"] == module].iloc[0]
+            ci = {w: f" (95% CI {m[f'{w}_k90_lo']:.0f}–{m[f'{w}_k90_hi']:.0f})" for w in ci}
+        return (f"{module}: {eta:.0%} of the safety gradient's energy lies in k = {int(row[f'safety_{column}'])}"
+                f"{ci['safety']} of {min(int(row['d_out']), int(row['d_in']))} directions; utility needs k = "
+                f"{int(row[f'utility_{column}'])}{ci['utility']} (effective rank {row['safety_effective_rank']:.1f} vs "
                 f"{row['utility_effective_rank']:.1f}).")
     counts = rank_comparison(run, metric, eta)
     name, n = metric_name(metric, eta), counts["n"]
@@ -199,7 +204,24 @@ def low_rank_answer(run, eta: float = 0.9, module: str | None = None, metric: st
             f"Verdict: {_verdict(counts)}. Each set on its own: safety median {name} = {number(s_med)} "
             f"(range {number(s_min)}–{number(s_max)}), utility median {name} = {number(u_med)} "
             f"(range {number(u_min)}–{number(u_max)}); the two medians are taken separately and need not agree "
-            "with the module-by-module count.")
+            "with the module-by-module count." + _tested_sentence(run, {"k_eta": "diff_k90",
+                                                                       "effective_rank": "diff_effective_rank"}
+                                                                  .get(metric) if eta == 0.9 or metric != "k_eta"
+                                                                  else None, "safety and utility differ",
+                                                                  "permutation test"))
+
+
+def _tested_sentence(run, stat: str | None, what: str, test: str) -> str:
+    """' Tested: <what> in X of M modules after Benjamini-Hochberg (<test>, alpha = 0.05): A below 0, B above.'
+    or '' when the run has no tests for ``stat``."""
+    modules = module_intervals(run) if stat else None
+    if modules is None or f"{stat}_significant" not in modules:
+        return ""
+    value = modules[stat.replace("_zero", "")].astype(float)
+    significant = modules[f"{stat}_significant"].fillna(False).astype(bool)
+    return (f" Tested: {what} in {int(significant.sum())} of {len(modules)} modules after Benjamini-Hochberg "
+            f"({test}, α = 0.05; {int((significant & (value < 0)).sum())} below 0, "
+            f"{int((significant & (value > 0)).sum())} above); the Findings page tests the claim across modules.")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -246,14 +268,22 @@ def conflict_answer(run, module: str | None = None) -> str:
     table = run.table
     if module:
         row = table[table["label"] == module].iloc[0]
-        return (f"{module}: cos(G_safety, G_utility) = {row['cosine_su']:+.3f}; {row['cross_cos_frac_negative']:.0%} "
+        modules = module_intervals(run)
+        interval = ""
+        if modules is not None and modules["cosine_su_lo"].notna().any():
+            m = modules[modules["label"] == module].iloc[0]
+            interval = (f" (95% CI {m['cosine_su_lo']:+.3f} to {m['cosine_su_hi']:+.3f}, p = "
+                        f"{m['cosine_su_zero_p']:.3f} against 0, BH-adjusted {m['cosine_su_zero_q']:.3f})")
+        return (f"{module}: cos(G_safety, G_utility) = {row['cosine_su']:+.3f}{interval}; "
+                f"{row['cross_cos_frac_negative']:.0%} "
                 f"of safety x utility sample pairs point against each other (mean pair cosine "
                 f"{row['cross_cos_mean']:+.3f}); subspace overlap φ = {row['phi_su']:.3f} vs "
                 f"{row['phi_baseline']:.3f} for random subspaces.")
     negative = int((table["cosine_su"] < 0).sum())
     return (f"The batch safety and utility gradients conflict (cosine < 0) in {negative} of {len(table)} modules "
             f"(median cosine {table['cosine_su'].median():+.3f}); across modules a median "
-            f"{table['cross_cos_frac_negative'].median():.0%} of sample pairs conflict.")
+            f"{table['cross_cos_frac_negative'].median():.0%} of sample pairs conflict."
+            + _tested_sentence(run, "cosine_su_zero", "the cosine differs from 0", "bootstrap test"))
 
 
 def random_principal_angles(d: int, k: int, draws: int = 20, seed: int = 0) -> np.ndarray:
