@@ -12,7 +12,7 @@ from analysis.engine import evidence as ev
 from analysis.engine.analyse import analyse_module
 from analysis.engine.capture import ModuleInfo
 from analysis.engine.geometry import resampling as rs
-from analysis.engine.resampling import evidence_from_arrays, gram_resampling
+from analysis.engine.resampling import evidence_from_arrays, gram_resampling, resample_module
 from analysis.views import findings as fv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -234,3 +234,35 @@ def test_module_evidence_has_intervals_and_corrected_p_values():
         assert (modules[f"{stat}_lo"] <= modules[stat] + 1e-9).all() and (modules[stat] <= modules[f"{stat}_hi"] + 1e-9).all()
     assert (modules["cosine_su_zero_q"] >= modules["cosine_su_zero_p"]).all()
     assert modules["cosine_su_zero_significant"].all()
+
+
+def test_k90_certificate_known_values():
+    # s2 = (4, 1): CER (0.727, 0.909) of total 5.5; missing 0.5 -> upper bound at k = 1 is
+    # (2 + sqrt(0.5))^2 / 5.5 = 1.33 >= 0.9: k could be 1 or 2, not certified
+    loose = rs.spectrum_stats(np.array([[4.0, 1.0]]), np.array([5.5]))
+    assert loose["k90"][0] == 2 and not loose["k90_certified"][0]
+    # missing 0.001: upper bound at k = 1 is (2 + 0.0316)^2 / 5.001 = 0.825 < 0.9: k = 2 is certain
+    tight = rs.spectrum_stats(np.array([[4.0, 1.0]]), np.array([5.001]))
+    assert tight["k90"][0] == 2 and tight["k90_certified"][0] and tight["captured"][0] == pytest.approx(5 / 5.001)
+
+
+def test_a_core_too_small_for_the_module_is_not_tested():
+    """Rank-20 utility with a 3-direction core: k@0.9 cannot be certified, so claim I says 'not tested' rather
+    than deciding from a projected statistic."""
+    rng = np.random.default_rng(2)
+    pairs = low_rank_set(rng, *bases(rng, 24, 2), 8, 2) + low_rank_set(rng, *bases(rng, 24, 20), 8, 4)
+    info = ModuleInfo("model.layers.0.self_attn.q_proj", "q", 0, 24, 24)
+    result = analyse_module(info, pairs, 8, 2)
+    K = result.arrays["gram"]
+    arrays = resample_module(pairs, K, 8, 2, 50, 50, 0, result.row, result.arrays["safety.phi"],
+                             result.arrays["safety.top1"], np.full(8, 0.1), core_rank=3)
+    assert arrays["certified_k90"][0] < 0.99 and arrays["captured_min"][0] < 0.99
+    evidence = evidence_from_arrays([arrays], [info.name], [info.label], 8, 8, 0)
+    assert evidence.masked["diff_k90"].all() and np.isnan(evidence.boot["diff_k90"]).all()
+    run = types.SimpleNamespace(table=pd.DataFrame([result.row]), run_id="r", config={"n_safety": 8, "n_utility": 8,
+                                "top_k": 2}, manifest={"model": {"source": "x-aligned"}})
+    frame, _ = fv.findings(run, evidence)
+    assert list(frame[frame["claim"] == "I"]["verdict"]) == ["not tested", "not tested"]
+    exact = resample_module(pairs, K, 8, 2, 50, 50, 0, result.row, result.arrays["safety.phi"],
+                            result.arrays["safety.top1"], np.full(8, 0.1))
+    assert exact["certified_k90"][0] == 1.0 and exact["captured_min"][0] > 0.999

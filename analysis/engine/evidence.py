@@ -55,7 +55,15 @@ MODULE_STATS = {
 
 def observed_column(table: pd.DataFrame, stat: str, evidence: Evidence | None = None) -> np.ndarray:
     """Exact point estimate of a per-module statistic (M,), from the table (or, for statistics the table lacks,
-    the value the resampling computed at the observed sample)."""
+    the value the resampling computed at the observed sample); NaN for modules whose replicates of it were
+    dropped (``Evidence.masked``: the spectral core was not exact enough), so summaries cover the tested ones."""
+    values = _observed(table, stat, evidence)
+    if evidence is not None and stat in evidence.masked:  # not tested where the core is not exact enough
+        values = np.where(evidence.masked[stat], np.nan, values)
+    return values
+
+
+def _observed(table: pd.DataFrame, stat: str, evidence: Evidence | None) -> np.ndarray:
     source = MODULE_STATS.get(stat, (None, ""))[0]
     if isinstance(source, tuple):
         return table[source[0]].astype(float).to_numpy() - table[source[1]].astype(float).to_numpy()
@@ -139,14 +147,28 @@ SUMMARIES = {
 }
 
 
+def _nanmean(x: np.ndarray) -> np.ndarray:
+    """Mean over axis 0 ignoring NaN; NaN (no warning) where a column is all NaN."""
+    count = np.isfinite(x).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, np.nansum(x, axis=0) / count, np.nan)
+
+
 def _reducer(spec: Summary) -> Callable[[np.ndarray], np.ndarray]:
     """Columns (M, R) -> (R,): the summary over modules of each draw (NaN modules ignored)."""
     if spec.reduce == "median":
-        return lambda x: np.nanmedian(x, axis=0)
+        def median(x: np.ndarray) -> np.ndarray:
+            x = np.asarray(x, dtype=float)
+            out = np.full(x.shape[1], np.nan)
+            ok = np.isfinite(x).any(axis=0)
+            out[ok] = np.nanmedian(x[:, ok], axis=0)
+            return out
+
+        return median
     if spec.reduce == "share_below":
-        return lambda x: np.nanmean(np.where(np.isnan(x), np.nan, x < spec.threshold), axis=0)
+        return lambda x: _nanmean(np.where(np.isnan(x), np.nan, x < spec.threshold))
     if spec.reduce == "share_above":
-        return lambda x: np.nanmean(np.where(np.isnan(x), np.nan, x > spec.threshold), axis=0)
+        return lambda x: _nanmean(np.where(np.isnan(x), np.nan, x > spec.threshold))
     raise ValueError(f"unknown summary reduction {spec.reduce!r}")
 
 

@@ -5,20 +5,23 @@ replicates (each set resampled with replacement at its own size) and P permutati
 random with the original sizes), the same rows for every module of a run (seeded by the run's seed), so that
 across-module summaries resample prompts, not modules. Spectral metrics of the resampled means come from the
 module's :class:`~analysis.engine.geometry.resampling.SpectralCore` (m = CORE_RANK directions per side; on
-SmolLM2, n = 8 + 8, 128 tokens, it holds >= 97% of every replicate's energy in attention modules and >= 74% in
-gate_proj, 1536 wide: ``captured`` records it per replicate, the findings say it);
+SmolLM2, n = 8 + 8, 128 tokens, it holds >= 97% of every replicate's energy in layer 10's q_proj but only
+>= 74% in its gate_proj: a mean of many prompts is high-rank; hence the certificates below);
 cosines and pair shares are exact from the Gram matrix. Stored arrays (``resampling.safetensors``, key
 ``<kind>.<stat>/<module>``):
 
-* ``boot.<stat>`` (B,): replicates of a per-module statistic (BOOT_STATS). Spectral ones (SPECTRAL) are
-  re-centred: shifted so that their median is the exact point estimate. Two reasons: resampling with
-  replacement repeats prompts, and a mean of fewer distinct samples has a lower rank (uncentred, the interval
-  of utility's k@0.9 sat wholly below its estimate on synthetic rank-20 data); and a truncated core
-  (``captured`` < 1) misses a little energy. Their interval is the percentile interval of the re-centred
-  replicates: its width from the bootstrap, its position from the estimate.
+* ``boot.<stat>`` (B,): replicates of a per-module statistic (BOOT_STATS), re-centred: shifted so that their
+  median is the exact point estimate (their interval: width from the bootstrap, position from the estimate).
+  Resampling with replacement repeats prompts, and a mean of fewer distinct prompts has a lower rank and a
+  larger share of per-prompt noise: uncentred, utility's k@0.9 interval sat wholly below its estimate on
+  synthetic rank-20 data, and on SmolLM2 (n = 32) cos(G_s, G_u)'s sat below its estimate in most modules.
+* ``certified_k90`` (1,): share of all replicates (observed, bootstrap, permutations) whose k@0.9 the core
+  certifies exact (``geometry.resampling.spectrum_stats``); ``captured_min`` (1,): the smallest share of a
+  replicate mean's energy inside the core. :class:`Evidence` keeps a module's k@0.9 replicates only when
+  certified_k90 >= K90_CERTIFIED and its other spectral ones only when captured_min >= CORE_EXACT.
 * ``perm.<stat>`` (P,) and ``core.<stat>`` (1,): the permutation null of PERM_STATS and the observed value
   computed the same way (in the core), for an exact permutation p-value.
-* ``captured`` (B,): share of each replicate's safety-mean energy inside the core (1 = exact).
+* ``captured`` (B,): the smaller share of a bootstrap replicate's two means' energy inside the core (1 = exact).
 * ``utility_phi_to_safety`` (n_u,): phi of each utility sample's top-k subspace with the *safety* batch top-k
   (claim III's unrelated-sample baseline).
 
@@ -43,6 +46,11 @@ __all__ = ["BOOT_STATS", "CORE_RANK", "PERM_STATS", "RESAMPLING_FILE", "Evidence
 
 #: Directions per side of the spectral core (exact when the stacked factors have rank <= this).
 CORE_RANK = 128
+#: A module's k@0.9 replicates are kept when at least this share of them is certified exact.
+K90_CERTIFIED = 0.99
+#: A module's other spectral replicates (effective / stable rank, CER, phi_su) are kept when every replicate
+#: mean has at least this share of its energy inside the core.
+CORE_EXACT = 0.999
 RESAMPLING_FILE = "resampling.safetensors"
 #: Per-module statistics with bootstrap replicates. diff_* = safety - utility.
 BOOT_STATS = ("safety_k90", "utility_k90", "diff_k90", "safety_effective_rank", "utility_effective_rank",
@@ -56,12 +64,12 @@ SPECTRAL = ("safety_k90", "utility_k90", "diff_k90", "safety_effective_rank", "u
             "diff_effective_rank", "safety_stable_rank", "utility_stable_rank", "safety_cer", "utility_cer", "phi_su")
 
 
-def _set_stats(cores: np.ndarray, top_k: int) -> tuple[dict, np.ndarray]:
-    """Spectral stats of the cores (R, m, m) of weighted means and their top-k core bases. The energy is the
-    core's own (the stats are those of the mean projected on the core: exact when ``captured`` = 1; with a
-    truncated core k@0.9 stays defined, and the replicates are re-centred on the exact estimate)."""
+def _set_stats(cores: np.ndarray, weights: np.ndarray, K: np.ndarray, top_k: int) -> tuple[dict, np.ndarray]:
+    """Spectral stats of the cores (R, m, m) of weighted means (weights (R, n), / set size) with their exact
+    energies w^T K w (so k@0.9 carries its exactness certificate, ``spectrum_stats``) and top-k core bases."""
     s2, U = rs.core_spectra(cores, top_k)
-    stats = rs.spectrum_stats(s2, s2.sum(axis=1), (0.9,), max(top_k, 1))
+    total = np.einsum("rn,rn->r", weights @ K, weights)
+    stats = rs.spectrum_stats(s2, total, (0.9,), max(top_k, 1))
     return stats, U
 
 
@@ -73,14 +81,17 @@ def _phi(U_a: np.ndarray, U_b: np.ndarray) -> np.ndarray:
 def _spectral(core: rs.SpectralCore, K: np.ndarray, safety_w: np.ndarray, utility_w: np.ndarray,
               top_k: int, vectors: bool = True) -> dict[str, np.ndarray]:
     """Spectral statistics of R pairs of weighted means (rows of safety_w, utility_w (R, n), / set size);
-    ``vectors`` False skips the top-k bases and phi_su (the permutations need only the spectra). K is unused
-    (kept for the call sites' symmetry with the Gram statistics)."""
-    s_stats, U_s = _set_stats(core.means(safety_w), top_k if vectors else 0)
-    u_stats, U_u = _set_stats(core.means(utility_w), top_k if vectors else 0)
+    ``vectors`` False skips the top-k bases and phi_su (the permutations need only the spectra). Also
+    ``k90_certified`` (both sets' k@0.9 exact) and ``captured`` (the smaller share of the two means' energy
+    inside the core), (R,) each."""
+    s_stats, U_s = _set_stats(core.means(safety_w), safety_w, K, top_k if vectors else 0)
+    u_stats, U_u = _set_stats(core.means(utility_w), utility_w, K, top_k if vectors else 0)
     out = {"safety_k90": s_stats["k90"], "utility_k90": u_stats["k90"],
            "safety_effective_rank": s_stats["effective_rank"], "utility_effective_rank": u_stats["effective_rank"],
            "safety_stable_rank": s_stats["stable_rank"], "utility_stable_rank": u_stats["stable_rank"],
-           "safety_cer": s_stats["cer"], "utility_cer": u_stats["cer"]}
+           "safety_cer": s_stats["cer"], "utility_cer": u_stats["cer"],
+           "k90_certified": s_stats["k90_certified"] & u_stats["k90_certified"],
+           "captured": np.minimum(s_stats["captured"], u_stats["captured"])}
     if vectors:
         out["phi_su"] = _phi(U_s, U_u)
     out["diff_k90"] = out["safety_k90"] - out["utility_k90"]
@@ -106,12 +117,13 @@ def gram_resampling(K: Any, n_safety: int, n_boot: int, n_perm: int, seed: int) 
     out["core.cosine_su"] = observed
     if n_boot:
         W = rs.resample_weights(n_safety, n_utility, n_boot, seed)
-        out["boot.cosine_su"] = rs.weighted_cosines(Km, *_split(W, n_safety))
+        out["boot.cosine_su"] = _recentre(rs.weighted_cosines(Km, *_split(W, n_safety)), float(observed[0]))
         d = np.sqrt(np.clip(np.diag(Km), 0, None))
         with np.errstate(divide="ignore", invalid="ignore"):
             negative = (Km[:n_safety, n_safety:] / np.outer(d[:n_safety], d[n_safety:]) < 0).astype(float)
-        out["boot.cross_cos_frac_negative"] = np.einsum("bi,ij,bj->b", W[:, :n_safety], negative,
-                                                        W[:, n_safety:]) / (n_safety * n_utility)
+        out["boot.cross_cos_frac_negative"] = _recentre(
+            np.einsum("bi,ij,bj->b", W[:, :n_safety], negative, W[:, n_safety:]) / (n_safety * n_utility),
+            float(negative.mean()))
     if n_perm:
         masks = rs.permutation_masks(n_safety, n_utility, n_perm, seed).astype(float)
         out["perm.cosine_su"] = rs.weighted_cosines(Km, masks / n_safety, (1 - masks) / n_utility)
@@ -135,8 +147,9 @@ def resample_module(pairs: Sequence[tuple[Any, Any]], K: Any, n_safety: int, top
     out["utility_phi_to_safety"] = np.asarray(utility_phi_to_safety, dtype=float)
     core = rs.SpectralCore(pairs, core_rank, seed)
     obs_core = _spectral(core, Km, *_split(np.ones((1, n)), n_safety), top_k)
-    for stat, value in obs_core.items():
-        out[f"core.{stat}"] = value
+    certified, captured = [obs_core["k90_certified"]], [obs_core["captured"]]
+    for stat in SPECTRAL:
+        out[f"core.{stat}"] = obs_core[stat]
     phi_s, top1_s = np.asarray(safety_phi, float), np.asarray(safety_top1, float)
     phi_u = out["utility_phi_to_safety"]
     pooled_phi = np.concatenate([phi_s, phi_u])
@@ -145,37 +158,47 @@ def resample_module(pairs: Sequence[tuple[Any, Any]], K: Any, n_safety: int, top
         W = rs.resample_weights(n_safety, n_utility, n_boot, seed)
         safety_w, utility_w = _split(W, n_safety)
         boot = _spectral(core, Km, safety_w, utility_w, top_k)
-        for stat, values in boot.items():
-            exact = observed.get(stat, np.nan)
-            if stat == "diff_k90":
-                exact = observed.get("safety_k90", np.nan) - observed.get("utility_k90", np.nan)
-            elif stat == "diff_effective_rank":
-                exact = observed.get("safety_effective_rank", np.nan) - observed.get("utility_effective_rank", np.nan)
-            shift = exact - np.nanmedian(values) if np.isfinite(exact) and np.isfinite(values).any() else 0.0
-            out[f"boot.{stat}"] = values + shift
-        total = np.einsum("rn,rn->r", safety_w @ Km, safety_w)
-        inside = np.sum(core.means(safety_w) ** 2, axis=(1, 2))
-        out["captured"] = rs.captured_share(inside, Km, safety_w) if total.size else inside
+        certified.append(boot["k90_certified"])
+        captured.append(boot["captured"])
+        out["captured"] = boot["captured"]
         w_s, w_u = W[:, :n_safety], W[:, n_safety:]
         with np.errstate(invalid="ignore"):
             ok_s, ok_u = np.isfinite(phi_s), np.isfinite(phi_u)
-            mean_phi_s = (w_s[:, ok_s] @ phi_s[ok_s]) / w_s[:, ok_s].sum(axis=1)
-            mean_top1_s = (w_s[:, ok_s] @ top1_s[ok_s]) / w_s[:, ok_s].sum(axis=1)
-            mean_phi_u = (w_u[:, ok_u] @ phi_u[ok_u]) / w_u[:, ok_u].sum(axis=1)
-        out["boot.safety_sample_phi_mean"] = mean_phi_s
-        out["boot.safety_sample_top1_mean"] = mean_top1_s
-        out["boot.utility_sample_phi_to_safety_mean"] = mean_phi_u
-        out["boot.diff_sample_phi"] = mean_phi_s - mean_phi_u
+            boot["safety_sample_phi_mean"] = (w_s[:, ok_s] @ phi_s[ok_s]) / w_s[:, ok_s].sum(axis=1)
+            boot["safety_sample_top1_mean"] = (w_s[:, ok_s] @ top1_s[ok_s]) / w_s[:, ok_s].sum(axis=1)
+            boot["utility_sample_phi_to_safety_mean"] = (w_u[:, ok_u] @ phi_u[ok_u]) / w_u[:, ok_u].sum(axis=1)
+        boot["diff_sample_phi"] = boot["safety_sample_phi_mean"] - boot["utility_sample_phi_to_safety_mean"]
+        exact = dict(observed)
+        exact["diff_k90"] = observed.get("safety_k90", np.nan) - observed.get("utility_k90", np.nan)
+        exact["diff_effective_rank"] = (observed.get("safety_effective_rank", np.nan)
+                                        - observed.get("utility_effective_rank", np.nan))
+        exact["utility_sample_phi_to_safety_mean"] = float(np.nanmean(phi_u)) if np.isfinite(phi_u).any() else np.nan
+        exact["diff_sample_phi"] = out["core.diff_sample_phi"][0]
+        for stat in BOOT_STATS:
+            if stat in boot:
+                out[f"boot.{stat}"] = _recentre(boot[stat], exact.get(stat, np.nan))
     if n_perm:
         masks = rs.permutation_masks(n_safety, n_utility, n_perm, seed)
         perm = _spectral(core, Km, masks / n_safety, (~masks) / n_utility, top_k, vectors=False)
         out["perm.diff_k90"], out["perm.diff_effective_rank"] = perm["diff_k90"], perm["diff_effective_rank"]
+        certified.append(perm["k90_certified"])
+        captured.append(perm["captured"])
         ok = np.isfinite(pooled_phi)
         with np.errstate(invalid="ignore"):
             out["perm.diff_sample_phi"] = ((masks[:, ok] @ pooled_phi[ok]) / masks[:, ok].sum(axis=1)
                                            - ((~masks[:, ok]) @ pooled_phi[ok]) / (~masks[:, ok]).sum(axis=1))
     out["core_rank"] = np.array([core.rank], dtype=float)
+    out["certified_k90"] = np.array([np.mean(np.concatenate(certified))])
+    out["captured_min"] = np.array([np.min(np.concatenate(captured))])
     return out
+
+
+def _recentre(values: np.ndarray, estimate: float) -> np.ndarray:
+    """Replicates shifted so that their median is the point estimate (see the module docstring); unchanged
+    when either is undefined."""
+    if not np.isfinite(estimate) or not np.isfinite(values).any():
+        return values
+    return values + (estimate - np.nanmedian(values))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,8 +213,8 @@ class Evidence:
     boot[stat] (M, B), perm[stat] (M, P), core[stat] (M,) (the observed value computed as the permutation
     draws are), n_safety / n_utility / n_boot / n_perm / seed, modules (HF paths), labels, ``spectral``:
     False when only the Gram part is there (a run stored before resampling: spectral statistics and claim
-    III's baseline need the factors, i.e. a new collection), captured (M,) the smallest share of a bootstrap
-    replicate's energy inside the core (1 = exact), ``source``: "stored" or "recomputed from the Gram"."""
+    III's baseline need the factors, i.e. a new collection), captured (M,) the smallest share of a replicate
+    mean's energy inside the core (1 = exact), ``source``: "stored" or "recomputed from the Gram"."""
 
     modules: list[str]
     labels: list[str]
@@ -206,6 +229,10 @@ class Evidence:
     captured: np.ndarray
     spectral: bool
     source: str
+    #: stat -> (M,) True where the module's replicates of a spectral stat were dropped (core not exact enough)
+    masked: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    #: (M,) share of the module's replicates whose k@0.9 the core certifies exact
+    certified_k90: np.ndarray | None = None
 
 
 def _stack(per_module: list[dict[str, np.ndarray]], prefix: str) -> dict[str, np.ndarray]:
@@ -219,16 +246,36 @@ def _stack(per_module: list[dict[str, np.ndarray]], prefix: str) -> dict[str, np
     return out
 
 
+K90_STATS = ("safety_k90", "utility_k90", "diff_k90")
+
+
 def evidence_from_arrays(per_module: list[dict[str, np.ndarray]], modules: list[str], labels: list[str],
                          n_safety: int, n_utility: int, seed: int, source: str = "stored") -> Evidence:
-    """:class:`Evidence` from each module's resampling arrays (keys as :func:`resample_module` returns)."""
+    """:class:`Evidence` from each module's resampling arrays (keys as :func:`resample_module` returns).
+    Spectral replicates of modules the core does not certify (K90_CERTIFIED, CORE_EXACT) become NaN and are
+    listed in ``masked``."""
     boot, perm, core = _stack(per_module, "boot."), _stack(per_module, "perm."), _stack(per_module, "core.")
-    captured = np.array([np.nanmin(a["captured"]) if "captured" in a and np.size(a["captured"]) else np.nan
+
+    def scalar(arrays: dict, key: str) -> float:
+        value = arrays.get(key)
+        return float(np.nanmin(value)) if value is not None and np.size(value) else float("nan")
+
+    captured = np.array([scalar(a, "captured_min") if "captured_min" in a else scalar(a, "captured")
                          for a in per_module])
+    certified = np.array([scalar(a, "certified_k90") for a in per_module])
+    masked = {}
+    for stat in SPECTRAL:
+        bad = ~(certified >= K90_CERTIFIED) if stat in K90_STATS else ~(captured >= CORE_EXACT)
+        masked[stat] = bad
+        for table in (boot, perm):
+            if stat in table:
+                table[stat][bad] = np.nan
+        if stat in core:
+            core[stat][bad] = np.nan
     n_boot = next((v.shape[1] for v in boot.values()), 0)
     n_perm = next((v.shape[1] for v in perm.values()), 0)
     return Evidence(modules, labels, n_safety, n_utility, n_boot, n_perm, seed, boot, perm,
-                    {k: v[:, 0] for k, v in core.items()}, captured, "safety_k90" in boot, source)
+                    {k: v[:, 0] for k, v in core.items()}, captured, "safety_k90" in boot, source, masked, certified)
 
 
 def load_evidence(run, n_boot: int = 200, n_perm: int = 200, progress=None) -> Evidence:

@@ -255,27 +255,48 @@ def core_spectra(cores: np.ndarray, k: int = 0) -> tuple[np.ndarray, np.ndarray 
     return lam, np.nan_to_num(U)
 
 
+#: Energy outside the core below this share of the total is rounding (a float32 Gram is exact to ~1e-6
+#: relative), not missed energy: :func:`spectrum_stats` certifies as if it were 0.
+MISSING_FLOOR = 1e-5
+
+
 def spectrum_stats(s2: np.ndarray, total: np.ndarray, etas: Sequence[float] = (0.9,),
                    cer_k: int = 8) -> dict[str, np.ndarray]:
     """Rank metrics of many spectra given their squared singular values s2 (R, r) descending and their exact
     total energies (R,) (||G||_F^2, >= sum s2 when the core misses energy).
 
     Returns {"k<eta*100>": smallest k with sum_{j<=k} s2 / total >= eta (r + 1 when the core never gets
-    there: "more than r"), "cer": CER(cer_k), "stable_rank": total / s2_1, "effective_rank": exp(H(p)),
-    p_j = s_j / sum s (the core's singular values only)}, each (R,). Zero spectra give 0 ranks."""
+    there: "more than r"), "k<eta*100>_certified": whether that k is exact, "cer": CER(cer_k), "stable_rank":
+    total / s2_1, "effective_rank": exp(H(p)), p_j = s_j / sum s (the core's singular values only),
+    "captured": sum s2 / total}, each (R,). Zero spectra give 0 ranks.
+
+    Certificate (DESIGN.md notation; G = G_in + G_out, G_in the core part, eps = ||G_out||_F^2 = total -
+    sum s2): the top-k energy E_k of G lies in [E_k(core), (sqrt(E_k(core)) + sqrt(eps))^2] (lower: the
+    core's singular subspaces are candidates; upper: sqrt(E_k) is a unitarily invariant (Ky Fan k, 2) norm,
+    so the triangle inequality holds, and E_k(G_out) <= eps). k@eta is exact when the smallest k reaching
+    eta by the upper bound equals the one reaching it by the lower bound."""
     s2 = np.clip(np.atleast_2d(s2), 0, None)
     total = np.maximum(np.asarray(total, dtype=float), s2.sum(axis=1))
     out: dict[str, np.ndarray] = {}
     with np.errstate(divide="ignore", invalid="ignore"):
-        cer = np.cumsum(s2, axis=1) / total[:, None]
+        energy = np.cumsum(s2, axis=1)
+        missing = np.clip(total - energy[:, -1], 0, None)
+        missing = np.where(missing <= MISSING_FLOOR * total, 0.0, missing)  # float32 Gram rounding, not a miss
+        cer = energy / total[:, None]
+        upper = (np.sqrt(energy) + np.sqrt(missing)[:, None]) ** 2 / total[:, None]
         for eta in etas:
             reached = cer >= eta - 1e-12
             k = np.where(reached.any(axis=1), reached.argmax(axis=1) + 1, s2.shape[1] + 1).astype(float)
-            out[f"k{round(eta * 100)}"] = np.where(total > 0, k, 0.0)
+            maybe = upper >= eta - 1e-12
+            k_low = np.where(maybe.any(axis=1), maybe.argmax(axis=1) + 1, s2.shape[1] + 1).astype(float)
+            name = f"k{round(eta * 100)}"
+            out[name] = np.where(total > 0, k, 0.0)
+            out[f"{name}_certified"] = (k == k_low) | (total <= 0)
         out["cer"] = np.where(total > 0, cer[:, min(cer_k, s2.shape[1]) - 1], 1.0)
         out["stable_rank"] = np.where(s2[:, 0] > 0, total / s2[:, 0], 0.0)
         s = np.sqrt(s2)
         p = s / s.sum(axis=1, keepdims=True)
         entropy = -np.nansum(np.where(p > 0, p * np.log(p), 0.0), axis=1)
         out["effective_rank"] = np.where(s2[:, 0] > 0, np.exp(entropy), 0.0)
+        out["captured"] = np.where(total > 0, energy[:, -1] / total, 1.0)
     return out
