@@ -165,7 +165,7 @@ def test_findings_page(collected):
     text = " ".join(m.value for m in at.markdown)
     assert all(f"**{claim} — " in text for claim in ("I", "II", "III")) and collected.run_id in text
     frame = at.dataframe[0].value
-    assert list(frame["claim"]) == ["I", "I", "II", "II", "III", "III", "III"]
+    assert list(frame["claim"]) == ["I", "I", "I", "II", "II", "III", "III", "III"]
     assert frame["shown"].str.contains("95% CI").all() and frame["shown"].str.contains("p = ").all()
     assert set(frame["verdict"]) <= {"supported", "contradicted", "not shown at this n"}
     assert "significant in" in text  # per-module counts after Benjamini-Hochberg

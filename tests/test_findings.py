@@ -27,13 +27,15 @@ def test_findings_of_a_stored_run(tiny_run):
     assert (tiny_run.folder / RESAMPLING_FILE).exists()
     frame, text = fv.findings(tiny_run)
     assert list(frame.columns) == fv.FINDINGS_COLUMNS
-    assert list(frame["claim"]) == ["I", "I", "II", "II", "III", "III", "III"]
+    assert list(frame["claim"]) == ["I", "I", "I", "II", "II", "III", "III", "III"]
     assert set(frame["verdict"]) <= set(fv.VERDICTS) - {"not tested"}
     table = tiny_run.table
     assert frame["value"].iloc[0] == pytest.approx((table["safety_k90"] - table["utility_k90"]).median())
-    assert frame["value"].iloc[2] == pytest.approx(table["cosine_su"].median())
-    assert frame["value"].iloc[5] == pytest.approx(table["safety_sample_phi_mean"].median())
-    assert frame["null"].iloc[5] == pytest.approx(table["phi_baseline"].median())
+    assert frame["value"].iloc[2] == pytest.approx((table["safety_gram_effective_rank"]
+                                                    - table["utility_gram_effective_rank"]).median())
+    assert frame["value"].iloc[3] == pytest.approx(table["cosine_su"].median())
+    assert frame["value"].iloc[6] == pytest.approx(table["safety_sample_phi_mean"].median())
+    assert frame["null"].iloc[6] == pytest.approx(table["phi_baseline"].median())
     # every row: an interval around its value, a p-value, a rule in words, n per set
     assert np.isfinite(frame[["lo", "hi", "p_value", "null"]].to_numpy(float)).all()
     assert ((frame["lo"] <= frame["value"] + 1e-9) & (frame["value"] <= frame["hi"] + 1e-9)).all()
@@ -66,7 +68,7 @@ def test_every_module_number_has_an_interval(tiny_run):
     assert len(modules) == len(tiny_run.modules)
     for stat in ("safety_k90", "utility_effective_rank", "cosine_su", "phi_su", "safety_sample_phi_mean"):
         assert modules[[f"{stat}_lo", f"{stat}_hi"]].notna().all().all()
-    for stat in ("diff_k90", "diff_effective_rank", "cosine_su_zero"):
+    for stat in ("diff_k90", "diff_effective_rank", "diff_gram_effective_rank", "cosine_su_zero"):
         assert modules[f"{stat}_q"].between(0, 1).all()
 
 
@@ -87,7 +89,8 @@ def test_older_run_gets_the_gram_part_on_demand(tiny_run, tmp_path):
     stored = load_evidence(tiny_run)
     assert np.allclose(evidence.boot["cosine_su"], stored.boot["cosine_su"])  # same seed, same rows
     frame, text = fv.findings(old, evidence)
-    assert frame[frame["claim"] == "I"]["verdict"].eq("not tested").all()
+    assert list(frame[frame["claim"] == "I"]["verdict"])[:2] == ["not tested", "not tested"]
+    assert np.isfinite(frame[frame["claim"] == "I"]["p_value"].iloc[2])  # the sample-span rank: from the Gram
     assert np.isfinite(frame[frame["claim"] == "II"]["p_value"]).all()
     assert "Collect it again" in text
 
@@ -101,7 +104,7 @@ def test_findings_command(tiny_run, capsys):
     assert main(["findings", "--run", tiny_run.run_id[:8], "--json", "--modules", "--store", store]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["run_id"] == tiny_run.run_id and payload["n_boot"] == 50 and payload["n_perm"] == 50
-    assert [row["claim"] for row in payload["findings"]] == ["I", "I", "II", "II", "III", "III", "III"]
+    assert [row["claim"] for row in payload["findings"]] == ["I", "I", "I", "II", "II", "III", "III", "III"]
     assert all(row["p_value"] is not None and row["lo"] is not None for row in payload["findings"])
     assert len(payload["modules"]) == len(tiny_run.modules)
     assert main(["findings", "--run", tiny_run.run_id, "--store", store]) == 0

@@ -137,6 +137,7 @@ def test_claim_one_supported_when_safety_is_rank_two_and_utility_rank_twenty():
     assert first["claim"] == "I" and first["verdict"] == "supported" and first["p_value"] < 0.01
     assert first["value"] < 0 and first["lo"] <= first["value"] <= first["hi"] and first["hi"] < 0
     assert frame.iloc[1]["verdict"] == "supported"  # effective rank too
+    assert frame.iloc[2]["verdict"] == "supported"  # and the sample span's (exact from the Gram)
     assert "I — supported" in text
 
 
@@ -262,7 +263,22 @@ def test_a_core_too_small_for_the_module_is_not_tested():
     run = types.SimpleNamespace(table=pd.DataFrame([result.row]), run_id="r", config={"n_safety": 8, "n_utility": 8,
                                 "top_k": 2}, manifest={"model": {"source": "x-aligned"}})
     frame, _ = fv.findings(run, evidence)
-    assert list(frame[frame["claim"] == "I"]["verdict"]) == ["not tested", "not tested"]
+    assert list(frame[frame["claim"] == "I"]["verdict"])[:2] == ["not tested", "not tested"]
+    assert "certifies this statistic in none" in frame.iloc[0]["shown"]
     exact = resample_module(pairs, K, 8, 2, 50, 50, 0, result.row, result.arrays["safety.phi"],
                             result.arrays["safety.top1"], np.full(8, 0.1))
     assert exact["certified_k90"][0] == 1.0 and exact["captured_min"][0] > 0.999
+
+
+def test_span_rank_of_a_subset_equals_the_gram_effective_rank_of_its_block():
+    from analysis.engine import geometry as geo
+    from analysis.engine.resampling import _span_ranks
+
+    rng = np.random.default_rng(4)
+    G = rng.standard_normal((10, 30)) * np.linspace(1, 3, 30)
+    K = G @ G.T
+    mask = np.r_[np.ones(4), np.zeros(6)][None]
+    assert _span_ranks(K, mask)[0] == pytest.approx(geo.gram_effective_rank(K[:4, :4]))
+    doubled = np.r_[2.0, 0, 0, 0, 1, 1, 0, 0, 0, 0][None]  # sample 0 twice: the rows sqrt(2) g_0, g_4, g_5
+    rows = np.vstack([np.sqrt(2) * G[0], G[4], G[5]])
+    assert _span_ranks(K, doubled)[0] == pytest.approx(geo.gram_effective_rank(rows @ rows.T))

@@ -50,6 +50,10 @@ MODULE_STATS = {
     "safety_sample_top1_mean": ("safety_sample_top1_mean", "single-sample |⟨u1_i, u1⟩| (mean over safety samples)"),
     "utility_sample_phi_to_safety_mean": (None, "utility sample's φ to the safety batch (mean)"),
     "diff_sample_phi": (None, "single-sample φ safety − utility sample"),
+    "safety_gram_effective_rank": ("safety_gram_effective_rank", "safety sample-span effective rank"),
+    "utility_gram_effective_rank": ("utility_gram_effective_rank", "utility sample-span effective rank"),
+    "diff_gram_effective_rank": (("safety_gram_effective_rank", "utility_gram_effective_rank"),
+                                 "sample-span effective rank safety − utility"),
 }
 
 
@@ -133,6 +137,9 @@ SUMMARIES = {
                                "share of modules where safety's k@0.9 is smaller"),
     "median_diff_effective_rank": Summary("diff_effective_rank", "median", 0.0, "permutation",
                                           "median over modules of effective rank (safety − utility)"),
+    "median_diff_gram_effective_rank": Summary("diff_gram_effective_rank", "median", 0.0, "permutation",
+                                               "median over modules of the sample-span effective rank (safety − "
+                                               "utility; per-sample gradients, exact from the Gram)"),
     "median_cosine": Summary("cosine_su", "median", 0.0, "bootstrap",
                              "median over modules of cos(G_s, G_u)"),
     "median_pair_share": Summary("cross_cos_frac_negative", "median", 0.5, "bootstrap",

@@ -56,9 +56,10 @@ RESAMPLING_FILE = "resampling.safetensors"
 BOOT_STATS = ("safety_k90", "utility_k90", "diff_k90", "safety_effective_rank", "utility_effective_rank",
               "diff_effective_rank", "safety_stable_rank", "utility_stable_rank", "safety_cer", "utility_cer",
               "cosine_su", "phi_su", "cross_cos_frac_negative", "safety_sample_phi_mean", "safety_sample_top1_mean",
-              "utility_sample_phi_to_safety_mean", "diff_sample_phi")
+              "utility_sample_phi_to_safety_mean", "diff_sample_phi", "safety_gram_effective_rank",
+              "utility_gram_effective_rank", "diff_gram_effective_rank")
 #: Statistics with a permutation null (safety and utility samples exchangeable).
-PERM_STATS = ("diff_k90", "diff_effective_rank", "cosine_su", "diff_sample_phi")
+PERM_STATS = ("diff_k90", "diff_effective_rank", "cosine_su", "diff_sample_phi", "diff_gram_effective_rank")
 #: Spectral statistics (computed in the core; shifted by the core's error for the bootstrap).
 SPECTRAL = ("safety_k90", "utility_k90", "diff_k90", "safety_effective_rank", "utility_effective_rank",
             "diff_effective_rank", "safety_stable_rank", "utility_stable_rank", "safety_cer", "utility_cer", "phi_su")
@@ -107,8 +108,9 @@ def _split(weights: np.ndarray, n_safety: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def gram_resampling(K: Any, n_safety: int, n_boot: int, n_perm: int, seed: int) -> dict[str, np.ndarray]:
-    """The Gram-exact part: ``boot.cosine_su``, ``boot.cross_cos_frac_negative`` (B,), ``perm.cosine_su`` (P,),
-    ``core.cosine_su`` (1,) (the observed cosine). K (n, n), safety first."""
+    """The Gram-exact part: ``boot.cosine_su``, ``boot.cross_cos_frac_negative``, ``boot.<set>_gram_effective_rank``
+    and ``boot.diff_gram_effective_rank`` (B,), ``perm.cosine_su``, ``perm.diff_gram_effective_rank`` (P,), and
+    their observed values ``core.*`` (1,). K (n, n), safety first."""
     Km = np.asarray(K, dtype=np.float64)
     n = Km.shape[0]
     n_utility = n - n_safety
@@ -124,10 +126,35 @@ def gram_resampling(K: Any, n_safety: int, n_boot: int, n_perm: int, seed: int) 
         out["boot.cross_cos_frac_negative"] = _recentre(
             np.einsum("bi,ij,bj->b", W[:, :n_safety], negative, W[:, n_safety:]) / (n_safety * n_utility),
             float(negative.mean()))
+    out["core.diff_gram_effective_rank"] = _span_ranks(Km, np.r_[np.ones(n_safety), np.zeros(n_utility)][None])[0] \
+        - _span_ranks(Km, np.r_[np.zeros(n_safety), np.ones(n_utility)][None])[0]
+    if n_boot:
+        safety_rank = _span_ranks(Km, np.hstack([W[:, :n_safety], np.zeros((n_boot, n_utility))]))
+        utility_rank = _span_ranks(Km, np.hstack([np.zeros((n_boot, n_safety)), W[:, n_safety:]]))
+        observed_ranks = (_span_ranks(Km, np.r_[np.ones(n_safety), np.zeros(n_utility)][None])[0],
+                          _span_ranks(Km, np.r_[np.zeros(n_safety), np.ones(n_utility)][None])[0])
+        out["boot.safety_gram_effective_rank"] = _recentre(safety_rank, observed_ranks[0])
+        out["boot.utility_gram_effective_rank"] = _recentre(utility_rank, observed_ranks[1])
+        out["boot.diff_gram_effective_rank"] = _recentre(safety_rank - utility_rank,
+                                                         observed_ranks[0] - observed_ranks[1])
     if n_perm:
         masks = rs.permutation_masks(n_safety, n_utility, n_perm, seed).astype(float)
         out["perm.cosine_su"] = rs.weighted_cosines(Km, masks / n_safety, (1 - masks) / n_utility)
+        out["perm.diff_gram_effective_rank"] = _span_ranks(Km, masks) - _span_ranks(Km, 1 - masks)
     return out
+
+
+def _span_ranks(K: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Effective rank of the sample span of each weighted (multi)set (rows of weights (R, n), counts or 0/1):
+    exp(H(p)) of the singular values sqrt(eig(W^1/2 K W^1/2)) of [sqrt(w_i) g_i] (``geometry.gram_effective_rank``
+    of the set's Gram block when the weights are 0/1). Exact from the Gram matrix."""
+    root = np.sqrt(np.clip(weights, 0, None))
+    M = root[:, :, None] * K[None] * root[:, None, :]
+    s = np.sqrt(np.clip(np.linalg.eigvalsh(M), 0, None))[:, ::-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = s / s.sum(axis=1, keepdims=True)
+        entropy = -np.nansum(np.where(p > 0, p * np.log(p), 0.0), axis=1)
+    return np.where(s[:, 0] > 0, np.exp(entropy), 0.0)
 
 
 def resample_module(pairs: Sequence[tuple[Any, Any]], K: Any, n_safety: int, top_k: int, n_boot: int, n_perm: int,

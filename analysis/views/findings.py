@@ -4,7 +4,8 @@ The claims (about *aligned* chat models), each decided by the first of its rows:
 
 * I   "safety is low-rank": the median over modules of k@0.9 (safety − utility) is below 0. Test: permutation
   (safety and utility samples pooled and split at random, the same split in every module). Also the effective
-  rank difference, same test.
+  rank difference and the sample-span effective rank difference (per-sample gradients, exact from the Gram
+  matrix, so testable at any n), same test.
 * II  "safety and utility fight": the median over modules of cos(G_s, G_u) is below 0. Test: bootstrap over
   prompts against 0. Also the median share of safety × utility sample pairs with a negative cosine, against 50%.
 * III "one sample finds the safety subspace": a safety sample's top-k subspace overlaps the safety batch's more
@@ -53,7 +54,8 @@ SMALL_N = 32
 #: Rows per claim: (summary key of analysis.engine.evidence.SUMMARIES, claimed direction: -1 below the null,
 #: +1 above it, unit for words).
 ROWS = {
-    "I": [("median_diff_k90", -1, "directions"), ("median_diff_effective_rank", -1, "directions")],
+    "I": [("median_diff_k90", -1, "directions"), ("median_diff_effective_rank", -1, "directions"),
+          ("median_diff_gram_effective_rank", -1, "directions")],
     "II": [("median_cosine", -1, "cosine"), ("median_pair_share", +1, "share")],
     "III": [("median_diff_sample_phi", +1, "phi"), ("median_sample_phi", +1, "phi"), ("median_sample_top1", +1, "cosine")],
 }
@@ -161,7 +163,10 @@ def findings(run, evidence: Evidence | None = None) -> tuple[pd.DataFrame, str]:
                                                f"(1/{n_s} of it), which raises its φ") if c)
             p = result.p
             interval = (f" (95% CI {format_value(result.lo, unit)} to {format_value(result.hi, unit)})"
-                        if np.isfinite(result.lo) else " (no interval: the run has no replicates for it)")
+                        if np.isfinite(result.lo) else
+                        (" (not tested: the spectral core certifies this statistic in none of the modules at this "
+                         "n; see the caveat)" if spec.stat in evidence.masked and evidence.masked[spec.stat].all()
+                         and evidence.spectral else " (no interval: the run has no replicates for it)"))
             rows.append({
                 "claim": claim, "statement": CLAIMS[claim], "measure": result.name, "value": result.value,
                 "lo": result.lo, "hi": result.hi, "null": null, "n": f"{n_s} + {n_u}",
@@ -214,7 +219,7 @@ def module_table(run, evidence: Evidence | None = None) -> pd.DataFrame:
 def significance_counts(modules: pd.DataFrame) -> dict[str, Any]:
     """How many modules are significant after correction for each tested statistic, and in which direction."""
     out = {}
-    for stat in ("diff_k90", "diff_effective_rank", "cosine_su_zero", "diff_sample_phi"):
+    for stat in ("diff_k90", "diff_effective_rank", "diff_gram_effective_rank", "cosine_su_zero", "diff_sample_phi"):
         column = f"{stat}_significant"
         if column in modules:
             value = modules[stat.replace("_zero", "")]
