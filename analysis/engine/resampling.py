@@ -327,6 +327,15 @@ def load_evidence(run, n_boot: int = 200, n_perm: int = 200, progress=None) -> E
                     grouped[module][quantity] = handle.get_tensor(key)
         per_module = [grouped[m] for m in run.module_names]
         source = "stored"
+        stored_boot = next((a["boot.cosine_su"].size for a in per_module if "boot.cosine_su" in a), n_boot)
+        stored_perm = next((a["perm.cosine_su"].size for a in per_module if "perm.cosine_su" in a), n_perm)
+        for index, (name, arrays) in enumerate(zip(run.module_names, per_module)):
+            if "core.diff_gram_effective_rank" not in arrays:  # stored by an older version: the Gram part now
+                gram = gram_resampling(run.gram(name), n_s, stored_boot, stored_perm, seed)
+                arrays.update({k: v for k, v in gram.items() if k not in arrays})
+                source = "stored (Gram statistics added now)"
+                if progress is not None:
+                    progress((index + 1) / len(run.module_names))
     else:
         for index, name in enumerate(run.module_names):
             per_module.append(gram_resampling(run.gram(name), n_s, n_boot, n_perm, seed))
