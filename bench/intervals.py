@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-boot", type=int, default=defaults.n_boot)
     parser.add_argument("--n-perm", type=int, default=defaults.n_perm)
     parser.add_argument("--model", default="default")
+    parser.add_argument("--core-rank", type=int, default=None,
+                        help="directions per side of the spectral core (default CORE_RANK; 4096: exact)")
     return parser
 
 
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.n_boot}, n_perm = {args.n_perm}; {args.threads} thread(s)")
     per_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     captured, certified, ranks = [], [], []
+    core = {} if args.core_rank is None else {"core_rank": args.core_rank}
     with threadpool_limits(limits=args.threads, user_api="blas"):
         for index, info in enumerate(modules):
             boot = info.name in curves and config.curve_boot
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.process_time()
                 result = analyse_module(info, pairs[info.name], args.n, config.top_k, seed=config.seed,
                                         curve_boot=boot, n_boot=args.n_boot if resampled else 0,
-                                        n_perm=args.n_perm if resampled else 0)
+                                        n_perm=args.n_perm if resampled else 0, **core)
                 per_kind[info.kind][int(resampled)] += time.process_time() - start
                 if resampled:
                     captured.append(float(result.arrays["resampling.captured_min"][0]))

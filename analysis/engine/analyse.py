@@ -21,7 +21,7 @@ from analysis.core.results import ETAS, SETS
 from analysis.engine import geometry as geo
 from analysis.engine.capture import ModuleInfo
 from analysis.engine.gram import DEFAULT_CHUNK_BYTES, dense_gradients, gram_costs, gram_matrix
-from analysis.engine.resampling import resample_module, unrelated_phi
+from analysis.engine.resampling import CORE_RANK, resample_module, unrelated_phi
 
 __all__ = ["BASIS_FLOOR", "CURVE_DENSE", "NULL_RTOL", "ModuleAnalysis", "analyse_module", "batch_svd", "curve_sizes",
            "or_nan", "overlap_curve"]
@@ -118,7 +118,7 @@ def analyse_module(info: ModuleInfo, pairs: Sequence[tuple[torch.Tensor, torch.T
                    top_k: int, route: str = "auto", seed: int = 0, curve_boot: int = 0,
                    chunk_bytes: int = DEFAULT_CHUNK_BYTES, device: str = "cpu",
                    curve_dense: str = CURVE_DENSE, defer_curve: bool = False, n_boot: int = 0,
-                   n_perm: int = 0) -> ModuleAnalysis:
+                   n_perm: int = 0, core_rank: int = CORE_RANK) -> ModuleAnalysis:
     """All results of one module from the factors of all samples (safety first, then utility).
 
     pairs: (D_i (T_i, d_out), A_i (T_i, d_in)) torch tensors per sample (sketched factors (T_i, p) of a
@@ -131,7 +131,8 @@ def analyse_module(info: ModuleInfo, pairs: Sequence[tuple[torch.Tensor, torch.T
     ``defer_curve``: leave the curve out (the row still says ``has_curve``) and return its float64 reference
     basis in ``.reference``; :func:`overlap_curve` adds it later with the same numbers.
     ``n_boot`` / ``n_perm`` > 0 add the bootstrap replicates / permutation null of the module's metrics
-    (:func:`analysis.engine.resampling.resample_module`, arrays ``resampling.*``).
+    (:func:`analysis.engine.resampling.resample_module`, arrays ``resampling.*``; ``core_rank``: directions per
+    side of its spectral core, CORE_RANK by default).
     """
     n = len(pairs)
     n_utility = n - n_safety
@@ -192,7 +193,7 @@ def analyse_module(info: ModuleInfo, pairs: Sequence[tuple[torch.Tensor, torch.T
     row["gram_phi_su"] = or_nan(lambda: geo.gram_subspace_overlap(K_ss, K_su, K_uu))
     if n_boot or n_perm:
         resampled = resample_module(pairs, K, n_safety, top_k, n_boot, n_perm, seed, row, arrays["safety.phi"],
-                                    arrays["safety.top1"], utility_to_safety)
+                                    arrays["safety.top1"], utility_to_safety, core_rank)
         arrays.update({f"resampling.{key}": value for key, value in resampled.items()})
     row["has_curve"] = bool(curve_boot) and bases["safety"].shape[1] > 0
     if row["has_curve"] and defer_curve:
