@@ -30,6 +30,7 @@ COMMANDS = {
     "summary": ("analysis.llm.cli", "print a model summary (family, parameters, linear modules)"),
     "runs": ("analysis.engine.cli", "list the stored collection runs"),
     "delete": ("analysis.engine.cli", "delete a stored run"),
+    "findings": ("analysis.views.cli", "the findings table of a stored run: verdicts by tests, intervals, p-values"),
     "watch": ("analysis.views.watch", "list the watched training runs (SafetyGeometryCallback) or print one's verdict"),
 }
 

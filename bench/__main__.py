@@ -15,6 +15,7 @@ BENCHMARKS = {
     "live": ("bench.live", "time to the first live answer and to the end of the Setup default collection vs one fwd+bwd"),
     "sketch": ("bench.sketch", "error of the random projection (projection_dim) vs the exact route: spectra, CER, ranks, cosine"),
     "watch": ("bench.watch", "overhead of the SafetyGeometryCallback on a plain Trainer step, interval 1 and 10 (ratios)"),
+    "intervals": ("bench.intervals", "cost of the bootstrap intervals + permutation null vs the point estimates and one fwd+bwd"),
     "finetune": ("bench.finetune", "cost of an SPF fine-tuning step relative to a plain step (ratio in one run)"),
     "gpu": ("bench.gpu", "the GPU check: CPU-vs-CUDA agreement, 7B-shape planner vs peak, bf16 SPF step, throughput"),
     "eval": ("bench.eval", "the safety evaluation's time vs a plain model.generate loop (best batch size); stage shares"),

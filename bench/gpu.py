@@ -99,9 +99,10 @@ def agreement(device_b: str, dtype_b) -> dict:
     """The tiny Llama (float32, CPU) against a copy on ``device_b`` in ``dtype_b``: factors, Gram, SPF, generation."""
     import torch
 
-    from analysis.engine.capture import capture_batch, find_linear_modules
+    from analysis.engine.capture import capture_batch
     from analysis.engine.gram import gram_matrix
     from analysis.lab.spf import project_gradients, top_k_basis
+    from analysis.llm.anatomy import find_linear_modules
     from analysis.llm.models import tiny_model
     from analysis.safety.generation import generate
 
@@ -144,9 +145,10 @@ def planner_check(shape: str, device: str, dtype, batch: int, length: int, modul
     import torch
 
     from analysis.core.config import ModelConfig
-    from analysis.engine.capture import capture_batch, select_modules
-    from analysis.engine.gradients import CollectionConfig
+    from analysis.engine.capture import capture_batch
+    from analysis.engine.collect_task import CollectionConfig
     from analysis.engine.planner import architecture, measure_capture_peak, plan_collection
+    from analysis.llm.anatomy import select_modules
     from analysis.llm.formatting import per_sample_loss
 
     dtype_name = str(dtype).removeprefix("torch.")
@@ -193,8 +195,8 @@ def spf_step_check(shape: str, device: str, dtype, batch: int, length: int, k: i
     """A plain AdamW step vs an SPF step (refresh: safety backward + top-k bases; projection only), in ``dtype``."""
     import torch
 
-    from analysis.engine.capture import find_linear_modules
     from analysis.lab.spf import as_out_in, project_gradients, top_k_basis
+    from analysis.llm.anatomy import find_linear_modules
     from analysis.llm.formatting import per_sample_loss
 
     model = random_llama(shape, device, dtype)

@@ -25,6 +25,7 @@ CURVE_HELP = (f"'auto' (up to {CURVE_AUTO_LAYERS} layers spread evenly over the 
               "'all', 'none' or a layer list such as '0,10'")
 FORM_LABELS = {"n_safety": "Safety samples n", "n_utility": "Utility samples n", "max_length": "Sequence length",
                "top_k": "Subspace dimension k", "batch_size": "Batch size", "curve_boot": "Bootstrap subsets per n",
+               "n_boot": "Bootstrap replicates", "n_perm": "Permutations",
                "curve_layers": "Overlap-vs-n curve layers", "gram_route": "Gram route"}
 
 
@@ -195,6 +196,14 @@ with right:
                                                 value="auto", help=CURVE_HELP)
         curve_boot = common.remembered_widget("curve_boot", st.number_input, "Bootstrap subsets per n",
                                               min_value=1, max_value=200, value=10)
+        n_boot = common.remembered_widget("n_boot", st.number_input, "Bootstrap replicates (intervals)",
+                                          min_value=0, max_value=5000, value=200,
+                                          help="95% percentile intervals of every metric, resampling prompts; "
+                                               "0: none (seeded by Seed)")
+        n_perm = common.remembered_widget("n_perm", st.number_input, "Permutations (null model)", min_value=0,
+                                          max_value=5000, value=200,
+                                          help="p-values of the claims: safety and utility prompts pooled and "
+                                               "split at random; 0: none")
         gram_route = common.remembered_widget("gram_route", st.selectbox, "Gram route (both exact)",
                                               ["auto", "ghost", "dense"])
         modules_per_pass = common.remembered_widget(
@@ -244,7 +253,8 @@ if safety_ref and utility_ref and selected and not size_problems:
             safety_split=safety_split, utility_split=utility_split, n_safety=int(n_safety), n_utility=int(n_utility),
             layers=layers, kinds=",".join(kinds), max_length=int(max_length), batch_size=int(batch_size),
             top_k=int(top_k), seed=int(seed), gram_route=gram_route, curve_layers=curve_layers,
-            curve_boot=int(curve_boot), modules_per_pass=int(modules_per_pass),
+            curve_boot=int(curve_boot), n_boot=int(n_boot), n_perm=int(n_perm),
+            modules_per_pass=int(modules_per_pass),
         )
         stored_id = config.run_id()
     except InputError as error:

@@ -163,9 +163,12 @@ def test_findings_page(collected):
     at.switch_page("pages/findings.py").run()
     no_exceptions(at)
     text = " ".join(m.value for m in at.markdown)
-    assert all(f"**{claim}**" in text for claim in ("I", "II", "III")) and collected.run_id in text
+    assert all(f"**{claim} — " in text for claim in ("I", "II", "III")) and collected.run_id in text
     frame = at.dataframe[0].value
-    assert list(frame["claim"]) == ["I", "I", "II", "II", "III", "III"]
+    assert list(frame["claim"]) == ["I", "I", "I", "II", "II", "III", "III", "III"]
+    assert frame["shown"].str.contains("95% CI").all() and frame["shown"].str.contains("p = ").all()
+    assert set(frame["verdict"]) <= {"supported", "contradicted", "not shown at this n"}
+    assert "significant in" in text  # per-module counts after Benjamini-Hochberg
     assert {"CSV", "JSON"} <= {b.label for b in at.get("download_button")}
 
 

@@ -19,6 +19,7 @@ import torch
 
 from analysis.engine import geometry as geo
 from analysis.engine.gram import DEFAULT_CHUNK_BYTES, dense_gradients, gram_costs, gram_matrix
+from analysis.engine.resampling import CORE_RANK, resample_module, unrelated_phi
 from analysis.engine.results import ETAS, SETS
 from analysis.llm.anatomy import ModuleInfo
 
@@ -116,7 +117,8 @@ def curve_sizes(n_safety: int) -> list[int]:
 def analyse_module(info: ModuleInfo, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], n_safety: int,
                    top_k: int, route: str = "auto", seed: int = 0, curve_boot: int = 0,
                    chunk_bytes: int = DEFAULT_CHUNK_BYTES, device: str = "cpu",
-                   curve_dense: str = CURVE_DENSE, defer_curve: bool = False) -> ModuleAnalysis:
+                   curve_dense: str = CURVE_DENSE, defer_curve: bool = False, n_boot: int = 0,
+                   n_perm: int = 0, core_rank: int = CORE_RANK) -> ModuleAnalysis:
     """All results of one module from the factors of all samples (safety first, then utility).
 
     pairs: (D_i (T_i, d_out), A_i (T_i, d_in)) torch tensors per sample (sketched factors (T_i, p) of a
@@ -128,6 +130,9 @@ def analyse_module(info: ModuleInfo, pairs: Sequence[tuple[torch.Tensor, torch.T
     ``curve_dense``: decomposition of the curve's dense subset sums, "eig" (default) or "svd" (the old route).
     ``defer_curve``: leave the curve out (the row still says ``has_curve``) and return its float64 reference
     basis in ``.reference``; :func:`overlap_curve` adds it later with the same numbers.
+    ``n_boot`` / ``n_perm`` > 0 add the bootstrap replicates / permutation null of the module's metrics
+    (:func:`analysis.engine.resampling.resample_module`, arrays ``resampling.*``; ``core_rank``: directions per
+    side of its spectral core, CORE_RANK by default).
     """
     n = len(pairs)
     n_utility = n - n_safety
@@ -158,12 +163,16 @@ def analyse_module(info: ModuleInfo, pairs: Sequence[tuple[torch.Tensor, torch.T
         phi = np.full(len(members[which]), np.nan)
         top1 = np.full(len(members[which]), np.nan)
         per_sample = geo.factored_svd_batched([pairs[i] for i in members[which]], top_k)
+        sample_bases = []
         for row_index, (U_i, s_i, _) in enumerate(per_sample):
             sample_s[row_index, : s_i.size] = s_i
             basis_i = _nonnull(U_i, s_i)
+            sample_bases.append(basis_i)
             if basis_i.shape[1] and U_k.shape[1]:
                 overlap = geo.single_sample_overlap(basis_i, U_k)
                 phi[row_index], top1[row_index] = overlap["phi"], overlap["top1_abs_cos"]
+        if which == "utility":  # claim III's baseline: an unrelated (utility) sample against the safety batch
+            utility_to_safety = unrelated_phi(sample_bases, bases["safety"])
         arrays[f"{which}.s"], arrays[f"{which}.phi"], arrays[f"{which}.top1"] = sample_s, phi, top1
         row[f"{which}_sample_phi_mean"] = float(np.nanmean(phi)) if np.isfinite(phi).any() else float("nan")
         row[f"{which}_sample_top1_mean"] = float(np.nanmean(top1)) if np.isfinite(top1).any() else float("nan")
@@ -182,6 +191,10 @@ def analyse_module(info: ModuleInfo, pairs: Sequence[tuple[torch.Tensor, torch.T
     row["cross_cos_mean"] = float(np.mean(cross)) if np.ndim(cross) else float("nan")
     row["cross_cos_frac_negative"] = geo.fraction_negative(cross) if np.ndim(cross) else float("nan")
     row["gram_phi_su"] = or_nan(lambda: geo.gram_subspace_overlap(K_ss, K_su, K_uu))
+    if n_boot or n_perm:
+        resampled = resample_module(pairs, K, n_safety, top_k, n_boot, n_perm, seed, row, arrays["safety.phi"],
+                                    arrays["safety.top1"], utility_to_safety, core_rank)
+        arrays.update({f"resampling.{key}": value for key, value in resampled.items()})
     row["has_curve"] = bool(curve_boot) and bases["safety"].shape[1] > 0
     if row["has_curve"] and defer_curve:
         return ModuleAnalysis(arrays, row, reference=bases["safety"])

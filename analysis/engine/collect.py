@@ -554,7 +554,8 @@ class _Collection:
                 if not writer.has_module(index):
                     self.check_cancel(f"after {index} of {len(modules)} modules")
                     curve_boot = config.curve_boot if info.name in self.curve_modules else 0
-                    future = pool.submit(analyse_module, *arguments(info, curve_boot), defer_curve=True)
+                    future = pool.submit(analyse_module, *arguments(info, curve_boot), defer_curve=True,
+                                         n_boot=config.n_boot, n_perm=config.n_perm)
                 queue.append((index, info, future))
                 while queue and (queue[0][2] is None or sum(f is not None for _, _, f in queue) >= self.workers):
                     finish_oldest()
@@ -565,7 +566,8 @@ class _Collection:
                 info = modules[index]
                 arrays, row = writer.load_module(index)
                 if index not in references:  # resumed between the two passes: redo the module with its curve
-                    result = analyse_module(*arguments(info, config.curve_boot))
+                    result = analyse_module(*arguments(info, config.curve_boot), n_boot=config.n_boot,
+                                            n_perm=config.n_perm)
                     return result.arrays, result.row
                 pairs = self.read_pairs(info.name, part)[: config.n_safety]
                 arrays.update(overlap_curve(pairs, references.pop(index), config.top_k, config.curve_boot,
@@ -594,7 +596,8 @@ class _Collection:
                session_start: float) -> RunResults:
         import pandas as pd
 
-        files = ("spectra", "bases", "per_sample", "gram", "cross", "curves")
+        files = ("spectra", "bases", "per_sample", "gram", "cross", "curves") + (
+            ("resampling",) if self.config.n_boot or self.config.n_perm else ())
         arrays: dict[str, dict[str, np.ndarray]] = {f"{name}.safetensors": {} for name in files}
         arrays["per_sample.safetensors"].update(loss=self.losses, tokens=self.tokens)
         arrays["curves.safetensors"]["n"] = np.asarray(curve_sizes(self.config.n_safety))

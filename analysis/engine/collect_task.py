@@ -107,6 +107,9 @@ class CollectionConfig:
     curve_layers: layers whose modules get an overlap-vs-n curve: "auto" (first, middle and last selected
         layer), "all", "none" or a layer list "0,10,20"; curve_boot: random subsets per n. The curve costs
         about twice the rest of a module's analysis (a dense SVD per large subset), hence a subset of layers.
+    n_boot / n_perm: bootstrap replicates (95% percentile intervals of every per-module metric) and
+        permutations (null model of claims I-III) computed beside the point estimates and stored with the run
+        (:mod:`analysis.engine.resampling`; seeded by ``seed``; 0: none). In the run id unless both are 0.
     modules_per_pass: capture the factors of at most this many modules (in model order) per forward +
         backward pass over all samples, analyse and delete them, then the next group (0: all in one pass).
         Bounds the memory and disk of the factors by the group's; costs one more pass per group. A
@@ -140,6 +143,10 @@ class CollectionConfig:
                              choices=("auto", "ghost", "dense"))
     curve_layers: str = option("auto", help="overlap-vs-n curve layers: auto, all, none, 0,10")
     curve_boot: int = option(8, help="random subsets per n for the overlap-vs-n curve", minimum=1, maximum=10_000)
+    n_boot: int = option(200, minimum=0, maximum=100_000,
+                         help="bootstrap replicates (prompts resampled) for the metrics' 95%% intervals (0: none)")
+    n_perm: int = option(200, minimum=0, maximum=100_000,
+                         help="label permutations for the null model's p-values (0: none)")
     modules_per_pass: int = option(0, help="capture at most this many modules per forward+backward pass (0: all; "
                                            "bounds memory and disk; same numbers)", minimum=0, run_id=False)
     projection_dim: int | None = option(None, metavar="P", legacy=True, minimum=1,
@@ -172,8 +179,8 @@ class CollectionConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"{name} dataset is empty: give a shipped name (e.g. {name!r}) or a file path")
-        for name in ("n_safety", "n_utility", "max_length", "batch_size", "top_k", "curve_boot", "modules_per_pass",
-                     "projection_dim", "workers", "chunk_mb"):
+        for name in ("n_safety", "n_utility", "max_length", "batch_size", "top_k", "curve_boot", "n_boot", "n_perm",
+                     "modules_per_pass", "projection_dim", "workers", "chunk_mb"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
@@ -295,9 +302,14 @@ def curve_modules(config: CollectionConfig, modules: Sequence[ModuleInfo]) -> li
 def run_identity(config: CollectionConfig, model_identity: str, datasets: Mapping[str, Any]) -> dict:
     """What a run id hashes: the config's identity values (:func:`analysis.core.options.identity_values`: without
     the fields that only say how or where it runs, and ``projection_dim`` while it is None, so exact runs keep
-    their ids), the model's identity, the examples' fingerprints, ENGINE_VERSION."""
+    their ids), the model's identity, the examples' fingerprints, ENGINE_VERSION. Legacy exception beside the
+    declared ones: a run without resampling (n_boot = n_perm = 0) keeps the id it had before they existed."""
+    settings = identity_values(config)
+    if not config.n_boot and not config.n_perm:
+        settings.pop("n_boot", None)
+        settings.pop("n_perm", None)
     return {
-        "config": identity_values(config),
+        "config": settings,
         "model_identity": model_identity,
         "datasets": {which: datasets[which].fingerprint() for which in SETS},
         "engine": ENGINE_VERSION,

@@ -54,6 +54,9 @@ ARRAY_FILES = {
     "gram.safetensors": "'{m}' (n, n): K_ij = <G_i, G_j>_F",
     "cross.safetensors": "'angles/{m}' (k,): principal angles (radians, ascending) between the safety and "
                          "utility top-k left subspaces",
+    "resampling.safetensors": "'boot.<stat>/{m}' (B,) bootstrap replicates, 'perm.<stat>/{m}' (P,) permutation "
+                              "null, 'core.<stat>/{m}' (1,) observed, 'captured/{m}', 'utility_phi_to_safety/{m}' "
+                              "(analysis.engine.resampling; runs collected with n_boot / n_perm > 0)",
     "curves.safetensors": "'n' (m,) subset sizes; 'phi/{m}' (m, n_boot) overlap of a random n-subset's top-k "
                           "with the full safety top-k; 'top1/{m}' (m,) mean |<u1_n, u1>| (curve modules only)",
 }
@@ -72,6 +75,8 @@ def result_location(quantity: str, module: str) -> tuple[str, str]:
         return "gram.safetensors", module
     if quantity == "angles":
         return "cross.safetensors", f"angles/{module}"
+    if quantity.startswith("resampling."):
+        return "resampling.safetensors", f"{quantity[len('resampling.'):]}/{module}"
     if quantity in ("curve.phi", "curve.top1"):
         return "curves.safetensors", f"{quantity.split('.')[1]}/{module}"
     raise KeyError(f"no storage location for quantity {quantity!r}")

@@ -88,10 +88,35 @@ def spectra(run, module: str) -> dict[str, np.ndarray]:
     return {which: run.singular_values(module, which) for which in SETS}
 
 
+def module_intervals(run):
+    """Per-module statistics with 95% intervals, p-values and Benjamini-Hochberg significance
+    (``analysis.views.findings.module_table``), or None for a run without a folder of results (e.g. a table
+    made by hand). Computed once per run object."""
+    from analysis.views import findings as fv
+
+    cache = getattr(run, "_cache", None)
+    if isinstance(cache, dict) and "module_intervals" in cache:
+        return cache["module_intervals"]
+    try:
+        frame = fv.module_table(run)
+    except (AttributeError, OSError, KeyError, TypeError):
+        return None
+    if isinstance(cache, dict):
+        cache["module_intervals"] = frame
+    return frame
+
+
 def spectra_figures(run, module: str, eta: float = 0.9, normalise: bool = True) -> tuple[go.Figure, go.Figure]:
-    """(singular spectra on a log axis, CER(k) curves with the eta line) of one module, safety vs utility."""
+    """(singular spectra on a log axis, CER(k) curves with the eta line) of one module, safety vs utility; the
+    CER figure carries the 95% intervals of k@0.9 (stored for eta = 0.9) when the run has them."""
+    from analysis.views import evidence_figures as efig
+
     values = spectra(run, module)
-    return fig.spectra_figure(values, module, normalise=normalise), fig.cer_figure(values, eta, module)
+    cer = fig.cer_figure(values, eta, module)
+    modules = module_intervals(run)
+    if modules is not None:
+        cer = efig.cer_with_interval(cer, modules, module, eta)
+    return fig.spectra_figure(values, module, normalise=normalise), cer
 
 
 def rank_heatmaps(run, metric: str = "k_eta", eta: float = 0.9) -> dict[str, go.Figure]:
@@ -110,6 +135,16 @@ def rank_heatmaps(run, metric: str = "k_eta", eta: float = 0.9) -> dict[str, go.
     out["ratio"] = fig.layer_kind_heatmap(table.assign(value=ratio), "value", f"Safety / utility ratio of {name}",
                                           "ratio (log colour)", log_colors=True, number_format=".2f",
                                           subtitle=ratio_reading(metric, eta))
+    tested = {"k_eta": "diff_k90", "effective_rank": "diff_effective_rank"}.get(metric)
+    modules = module_intervals(run) if tested and (metric != "k_eta" or eta == 0.9) else None
+    if modules is not None and f"{tested}_significant" in modules:
+        from analysis.views import evidence_figures as efig
+
+        out["ratio"] = efig.significance_heatmap(
+            modules.assign(value=ratio.to_numpy()), "value", f"{tested}_significant",
+            f"Safety / utility ratio of {name}", "ratio (log colour)", log_colors=True, number_format=".2f",
+            subtitle=ratio_reading(metric, eta) + "; ○ safety and utility differ after Benjamini-Hochberg "
+                     "(permutation test, α = 0.05)")
     return out
 
 
@@ -146,9 +181,14 @@ def low_rank_answer(run, eta: float = 0.9, module: str | None = None, metric: st
     column = eta_column(eta)
     if module:
         row = table[table["label"] == module].iloc[0]
-        return (f"{module}: {eta:.0%} of the safety gradient's energy lies in k = {int(row[f'safety_{column}'])} "
-                f"of {min(int(row['d_out']), int(row['d_in']))} directions; utility needs k = "
-                f"{int(row[f'utility_{column}'])} (effective rank {row['safety_effective_rank']:.1f} vs "
+        modules = module_intervals(run) if eta == 0.9 else None
+        ci = {"safety": "", "utility": ""}
+        if modules is not None and modules["safety_k90_lo"].notna().any():
+            m = modules[modules["label"] == module].iloc[0]
+            ci = {w: f" (95% CI {m[f'{w}_k90_lo']:.0f}–{m[f'{w}_k90_hi']:.0f})" for w in ci}
+        return (f"{module}: {eta:.0%} of the safety gradient's energy lies in k = {int(row[f'safety_{column}'])}"
+                f"{ci['safety']} of {min(int(row['d_out']), int(row['d_in']))} directions; utility needs k = "
+                f"{int(row[f'utility_{column}'])}{ci['utility']} (effective rank {row['safety_effective_rank']:.1f} vs "
                 f"{row['utility_effective_rank']:.1f}).")
     counts = rank_comparison(run, metric, eta)
     name, n = metric_name(metric, eta), counts["n"]
@@ -164,7 +204,24 @@ def low_rank_answer(run, eta: float = 0.9, module: str | None = None, metric: st
             f"Verdict: {_verdict(counts)}. Each set on its own: safety median {name} = {number(s_med)} "
             f"(range {number(s_min)}–{number(s_max)}), utility median {name} = {number(u_med)} "
             f"(range {number(u_min)}–{number(u_max)}); the two medians are taken separately and need not agree "
-            "with the module-by-module count.")
+            "with the module-by-module count." + _tested_sentence(run, {"k_eta": "diff_k90",
+                                                                       "effective_rank": "diff_effective_rank"}
+                                                                  .get(metric) if eta == 0.9 or metric != "k_eta"
+                                                                  else None, "safety and utility differ",
+                                                                  "permutation test"))
+
+
+def _tested_sentence(run, stat: str | None, what: str, test: str) -> str:
+    """' Tested: <what> in X of M modules after Benjamini-Hochberg (<test>, alpha = 0.05): A below 0, B above.'
+    or '' when the run has no tests for ``stat``."""
+    modules = module_intervals(run) if stat else None
+    if modules is None or f"{stat}_significant" not in modules:
+        return ""
+    value = modules[stat.replace("_zero", "")].astype(float)
+    significant = modules[f"{stat}_significant"].fillna(False).astype(bool)
+    return (f" Tested: {what} in {int(significant.sum())} of {len(modules)} modules after Benjamini-Hochberg "
+            f"({test}, α = 0.05; {int((significant & (value < 0)).sum())} below 0, "
+            f"{int((significant & (value > 0)).sum())} above); the Findings page tests the claim across modules.")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -174,9 +231,17 @@ def low_rank_answer(run, eta: float = 0.9, module: str | None = None, metric: st
 
 def cosine_heatmap(run) -> go.Figure:
     """cos(G_safety, G_utility) of the batch-mean gradients per layer x module kind, centred at 0."""
-    return fig.layer_kind_heatmap(run.table, "cosine_su", "Cosine of safety and utility gradients",
-                                  "cosine", diverging=True, number_format="+.2f",
-                                  subtitle="batch-mean gradients; red = conflict (cosine < 0)")
+    from analysis.views import evidence_figures as efig
+
+    modules = module_intervals(run)
+    subtitle = "batch-mean gradients; red = conflict (cosine < 0)"
+    if modules is None or "cosine_su_zero_significant" not in modules:
+        return fig.layer_kind_heatmap(run.table, "cosine_su", "Cosine of safety and utility gradients",
+                                      "cosine", diverging=True, number_format="+.2f", subtitle=subtitle)
+    return efig.significance_heatmap(modules, "cosine_su", "cosine_su_zero_significant",
+                                     "Cosine of safety and utility gradients", "cosine", diverging=True,
+                                     number_format="+.2f", subtitle=subtitle + "; ○ cosine ≠ 0 after "
+                                     "Benjamini-Hochberg (bootstrap test, α = 0.05)")
 
 
 def fraction_negative_heatmap(run) -> go.Figure:
@@ -203,14 +268,22 @@ def conflict_answer(run, module: str | None = None) -> str:
     table = run.table
     if module:
         row = table[table["label"] == module].iloc[0]
-        return (f"{module}: cos(G_safety, G_utility) = {row['cosine_su']:+.3f}; {row['cross_cos_frac_negative']:.0%} "
+        modules = module_intervals(run)
+        interval = ""
+        if modules is not None and modules["cosine_su_lo"].notna().any():
+            m = modules[modules["label"] == module].iloc[0]
+            interval = (f" (95% CI {m['cosine_su_lo']:+.3f} to {m['cosine_su_hi']:+.3f}, p = "
+                        f"{m['cosine_su_zero_p']:.3f} against 0, BH-adjusted {m['cosine_su_zero_q']:.3f})")
+        return (f"{module}: cos(G_safety, G_utility) = {row['cosine_su']:+.3f}{interval}; "
+                f"{row['cross_cos_frac_negative']:.0%} "
                 f"of safety x utility sample pairs point against each other (mean pair cosine "
                 f"{row['cross_cos_mean']:+.3f}); subspace overlap φ = {row['phi_su']:.3f} vs "
                 f"{row['phi_baseline']:.3f} for random subspaces.")
     negative = int((table["cosine_su"] < 0).sum())
     return (f"The batch safety and utility gradients conflict (cosine < 0) in {negative} of {len(table)} modules "
             f"(median cosine {table['cosine_su'].median():+.3f}); across modules a median "
-            f"{table['cross_cos_frac_negative'].median():.0%} of sample pairs conflict.")
+            f"{table['cross_cos_frac_negative'].median():.0%} of sample pairs conflict."
+            + _tested_sentence(run, "cosine_su_zero", "the cosine differs from 0", "bootstrap test"))
 
 
 def random_principal_angles(d: int, k: int, draws: int = 20, seed: int = 0) -> np.ndarray:
@@ -303,13 +376,44 @@ def curve_labels(run) -> list[str]:
     return [m.label for m in run.modules if m.name in names]
 
 
+def single_sample_summary(run, which: str = "safety") -> dict[str, float]:
+    """The one definition of the single-sample summaries every page and export shows: phi (and |<u1_i, u1>|) =
+    the median over modules of the per-module mean over the set's samples (``analysis.engine.evidence``
+    SUMMARIES "median_sample_phi"), with its 95% bootstrap interval over prompts when the run has one."""
+    from analysis.engine import evidence as ev
+    from analysis.engine.resampling import load_evidence
+
+    table = run.table
+    out = {"phi": float(table[f"{which}_sample_phi_mean"].astype(float).median()),
+           "top1": float(table[f"{which}_sample_top1_mean"].astype(float).median()),
+           "phi_lo": float("nan"), "phi_hi": float("nan"), "top1_lo": float("nan"), "top1_hi": float("nan")}
+    if which == "safety":
+        try:
+            evidence = load_evidence(run)
+        except (OSError, KeyError, ValueError):
+            return out
+        for key, name in (("median_sample_phi", "phi"), ("median_sample_top1", "top1")):
+            result = ev.summary(table, evidence, key)
+            out[f"{name}_lo"], out[f"{name}_hi"] = result.lo, result.hi
+    return out
+
+
 def single_sample_answer(run, which: str = "safety") -> str:
+    """One line: the single-sample phi and |<u1_i, u1>| as :func:`single_sample_summary` defines them (the
+    Findings page shows the same numbers), the random baseline, and the spread over samples."""
     scores = sample_scores(run, which)
-    baseline = run.table["phi_baseline"].mean()
-    return (f"A single {which} sample's top-{run.top_k} subspace overlaps the {len(scores)}-sample one with a median "
-            f"φ = {scores['phi'].median():.2f} (best {scores['phi'].max():.2f}, worst {scores['phi'].min():.2f}; "
-            f"random subspaces: {baseline:.3f}); its top direction matches with median |⟨u₁ᵢ, u₁⟩| = "
-            f"{scores['top1'].median():.2f}.")
+    summary = single_sample_summary(run, which)
+    baseline = run.table["phi_baseline"].median()
+
+    def interval(name: str) -> str:
+        lo, hi = summary[f"{name}_lo"], summary[f"{name}_hi"]
+        return f" (95% CI {lo:.2f}–{hi:.2f})" if np.isfinite(lo) else ""
+
+    return (f"A single {which} sample's top-{run.top_k} subspace overlaps the {len(scores)}-sample one with "
+            f"φ = {summary['phi']:.3f}{interval('phi')} (median over {len(run.table)} modules of the mean over "
+            f"samples; random subspaces: {baseline:.3f}); its top direction matches with |⟨u₁ᵢ, u₁⟩| = "
+            f"{summary['top1']:.3f}{interval('top1')} (same averaging). Per sample (mean over modules): best "
+            f"φ = {scores['phi'].max():.2f}, worst {scores['phi'].min():.2f}.")
 
 
 def best_and_worst(scores: pd.DataFrame, count: int = 5, column: str = "phi") -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -423,6 +527,16 @@ def run_figures(run, eta: float = 0.9, module: str | None = None) -> dict[str, g
     out["overlap_heatmap"] = overlap_heatmap(run)
     for label in curve_labels(run)[:EXPORT_CURVES]:
         out[f"overlap_vs_n_{label}"] = overlap_curve_figure(run, label)
+    modules = module_intervals(run)
+    if modules is not None:
+        from analysis.views import evidence_figures as efig
+
+        for claim, figure in efig.claim_figures(run).items():
+            out[f"null_claim_{claim}"] = figure
+        out["module_diff_k90"] = efig.module_interval_figure(modules, "diff_k90", "k@0.9, safety − utility",
+                                                             "directions", "diff_k90_significant")
+        out["module_cosine"] = efig.module_interval_figure(modules, "cosine_su", "cos(G_s, G_u)", "cosine",
+                                                           "cosine_su_zero_significant")
     return out
 
 
@@ -434,13 +548,26 @@ def run_answers(run, eta: float = 0.9, module: str | None = None) -> list[str]:
     answers.append(f"Do safety and utility fight? {conflict_answer(run)}")
     if module:
         answers.append(f"Do they fight in {module}? {conflict_answer(run, module)}")
-    return answers + [f"Is one sample enough? {single_sample_answer(run)}"]
+    answers.append(f"Is one sample enough? {single_sample_answer(run)}")
+    if module_intervals(run) is not None:
+        from analysis.views import findings as fv
+
+        answers.append("Findings (decided by tests). " + fv.findings(run)[1].replace("\n", " "))
+    return answers
 
 
 def run_tables(run) -> dict[str, pd.DataFrame]:
     """The run's tables: per-module metrics and per-sample metadata with single-sample scores."""
-    return {"modules": run.table, "samples": run.samples,
-            "single_sample_safety": sample_scores(run, "safety").drop(columns=["prompt", "response"], errors="ignore")}
+    tables = {"modules": run.table, "samples": run.samples,
+              "single_sample_safety": sample_scores(run, "safety").drop(columns=["prompt", "response"],
+                                                                        errors="ignore")}
+    modules = module_intervals(run)
+    if modules is not None:  # the intervals, p-values and verdicts travel with every export
+        from analysis.views import findings as fv
+
+        tables["findings"] = fv.findings(run)[0]
+        tables["module_intervals"] = modules
+    return tables
 
 
 # -------------------------------------------------------------------------------------------------
