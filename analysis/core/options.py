@@ -158,6 +158,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, exclude: Iterable[st
         if base is not bool:
             kwargs["metavar"] = field.metadata.get("metavar") or (
                 "{" + ",".join(choices) + "}" if choices is not None and "nargs" not in kwargs else field.name.upper())
+        kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse formats help with %
         group.add_argument(*names, **kwargs)
 
 

@@ -144,7 +144,7 @@ class CollectionConfig:
     curve_layers: str = option("auto", help="overlap-vs-n curve layers: auto, all, none, 0,10")
     curve_boot: int = option(8, help="random subsets per n for the overlap-vs-n curve", minimum=1, maximum=10_000)
     n_boot: int = option(200, minimum=0, maximum=100_000,
-                         help="bootstrap replicates (prompts resampled) for the metrics' 95%% intervals (0: none)")
+                         help="bootstrap replicates (prompts resampled) for the metrics' 95% intervals (0: none)")
     n_perm: int = option(200, minimum=0, maximum=100_000,
                          help="label permutations for the null model's p-values (0: none)")
     modules_per_pass: int = option(0, help="capture at most this many modules per forward+backward pass (0: all; "
