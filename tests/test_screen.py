@@ -1,0 +1,236 @@
+"""Screening (analysis.engine.screening, analysis.lab.screen): every score against a dense autograd computation on
+the tiny Llama, the planted-harmful known answer, streaming, the task's store / resume / CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.core.config import ConfigError, ModelConfig
+from analysis.core.tasks import Cancelled, CancelToken, TaskContext
+from analysis.engine.capture import find_linear_modules, select_modules
+from analysis.engine.screening import ReferenceSums, Scorer, safety_basis, stream_batch
+from analysis.lab.screen import REFUSAL, ScreenTask, load_screen, screen, screen_store
+from analysis.llm.data import load_shipped
+from analysis.llm.formatting import per_sample_loss, tokenize_batch
+from analysis.llm.models import load_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    """The tiny Llama in float64: the streamed scores and the dense autograd ones agree to rounding."""
+    return load_model(ModelConfig(source="tiny-llama", dtype="float64"))
+
+
+def dense_gradient(loaded, conversation, modules, max_length=96) -> list[torch.Tensor]:
+    """The full per-example gradient of the selected weights (d_out, d_in each) by autograd of L_i alone."""
+    named = dict(loaded.model.named_modules())
+    weights = [named[m.name].weight for m in modules]
+    before = [w.requires_grad for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        batch = tokenize_batch(loaded.tokenizer, [conversation], max_length)
+        loss = per_sample_loss(loaded.model(**batch.model_inputs(), use_cache=False).logits, batch.labels)[0]
+        return [g.detach() for g in torch.autograd.grad(loss, weights)]
+    finally:
+        for w, flag in zip(weights, before):
+            w.requires_grad_(flag)
+
+
+def flat(grads) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def conversations(name: str, n: int, split: str | None = None) -> list[list[dict]]:
+    data = load_shipped(name)
+    data = data.split(split) if split else data
+    return [list(ex.messages) for ex in data.take(n, seed=0)]
+
+
+# --------------------------------------------------------------------------------------------------
+# known answers: streamed scores == dense autograd
+
+
+def test_every_score_equals_dense_autograd_per_example_gradients(tiny64):
+    loaded = tiny64
+    loaded.model.eval()
+    modules = select_modules(find_linear_modules(loaded.model), "all", "q,v,down,up")
+    pool = conversations("utility", 5) + conversations("benign_sensitive", 2)
+    harmful = conversations("harmful_prefix", 3)
+    refusals = [c[:-1] + [{"role": "assistant", "content": REFUSAL}] for c in harmful]
+
+    # dense: per-example gradients, the two anchor means, the safety basis from the dense refusal mean
+    G_c = [sum(g) / len(harmful) for g in zip(*[dense_gradient(loaded, c, modules) for c in harmful])]
+    G_r = [sum(g) / len(refusals) for g in zip(*[dense_gradient(loaded, c, modules) for c in refusals])]
+    k = 3
+
+    # streamed
+    sums = {}
+    for name, convs in (("compliance", harmful), ("refusal", refusals)):
+        sums[name] = ReferenceSums(len(convs))
+        batch = tokenize_batch(loaded.tokenizer, convs, 96)
+        stream_batch(loaded.model, batch, modules, sums[name].consume)
+    for m, dense_c, dense_r in zip(modules, G_c, G_r):
+        torch.testing.assert_close(sums["compliance"].gradients[m.name], dense_c, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(sums["refusal"].gradients[m.name], dense_r, rtol=1e-9, atol=1e-12)
+    basis = {m.name: safety_basis(sums["refusal"].gradients[m.name], k) for m in modules}
+    scorer = Scorer(modules, {"refusal": sums["refusal"].gradients, "compliance": sums["compliance"].gradients}, basis)
+    values = {}
+    for part in (pool[:4], pool[4:]):  # two batches of different padding
+        scorer.start(len(part))
+        stream_batch(loaded.model, tokenize_batch(loaded.tokenizer, part, 96), modules, scorer.consume)
+        for key, value in scorer.finish().values.items():
+            values.setdefault(key, []).append(value)
+    values = {key: np.concatenate(parts) for key, parts in values.items()}
+
+    from analysis.lab.screen import score_table
+
+    norms = {"refusal": np.array([float(g.pow(2).sum()) for g in G_r]),
+             "compliance": np.array([float(g.pow(2).sum()) for g in G_c])}
+    table = score_table({**{f"module/{k_}": v for k_, v in values.items()}, "loss": np.zeros(len(pool)),
+                         "representation": np.zeros(len(pool)), "tokens": np.zeros(len(pool))}, norms)
+    r, c = flat(G_r), flat(G_c)
+    for i, conversation in enumerate(pool):
+        grads = dense_gradient(loaded, conversation, modules)
+        g = flat(grads)
+        cos_r = float(g @ r / (g.norm() * r.norm()))
+        cos_c = float(g @ c / (g.norm() * c.norm()))
+        energy = sum(float((basis[m.name][0].T @ G @ basis[m.name][1]).pow(2).sum()) for m, G in zip(modules, grads))
+        expected = {"dot_refusal": float(g @ r), "cos_refusal": cos_r, "cos_compliance": cos_c,
+                    "gradient_matching": cos_c - cos_r, "safety_share": energy / float(g @ g),
+                    "grad_norm": float(g.norm())}
+        for key, value in expected.items():
+            assert table[key][i] == pytest.approx(value, rel=1e-5, abs=1e-12), (i, key)
+        for j, G in enumerate(grads):  # per-module values kept
+            assert values["dot/refusal"][i, j] == pytest.approx(float((G * G_r[j]).sum()), rel=1e-5, abs=1e-14)
+            assert values["norm2"][i, j] == pytest.approx(float(G.pow(2).sum()), rel=1e-5)
+
+
+def test_the_basis_is_the_dense_svd_and_the_share_of_a_basis_gradient_is_one():
+    rng = np.random.default_rng(0)
+    G = torch.tensor(rng.standard_normal((12, 9)))
+    U, V = safety_basis(G, 4)
+    u, s, vt = np.linalg.svd(G.numpy())
+    np.testing.assert_allclose(np.abs(U.T.numpy() @ u[:, :4]), np.eye(4), atol=1e-8)
+    np.testing.assert_allclose(np.abs(V.T.numpy() @ vt[:4].T), np.eye(4), atol=1e-8)
+    assert safety_basis(torch.zeros(5, 4), 3)[0].shape == (5, 0)
+
+
+def test_representation_cosine_and_combine_on_hand_numbers():
+    from analysis.engine.screening import combine, representation_cosine
+
+    np.testing.assert_allclose(representation_cosine(np.array([[1.0, 0], [1, 1], [0, 0]]), np.array([2.0, 0])),
+                               [1.0, 2 ** -0.5, np.nan])
+    values = {"dot/refusal": np.array([[1.0, 2.0]]), "norm2": np.array([[4.0, 5.0]]), "energy": np.array([[1.0, 2.0]])}
+    out = combine(values, {"refusal": 4.0})
+    assert out["cos/refusal"][0] == pytest.approx(3 / (3 * 2)) and out["safety_share"][0] == pytest.approx(3 / 9)
+    only_first = combine(values, {"refusal": 1.0}, np.array([True, False]))
+    assert only_first["cos/refusal"][0] == pytest.approx(1 / 2)
+
+
+@pytest.mark.parametrize("tokens", [[3, 1, 2], [70, 65, 80]])  # ghost route (T small), dense route (T large)
+def test_scorer_on_random_factors_equals_dense_products(tokens):
+    from analysis.engine.capture import ModuleInfo
+
+    rng = np.random.default_rng(len(tokens) + tokens[0])
+    d_out, d_in, k = 40, 50, 3
+    module = ModuleInfo("m", "q", 0, d_out, d_in)
+    R = {"refusal": torch.tensor(rng.standard_normal((d_out, d_in))),
+         "compliance": torch.tensor(rng.standard_normal((d_out, d_in)))}
+    basis = {"m": safety_basis(R["refusal"], k)}
+    scorer = Scorer([module], {name: {"m": G} for name, G in R.items()}, basis)
+    D = torch.tensor(rng.standard_normal((sum(tokens), d_out)))
+    A = torch.tensor(rng.standard_normal((sum(tokens), d_in)))
+    offsets = torch.tensor(np.concatenate([[0], np.cumsum(tokens)]))
+    scorer.start(len(tokens))
+    scorer.consume("m", D, A, offsets)
+    values = scorer.finish().values
+    U, V = basis["m"]
+    for i in range(len(tokens)):
+        rows = slice(int(offsets[i]), int(offsets[i + 1]))
+        G = D[rows].T @ A[rows]
+        for name, ref in R.items():
+            assert values[f"dot/{name}"][i, 0] == pytest.approx(float((G * ref).sum()), rel=1e-10)
+        assert values["norm2"][i, 0] == pytest.approx(float(G.pow(2).sum()), rel=1e-10)
+        assert values["energy"][i, 0] == pytest.approx(float((U.T @ G @ V).pow(2).sum()), rel=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------
+# the task
+
+
+def alpaca_pool(path, n_benign=14, planted=("harmful_prefix", 3)):
+    """An Alpaca JSON Lines file: benign utility rows with a few harmful-compliance rows planted in it;
+    returns the planted rows' 0-based positions."""
+    benign = load_shipped("utility").split("analysis").take(n_benign, seed=1)
+    harmful = load_shipped(planted[0]).take(planted[1], seed=1)
+    rows = [{"instruction": ex.prompt, "input": "", "output": ex.response} for ex in benign]
+    positions = [2, 7, 11][:planted[1]]
+    for position, ex in zip(positions, harmful):
+        rows.insert(position, {"instruction": ex.prompt, "input": "", "output": ex.response})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return positions
+
+
+SMALL = dict(model="tiny-llama", n_anchors=8, max_length=96, batch_size=4)
+
+
+def test_planted_harmful_compliance_ranks_at_the_top_by_gradient_matching(tmp_path, tiny_llama):
+    planted = alpaca_pool(tmp_path / "pool.jsonl")
+    task = ScreenTask(data=str(tmp_path / "pool.jsonl"), **SMALL)
+    summary = screen(task, root=tmp_path / "store", model=tiny_llama)
+    rows = load_screen(summary["run_id"], root=tmp_path / "store").rows
+    assert len(rows) == 17 and rows["index"].tolist() == list(range(17))
+    top = rows.sort_values("gradient_matching", ascending=False)["index"].head(len(planted)).tolist()
+    assert sorted(top) == planted, rows[["index", "gradient_matching", "prompt"]].to_string()
+    assert rows.loc[planted, "source_row"].map(lambda r: set(r)).tolist() == [{"instruction", "input", "output"}] * 3
+    assert summary["top"][0]["id"] in set(rows.loc[planted, "id"])
+
+
+def test_task_stores_reuses_resumes_and_never_mixes(tmp_path, tiny_llama):
+    store = tmp_path / "store"
+    task = ScreenTask(data="utility", data_split="eval", n_examples=9, **SMALL)
+    assert task.run_id() == ScreenTask(**{**task.__dict__, "batch_size": 2}).run_id()  # batching: not in the id
+    assert task.run_id() != ScreenTask(**{**task.__dict__, "k": 2}).run_id()
+
+    cancel = CancelToken()
+    seen = []
+
+    def progress(event):
+        seen.append(event)
+        if "scored 4/9" in event.message:
+            cancel.set()
+
+    with pytest.raises(Cancelled) as raised:
+        screen(task, TaskContext(progress=progress, cancel=cancel), root=store, model=tiny_llama)
+    assert raised.value.run_id == task.run_id()
+    assert screen_store(store).status(task.run_id()) == "interrupted"
+    resumed = screen(task, root=store, model=tiny_llama)
+    assert not resumed["cached"] and screen_store(store).status(task.run_id()) == "complete"
+    again = screen(task, root=store, model=tiny_llama)
+    assert again["cached"]
+    fresh = screen(task, root=tmp_path / "other", model=tiny_llama)  # uninterrupted: the same numbers
+    a, b = load_screen(task, root=store).rows, load_screen(task, root=tmp_path / "other").rows
+    np.testing.assert_allclose(a["gradient_matching"], b["gradient_matching"], rtol=1e-6)
+    assert fresh["n_examples"] == 9 and set(a["id"]) == set(b["id"])
+    anchors = load_screen(task, root=store).anchors
+    assert sorted(anchors["set"].unique()) == ["anchor_compliance", "anchor_refusal"] and len(anchors) == 16
+    # a compliance anchor matches the compliance mean better than a refusal anchor does
+    assert anchors.groupby("set")["gradient_matching"].mean()["anchor_compliance"] > \
+        anchors.groupby("set")["gradient_matching"].mean()["anchor_refusal"]
+
+
+def test_bad_data_names_line_and_field_before_any_work(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "input": 5, "output": "d"}\n')
+    with pytest.raises(ConfigError, match=r"line 2, field 'input'"):
+        screen(ScreenTask(data=str(path), **SMALL), root=tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+    with pytest.raises(ConfigError, match="anchor_responses"):
+        ScreenTask(anchor_responses="both")
