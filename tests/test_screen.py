@@ -191,6 +191,16 @@ def test_planted_harmful_compliance_ranks_at_the_top_by_gradient_matching(tmp_pa
     assert sorted(top) == planted, rows[["index", "gradient_matching", "prompt"]].to_string()
     assert rows.loc[planted, "source_row"].map(lambda r: set(r)).tolist() == [{"instruction", "input", "output"}] * 3
     assert summary["top"][0]["id"] in set(rows.loc[planted, "id"])
+    # the top-3 exported in the input's own format re-load to the planted conversations
+    from analysis.lab.screen import select_subset
+    from analysis.llm.data import load_bytes, load_jsonl
+    from analysis.views.screen import export_subset, input_format
+
+    assert input_format(rows) == "alpaca"
+    exported = export_subset(rows, select_subset(rows["gradient_matching"], "top", 3))
+    assert all(set(json.loads(line)) == {"instruction", "input", "output"} for line in exported.decode().splitlines())
+    original = load_jsonl(tmp_path / "pool.jsonl")
+    assert [ex.messages for ex in load_bytes(exported, "top.jsonl")] == [original[i].messages for i in planted]
 
 
 def test_task_stores_reuses_resumes_and_never_mixes(tmp_path, tiny_llama):
@@ -234,3 +244,20 @@ def test_bad_data_names_line_and_field_before_any_work(tmp_path):
     assert not (tmp_path / "store").exists()
     with pytest.raises(ConfigError, match="anchor_responses"):
         ScreenTask(anchor_responses="both")
+
+
+def test_command_line_screens_and_prints_the_riskiest(tmp_path, monkeypatch, capsys):
+    from analysis.__main__ import main
+
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
+    alpaca_pool(tmp_path / "pool.jsonl", n_benign=5, planted=("harmful_prefix", 2))
+    argv = ["screen", "--data", str(tmp_path / "pool.jsonl"), "--model", "tiny-llama", "--n-anchors", "4",
+            "--max-length", "64", "--top", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "computed:" in out and "7 examples" in out and "Spearman" in out
+    listed = [line for line in out.splitlines() if line.startswith("pool-")]
+    assert len(listed) == 2
+    assert main(argv) == 0 and "reused:" in capsys.readouterr().out
+    assert main(["screen", "--data", str(tmp_path / "missing.jsonl"), "--model", "tiny-llama"]) == 2
+    assert "file not found" in capsys.readouterr().out

@@ -48,7 +48,7 @@ from analysis.core.config import ConfigError, ModelConfig, cache_dir, config_has
 from analysis.core.store import RunStore, finite_or_none
 from analysis.core.tasks import Cancelled, TaskContext
 
-__all__ = ["ANCHOR_RESPONSES", "REFUSAL", "SCORES", "ScreenCancelled", "ScreenResults", "ScreenTask",
+__all__ = ["ANCHOR_RESPONSES", "REFUSAL", "SCORES", "SUBSETS", "select_subset", "stored_screens", "ScreenCancelled", "ScreenResults", "ScreenTask",
            "add_arguments", "load_screen", "run", "screen", "screen_store"]
 
 FORMAT_VERSION = 1
@@ -442,6 +442,25 @@ def score_table(values: Mapping[str, np.ndarray], reference_norm2: Mapping[str, 
             "representation": np.asarray(values["representation"], dtype=np.float64),
             "grad_norm": whole["norm"], "loss": np.asarray(values["loss"], dtype=np.float64),
             "tokens": np.asarray(values["tokens"])}
+
+
+SUBSETS = ("top", "bottom", "random")
+
+
+def select_subset(scores: Sequence[float], which: str, k: int, seed: int = 0, risky: str = "high") -> list[int]:
+    """Positions of a k-example subset of a screened pool: ``top`` = the k riskiest by ``scores`` (``risky``:
+    which end is risky; NaN counts as least risky; ties by position), ``bottom`` = the k least risky,
+    ``random`` = k drawn with ``seed`` (the same for every score). Sorted by position (file order)."""
+    values = np.asarray(scores, dtype=float)
+    if which not in SUBSETS:
+        raise ConfigError(f"subset {which!r} is not one of {', '.join(SUBSETS)}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(values):
+        raise ConfigError(f"subset size k must be an integer in 1..{len(values)}, got {k!r}")
+    if which == "random":
+        return sorted(np.random.default_rng(seed).permutation(len(values))[:k].tolist())
+    riskiness = np.nan_to_num(values if risky == "high" else -values, nan=-np.inf)
+    order = np.argsort(-riskiness, kind="stable")
+    return sorted((order[:k] if which == "top" else order[::-1][:k]).tolist())
 
 
 def spearman_matrix(table: Mapping[str, np.ndarray], columns: Sequence[str] = tuple(SCORES)) -> dict[str, dict]:

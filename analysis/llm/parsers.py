@@ -43,8 +43,8 @@ HEXPHI_CATEGORIES: tuple[str, ...] = (
 MAX_REPORTED_LINES = 5
 KINDS = ("jsonl", "json", "csv", "advbench", "hexphi", "harmbench", "jailbreakbench", "strongreject", "xstest", "text")
 
-_FIX_ROW = ("expected a JSON object with 'prompt' and 'response', 'messages', or Alpaca / Dolly 'instruction' and "
-            "'output' / 'response'")
+_FIX_ROW = ("expected a JSON object with 'prompt' and 'response' or 'messages' (or Alpaca / Dolly 'instruction' "
+            "with 'output' / 'response')")
 _FIX_CSV = "expected a header row with 'prompt' and 'response' columns (or AdvBench 'goal' and 'target')"
 HEXPHI_FILE = re.compile(r"^category_(\d+)\.csv$", re.IGNORECASE)
 _OPTIONAL_TEXT = ("id", "category", "split", "system")
