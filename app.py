@@ -24,6 +24,7 @@ PAGES = [
     st.Page("pages/finetune.py", title="Fine-tune: does SPF keep it safe?", icon=":material/model_training:"),
     st.Page("pages/defences.py", title="Defence lab: which defence holds?", icon=":material/security:"),
     st.Page("pages/why.py", title="Why does the defence fail?", icon=":material/troubleshoot:"),
+    st.Page("pages/screen.py", title="Which of my data is risky?", icon=":material/manage_search:"),
     st.Page("pages/runs.py", title="Runs and export", icon=":material/folder_open:"),
 ]
 

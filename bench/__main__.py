@@ -15,6 +15,7 @@ BENCHMARKS = {
     "live": ("bench.live", "time to the first live answer and to the end of the Setup default collection vs one fwd+bwd"),
     "sketch": ("bench.sketch", "error of the random projection (projection_dim) vs the exact route: spectra, CER, ranks, cosine"),
     "finetune": ("bench.finetune", "cost of an SPF fine-tuning step relative to a plain step (ratio in one run)"),
+    "screen": ("bench.screen", "cost of per-example screening scores relative to one forward+backward; examples/s"),
 }
 
 

@@ -48,7 +48,7 @@ from analysis.core.config import ConfigError, ModelConfig, cache_dir, config_has
 from analysis.core.store import RunStore, finite_or_none
 from analysis.core.tasks import Cancelled, TaskContext
 
-__all__ = ["ANCHOR_RESPONSES", "REFUSAL", "SCORES", "SUBSETS", "select_subset", "stored_screens", "ScreenCancelled", "ScreenResults", "ScreenTask",
+__all__ = ["ANCHOR_RESPONSES", "REFUSAL", "SCORES", "SUBSETS", "batches_by_length", "select_subset", "stored_screens", "ScreenCancelled", "ScreenResults", "ScreenTask",
            "add_arguments", "load_screen", "run", "screen", "screen_store"]
 
 FORMAT_VERSION = 1
@@ -252,7 +252,7 @@ def stored_screens(root: str | Path | None = None) -> list[ScreenResults]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (stable sort by length, then consecutive)."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
@@ -313,7 +313,7 @@ def screen(task: ScreenTask, ctx: TaskContext | None = None, *, root: str | Path
         examples = [list(ex.messages) for ex in dataset]
         raw = source_rows(dataset) or dataset.to_records()
         lengths = [len(tokenize_conversation(loaded.tokenizer, c, task.max_length)[0]) for c in examples]
-        plan = _batches(lengths, task.batch_size)
+        plan = batches_by_length(lengths, task.batch_size)
         manifest = {"kind": task.kind, "config": task.key(), "model": {"source": loaded.source, "name": loaded.name,
                                                                         "identity": loaded.identity},
                     "modules": [dataclasses.asdict(m) for m in modules], "data_source": dataset.source,
@@ -331,7 +331,7 @@ def screen(task: ScreenTask, ctx: TaskContext | None = None, *, root: str | Path
                 ctx.report(0.02, f"{name} gradient of {len(conversations)} harmful prompts")
                 sums[name] = ReferenceSums(len(conversations))
                 states = []
-                for indices in _batches([0] * len(conversations), task.batch_size):
+                for indices in batches_by_length([0] * len(conversations), task.batch_size):
                     batch = _tokenized(loaded.tokenizer, conversations, indices, task.max_length, device)
                     states.append(stream_batch(net, batch, modules, sums[name].consume).hidden)
                 hidden[name] = np.concatenate(states)
@@ -347,7 +347,7 @@ def screen(task: ScreenTask, ctx: TaskContext | None = None, *, root: str | Path
             jobs = [("pool", b, indices) for b, indices in enumerate(plan)]
             anchor_sets = {"anchor_compliance": compliance, "anchor_refusal": refusal}
             for name, conversations in anchor_sets.items():
-                jobs += [(name, b, indices) for b, indices in enumerate(_batches([0] * len(conversations),
+                jobs += [(name, b, indices) for b, indices in enumerate(batches_by_length([0] * len(conversations),
                                                                                task.batch_size))]
             t1 = time.perf_counter()
             scored_tokens = 0
