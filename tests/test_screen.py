@@ -171,11 +171,11 @@ def alpaca_pool(path, n_benign=14, planted=("harmful_prefix", 3)):
     benign = load_shipped("utility").split("analysis").take(n_benign, seed=1)
     harmful = load_shipped(planted[0]).take(planted[1], seed=1)
     rows = [{"instruction": ex.prompt, "input": "", "output": ex.response} for ex in benign]
-    positions = [2, 7, 11][:planted[1]]
-    for position, ex in zip(positions, harmful):
-        rows.insert(position, {"instruction": ex.prompt, "input": "", "output": ex.response})
+    planted_rows = [{"instruction": ex.prompt, "input": "", "output": ex.response} for ex in harmful]
+    for position, row in zip([2, 7, 11], planted_rows):
+        rows.insert(position, row)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return positions
+    return [i for i, row in enumerate(rows) if row in planted_rows]
 
 
 SMALL = dict(model="tiny-llama", n_anchors=8, max_length=96, batch_size=4)
@@ -261,3 +261,54 @@ def test_command_line_screens_and_prints_the_riskiest(tmp_path, monkeypatch, cap
     assert main(argv) == 0 and "reused:" in capsys.readouterr().out
     assert main(["screen", "--data", str(tmp_path / "missing.jsonl"), "--model", "tiny-llama"]) == 2
     assert "file not found" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# validation: fine-tune on top / bottom / random k of the ranking
+
+
+def test_validation_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
+    from analysis.lab.screen_validate import ValidateScreenTask, load_validation, validate, validate_store
+
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
+    planted = alpaca_pool(tmp_path / "pool.jsonl", n_benign=7, planted=("harmful_prefix", 3))
+    fast = dict(max_length=96, eval_harmful_per_category=1, n_eval_utility=2, gen_harmful_per_category=1,
+                n_gen_benign=2, gen_max_new_tokens=4, gen_batch_size=16, lr=1e-3, batch_size=3, epochs=1)
+    task = ValidateScreenTask(screen=ScreenTask(data=str(tmp_path / "pool.jsonl"), **SMALL), k=3, seeds=(0, 1),
+                              preset="harmful-10", n_harmful=11, n_benign=4, max_new_tokens=4, utility_accuracy=False,
+                              overrides=fast)
+    events = []
+    result = validate(task, TaskContext(progress=events.append))
+    rows = {(r["arm"], r["seed"]): r for r in result["rows"]}
+    assert set(rows) == {("aligned", None), *((arm, s) for arm in ("top", "bottom", "random") for s in (0, 1)),
+                         *((arm, "pooled") for arm in ("top", "bottom", "random"))}
+    for row in result["rows"]:
+        assert row["n_harmful"] in (11, 22) and row["asr_low"] <= row["asr"] <= row["asr_high"]
+    # same steps / lr / seed: the top and bottom arms of one seed train on different data with one config
+    from analysis.lab.results import load_finetune_run
+
+    top, bottom = (load_finetune_run(rows[(arm, 0)]["finetune_run"]) for arm in ("top", "bottom"))
+    assert top.manifest["total_steps"] == bottom.manifest["total_steps"] == 1
+    assert {k: v for k, v in top.config.items() if k != "train_data"} == \
+        {k: v for k, v in bottom.config.items() if k != "train_data"}
+    subset = (validate_store().path(task.run_id()) / "subsets" / "gradient_matching-top3.jsonl")
+    assert [json.loads(line)["instruction"] for line in subset.read_text().splitlines()] == \
+        [json.loads(line)["instruction"] for i, line in enumerate((tmp_path / "pool.jsonl").read_text().splitlines())
+         if i in planted]  # the planted harmful rows are the top arm
+    verdicts = {v["b"]: v for v in result["verdicts"]}
+    assert set(verdicts) == {"random", "bottom"} and all(0 <= v["p_value"] <= 1 for v in verdicts.values())
+    assert verdicts["random"]["n_pairs"] == 22 and "McNemar" in verdicts["random"]["words"]
+    assert load_validation(task)["verdicts"] == result["verdicts"]
+    assert validate(task)["cached"]
+    assert events[-1].fraction == 1.0
+
+
+def test_wilson_and_mcnemar_known_values():
+    from analysis.lab.screen_validate import mcnemar_exact, wilson
+
+    low, high = wilson(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
+    assert wilson(0, 10)[0] == 0.0 and wilson(0, 0) != wilson(0, 0)  # nan
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(8, 0) == pytest.approx(2 * 0.5 ** 8)
+    assert mcnemar_exact(3, 5) == pytest.approx(0.7266, abs=1e-4)
