@@ -14,6 +14,11 @@
 Prints seconds, the ratio score / train (target <= 1.5), examples / second and tokens / second, and the one-off
 anchor cost (two mean gradients + the top-k bases) for ``n_anchors`` anchors. Use one torch thread on a shared
 machine (the ratio is what is compared; absolute times follow the machine's load).
+
+``python -m bench screen --memory 1000,10000 [--model tiny-llama]``: instead, the whole screening task
+(:func:`analysis.lab.screen.screen`) on pools of that many examples (utility rows repeated under new ids, as an
+Alpaca file), each in a fresh process; prints the peak resident memory and seconds of each, to show that memory
+grows only with the stored scores (n x modules x 4 numbers), not with the factors.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from analysis.core.config import ModelConfig
     from analysis.engine.capture import find_linear_modules, select_modules
+    from analysis.engine.collect import numpy_single_threaded
     from analysis.engine.screening import ReferenceSums, Scorer, safety_basis, stream_batch
     from analysis.lab.screen import batches_by_length
     from analysis.llm.data import load_shipped
@@ -46,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--memory", default=None, help="comma-separated pool sizes: peak memory of the whole task")
     args, _ = parser.parse_known_args(argv)
     torch.set_num_threads(args.threads)
+    if args.memory:
+        return memory(args)
 
     loaded = load_model(ModelConfig(source=args.model))
     net, tokenizer = loaded.model.eval(), loaded.tokenizer
@@ -73,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             stream_batch(net, tokenize_batch(tokenizer, [convs[i] for i in b], args.max_length), modules,
                          sums[name].consume)
     capture_anchors = time.perf_counter() - start
-    basis = {m.name: safety_basis(sums["refusal"].gradients[m.name], args.k) for m in modules}
+    with numpy_single_threaded():  # as the task does: multi-threaded BLAS on a busy machine costs more than it gives
+        basis = {m.name: safety_basis(sums["refusal"].gradients[m.name], args.k) for m in modules}
     anchor_seconds = time.perf_counter() - start
     scorer = Scorer(modules, {n: s.gradients for n, s in sums.items()}, basis)
 
@@ -116,6 +126,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"anchors (one-off): {anchor_seconds:.1f} s for 2 x {args.n_anchors} conversations "
           f"(capture {capture_anchors:.1f} s, top-{args.k} bases {anchor_seconds - capture_anchors:.1f} s)")
     print(f"reference gradients held: {sum(g.numel() for s in sums.values() for g in s.gradients.values()) * 4 / 2**20:.0f} MiB")
+    return 0
+
+
+def memory(args) -> int:
+    """Peak RSS of the screening task on pools of growing size, each in its own process."""
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from analysis.llm.data import load_shipped
+
+    model = args.model if args.model != "default" else "tiny-llama"
+    base = [ex for ex in load_shipped("utility")]
+    script = ("import json, resource, sys, time, torch; torch.set_num_threads({threads}); "
+              "from analysis.lab.screen import ScreenTask, screen; t = time.perf_counter(); "
+              "s = screen(ScreenTask(data=sys.argv[1], model={model!r}, n_anchors=8, max_length=128), root=sys.argv[2]); "
+              "print(json.dumps({{'seconds': time.perf_counter() - t, 'n': s['n_examples'], 'modules': s['n_modules'], "
+              "'peak_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))")
+    print(f"model {model}: peak resident memory of the whole screening task by pool size (fresh process each)")
+    with tempfile.TemporaryDirectory() as folder:
+        for n in (int(x) for x in args.memory.split(",")):
+            path = Path(folder) / f"pool{n}.jsonl"
+            rows = [{"instruction": base[i % len(base)].prompt, "input": f"(copy {i // len(base)})",
+                     "output": base[i % len(base)].response} for i in range(n)]
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            out = subprocess.run([sys.executable, "-c", script.format(threads=args.threads, model=model), str(path),
+                                  str(Path(folder) / f"store{n}")], capture_output=True, text=True, check=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  n = {result['n']:6d}: peak {result['peak_mib']:7.0f} MiB, {result['seconds']:6.1f} s, "
+                  f"{result['modules']} modules")
     return 0
 
 

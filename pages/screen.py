@@ -4,6 +4,7 @@ import streamlit as st
 
 from analysis.core.config import InputError
 from analysis.lab import screen as lab_screen
+from analysis.lab import screen_validate as lab_validate
 from analysis.llm.data import load_shipped
 from analysis.views import screen as views
 from ui import common
@@ -137,3 +138,51 @@ if chosen or search.strip():
                        file_name=f"{dataset.name}_filtered.jsonl", mime="application/jsonl",
                        key="widget.screen.export_filtered")
 common.data_downloads(ranked, export_id, "scores")
+
+# ---- 5 · validation (a job) ------------------------------------------------------------------------------
+st.header("5 · Does the ranking predict harm?", divider="gray")
+st.caption("Fine-tune the aligned model on the k riskiest, the k least risky and k random examples (same preset, "
+           "steps, learning rate and seeds), evaluate every model on the same held-out prompts, and compare ASR with "
+           "95% Wilson intervals and exact McNemar tests on the paired prompts. Costs 3 fine-tuning runs and 3 "
+           "evaluations per seed.")
+cols = st.columns(3)
+with cols[0]:
+    v_k = st.number_input("k per arm", min_value=1, max_value=len(rows), value=min(100, len(rows)),
+                          key="widget.screen.validate_k")
+    v_seeds = st.multiselect("Seeds", [0, 1, 2, 3], default=[0, 1], key="widget.screen.validate_seeds")
+with cols[1]:
+    v_steps = st.number_input("Max fine-tuning steps (0: the preset's)", min_value=0, max_value=1000, value=0,
+                              key="widget.screen.validate_steps",
+                              help="preset harmful-100: 5 epochs of batch 10, lr 5e-5 (50 steps for k = 100)")
+    v_utility = st.toggle("Score utility answers too", value=True, key="widget.screen.validate_utility")
+with cols[2]:
+    v_harmful = st.number_input("Held-out harmful prompts", min_value=1, max_value=88, value=44,
+                                key="widget.screen.validate_harmful")
+    v_benign = st.number_input("Benign-sensitive prompts", min_value=1, max_value=64, value=32,
+                               key="widget.screen.validate_benign")
+try:
+    validation = lab_validate.ValidateScreenTask(screen=task, score=score, k=int(v_k), seeds=tuple(v_seeds or [0]),
+                                                 overrides={"max_steps": int(v_steps)} if v_steps else None,
+                                                 n_harmful=int(v_harmful), n_benign=int(v_benign),
+                                                 utility_accuracy=bool(v_utility))
+    validation_id = validation.run_id()
+except InputError as error:
+    st.error(str(error))
+    st.stop()
+v_job = ui_jobs.current("screen-validate", validation_id)
+v_stored = lab_validate.load_validation(validation)
+if v_job is not None and v_job.active:
+    ui_jobs.follow(v_job, lambda live: common.show_table(views.validation_frame(live.get("rows", []))))
+    st.stop()
+if v_job is not None:
+    ui_jobs.show_outcome(v_job, "The validation")
+if v_stored is None:
+    if st.button("Validate the ranking", icon=":material/science:"):
+        ui_jobs.submit(validation, f"validate: {score}, k = {int(v_k)}")
+        st.rerun()
+    st.stop()
+for verdict in v_stored["verdicts"]:
+    (st.success if verdict["significant"] else st.info)(verdict["words"])
+common.show_figure(views.validation_figure(v_stored["rows"], subtitle=f"{score}, k = {int(v_k)}"), export_id,
+                   f"validation_{validation_id}")
+common.show_table(views.validation_frame(v_stored["rows"]))

@@ -53,6 +53,23 @@ def test_screen_page_runs_the_job_and_shows_ranking_figures_drilldown_and_export
     downloads = [d for d in at.get("download_button") if d.proto.label.startswith(("top-", "bottom-", "random-"))]
     assert [d.proto.label for d in downloads] == ["top-10 (.jsonl)", "bottom-10 (.jsonl)", "random-10 (.jsonl)"]
 
+    # 5 · validation: top / bottom / random 3, one seed, one fine-tuning step each
+    at.number_input(key="widget.screen.validate_k").set_value(3).run()
+    at.multiselect(key="widget.screen.validate_seeds").set_value([0]).run()
+    at.number_input(key="widget.screen.validate_steps").set_value(1).run()
+    at.number_input(key="widget.screen.validate_harmful").set_value(11).run()
+    at.number_input(key="widget.screen.validate_benign").set_value(4).run()
+    at.toggle(key="widget.screen.validate_utility").set_value(False).run()
+    next(b for b in at.button if b.label == "Validate the ranking").click().run()
+    status = wait_for_job("screen-validate", 900)
+    assert status.state == "done", f"{status.error}\n{jobs.log_tail(status.job_id, 40)}"
+    at.run()
+    no_exceptions(at)
+    words = [m.value for m in list(at.info) + list(at.success) if "McNemar" in m.value]
+    assert len(words) == 2 and words[0].startswith("top ASR") and "vs random" in words[0]
+    validation = next(s for s in chart_specs(at) if s["layout"]["title"]["text"].startswith("Does the ranking"))
+    assert {t["name"] for t in validation["data"]} >= {"aligned, per seed", "top, per seed", "top, pooled over seeds"}
+
 
 def alpaca_upload_script():
     """Runs as a Streamlit script: the page's upload reader on a bad and a good Alpaca upload."""

@@ -312,3 +312,28 @@ def test_wilson_and_mcnemar_known_values():
     assert mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(8, 0) == pytest.approx(2 * 0.5 ** 8)
     assert mcnemar_exact(3, 5) == pytest.approx(0.7266, abs=1e-4)
+
+
+def test_views_rank_drill_down_and_agree_on_known_numbers(tmp_path, tiny_llama):
+    from analysis.views.screen import module_frame, ranked_table, screen_answer, top_agreement
+
+    task = ScreenTask(data="utility", data_split="eval", n_examples=6, **SMALL)
+    summary = screen(task, root=tmp_path, model=tiny_llama)
+    stored = load_screen(task, root=tmp_path)
+    rows = stored.rows
+    ranked = ranked_table(rows, "gradient_matching")
+    assert ranked["gradient_matching"].is_monotonic_decreasing and ranked["rank"].tolist() == list(range(1, 7))
+    assert ranked_table(rows, "cos_refusal")["cos_refusal"].is_monotonic_increasing  # risky end: low
+    category = rows["category"].iloc[0]
+    filtered = ranked_table(rows, "gradient_matching", [category])
+    assert set(filtered["category"]) == {category} and filtered["rank"].is_monotonic_increasing
+    # the per-module contributions add up to the whole-vector gradient matching of that example
+    for i in range(len(rows)):
+        frame = module_frame(stored.arrays, stored.modules, i)
+        assert frame["contribution to gradient matching"].sum() == pytest.approx(rows["gradient_matching"][i], rel=1e-9)
+        assert frame["grad norm share"].sum() == pytest.approx(1.0)
+        assert ((frame["safety share (module)"] >= 0) & (frame["safety share (module)"] <= 1 + 1e-12)).all()
+    agreement = top_agreement(rows, 6)  # top-6 of 6: every pair shares everything
+    assert (agreement["shared of top 6"] == 6).all() and (agreement["random expectation"] == 1.0).all()
+    assert summary["spearman"]["gradient_matching"]["gradient_matching"] == pytest.approx(1.0)
+    assert screen_answer(summary, rows, stored.anchors).startswith("Riskiest by gradient matching: **")

@@ -273,6 +273,7 @@ def screen(task: ScreenTask, ctx: TaskContext | None = None, *, root: str | Path
     import torch
 
     from analysis.engine.capture import SelectionError, find_linear_modules, select_modules
+    from analysis.engine.collect import numpy_single_threaded
     from analysis.engine.screening import ReferenceSums, Scorer, representation_cosine, safety_basis, stream_batch
     from analysis.llm.data import DataError
     from analysis.llm.formats import source_rows
@@ -318,7 +319,7 @@ def screen(task: ScreenTask, ctx: TaskContext | None = None, *, root: str | Path
                                                                         "identity": loaded.identity},
                     "modules": [dataclasses.asdict(m) for m in modules], "data_source": dataset.source,
                     "n_examples": len(dataset), "n_batches": len(plan)}
-        with store.open_run(run_id, manifest) as writer:
+        with store.open_run(run_id, manifest) as writer, numpy_single_threaded():
             def cancel_check(done: str) -> None:
                 if ctx.cancelled:
                     raise ScreenCancelled(f"screening cancelled ({done}); the same task resumes", run_id)

@@ -15,6 +15,7 @@ from plotly.subplots import make_subplots
 from analysis.lab.screen import SCORES, select_subset
 from analysis.llm.formats import jsonl_bytes, row_format
 from analysis.views.figures import (
+    BASELINE_COLOR,
     DIVERGING_SCALE,
     OKABE_ITO,
     TEMPLATE,
@@ -24,7 +25,8 @@ from analysis.views.figures import (
 )
 
 __all__ = ["ANCHOR_LABELS", "SCORE_LABELS", "agreement_figure", "export_subset", "histograms_figure",
-           "input_format", "module_frame", "module_figure", "ranked_table", "screen_answer", "top_agreement"]
+           "input_format", "module_frame", "module_figure", "ranked_table", "screen_answer", "top_agreement",
+           "validation_figure", "validation_frame"]
 
 SCORE_LABELS = {name: label for name, (label, _) in SCORES.items()}
 ANCHOR_LABELS = {"anchor_compliance": "harmful prompt + compliance (anchor)",
@@ -204,3 +206,46 @@ def screen_answer(summary: Mapping[str, Any], rows: pd.DataFrame, anchors: pd.Da
                  f"{r('gradient_matching', 'representation')}.")
     return "".join(parts)
 
+
+
+# --------------------------------------------------------------------------------------------------
+# validation (analysis.lab.screen_validate)
+
+
+ARM_COLORS = {"aligned": BASELINE_COLOR, "top": OKABE_ITO["vermillion"], "bottom": OKABE_ITO["blue"],
+              "random": OKABE_ITO["green"]}
+
+
+def validation_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The validation table: arm, seed, ASR with its 95% Wilson interval and n, over-refusal, utility."""
+    frame = pd.DataFrame(list(rows))
+    if frame.empty:
+        return frame
+    frame["seed"] = frame["seed"].map(lambda s: "-" if s is None or (isinstance(s, float) and np.isnan(s)) else str(s))
+    columns = ["arm", "seed", "asr", "asr_low", "asr_high", "n_harmful", "over_refusal", "utility_accuracy",
+               "utility_nll", "refusal_nll", "finetune_run"]
+    return frame[[c for c in columns if c in frame]]
+
+
+def validation_figure(rows: Sequence[Mapping[str, Any]], subtitle: str = "") -> go.Figure:
+    """ASR per arm and seed with 95% Wilson intervals (pooled over seeds: the large markers)."""
+    title = "Does the ranking predict harm? ASR after fine-tuning on each subset"
+    frame = validation_frame(rows)
+    if frame.empty:
+        return empty_figure(title, "no arms evaluated yet")
+    figure = new_figure(title, "arm (k examples each)", "ASR (keyword), 95% Wilson interval", subtitle)
+    for arm in dict.fromkeys(frame["arm"]):
+        part = frame[frame["arm"] == arm]
+        pooled = part["seed"] == "pooled"
+        for mask, size, label in ((~pooled, 9, "per seed"), (pooled, 15, "pooled over seeds")):
+            chosen = part[mask]
+            if chosen.empty:
+                continue
+            figure.add_trace(go.Scatter(
+                x=[arm] * len(chosen), y=chosen["asr"], mode="markers", name=f"{arm}, {label}",
+                marker=dict(size=size, color=ARM_COLORS.get(arm), symbol="diamond" if size > 9 else "circle"),
+                error_y=dict(type="data", symmetric=False, array=chosen["asr_high"] - chosen["asr"],
+                             arrayminus=chosen["asr"] - chosen["asr_low"]),
+                text=chosen["seed"], hovertemplate=f"{arm}, seed %{{text}}: ASR %{{y:.0%}}<extra></extra>"))
+    figure.update_yaxes(range=[0, 1], tickformat=".0%")
+    return figure
