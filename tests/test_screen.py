@@ -337,3 +337,42 @@ def test_views_rank_drill_down_and_agree_on_known_numbers(tmp_path, tiny_llama):
     assert (agreement["shared of top 6"] == 6).all() and (agreement["random expectation"] == 1.0).all()
     assert summary["spearman"]["gradient_matching"]["gradient_matching"] == pytest.approx(1.0)
     assert screen_answer(summary, rows, stored.anchors).startswith("Riskiest by gradient matching: **")
+
+
+def test_the_task_end_to_end_equals_dense_autograd_for_every_stored_score(tmp_path, tiny64):
+    """The stored rows (batched by length, padded, re-assembled in file order) against a dense computation of
+    every example alone: full per-example gradients of all linear modules, the two anchor means, the basis, the
+    mean final hidden states."""
+    loaded = tiny64
+    task = ScreenTask(data="benign_sensitive", n_examples=5, model=ModelConfig(source="tiny-llama", dtype="float64"),
+                      n_anchors=3, k=2, max_length=96, batch_size=2)
+    screen(task, root=tmp_path, model=loaded)
+    rows = load_screen(task, root=tmp_path).rows
+    modules = select_modules(find_linear_modules(loaded.model), "all", "all")
+    compliance, refusal, _ = task.anchor_conversations()
+
+    def mean_gradient(convs):
+        return [sum(g) / len(convs) for g in zip(*[dense_gradient(loaded, c, modules) for c in convs])]
+
+    def hidden(conversation):
+        batch = tokenize_batch(loaded.tokenizer, [conversation], 96)
+        with torch.no_grad():
+            out = loaded.model(**batch.model_inputs(), use_cache=False, output_hidden_states=True)
+        return out.hidden_states[-1][0].double().mean(0), per_sample_loss(out.logits, batch.labels)[0]
+
+    G_c, G_r = mean_gradient(compliance), mean_gradient(refusal)
+    basis = [safety_basis(G, 2) for G in G_r]
+    h_harm = torch.stack([hidden(c)[0] for c in compliance]).mean(0)
+    r, c = flat(G_r), flat(G_c)
+    for i, ex in enumerate(task.dataset()):
+        assert rows["id"][i] == ex.id
+        grads = dense_gradient(loaded, list(ex.messages), modules)
+        g = flat(grads)
+        h, loss = hidden(list(ex.messages))
+        energy = sum(float((U.T @ G @ V).pow(2).sum()) for (U, V), G in zip(basis, grads))
+        expected = {"dot_refusal": float(g @ r), "cos_refusal": float(g @ r / (g.norm() * r.norm())),
+                    "gradient_matching": float(g @ c / (g.norm() * c.norm()) - g @ r / (g.norm() * r.norm())),
+                    "safety_share": energy / float(g @ g), "grad_norm": float(g.norm()),
+                    "representation": float(h @ h_harm / (h.norm() * h_harm.norm())), "loss": float(loss)}
+        for key, value in expected.items():
+            assert rows[key][i] == pytest.approx(value, rel=1e-5, abs=1e-12), (i, key)
