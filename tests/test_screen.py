@@ -376,3 +376,15 @@ def test_the_task_end_to_end_equals_dense_autograd_for_every_stored_score(tmp_pa
                     "representation": float(h @ h_harm / (h.norm() * h_harm.norm())), "loss": float(loss)}
         for key, value in expected.items():
             assert rows[key][i] == pytest.approx(value, rel=1e-5, abs=1e-12), (i, key)
+
+
+def test_a_bfloat16_model_scores_in_float32_close_to_float32(tmp_path):
+    bf16 = load_model(ModelConfig(source="tiny-llama", dtype="bfloat16"))
+    f32 = load_model(ModelConfig(source="tiny-llama"))
+    common = dict(data="utility", data_split="eval", n_examples=4, n_anchors=4, max_length=64, batch_size=4)
+    screen(ScreenTask(model=ModelConfig(source="tiny-llama", dtype="bfloat16"), **common), root=tmp_path, model=bf16)
+    screen(ScreenTask(model=ModelConfig(source="tiny-llama"), **common), root=tmp_path, model=f32)
+    low, full = (load_screen(ScreenTask(model=ModelConfig(source="tiny-llama", dtype=d), **common), root=tmp_path).rows
+                 for d in ("bfloat16", "float32"))
+    assert np.isfinite(low["gradient_matching"]).all()
+    np.testing.assert_allclose(low["cos_refusal"], full["cos_refusal"], atol=0.05)  # bf16 weights, same ranking scale

@@ -89,6 +89,12 @@ def stream_batch(model, batch: TokenizedBatch, modules: Sequence[ModuleInfo | st
     return StreamedBatch(losses.detach().double().cpu().numpy(), hidden.cpu().numpy(), row_offsets)
 
 
+def _widened(X: torch.Tensor) -> torch.Tensor:
+    """float32 for a half-precision model's factors (every product after the capture accumulates in float32
+    or float64, as in the collection)."""
+    return X if X.dtype in (torch.float32, torch.float64) else X.float()
+
+
 def _padded(X: torch.Tensor, offsets: list[int]) -> torch.Tensor:
     """(n, T_max, d) zero-padded per-sample blocks of the rows X (R, d)."""
     return torch.nn.utils.rnn.pad_sequence([X[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)],
@@ -112,6 +118,7 @@ class ReferenceSums:
         self.gradients: dict[str, torch.Tensor] = {}
 
     def consume(self, name: str, D: torch.Tensor, A: torch.Tensor, offsets: torch.Tensor) -> None:
+        D, A = _widened(D), _widened(A)
         part = (D.T @ A) / self.n_total
         self.gradients[name] = self.gradients[name] + part if name in self.gradients else part
 
@@ -160,6 +167,7 @@ class Scorer:
         self._values = {key: torch.zeros(n, len(self.modules), dtype=torch.float64) for key in self.keys}
 
     def consume(self, name: str, D: torch.Tensor, A: torch.Tensor, offsets: torch.Tensor) -> None:
+        D, A = _widened(D), _widened(A)
         j = self.index[name]
         d_out, d_in = D.shape[1], A.shape[1]
         offsets_device = offsets.to(D.device)
