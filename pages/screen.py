@@ -43,6 +43,8 @@ st.caption(common.describe_dataset(dataset))
 left, middle, right = st.columns(3, gap="large")
 with left:
     models = {key: label for key, label in common.MODEL_CHOICES.items() if key != "other"}
+    if common.choice("screen.model", common.choice("model")) not in models:  # e.g. a hub model chosen on Setup
+        common.set_choice("screen.model", "default")
     model = common.remembered_widget("screen.model", st.selectbox, "Aligned model", list(models),
                                      format_func=models.get, value=common.choice("model"))
 with middle:

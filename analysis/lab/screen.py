@@ -327,15 +327,18 @@ def screen(task: ScreenTask, ctx: TaskContext | None = None, *, root: str | Path
             # 1. anchors: the two mean gradients, the safety basis, the harmful representation
             t0 = time.perf_counter()
             sums, hidden = {}, {}
-            for name, conversations in (("compliance", compliance), ("refusal", refusal)):
-                cancel_check("anchors")
-                ctx.report(0.02, f"{name} gradient of {len(conversations)} harmful prompts")
+            for step, (name, conversations) in enumerate((("compliance", compliance), ("refusal", refusal))):
                 sums[name] = ReferenceSums(len(conversations))
                 states = []
                 for indices in batches_by_length([0] * len(conversations), task.batch_size):
+                    cancel_check("anchors")
+                    ctx.report(0.01 + 0.02 * step + 0.02 * len(states) * task.batch_size / len(conversations),
+                               f"{name} gradient of {len(conversations)} harmful prompts "
+                               f"({len(states) * task.batch_size}/{len(conversations)})")
                     batch = _tokenized(loaded.tokenizer, conversations, indices, task.max_length, device)
                     states.append(stream_batch(net, batch, modules, sums[name].consume).hidden)
                 hidden[name] = np.concatenate(states)
+            ctx.report(0.05, f"top-{task.k} safety subspaces of {len(modules)} modules")
             references = {name: sums[name].gradients for name in REFERENCES}
             basis = {m.name: safety_basis(references["refusal"][m.name], task.k) for m in modules}
             reference_norm2 = {name: np.array([float(references[name][m.name].double().pow(2).sum()) for m in modules])
