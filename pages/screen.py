@@ -50,7 +50,7 @@ with left:
 with middle:
     n_examples = st.number_input("Examples to score (0: all)", min_value=0, max_value=100_000, value=0,
                                  key="widget.screen.n")
-    n_anchors = st.number_input("Anchor prompts (harmful, from safety.jsonl)", min_value=2, max_value=154, value=32,
+    n_anchors = st.number_input("Anchor prompts (harmful)", min_value=2, max_value=154, value=32,
                                 key="widget.screen.n_anchors")
 with right:
     k = st.number_input("Safety subspace size k (per module)", min_value=1, max_value=64, value=8,
@@ -58,9 +58,27 @@ with right:
     kinds = st.text_input("Module kinds", value="all", key="widget.screen.kinds",
                           help="e.g. 'q,v,down'; 'all' scores every linear module of the blocks")
 
+with st.expander("Anchors: the harmful prompts the gradients are compared with"):
+    ANCHORS = {"safety": "safety.jsonl (analysis split): harmful prompts with refusals; compliance = “Sure, here is …”",
+               "harmful_prefix": "harmful_prefix.jsonl: AdvBench-style prompts with “Sure, here is …”; refusal made",
+               "upload": "Upload my own harmful prompts (with refusals or with compliant answers)"}
+    anchor_source = st.selectbox("Anchor set", list(ANCHORS), format_func=ANCHORS.get, key="widget.screen.anchors")
+    anchors, anchor_responses = anchor_source, {"safety": "refusal", "harmful_prefix": "compliance"}.get(anchor_source)
+    if anchor_source == "upload":
+        anchor_upload = st.file_uploader("Anchor prompts", type=["jsonl", "json", "csv"], key="widget.screen.anchor_upload")
+        anchor_responses = st.radio("Their responses are", lab_screen.ANCHOR_RESPONSES, horizontal=True,
+                                    key="widget.screen.anchor_responses",
+                                    help="the other answer is made: a fixed refusal, or “Sure, here is how to do that”")
+        parsed_anchors = common.read_upload(anchor_upload, require_response=False) if anchor_upload else None
+        if parsed_anchors is None:
+            st.info("Without an anchor file the shipped safety.jsonl prompts are used.")
+            anchors, anchor_responses = "safety", "refusal"
+        else:
+            anchors = parsed_anchors[0]
+
 try:
     task = lab_screen.ScreenTask(data=data, model=model, n_examples=int(n_examples) or None, n_anchors=int(n_anchors),
-                                 k=int(k), kinds=kinds)
+                                 k=int(k), kinds=kinds, anchors=anchors, anchor_responses=anchor_responses)
     run_id = task.run_id()
 except InputError as error:
     st.error(str(error))

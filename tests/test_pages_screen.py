@@ -37,7 +37,7 @@ def test_screen_page_runs_the_job_and_shows_ranking_figures_drilldown_and_export
     assert table["gradient_matching"].is_monotonic_decreasing
     titles = [s["layout"]["title"]["text"] for s in chart_specs(at)]
     assert "Score distributions of the pool, with the anchors' own scores" in titles
-    assert "Do the scores agree? Spearman rank correlation over the pool" in titles
+    assert "Do the scores agree? Spearman ρ" in titles
     assert "Per module: contribution to gradient matching" in titles
     histograms = next(s for s in chart_specs(at) if s["layout"]["title"]["text"].startswith("Score distributions"))
     names = {t.get("name") for t in histograms["data"]}
@@ -99,6 +99,10 @@ def test_screen_page_asks_for_a_file_and_a_bad_upload_names_line_and_field(cache
     no_exceptions(at)
     assert at.get("file_uploader") and any("Alpaca" in i.value for i in at.info)
     assert not any(b.label == "Screen" for b in at.button)  # nothing to screen without a file
+    at.selectbox(key="widget.screen.data").set_value("benign_sensitive").run()
+    at.selectbox(key="widget.screen.anchors").set_value("harmful_prefix").run()  # compliance anchors, refusal made
+    no_exceptions(at)
+    assert not at.error and any(b.label == "Screen" for b in at.button)
     script = AppTest.from_function(alpaca_upload_script, default_timeout=60).run()
     no_exceptions(script)
     assert len(script.error) == 1 and "line 2, field 'input': must be a string" in script.error[0].value

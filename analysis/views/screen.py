@@ -103,7 +103,7 @@ def histograms_figure(rows: pd.DataFrame, anchors: pd.DataFrame, subtitle: str =
 def agreement_figure(spearman: Mapping[str, Mapping[str, float]], subtitle: str = "") -> go.Figure:
     """Heatmap of the Spearman rank correlation between the scores (-1..1, red = opposite rankings)."""
     names = [n for n in SCORES if n in spearman]
-    title = "Do the scores agree? Spearman rank correlation over the pool"
+    title = "Do the scores agree? Spearman ρ"
     if not names:
         return empty_figure(title, "no scores")
     z = np.array([[spearman[a].get(b, np.nan) if spearman[a].get(b) is not None else np.nan for b in names]
