@@ -57,6 +57,8 @@ with right:
                         key="widget.screen.k")
     kinds = st.text_input("Module kinds", value="all", key="widget.screen.kinds",
                           help="e.g. 'q,v,down'; 'all' scores every linear module of the blocks")
+    max_length = st.number_input("Tokens per example (longer: truncated)", min_value=16, max_value=4096, value=256,
+                                 key="widget.screen.max_length")
 
 with st.expander("Anchors: the harmful prompts the gradients are compared with"):
     ANCHORS = {"safety": "safety.jsonl (analysis split): harmful prompts with refusals; compliance = “Sure, here is …”",
@@ -78,7 +80,8 @@ with st.expander("Anchors: the harmful prompts the gradients are compared with")
 
 try:
     task = lab_screen.ScreenTask(data=data, model=model, n_examples=int(n_examples) or None, n_anchors=int(n_anchors),
-                                 k=int(k), kinds=kinds, anchors=anchors, anchor_responses=anchor_responses)
+                                 k=int(k), kinds=kinds, anchors=anchors, anchor_responses=anchor_responses,
+                                 max_length=int(max_length))
     run_id = task.run_id()
 except InputError as error:
     st.error(str(error))
