@@ -26,7 +26,8 @@ Scores (columns of the ranked table; "risky" says which end is the risky one):
 
 Stored in ``cache_dir()/"screen"/<run_id>`` (:class:`~analysis.core.store.RunStore`): ``scores.safetensors``
 (per-module arrays ``module/<dot/refusal|dot/compliance|norm2|energy>`` (n, n_modules), the same for the anchors
-under ``anchor/...``, reference norms ``reference_norm2/<ref>`` (n_modules,)), ``rows.json`` (one row per
+under ``anchor_compliance/...`` and ``anchor_refusal/...``, reference norms ``reference_norm2/<ref>`` (n_modules,),
+``basis_k`` (n_modules,) the safety-basis size actually kept), ``rows.json`` (one row per
 example with its text, the input's own JSON row and the scores), ``anchors.json``, ``summary.json``. Batches are
 checkpointed: a cancelled run resumes where it stopped. Examples are scored in batches of similar length
 (less padding; the scores do not depend on the batching).
