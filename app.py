@@ -25,6 +25,7 @@ PAGES = [
     st.Page("pages/defences.py", title="Defence lab: which defence holds?", icon=":material/security:"),
     st.Page("pages/why.py", title="Why does the defence fail?", icon=":material/troubleshoot:"),
     st.Page("pages/watch.py", title="Watch a training run", icon=":material/monitor_heart:"),
+    st.Page("pages/screen.py", title="Which of my data is risky?", icon=":material/manage_search:"),
     st.Page("pages/runs.py", title="Runs and export", icon=":material/folder_open:"),
 ]
 

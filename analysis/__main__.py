@@ -23,6 +23,8 @@ TASK_MODULES = {
     "safe-lora": ("analysis.lab.safe_lora", "Safe LoRA-style post-hoc projection of a fine-tuned model's delta"),
     "defences": ("analysis.lab.grid", "every defence against every attack tier: the ASR / utility table"),
     "why": ("analysis.lab.why", "why a defence fails: a fine-tuning run's update vs the safety subspaces"),
+    "screen": ("analysis.lab.screen", "which fine-tuning examples are risky: per-example gradient screening scores"),
+    "screen-validate": ("analysis.lab.screen_validate", "does the screening predict harm: fine-tune on top/bottom/random-k"),
 }
 # command -> (module providing add_arguments/run, one-line help)
 COMMANDS = {

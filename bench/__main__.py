@@ -19,6 +19,7 @@ BENCHMARKS = {
     "finetune": ("bench.finetune", "cost of an SPF fine-tuning step relative to a plain step (ratio in one run)"),
     "gpu": ("bench.gpu", "the GPU check: CPU-vs-CUDA agreement, 7B-shape planner vs peak, bf16 SPF step, throughput"),
     "eval": ("bench.eval", "the safety evaluation's time vs a plain model.generate loop (best batch size); stage shares"),
+    "screen": ("bench.screen", "cost of per-example screening scores relative to one forward+backward; examples/s"),
 }
 
 

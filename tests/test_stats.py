@@ -147,3 +147,11 @@ def test_across_seeds_is_the_student_t_interval():
     assert stats.across_seeds([])["n"] == 0
     same = stats.across_seeds([0.2, 0.2])
     assert (same["low"], same["high"]) == (0.2, 0.2)
+
+
+def test_mcnemar_p_from_discordant_counts():
+    from analysis.core.stats import mcnemar_p
+
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(8, 0) == pytest.approx(2 * 0.5 ** 8)
+    assert mcnemar_p(3, 5) == pytest.approx(0.7266, abs=1e-4)

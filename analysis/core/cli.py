@@ -9,13 +9,14 @@ very same command. Optional hooks of a task class: ``add_extra_options(parser)``
 settings, e.g. how much to print), ``from_options(args)`` (when options and fields do not map one to one),
 ``announce(device) -> list[str]`` (printed before the run; may refuse with an InputError, e.g. a plan over
 budget), ``run_command(args) -> int | None`` (a command-only action such as ``--list``; an int ends the
-command) and ``print_result(result)``.
+command) and ``print_result(result[, args])``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import signal
 import sys
@@ -95,7 +96,9 @@ def run_task_command(args: argparse.Namespace, task_class: type) -> int:
             lines = announce(args.device)
             if leader_process():
                 print("\n".join(lines), flush=True)
-        print_result = getattr(task_class, "print_result", None) or (lambda result: None)
+        printer = getattr(task_class, "print_result", None)
+        takes_args = printer is not None and len(inspect.signature(printer).parameters) > 1
+        print_result = (lambda result: printer(result, args)) if takes_args else (printer or (lambda result: None))
         return run_task(task, args, print_result)
     except InputError as error:
         print(f"error: {error}")

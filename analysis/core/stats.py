@@ -22,8 +22,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["PairedRates", "across_seeds", "bootstrap_mean", "format_interval", "format_rate", "mcnemar_exact", "paired_bootstrap",
-           "paired_rates", "rate_interval", "wilson_interval"]
+__all__ = ["PairedRates", "across_seeds", "bootstrap_mean", "format_interval", "format_rate", "mcnemar_exact", "mcnemar_p",
+           "paired_bootstrap", "paired_rates", "rate_interval", "wilson_interval"]
 
 DEFAULT_BOOTSTRAP = 2000
 _CHUNK = 4_000_000  # resampled values drawn at once (memory: 8 bytes each for the indices' gather)
@@ -151,6 +151,12 @@ def paired_bootstrap(first: Sequence[float], second: Sequence[float], confidence
         p = min(1.0, max(2 * min(np.mean(means <= 0), np.mean(means >= 0)), 1 / n_boot))
     return {"difference": float(differences.mean()), "low": float(low), "high": float(high), "n": n,
             "p": float(p)}
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts: b pairs changed one way, c the other (1 when
+    b + c = 0)."""
+    return min(1.0, _binomial_two_sided_half(int(b), int(b) + int(c)))
 
 
 def mcnemar_exact(first: Sequence[bool], second: Sequence[bool]) -> dict:

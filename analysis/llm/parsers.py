@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.llm.examples import DataError, Dataset, Example, Where, check_text, freeze_messages
+from analysis.llm.formats import check_instruction_clash, instruction_row
 
 __all__ = [
     "BENCHMARKS", "HEXPHI_CATEGORIES", "HEXPHI_FILE", "KINDS", "detect_csv_kind", "detect_kind", "parse_benchmark", "parse_bytes",
@@ -42,7 +43,8 @@ HEXPHI_CATEGORIES: tuple[str, ...] = (
 MAX_REPORTED_LINES = 5
 KINDS = ("jsonl", "json", "csv", "advbench", "hexphi", "harmbench", "jailbreakbench", "strongreject", "xstest", "text")
 
-_FIX_ROW = "expected a JSON object with 'prompt' and 'response' or 'messages'"
+_FIX_ROW = ("expected a JSON object with 'prompt' and 'response' or 'messages' (or Alpaca / Dolly 'instruction' "
+            "with 'output' / 'response')")
 _FIX_CSV = "expected a header row with 'prompt' and 'response' columns (or AdvBench 'goal' and 'target')"
 HEXPHI_FILE = re.compile(r"^category_(\d+)\.csv$", re.IGNORECASE)
 _OPTIONAL_TEXT = ("id", "category", "split", "system")
@@ -73,6 +75,9 @@ def _row_to_example(
 ) -> Example:
     if not isinstance(row, Mapping):
         raise at.error(f"got a JSON {_json_type(row)}", None, _FIX_ROW)
+    if aliases and "instruction" in row:  # Alpaca / Dolly rows (analysis.llm.formats)
+        check_instruction_clash(row, at)
+        row = instruction_row(row, at, require_response)
     keys = set(row)
     if aliases:
         if "prompt" not in keys and "goal" in keys:
