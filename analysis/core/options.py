@@ -16,7 +16,8 @@ where a result is computed, never what it is - left out of run ids), ``legacy`` 
 stored; left out of run ids while it holds its default, so those runs keep their ids - the table of such
 fields is :func:`legacy_fields`), ``minimum`` / ``maximum`` (checked by :func:`check_bounds`), ``required``
 (the command line must give it, unless the task comes from ``--config FILE``), ``repeatable`` (the shared
-model group's ``--model`` may be given several times: one task per model).
+model group's ``--model`` may be given several times: one task per model), ``exclude`` (of nested settings:
+their fields that are not options of this command, e.g. where the task has an option of the same name).
 """
 
 from __future__ import annotations
@@ -129,8 +130,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type, exclude: Iterable[st
             _add_model_group(parser, field)
             continue
         if _is_nested(field, hint):
-            add_options(parser, _strip_optional(hint), prefix=f"{prefix}{field.name}.", group=group,
-                        default_note=default_note, optional=default(cls, field.name) is None)
+            add_options(parser, _strip_optional(hint), exclude=field.metadata.get("exclude", ()),
+                        prefix=f"{prefix}{field.name}.", group=group, default_note=default_note,
+                        optional=default(cls, field.name) is None)
             continue
         value = default(cls, field.name) if _has_default(field) else None
         if _is_model_field(hint):  # a second model (e.g. the base model): its source, as a string option
@@ -217,19 +219,23 @@ def options_to_task(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
     return cls(**values)
 
 
-def option_values(cls: type, given: Mapping[str, Any], prefix: str = "", partial: bool = False) -> dict[str, Any]:
+def option_values(cls: type, given: Mapping[str, Any], prefix: str = "", partial: bool = False,
+                  exclude: Iterable[str] = ()) -> dict[str, Any]:
     """{field: value} of the CLI fields of ``cls`` that were given (``given``: parsed options by dest), nested
     settings and the shared model group rebuilt from their own options (``partial``: nested settings as a dict
     of what was given, for a task that fills the rest from elsewhere, e.g. a preset)."""
     values: dict[str, Any] = {}
     for field, hint in cli_fields(cls):
+        if field.name in exclude:
+            continue
         name = prefix + field.name
         if _is_model_group(field, hint):
             changes = {key.split(".", 1)[1]: value for key, value in given.items() if key.startswith("model.")}
             if changes:
                 values[field.name] = dataclasses.replace(default_model(field), **changes)
         elif _is_nested(field, hint):
-            inner = option_values(_strip_optional(hint), given, prefix=f"{name}.", partial=partial)
+            inner = option_values(_strip_optional(hint), given, prefix=f"{name}.", partial=partial,
+                                  exclude=field.metadata.get("exclude", ()))
             if inner:
                 values[field.name] = inner if partial else _nested(cls, field, _strip_optional(hint), inner)
         elif name in given:

@@ -68,7 +68,7 @@ class ValidateScreenTask:
     kind: ClassVar[str] = "screen-validate"
 
     screen: ScreenTask = dataclasses.field(default_factory=ScreenTask, metadata={
-        "help": "the screening whose ranking is validated (run first when not stored)"})
+        "help": "the screening whose ranking is validated (run first when not stored)", "exclude": ("k",)})
     score: str = dataclasses.field(default="gradient_matching", metadata={
         "help": "the score that ranks the pool", "choices": tuple(SCORES)})
     k: int = dataclasses.field(default=100, metadata={"help": "examples per arm"})
