@@ -25,18 +25,21 @@ def help_text(kind: str) -> str:
     return " ".join(out.getvalue().split())
 
 
-def flattened_fields(cls, prefix="", note=None, optional=False):
+def flattened_fields(cls, prefix="", note=None, optional=False, exclude=()):
     """(dest, flag, help, default) of every CLI option a task class declares, nested settings included (their
     default shown as the task's ``cli_default_note`` when it has one, e.g. "the preset's")."""
     note = note or getattr(cls, "cli_default_note", None)
     hints = typing.get_type_hints(cls)
     for field, _ in cli_fields(cls):
+        if field.name in exclude:
+            continue
         hint = hints[field.name]
         base = typing.get_args(hint)[0] if typing.get_origin(hint) in (typing.Union, type(int | None)) else hint
         if base is ModelConfig and not field.metadata.get("flag"):
             yield "model.source", "--model", None, default(cls, field.name).source
         elif dataclasses.is_dataclass(base) and base is not ModelConfig:
-            yield from flattened_fields(base, f"{prefix}{field.name}.", note, default(cls, field.name) is None)
+            yield from flattened_fields(base, f"{prefix}{field.name}.", note, default(cls, field.name) is None,
+                                        field.metadata.get("exclude", ()))
         else:
             flag = field.metadata.get("flag") or "--" + field.name.replace("_", "-")
             has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
