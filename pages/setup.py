@@ -48,8 +48,8 @@ def remember_model() -> None:
     """Runs before the rerun (on_change), so the sidebar, drawn before this page, already shows the new model."""
     picked = st.session_state["widget.model_kind"]
     other = st.session_state.get("widget.model_other", "").strip()
-    if picked != "other" or other:
-        common.set_choice("model", picked if picked != "other" else other)
+    if picked != "other" or other:  # this session only: saved for new sessions once it has loaded (below)
+        common.set_choice("model", picked if picked != "other" else other, persist=False)
 
 
 with model_column:
@@ -85,13 +85,14 @@ with model_column:
             st.info("Type a hub id (must be in the local Hugging Face cache on an offline machine) or a folder.")
             st.stop()
     if source != remembered:
-        common.set_choice("model", source)
+        common.set_choice("model", source, persist=False)
 
 try:
     loaded = common.load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 except ModelLoadError as error:
     st.error(str(error))
     st.stop()
+common.remember_loaded_model(source)  # a model that failed to load is never what a new session opens on
 summary = summarize(loaded.model, loaded.tokenizer)
 with summary_column:
     st.subheader(loaded.name)

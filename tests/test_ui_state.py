@@ -1,0 +1,143 @@
+"""Choices that survive reloads, and only the right ones: ui_state.json under concurrent writers, bad content,
+models that fail to load, widgets not drawn while another model was picked; runs loaded with checksums."""
+
+import json
+import multiprocessing
+import threading
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from tests.test_app import APP, SMALL, no_exceptions, seed_cache
+
+
+def fresh_app() -> AppTest:
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    return AppTest.from_file(APP, default_timeout=120)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
+    seed_cache(tmp_path, model="tiny-llama", **SMALL)
+    return tmp_path
+
+
+def saved(cache) -> dict:
+    return json.loads((cache / "ui_state.json").read_text())
+
+
+def test_switching_to_a_model_that_stops_the_page_and_back_keeps_the_settings(cache):
+    at = fresh_app().run()
+    no_exceptions(at)
+    at.text_input(key="widget.layers.tiny-llama").set_value("1").run()
+    at.radio(key="widget.model_kind").set_value("other").run()  # empty id: the page stops above the settings
+    assert at.info and not at.number_input
+    # what the browser may send back for widgets that were not drawn in the last run: cleared, min-clamped values
+    for key, value in (("n_safety", 1), ("n_utility", 1), ("max_length", 16), ("top_k", 1)):
+        at.session_state[f"widget.{key}"] = value
+    at.session_state["widget.layers.tiny-llama"] = ""
+    at.radio(key="widget.model_kind").set_value("tiny-llama").run()
+    no_exceptions(at)
+    shown = {key: at.number_input(key=f"widget.{key}").value for key in ("n_safety", "n_utility", "max_length", "top_k")}
+    assert shown == {key: SMALL[key] for key in shown}
+    assert at.text_input(key="widget.layers.tiny-llama").value == "1"
+    assert {key: saved(cache)[key] for key in shown} == shown  # nothing clamped was written for new sessions
+    assert saved(cache)["layers.tiny-llama"] == "1"  # what the user typed was
+
+
+def test_a_model_that_failed_to_load_is_not_what_new_sessions_open_on(cache):
+    at = fresh_app().run()
+    at.radio(key="widget.model_kind").set_value("other").run()
+    at.text_input(key="widget.model_other").set_value("nonexistent/model-xyz").run()
+    no_exceptions(at)
+    assert any("nonexistent/model-xyz" in error.value for error in at.error)
+    assert saved(cache)["model"] == "tiny-llama"
+    again = fresh_app().run()  # a new session
+    no_exceptions(again)
+    assert not again.error and again.radio(key="widget.model_kind").value == "tiny-llama"
+    assert "tiny-llama" in " ".join(m.value for m in again.sidebar.markdown)
+
+
+@pytest.mark.parametrize("content", ["[]", "5", '"text"', "null", "{not json"])
+def test_a_state_file_that_is_not_an_object_is_ignored(cache, content, monkeypatch):
+    from ui import common
+
+    monkeypatch.setitem(common.DEFAULT_CHOICES, "model", "tiny-llama")  # (not the real default model: faster)
+    (cache / "ui_state.json").write_text(content)
+    at = fresh_app().run()
+    no_exceptions(at)
+    at.radio(key="widget.model_kind").set_value("tiny-llama").run()
+    no_exceptions(at)
+    assert saved(cache)["model"] == "tiny-llama"
+
+
+def _write_choices(prefix: str, count: int) -> None:
+    from ui import common
+
+    for index in range(count):
+        common.set_choice(f"{prefix}.{index}", index)
+
+
+def test_concurrent_sessions_and_servers_never_lose_a_key_or_show_half_a_file(cache):
+    from ui import common
+
+    count, bad_reads, stop = 25, [], threading.Event()
+
+    def read_all() -> None:
+        while not stop.is_set():
+            try:
+                text = (cache / "ui_state.json").read_text()
+                if not isinstance(json.loads(text), dict):
+                    bad_reads.append(text)
+            except ValueError as error:
+                bad_reads.append(str(error))
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    context = multiprocessing.get_context("fork")
+    servers = [context.Process(target=_write_choices, args=(f"server{i}", count)) for i in range(2)]
+    sessions = [threading.Thread(target=_write_choices, args=(f"session{i}", count)) for i in range(3)]
+    for worker in servers + sessions:
+        worker.start()
+    for worker in servers + sessions:
+        worker.join(120)
+    stop.set()
+    reader.join()
+    assert not bad_reads, bad_reads[:3]
+    final = common._saved_choices()
+    missing = [f"{prefix}.{i}" for prefix in ["server0", "server1", "session0", "session1", "session2"]
+               for i in range(count) if f"{prefix}.{i}" not in final]
+    assert not missing, missing[:10]
+    assert final["model"] == "tiny-llama"
+    assert not [p.name for p in cache.iterdir() if p.name.startswith(".ui_state.json.") and not p.name.endswith(".lock")]
+
+
+def test_the_app_loads_runs_with_their_checksums_verified_once_per_manifest_stamp(cache, tiny_llama, monkeypatch):
+    from analysis.core import store as store_module
+    from analysis.core.store import RunCorrupted
+    from analysis.engine.collect import collect
+    from analysis.engine.gradients import CollectionConfig
+    from ui import common
+
+    st.cache_resource.clear()
+    run = collect(CollectionConfig(model="tiny-llama", safety_split="analysis", utility_split="analysis", **SMALL),
+                  model=tiny_llama)
+    hashed = []
+    real_sha256 = store_module.file_sha256
+    monkeypatch.setattr(store_module, "file_sha256", lambda path: hashed.append(path) or real_sha256(path))
+    assert common.load_run(run.run_id).run_id == run.run_id
+    assert len(hashed) == len(run.manifest["files"])
+    common.load_run(run.run_id)
+    assert len(hashed) == len(run.manifest["files"])  # once per stamp, not on every rerun
+    path = run.folder / "gram.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # same size: only the checksum sees it
+    path.write_bytes(bytes(data))
+    manifest = run.folder / "manifest.json"
+    manifest.write_text(manifest.read_text())  # a new stamp (as after a rewrite of the run)
+    for _ in range(2):
+        with pytest.raises(RunCorrupted, match="gram.safetensors"):
+            common.load_run(run.run_id)
