@@ -19,7 +19,8 @@ from analysis.core.config import DEVICE_MAPS, ConfigError, InputError, from_json
 from analysis.core.distributed import leader_process
 from analysis.core.tasks import DEVICES_HELP, Cancelled, Event, Task, TaskContext
 
-__all__ = ["add_device_map_argument", "add_task_arguments", "load_task", "run_command", "run_task"]
+__all__ = ["add_device_map_argument", "add_task_arguments", "bounded_int", "load_task", "positive_int", "run_command",
+           "run_task"]
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +30,30 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
                        help="read the whole task from this JSON file (as the web app writes it); other options ignored")
     group.add_argument("--job", metavar="DIR", help=argparse.SUPPRESS)  # run as the worker of a queued job
     group.add_argument("--device", default="cpu", help=f"where to compute: {DEVICES_HELP} (default cpu)")
-    group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    group.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                       help="torch CPU threads, >= 1 (default: torch's choice)")
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` of a count that must be >= 1 (argparse prints the message and exits 2)."""
+    return bounded_int(1)(text)
+
+
+def bounded_int(low: int, high: int | None = None):
+    """An argparse ``type``: an integer in [low, high] (``high`` None: no upper bound), else a message naming
+    the range (argparse prints it and exits 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give an integer "
+                                             + (f"from {low} to {high}" if high is not None else f">= {low}"))
+        return value
+
+    parse.__name__ = "integer"
+    return parse
 
 
 def add_device_map_argument(parser: argparse.ArgumentParser) -> None:
@@ -45,11 +69,20 @@ def load_task(path: str | Path, task_class: type) -> Task:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot read the task file {path}: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"the task file {path} holds a JSON {type(data).__name__}, not an object of "
+                          f"{task_class.__name__} settings (or {{\"kind\", \"config\"}} as a job writes it)")
     if "config" in data and "kind" in data:
         if data["kind"] != task_class.kind:
             raise ConfigError(f"{path} holds a {data['kind']!r} task, not {task_class.kind!r}")
         data = data["config"]
-    return from_jsonable(task_class, data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"the task file {path}: 'config' is a JSON {type(data).__name__}, not an object")
+    try:
+        return from_jsonable(task_class, data)
+    except TypeError as error:  # a field of the wrong JSON type that the constructor trips over
+        raise ConfigError(f"the task file {path} does not hold valid {task_class.__name__} settings: {error}") \
+            from error
 
 
 def run_command(args: argparse.Namespace, task_class: type, build: Callable[[argparse.Namespace], Task],
@@ -87,7 +120,8 @@ def run_task(task: Task, args: argparse.Namespace, print_result: Callable[[Mappi
 
     In the foreground the first Ctrl-C cancels cleanly (the task keeps its finished work; running the same
     command again resumes), a second one stops at once. Under torchrun the ranks other than 0 run the task
-    quietly (no progress bar, no printed result). Returns the exit code."""
+    quietly (no progress bar, no printed result). Bad input found while running (an
+    :class:`~analysis.core.config.InputError`) prints ``error: ...`` and returns 2. Returns the exit code."""
     from analysis.core import jobs
 
     if getattr(args, "job", None):
@@ -111,6 +145,11 @@ def run_task(task: Task, args: argparse.Namespace, print_result: Callable[[Mappi
             bar.close()
         print(f"Cancelled: {error}. Run the same command again to resume.", file=sys.stderr)
         return 130
+    except InputError as error:  # found while running (a model that does not load, a data file, a busy run)
+        if bar is not None:
+            bar.close()
+        print(f"error: {error}")
+        return 2
     finally:
         signal.signal(signal.SIGINT, previous)
     if bar is not None:

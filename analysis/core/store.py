@@ -58,7 +58,7 @@ from analysis.core.results import RunResults
 __all__ = [
     "RunBusy", "RunCorrupted", "RunIncomplete", "RunNotFound", "RunResults", "RunStore", "RunWriter", "StoreError",
     "atomic_save_arrays", "atomic_write_bytes", "atomic_write_json", "delete", "file_sha256", "finite_or_none",
-    "json_default", "list_runs", "load", "manifest_problem", "safetensors_intact",
+    "json_default", "list_runs", "load", "manifest_problem", "safetensors_intact", "valid_id",
 ]
 
 MANIFEST = "manifest.json"
@@ -245,6 +245,16 @@ def process_alive(pid: int | None, marker: str = "") -> bool:
     return not Path("/proc").is_dir()
 
 
+_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,199}")
+#: What a run or job id may be, in words (ids name folders: nothing that leaves the store).
+ID_RULE = "ids are letters, digits, '_', '.', '+', '=' and '-', at most 200, not starting with '.' or '-'"
+
+
+def valid_id(value: Any) -> bool:
+    """True if ``value`` may name a run or job folder (one plain folder name inside its store: see ID_RULE)."""
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
 def manifest_problem(manifest: Any) -> str | None:
     """What is wrong with the shape of a parsed manifest (valid JSON need not be a manifest), or None.
 
@@ -292,8 +302,8 @@ class RunStore:
         self.root = Path(root) if root is not None else cache_dir() / "runs"
 
     def path(self, run_id: str) -> Path:
-        if not run_id or "/" in run_id or run_id.startswith("."):
-            raise RunNotFound(f"invalid run id {run_id!r}")
+        if not valid_id(run_id):
+            raise RunNotFound(f"invalid run id {run_id!r}: {ID_RULE}")
         return self.root / run_id
 
     def manifest(self, run_id: str) -> dict:

@@ -13,16 +13,17 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-from analysis.core.cli import add_device_map_argument, add_task_arguments
+from analysis.core.cli import add_device_map_argument, add_task_arguments, bounded_int
 from analysis.core.config import InputError, ModelConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     if command == "collect":
-        from analysis.engine.gradients import CollectionConfig
+        from analysis.engine.gradients import BOUNDS, CollectionConfig
 
         defaults = CollectionConfig()
         add = parser.add_argument
+        size = {name: bounded_int(*bounds) for name, bounds in BOUNDS.items()}
         add("--model", default="default", help="default, tiny-llama, tiny-gpt2, hub id or checkpoint folder")
         add("--dtype", default="float32", help="model dtype: float32 (default), float64, bfloat16")
         add_device_map_argument(parser)
@@ -30,31 +31,33 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         add("--utility", default=defaults.utility, help="shipped dataset name or file (benign tasks)")
         add("--safety-split", default=None, help="use only this split of the safety file")
         add("--utility-split", default=None, help="use only this split of the utility file")
-        add("-n", type=int, default=None, help="total samples, split evenly between safety and utility")
-        add("--n-safety", type=int, default=None, help=f"safety samples (default {defaults.n_safety})")
-        add("--n-utility", type=int, default=None, help=f"utility samples (default {defaults.n_utility})")
+        add("-n", type=bounded_int(2, 2 * BOUNDS["n_safety"][1]), default=None,
+            help="total samples (>= 2), split evenly between safety and utility")
+        add("--n-safety", type=size["n_safety"], default=None, help=f"safety samples (default {defaults.n_safety})")
+        add("--n-utility", type=size["n_utility"], default=None, help=f"utility samples (default {defaults.n_utility})")
         add("--layers", default=defaults.layers, help="layers, e.g. 0-29, 0-3,7 or all")
         add("--modules", default=defaults.kinds, help="module kinds, e.g. q,k,v,o,gate,up,down or all")
         add("--regex", default=None, help="select modules whose HF path matches (replaces --layers/--modules)")
-        add("--max-length", type=int, default=defaults.max_length, help="tokens per sample")
-        add("--batch-size", type=int, default=defaults.batch_size)
+        add("--max-length", type=size["max_length"], default=defaults.max_length, help="tokens per sample")
+        add("--batch-size", type=size["batch_size"], default=defaults.batch_size)
         add("--padding-side", choices=("right", "left"), default=defaults.padding_side)
-        add("--top-k", type=int, default=defaults.top_k, help="subspace dimension k")
+        add("--top-k", type=size["top_k"], default=defaults.top_k, help="subspace dimension k")
         add("--seed", type=int, default=defaults.seed)
         add("--gram-route", choices=("auto", "ghost", "dense"), default=defaults.gram_route)
         add("--curve-layers", default=defaults.curve_layers, help="overlap-vs-n curve layers: auto, all, none, 0,10")
-        add("--curve-boot", type=int, default=defaults.curve_boot, help="random subsets per n for the curve")
-        add("--modules-per-pass", type=int, default=defaults.modules_per_pass,
+        add("--curve-boot", type=size["curve_boot"], default=defaults.curve_boot, help="random subsets per n for the curve")
+        add("--modules-per-pass", type=bounded_int(0), default=defaults.modules_per_pass,
             help="capture at most this many modules per forward+backward pass (0: all; bounds memory and disk)")
-        add("--projection-dim", type=int, default=None, metavar="P",
+        add("--projection-dim", type=bounded_int(1), default=None, metavar="P",
             help="sketch the factors of modules with min(d_out, d_in) > P to P dims (random projection; "
                  "spectra/cosines approximate, angles in sketch space; default: exact)")
         add("--memory-budget", type=float, default=None, metavar="GiB",
             help="refuse to start when the planned peak memory is above this (the plan is printed first)")
         add("--disk-budget", type=float, default=None, metavar="GiB",
             help="refuse to start when the planned factor files need more disk than this")
-        add("--workers", type=int, default=None, help="modules analysed in parallel (default: min(2, CPUs))")
-        add("--chunk-mb", type=int, default=512, help="memory for one module's dense G_i chunk (MiB)")
+        add("--workers", type=bounded_int(1, 256), default=None,
+            help="modules analysed in parallel, >= 1 (default: min(2, CPUs))")
+        add("--chunk-mb", type=bounded_int(1, 2**20), default=512, help="memory for one module's dense G_i chunk (MiB, >= 1)")
         add("--force", action="store_true", help="recompute even if the run exists")
         add("--keep-work", action="store_true", help="keep the per-batch factor files of the run")
         add("--store", default=None, help="runs folder (default cache/runs)")
@@ -70,8 +73,9 @@ def _config(args: argparse.Namespace):
     from analysis.engine.gradients import CollectionConfig
 
     defaults = CollectionConfig()
-    n_safety = args.n_safety if args.n_safety is not None else (args.n // 2 if args.n else defaults.n_safety)
-    n_utility = args.n_utility if args.n_utility is not None else (args.n - args.n // 2 if args.n else defaults.n_utility)
+    given = args.n is not None
+    n_safety = args.n_safety if args.n_safety is not None else (args.n // 2 if given else defaults.n_safety)
+    n_utility = args.n_utility if args.n_utility is not None else (args.n - args.n // 2 if given else defaults.n_utility)
     return CollectionConfig(
         model=ModelConfig(source=args.model, dtype=args.dtype, device_map=args.device_map),
         safety=args.safety, utility=args.utility,

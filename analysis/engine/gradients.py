@@ -80,6 +80,11 @@ GRAM_ROUTES = ("auto", "ghost", "dense")
 PADDING_SIDES = ("left", "right")
 #: CollectionConfig fields that change how a run is computed, never its numbers: not part of the run id.
 PERFORMANCE_FIELDS = ("modules_per_pass",)
+#: Allowed range of each integer setting (inclusive). The upper bounds are far above any real use (the largest
+#: models' widths, context lengths) and stop typos that would allocate without limit or never end (top_k = 1e9
+#: asked for 14.9 GiB; curve_boot = 1e8 random subsets per n ran for ever).
+BOUNDS = {"n_safety": (1, 100_000), "n_utility": (1, 100_000), "max_length": (16, 131_072),
+          "batch_size": (1, 4096), "top_k": (1, 4096), "curve_boot": (1, 10_000)}
 #: Layers that get an overlap-vs-n curve with ``curve_layers="auto"`` (evenly spaced, first and last included).
 CURVE_AUTO_LAYERS = 3
 
@@ -156,11 +161,10 @@ class CollectionConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"{name} dataset is empty: give a shipped name (e.g. {name!r}) or a file path")
-        positive = {"n_safety": 1, "n_utility": 1, "max_length": 16, "batch_size": 1, "top_k": 1, "curve_boot": 1}
-        for name, low in positive.items():
+        for name, (low, high) in BOUNDS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{name} must be an integer from {low} to {high}, got {value!r}")
         if isinstance(self.modules_per_pass, bool) or not isinstance(self.modules_per_pass, int) \
                 or self.modules_per_pass < 0:
             raise ConfigError(f"modules_per_pass must be an integer >= 0 (0: all modules in one pass), "

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from analysis.core.config import ConfigError, ModelConfig, cache_dir, config_hash, from_jsonable
-from analysis.core.store import RunStore, finite_or_none
+from analysis.core.store import ID_RULE, RunStore, finite_or_none, valid_id
 from analysis.core.tasks import TaskContext
 
 __all__ = ["PAIRS", "REFERENCES", "GradientSums", "WhyResults", "WhyTask", "add_arguments", "compare_subspaces",
@@ -226,6 +226,8 @@ class WhyTask:
             object.__setattr__(self, "base", ModelConfig(source=str(self.base)))
         if not self.run:
             raise ConfigError("give the fine-tuning run to explain (run id)")
+        if not valid_id(self.run):
+            raise ConfigError(f"run {self.run!r} is not a fine-tuning run id: {ID_RULE}")
         for name in ("k", "n_prompts", "first_tokens", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
