@@ -61,7 +61,7 @@ with model_column:
     if picked == "default-aligned" and not common.aligned_model_available():
         align_job = ui_jobs.current("align")
         if align_job is not None and align_job.active:
-            st.markdown(f"**{'Building' if align_job.running else 'Waiting to build'}:** {align_job.label}")
+            st.markdown(f"**{'Building' if align_job.running else 'Waiting to build'}:** {common.plain(align_job.label)}")
             ui_jobs.follow(align_job)
         else:
             if align_job is not None:

@@ -24,8 +24,8 @@ if position != remembered:
     common.set_choice("sample", int(position))
 sample = scores.loc[position]
 with st.container(border=True):
-    st.markdown(f"**Prompt** ({sample.get('category') or 'no category'}): {sample['prompt']}")
-    st.markdown(f"**Response:** {sample['response']}")
+    st.markdown(f"**Prompt** ({common.plain(sample.get('category') or 'no category')}): {common.plain(sample['prompt'])}")
+    st.markdown(f"**Response:** {common.plain(sample['response'])}")
 
 common.show_figure(common.view(run, "single_sample_figure", int(position), "safety"), run.run_id,
                    f"single_sample_{sample['id']}")

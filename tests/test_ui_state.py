@@ -141,3 +141,50 @@ def test_the_app_loads_runs_with_their_checksums_verified_once_per_manifest_stam
     for _ in range(2):
         with pytest.raises(RunCorrupted, match="gram.safetensors"):
             common.load_run(run.run_id)
+
+
+IMAGE = "![p](http://host/x.png)"
+
+
+def test_user_text_is_never_rendered_as_markdown(cache, tiny_llama, monkeypatch):
+    from analysis.core import jobs
+    from analysis.engine.collect import collect
+    from analysis.engine.gradients import CollectionConfig
+    from ui import jobs as ui_jobs
+
+    rows = [{"id": f"s{i}", "prompt": f"{IMAGE} [click](http://host/{i}) # title {i}", "response": "I won't. :red[no]"}
+            for i in range(4)]
+    path = cache / "hostile.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run = collect(CollectionConfig(model="tiny-llama", safety=str(path), utility_split="analysis", **SMALL),
+                  model=tiny_llama)
+    seed_cache(cache, model="tiny-llama", run_id=run.run_id, **SMALL)
+    at = fresh_app()
+    at.switch_page("pages/single_sample.py").run()
+    no_exceptions(at)
+    texts = [element.value for element in at.markdown]
+    shown = [text for text in texts if "Prompt" in text]
+    assert shown and "http://host/x.png" in shown[0].replace("\\", "")
+    assert not any(IMAGE in text or "](http" in text or ":red[" in text for text in texts), texts
+    job = jobs.JobStatus("j", "evaluate", f"Evaluating {IMAGE}", "cpu", "r", jobs.RUNNING, fraction=0.5)
+    monkeypatch.setattr(jobs, "list_jobs", lambda **kwargs: [job])
+    assert not any("](http" in line for line in ui_jobs.active_summary())
+
+
+def test_an_upload_without_answers_says_what_to_do_in_the_users_terms(cache):
+    from analysis.llm.data import DataError, load_bytes
+
+    with pytest.raises(DataError) as caught:
+        load_bytes(b'{"prompt": "How do I bake bread?"}\n', "prompts.jsonl")
+    assert "require_response" not in str(caught.value) and "safety evaluation" in str(caught.value)
+
+
+def test_an_upload_is_written_atomically_and_a_damaged_copy_is_rewritten(cache):
+    from ui import common
+
+    data = b'{"prompt": "p", "response": "r"}\n' * 50
+    path = common.save_upload(data, "mine.jsonl")
+    assert path.read_bytes() == data
+    path.write_bytes(data[:17])  # an interrupted write left a short file under the final name
+    assert common.save_upload(data, "mine.jsonl") == path and path.read_bytes() == data
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,16 @@ def run_inside_app() -> None:
         PagesManager.uses_pages_directory = False
         st.rerun()
     count_run()
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
+
+
+def plain(text: Any) -> str:
+    """User text (prompts, responses, file names, model ids, job labels) made safe to put inside Markdown:
+    every Markdown/Streamlit special character backslash-escaped, so ``![p](http://host/x.png)`` shows as
+    those characters, never as an image the browser fetches (nor a link, heading, colour or emoji directive)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text)).replace("\n", "  \n")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -310,13 +321,20 @@ UPLOAD_NAMES = "upload.names"  # session key: {saved path: the file name the use
 
 def save_upload(data: bytes, filename: str) -> Path:
     """Keep an uploaded dataset under ``<cache>/uploads/<sha>_<name>`` (content-addressed, so the run id
-    follows the content) and return its path for ``CollectionConfig``."""
-    digest = hashlib.sha256(data).hexdigest()[:12]
+    follows the content) and return its path for ``CollectionConfig``. Written to a temporary name and moved
+    into place; a file already there is reused only if its content hashes to the same sha256 (a short file
+    left by an interrupted write, or one changed since, is written again)."""
+    from analysis.core.store import atomic_write_bytes
+
+    full = hashlib.sha256(data).hexdigest()
     folder = cache_dir() / UPLOADS
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{digest}_{export.sanitize(Path(filename).stem)}{Path(filename).suffix.lower()}"
-    if not path.is_file():
-        path.write_bytes(data)
+    path = folder / f"{full[:12]}_{export.sanitize(Path(filename).stem)}{Path(filename).suffix.lower()}"
+    try:
+        intact = path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == full
+    except OSError:
+        intact = False
+    if not intact:
+        atomic_write_bytes(path, data)
     return path
 
 
@@ -441,15 +459,15 @@ def sidebar() -> None:
     """The model chosen on Setup, the active run and every queued or running job, on every page."""
     with st.container():  # inside st.sidebar (app.py)
         st.caption("ACTIVE")
-        st.markdown(f"**Model (Setup):** `{choice('model')}`")
+        st.markdown(f"**Model (Setup):** `{str(choice('model')).replace('`', '')}`")
         run = active_run()
         if run is None:
             st.markdown("**Run:** none yet")
         else:
             summary = views.run_summary(run)
             sketch = f" · {summary['projection']}" if summary["projection"] != "exact" else ""
-            st.markdown(f"**Run:** `{run.run_id}`  \n{summary['model']} · {summary['modules']} modules{sketch}  \n"
-                        f"safety set: {summary['safety']}  \nutility set: {summary['utility']}")
+            st.markdown(f"**Run:** `{run.run_id}`  \n{plain(summary['model'])} · {summary['modules']} modules{sketch}  \n"
+                        f"safety set: {plain(summary['safety'])}  \nutility set: {plain(summary['utility'])}")
         sidebar_jobs()
 
 

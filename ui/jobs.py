@@ -16,7 +16,7 @@ import streamlit as st
 from analysis.core import jobs
 from analysis.core.jobs import JobStatus
 from analysis.core.tasks import Task
-from ui.common import choice, set_choice
+from ui.common import choice, plain, set_choice
 
 POLL_SECONDS = 1.0
 ORDINALS = {1: "next", 2: "2nd", 3: "3rd"}
@@ -72,7 +72,7 @@ def follow(status: JobStatus, live_view: Callable[[dict[str, Any]], None] | None
         if now is None or not now.active:
             st.rerun(scope="app")
             return
-        st.markdown(f"**{'Running' if now.running else 'Queued'}:** {now.label}")
+        st.markdown(f"**{'Running' if now.running else 'Queued'}:** {plain(now.label)}")
         if now.state == jobs.QUEUED:
             st.info(queue_text(now), icon=":material/hourglass_top:")
         else:
@@ -108,7 +108,7 @@ def active_summary() -> list[str]:
     lines = []
     for status in jobs.list_jobs(active_only=True):
         if status.state == jobs.RUNNING:
-            lines.append(f"**Running:** {status.label} · {status.fraction:.0%}")
+            lines.append(f"**Running:** {plain(status.label)} · {status.fraction:.0%}")
         else:
-            lines.append(f"**Queued ({ORDINALS.get(status.position or 1, status.position)}):** {status.label}")
+            lines.append(f"**Queued ({ORDINALS.get(status.position or 1, status.position)}):** {plain(status.label)}")
     return lines
