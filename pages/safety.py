@@ -5,6 +5,7 @@ import streamlit as st
 from analysis.core.config import ConfigError, InputError
 from analysis.lab.align import aligned_folder, aligned_manifest
 from analysis.llm.data import DataError
+from analysis.llm.models import ALIGN_MEASURED
 from analysis.safety.evaluate import KEYWORD_LISTS, EvalConfig, GuardConfig, JudgeConfig
 from analysis.views import safety as safety_views
 from ui import common
@@ -42,7 +43,7 @@ else:
     else:
         st.info("SmolLM2-135M-Instruct as shipped answers harmful requests, so its safety gradient has nothing to "
                 "preserve. Build the safety-aligned variant once: refusals on the safety set's analysis split, mixed "
-                "with the model's own answers to benign prompts (self-distillation). About 15–25 minutes on a 2-core CPU.")
+                f"with the model's own answers to benign prompts (self-distillation). It takes {ALIGN_MEASURED}.")
         if st.button("Build the aligned model", type="primary", icon=":material/shield:"):
             from analysis.lab.align import AlignTask
 

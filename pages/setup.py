@@ -10,7 +10,7 @@ from analysis.core.store import RunStore
 from analysis.engine.capture import ALL_KINDS, SelectionError, select_modules
 from analysis.engine.gradients import CURVE_AUTO_LAYERS
 from analysis.llm.data import load_shipped
-from analysis.llm.models import ModelLoadError, summarize
+from analysis.llm.models import ALIGN_MEASURED, ModelLoadError, summarize
 from ui import common
 from ui import jobs as ui_jobs
 
@@ -67,8 +67,8 @@ with model_column:
             if align_job is not None:
                 ui_jobs.show_outcome(align_job, "Alignment")
             st.warning("The safety-aligned variant has not been built yet. The seeds' claims are about aligned "
-                       "models, so build it once here (or with `python -m analysis align`; about 15–25 minutes on "
-                       "a 2-core CPU). Its details are on the page \"Is the model safe?\".")
+                       f"models, so build it once here (or with `python -m analysis align`; {ALIGN_MEASURED}). "
+                       "Its details are on the page \"Is the model safe?\".")
             if st.button("Build the aligned model", type="primary", icon=":material/shield:", key="setup.align"):
                 from analysis.lab.align import AlignTask
 
