@@ -282,6 +282,9 @@ elif config is not None and not (job is not None and job.active and job.run_id =
 run = common.active_run()
 if run is not None and complete and run.run_id == stored_id:
     st.markdown("#### First answers")
+    truncated = common.view(run, "truncation_notice")
+    if truncated:
+        st.caption(f":material/content_cut: {truncated}")
     st.markdown(f"**Is safety low-rank?** {common.view(run, 'low_rank_answer', 0.9)}")
     st.markdown(f"**Do safety and utility fight?** {common.view(run, 'conflict_answer')}")
     st.page_link("pages/spectra.py", label="See the spectra", icon=":material/show_chart:")

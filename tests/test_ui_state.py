@@ -188,3 +188,31 @@ def test_an_upload_is_written_atomically_and_a_damaged_copy_is_rewritten(cache):
     path.write_bytes(data[:17])  # an interrupted write left a short file under the final name
     assert common.save_upload(data, "mine.jsonl") == path and path.read_bytes() == data
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+
+
+def test_collection_progress_names_the_model_load_and_the_first_batch_before_it_is_done(cache, tiny_llama):
+    from analysis.core.tasks import TaskContext
+    from analysis.engine.collect import collect
+    from analysis.engine.gradients import CollectionConfig
+
+    messages = []
+    collect(CollectionConfig(model="tiny-llama", safety_split="analysis", utility_split="analysis", **SMALL),
+            ctx=TaskContext(progress=lambda event: messages.append(event.message)))
+    assert messages[0] == "loading model tiny-llama"
+    first_capture = next(i for i, m in enumerate(messages) if m.startswith("captured batch 1/"))
+    assert any(m.startswith("capturing batch 1/") and "forward + backward" in m for m in messages[:first_capture])
+
+
+def test_pages_say_when_samples_were_truncated(cache, tiny_llama):
+    from analysis.engine.collect import collect
+    from analysis.engine.gradients import CollectionConfig
+
+    run = collect(CollectionConfig(model="tiny-llama", safety_split="analysis", utility_split="analysis",
+                                   **dict(SMALL, max_length=16)), model=tiny_llama)
+    assert run.manifest["n_truncated"] > 0
+    seed_cache(cache, model="tiny-llama", run_id=run.run_id, **SMALL)
+    at = fresh_app()
+    at.switch_page("pages/spectra.py").run()
+    no_exceptions(at)
+    assert any(f"{run.manifest['n_truncated']} of 8 samples were longer than the sequence length (16 tokens)"
+               in caption.value for caption in at.caption)

@@ -296,6 +296,9 @@ def require_run():
     note = views.projection_notice(run)
     if note:
         st.warning(note, icon=":material/compress:")
+    truncated = views.truncation_notice(run)
+    if truncated:
+        st.caption(f":material/content_cut: {truncated}")
     return run
 
 
