@@ -43,6 +43,8 @@ with left:
         st.stop()
     base = common.remembered_widget("grid.base", st.selectbox, "Model before alignment (Safe LoRA's V = aligned − base)",
                                     list(models), format_func=models.get, value="default")
+    for warning in views.grid_model_warnings(source, base):
+        st.warning(warning, icon=":material/warning:")
     tiers = st.multiselect("Attack tiers", list(PRESETS), default=list(grid.TIERS), key="widget.grid.tiers",
                            help="; ".join(f"{name}: {preset.description.split('. ')[0]}" for name, preset in PRESETS.items()))
     defences = st.multiselect("Defences", list(grid.DEFENCES), default=list(grid.DEFAULT_DEFENCES),
@@ -63,9 +65,8 @@ except InputError as error:
     st.error(str(error))
     st.stop()
 cells = task.cells()
-st.caption(f"{len(cells)} cells: {len({c for c in cells if c[1] not in ('none', 'safe-lora')})} fine-tuning runs "
-           "(4 to 23 minutes each for the shipped presets on one CPU core of a 2-core machine, reused when stored) and one "
-           "evaluation per cell (about 5 minutes each there).")
+stored_cells = [(row["tier"], row["defence"]) for row in grid.stored_rows(task)]
+st.caption(views.grid_cost_text(cells, stored_cells))
 
 
 def live_rows(live: dict) -> None:
