@@ -45,10 +45,10 @@ with left:
                                     list(models), format_func=models.get, value="default")
     for warning in views.grid_model_warnings(source, base):
         st.warning(warning, icon=":material/warning:")
-    tiers = st.multiselect("Attack tiers", list(PRESETS), default=list(grid.TIERS), key="widget.grid.tiers",
+    tiers = st.multiselect("Attack tiers", list(PRESETS), default=list(grid.TIERS), key="widget.grid.tiers", wrap=True,
                            help="; ".join(f"{name}: {preset.description.split('. ')[0]}" for name, preset in PRESETS.items()))
     defences = st.multiselect("Defences", list(grid.DEFENCES), default=list(grid.DEFAULT_DEFENCES),
-                              key="widget.grid.defences")
+                              key="widget.grid.defences", wrap=True)
     st.caption(" · ".join(f"**{name}**: {DESCRIPTIONS[name]}" for name in grid.DEFENCES))
 with right:
     n_harmful = st.number_input("Harmful prompts evaluated (held-out split, seeded subsample)", 1, 88,
