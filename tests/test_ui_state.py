@@ -216,3 +216,18 @@ def test_pages_say_when_samples_were_truncated(cache, tiny_llama):
     no_exceptions(at)
     assert any(f"{run.manifest['n_truncated']} of 8 samples were longer than the sequence length (16 tokens)"
                in caption.value for caption in at.caption)
+
+
+def test_app_replaces_the_raw_page_list_before_its_heavy_imports():
+    """Until a session calls st.navigation, Streamlit shows pages/' file names ("app, conflicts, ...") in the
+    sidebar; app.py must call it before importing ui/analysis (seconds on a cold start)."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(APP)).read_text())
+    navigation = min(node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)
+                     and getattr(node.func, "attr", "") == "navigation")
+    heavy = min(node.lineno for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                and any((alias.name if isinstance(node, ast.Import) else node.module or "").split(".")[0]
+                        in ("ui", "analysis", "pandas", "plotly", "torch") for alias in node.names))
+    assert navigation < heavy
