@@ -231,3 +231,11 @@ def test_app_replaces_the_raw_page_list_before_its_heavy_imports():
                 and any((alias.name if isinstance(node, ast.Import) else node.module or "").split(".")[0]
                         in ("ui", "analysis", "pandas", "plotly", "torch") for alias in node.names))
     assert navigation < heavy
+
+
+def test_a_hand_edited_job_id_in_the_state_file_is_ignored_not_a_crash(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
+    seed_cache(tmp_path, model="tiny-llama", **SMALL, **{"job.collect": "../../victim"})
+    at = fresh_app().run()
+    no_exceptions(at)
+    assert [b.label for b in at.button] == ["Collect"]

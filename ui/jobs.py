@@ -15,6 +15,7 @@ import streamlit as st
 
 from analysis.core import jobs
 from analysis.core.jobs import JobStatus
+from analysis.core.store import valid_id
 from analysis.core.tasks import Task
 from ui.common import choice, plain, set_choice
 
@@ -36,7 +37,7 @@ def current(kind: str, run_id: str | None = None) -> JobStatus | None:
     if active:
         return active[-1]
     remembered = choice(f"job.{kind}")
-    status = jobs.read(remembered) if remembered else None
+    status = jobs.read(remembered) if remembered and valid_id(remembered) else None  # (a hand-edited state file)
     if status is None or (run_id is not None and status.run_id != run_id):
         return None
     return status
@@ -50,7 +51,7 @@ def queue_text(status: JobStatus) -> str:
              if s.device == status.device and s.submitted <= status.submitted and s.job_id != status.job_id]
     if not ahead:
         return f"Starting its worker process on {status.device} (loading libraries, a few seconds)…"
-    after = ", ".join(f"{s.label} ({s.state})" for s in ahead)
+    after = ", ".join(f"{plain(s.label)} ({s.state})" for s in ahead)
     place = ORDINALS.get(status.position or 1, f"{status.position}th")
     return f"Queued: {place} in line on {status.device}, after: {after}."
 
