@@ -17,7 +17,9 @@ if runs.empty:
     st.page_link("pages/setup.py", label="Go to Setup", icon=":material/tune:")
     st.stop()
 
-st.dataframe(runs, hide_index=True, width="stretch")
+narrow = ("status", "n_safety", "n_utility", "n_modules", "top_k", "projection_dim", "size_mb")  # all 12 fit 1400 px
+st.dataframe(runs, hide_index=True, width="stretch",
+             column_config={name: st.column_config.Column(width="small") for name in narrow})
 complete = runs[runs["status"] == "complete"]
 if len(complete) < len(runs):
     st.caption(f"{len(runs) - len(complete)} run(s) are unfinished or damaged: collect the same settings again to "
