@@ -239,3 +239,14 @@ def test_a_hand_edited_job_id_in_the_state_file_is_ignored_not_a_crash(tmp_path,
     at = fresh_app().run()
     no_exceptions(at)
     assert [b.label for b in at.button] == ["Collect"]
+
+
+@pytest.mark.parametrize("manifest", ["[]", '{"status": "complete", "files": null}'])
+def test_the_runs_page_shows_a_run_with_a_manifest_of_the_wrong_shape_as_corrupted(cache, manifest):
+    folder = cache / "runs" / "0123456789abcdef"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(manifest)
+    at = fresh_app()
+    at.switch_page("pages/runs.py").run()
+    no_exceptions(at)
+    assert any("is corrupted" in warning.value for warning in at.warning)
