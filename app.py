@@ -10,8 +10,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import streamlit as st  # noqa: E402
 
-from ui import common  # noqa: E402
-
 st.set_page_config(page_title="Safety Subspace Explorer", page_icon=":material/shield:", layout="wide")
 
 PAGES = [
@@ -29,7 +27,11 @@ PAGES = [
     st.Page("pages/runs.py", title="Runs and export", icon=":material/folder_open:"),
 ]
 
+# st.navigation first, the heavy imports (pandas, plotly, analysis) after it: until a session has called it, Streamlit
+# shows the pages/ folder's raw file names in the sidebar, and on a cold start the imports took seconds.
 page = st.navigation(PAGES)
+with st.spinner("Loading…"):
+    from ui import common  # noqa: E402
 st.session_state[common.APP_ENTERED] = True
 with st.sidebar:
     common.sidebar()

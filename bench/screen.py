@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from analysis.core.config import ModelConfig
-    from analysis.llm.anatomy import find_linear_modules, select_modules
     from analysis.engine.collect import numpy_single_threaded
     from analysis.engine.screening import ReferenceSums, Scorer, safety_basis, stream_batch
     from analysis.lab.screen import batches_by_length
+    from analysis.llm.anatomy import find_linear_modules, select_modules
     from analysis.llm.data import load_shipped
     from analysis.llm.formatting import per_sample_loss, tokenize_batch, tokenize_conversation
     from analysis.llm.models import load_model

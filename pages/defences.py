@@ -33,10 +33,12 @@ with left:
         st.stop()
     base = common.remembered_widget("grid.base", st.selectbox, "Model before alignment (Safe LoRA's V = aligned − base)",
                                     list(models), format_func=models.get, value="default")
-    tiers = st.multiselect("Attack tiers", list(PRESETS), default=list(grid.TIERS), key="widget.grid.tiers",
+    for warning in views.grid_model_warnings(source, base):
+        st.warning(warning, icon=":material/warning:")
+    tiers = st.multiselect("Attack tiers", list(PRESETS), default=list(grid.TIERS), key="widget.grid.tiers", wrap=True,
                            help="; ".join(f"{name}: {preset.description.split('. ')[0]}" for name, preset in PRESETS.items()))
     chosen = st.multiselect("Defences", list(VARIANTS), default=list(grid.DEFAULT_DEFENCES),
-                            key="widget.grid.defences")
+                            key="widget.grid.defences", wrap=True)
     st.caption(" · ".join(f"**{name}**: {item.description}" for name, item in VARIANTS.items()))
 with right:
     Grid = grid.DefenceGridTask
@@ -59,8 +61,11 @@ except InputError as error:
     st.error(str(error))
     st.stop()
 cells = task.cells()
-st.caption(f"{len(cells)} cells: {task.n_runs()} fine-tuning runs (reused when stored) and one evaluation per cell. "
-           + " ".join(filter(None, (ui_jobs.measured_cost("finetune"), ui_jobs.measured_cost("evaluate")))))
+stored_rows = grid.stored_rows(task)
+measured_evaluations = load_evaluations(row.get("eval_run") for row in stored_rows)
+st.caption(views.grid_cost_text(views.grid_cost(
+    task, stored_rows, [row["train_seconds"] for row in stored_rows if row.get("train_seconds")],
+    [e.seconds for e in measured_evaluations.values() if e is not None and e.seconds])))
 
 
 def live_rows(live: dict) -> None:
@@ -81,7 +86,7 @@ shown = stored.get(run_id)
 if shown is not None:
     rows, export_id = shown.rows, f"defences_{shown.run_id}"
 else:
-    rows, export_id = grid.stored_rows(task), f"defences_{run_id}_partial"
+    rows, export_id = stored_rows, f"defences_{run_id}_partial"
     if not rows:
         st.info("No cell of this grid is stored yet.")
         st.stop()

@@ -18,7 +18,14 @@ if runs.empty:
     st.page_link("pages/setup.py", label="Go to Setup", icon=":material/tune:")
     st.stop()
 
-st.dataframe(runs, hide_index=True, width="stretch")
+# short labels and fixed widths: all 12 columns fit the main area of a 1400 px wide window (~940 px)
+COLUMNS = {"run_id": ("run id", 135), "status": ("status", 75), "created": ("created", 120), "model": ("model", 95),
+           "safety": ("safety set", 80), "utility": ("utility set", 80), "n_safety": ("safety n", 60),
+           "n_utility": ("utility n", 60), "n_modules": ("modules", 60), "top_k": ("k", 35),
+           "projection_dim": ("sketch p", 60), "size_mb": ("MiB", 50)}
+shown_runs = runs.assign(created=runs["created"].astype(str).str.slice(0, 16).str.replace("T", " "))
+st.dataframe(shown_runs, hide_index=True, width="stretch",
+             column_config={name: st.column_config.Column(label, width=width) for name, (label, width) in COLUMNS.items()})
 complete = runs[runs["status"] == "complete"]
 if len(complete) < len(runs):
     st.caption(f"{len(runs) - len(complete)} run(s) are unfinished or damaged: collect the same settings again to "

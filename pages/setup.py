@@ -10,7 +10,7 @@ from analysis.engine.collect_task import CURVE_AUTO_LAYERS
 from analysis.engine.results import CollectionStore
 from analysis.llm.anatomy import ALL_KINDS, SelectionError, select_modules
 from analysis.llm.data import load_shipped
-from analysis.llm.models import ModelLoadError, summarize
+from analysis.llm.models import ALIGN_MEASURED, ModelLoadError, summarize
 from ui import common
 from ui import jobs as ui_jobs
 
@@ -49,8 +49,8 @@ def remember_model() -> None:
     """Runs before the rerun (on_change), so the sidebar, drawn before this page, already shows the new model."""
     picked = st.session_state["widget.model_kind"]
     other = st.session_state.get("widget.model_other", "").strip()
-    if picked != "other" or other:
-        common.set_choice("model", picked if picked != "other" else other)
+    if picked != "other" or other:  # this session only: saved for new sessions once it has loaded (below)
+        common.set_choice("model", picked if picked != "other" else other, persist=False)
 
 
 with model_column:
@@ -62,14 +62,14 @@ with model_column:
     if picked == "default-aligned" and not common.aligned_model_available():
         align_job = ui_jobs.current("align")
         if align_job is not None and align_job.active:
-            st.markdown(f"**{'Building' if align_job.running else 'Waiting to build'}:** {align_job.label}")
+            st.markdown(f"**{'Building' if align_job.running else 'Waiting to build'}:** {common.plain(align_job.label)}")
             ui_jobs.follow(align_job)
         else:
             if align_job is not None:
                 ui_jobs.show_outcome(align_job, "Alignment")
             st.warning("The safety-aligned variant has not been built yet. The seeds' claims are about aligned "
-                       "models, so build it once here (or with `python -m analysis align`; about 15–25 minutes on "
-                       "a 2-core CPU). Its details are on the page \"Is the model safe?\".")
+                       f"models, so build it once here (or with `python -m analysis align`; {ALIGN_MEASURED}). "
+                       "Its details are on the page \"Is the model safe?\".")
             if st.button("Build the aligned model", type="primary", icon=":material/shield:", key="setup.align"):
                 from analysis.lab.align import AlignTask
 
@@ -86,13 +86,14 @@ with model_column:
             st.info("Type a hub id (must be in the local Hugging Face cache on an offline machine) or a folder.")
             st.stop()
     if source != remembered:
-        common.set_choice("model", source)
+        common.set_choice("model", source, persist=False)
 
 try:
     loaded = common.load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 except ModelLoadError as error:
     st.error(str(error))
     st.stop()
+common.remember_loaded_model(source)  # a model that failed to load is never what a new session opens on
 summary = summarize(loaded.model, loaded.tokenizer)
 with summary_column:
     st.subheader(loaded.name)
@@ -291,6 +292,9 @@ elif config is not None and not (job is not None and job.active and job.run_id =
 run = common.active_run()
 if run is not None and complete and run.run_id == stored_id:
     st.markdown("#### First answers")
+    truncated = common.view(run, "truncation_notice")
+    if truncated:
+        st.caption(f":material/content_cut: {truncated}")
     st.markdown(f"**Is safety low-rank?** {common.view(run, 'low_rank_answer', 0.9)}")
     st.markdown(f"**Do safety and utility fight?** {common.view(run, 'conflict_answer')}")
     st.page_link("pages/spectra.py", label="See the spectra", icon=":material/show_chart:")

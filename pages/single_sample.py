@@ -24,8 +24,8 @@ if position != remembered:
     common.set_choice("sample", int(position))
 sample = scores.loc[position]
 with st.container(border=True):
-    st.markdown(f"**Prompt** ({sample.get('category') or 'no category'}): {sample['prompt']}")
-    st.markdown(f"**Response:** {sample['response']}")
+    st.markdown(f"**Prompt** ({common.plain(sample.get('category') or 'no category')}): {common.plain(sample['prompt'])}")
+    st.markdown(f"**Response:** {common.plain(sample['response'])}")
 
 common.show_figure(common.view(run, "single_sample_figure", int(position), "safety"), run.run_id,
                    f"single_sample_{sample['id']}")
@@ -43,9 +43,11 @@ best_rows, worst_rows = views.best_and_worst(scores[[c for c in columns if c in 
 if len(best_rows) < 5:
     st.caption(f"{len(scores)} samples: the {len(best_rows)} closest and the {len(worst_rows)} furthest, "
                "so that no sample is in both tables.")
-best, worst = st.columns(2)
-best.markdown("**Closest to the batch subspace**")
-best.dataframe(best_rows, hide_index=True, width="stretch")
-worst.markdown("**Furthest from it**")
-worst.dataframe(worst_rows, hide_index=True, width="stretch")
+# one above the other, full width: side by side, a half-width table hid every column after phi at 1400 px
+numbers = {name: st.column_config.NumberColumn(format="%.3f", width="small") for name in ("phi", "top1", "loss")}
+numbers |= {"id": st.column_config.TextColumn(width="small"), "prompt": st.column_config.TextColumn(width="large")}
+st.markdown("**Closest to the batch subspace**")
+st.dataframe(best_rows, hide_index=True, width="stretch", column_config=numbers)
+st.markdown("**Furthest from it**")
+st.dataframe(worst_rows, hide_index=True, width="stretch", column_config=numbers)
 common.data_downloads(scores, run.run_id, "single_sample_safety")

@@ -365,7 +365,7 @@ def test_hexphi_mapping_order():
 
 def test_prompt_only_needs_opt_in(tmp_path):
     p = _w(tmp_path, "po.jsonl", '{"prompt": "a"}\n{"prompt": "b", "response": null}\n')
-    with pytest.raises(DataError, match=r"po\.jsonl, lines 1, 2, field 'response'.*require_response=False"):
+    with pytest.raises(DataError, match=r"po\.jsonl, lines 1, 2, field 'response'.*Add a 'response' to every row.*safety evaluation"):
         load_jsonl(p)
     ds = load_jsonl(p, require_response=False)
     assert ds.prompts_only and [e.response for e in ds] == ["", ""]

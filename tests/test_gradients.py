@@ -138,9 +138,11 @@ def test_collect_end_to_end_matches_direct_capture(tmp_path, datasets, gpt2_64):
     events = []
     results = collect(config, model=gpt2_64, store=CollectionStore(tmp_path), ctx=TaskContext(progress=events.append))
     assert results.run_id == config.run_id()  # the cheap run id (no model loaded) is the stored run's
-    # progress: after each of the 4 capture batches (3+2 safety, 3+1 utility) and each module; live data for charts
+    # progress: before and after each of the 4 capture batches (3+2 safety, 3+1 utility) and after each module;
+    # live data for charts
     lives = [event.live for event in events]
-    assert [live["done_samples"] for live in lives[:4]] == [3, 5, 8, 9]
+    assert [e.live["done_samples"] for e in events if e.message.startswith("captured batch")] == [3, 5, 8, 9]
+    assert [e.live["done_samples"] for e in events if e.message.startswith("capturing batch")] == [0, 3, 5, 8]
     assert all(live["total_samples"] == 9 for live in lives)
     capture = [live for live in lives if live["stage"] == "capture"]
     assert capture[-1]["preview"] and all(live["run_id"] == results.run_id for live in lives)

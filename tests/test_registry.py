@@ -102,10 +102,10 @@ def test_the_command_line_builds_the_task_field_by_field():
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--top-k", "1000000000"], "top_k must be between 1 and 100000"),
-    (["--chunk-mb", "-5"], "chunk_mb must be between 1"),
-    (["--workers", "0"], "workers must be between 1 and 64"),
-    (["--n-safety", "0"], "n_safety must be between 1"),
+    (["--top-k", "1000000000"], "top_k must be an integer from 1 to 4096"),
+    (["--chunk-mb", "-5"], "chunk_mb must be an integer from 1"),
+    (["--workers", "0"], "workers must be an integer from 1 to 256"),
+    (["--n-safety", "0"], "n_safety must be an integer from 1"),
     (["--threads", "-1"], "--threads must be at least 1"),
 ])
 def test_out_of_range_settings_are_refused_with_the_range(options, message, capsys):

@@ -109,7 +109,8 @@ def test_interrupted_run_resumes_to_identical_arrays(tmp_path, config, llama, re
         if stage == "curve":  # the overlap-vs-n curves come after every module's row
             if sum("overlap-vs-n curve" in m for m in seen) >= after:
                 raise Killed("simulated crash")
-        elif live["stage"] == stage and (live["done_modules"] if stage == "analyse" else len(seen)) >= after:
+        elif live["stage"] == stage and (live["done_modules"] if stage == "analyse"
+                                         else sum(m.startswith("captured batch") for m in seen)) >= after:
             raise Killed("simulated crash")
 
     with pytest.raises(Killed):
@@ -201,3 +202,15 @@ def test_results_accessors(reference):
     assert len(results.samples) == n_safety + n_utility
     assert results.table["module"].tolist() == results.module_names
     assert results.manifest["files"] and results.manifest["versions"]["torch"]
+
+
+@pytest.mark.parametrize("manifest", [[], {"status": "complete", "files": None}])
+def test_a_manifest_of_the_wrong_shape_is_recomputed(tmp_path, config, llama, reference, manifest):
+    store = CollectionStore(tmp_path)
+    run_id = collect(config, model=llama, store=store).run_id
+    (store.path(run_id) / "manifest.json").write_text(json.dumps(manifest))
+    assert store.status(run_id) == "corrupted"
+    with pytest.warns(UserWarning, match="damaged"):
+        results = collect(config, model=llama, store=store)
+    assert store.status(run_id) == "complete"
+    assert_identical(all_arrays(results), reference[1])

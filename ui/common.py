@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,17 @@ def run_inside_app() -> None:
     if not st.session_state.get(APP_ENTERED):
         PagesManager.uses_pages_directory = False
         st.rerun()
+    count_run()
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
+
+
+def plain(text: Any) -> str:
+    """User text (prompts, responses, file names, model ids, job labels) made safe to put inside Markdown:
+    every Markdown/Streamlit special character backslash-escaped, so ``![p](http://host/x.png)`` shows as
+    those characters, never as an image the browser fetches (nor a link, heading, colour or emoji directive)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text)).replace("\n", "  \n")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -53,11 +65,20 @@ def _state_path() -> Path:
     return cache_dir() / STATE_FILE
 
 
+def _state_lock():
+    """A lock beside the state file: read-modify-write of it by several sessions and servers never loses a key."""
+    from filelock import FileLock
+
+    return FileLock(str(_state_path().with_name(f".{STATE_FILE}.lock")), timeout=5)
+
+
 def _saved_choices() -> dict[str, Any]:
+    """The saved choices; {} when the file is missing, unreadable, not JSON or not a JSON object."""
     try:
-        return json.loads(_state_path().read_text())
+        saved = json.loads(_state_path().read_text())
     except (OSError, ValueError):
         return {}
+    return saved if isinstance(saved, dict) else {}
 
 
 def choice(key: str, default: Any = None) -> Any:
@@ -73,36 +94,70 @@ def choice(key: str, default: Any = None) -> Any:
     return st.session_state[session_key]
 
 
-def set_choice(key: str, value: Any) -> None:
-    """Remember a choice in this session and on disk."""
+def set_choice(key: str, value: Any, persist: bool = True) -> None:
+    """Remember a choice in this session and (``persist``) on disk, under a lock, written to a unique
+    temporary name and moved into place (a reader never sees half a file)."""
+    import tempfile
+
+    from filelock import Timeout
+
     st.session_state[f"choice.{key}"] = value
-    saved = _saved_choices()
-    saved[key] = value
+    if not persist:
+        return
     path = _state_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
-        temporary.write_text(json.dumps(saved, indent=1, default=str))
-        temporary.replace(path)
-    except OSError:  # a read-only cache only loses persistence across reloads
+        with _state_lock():
+            saved = _saved_choices()
+            saved[key] = value
+            handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            try:
+                with os.fdopen(handle, "w") as file:
+                    file.write(json.dumps(saved, indent=1, default=str))
+                os.replace(temporary, path)
+            except BaseException:
+                Path(temporary).unlink(missing_ok=True)
+                raise
+    except (OSError, Timeout):  # a read-only or busy cache only loses persistence across reloads
         pass
+
+
+RUN_COUNTER = "app.run"  # session key: page runs of this session (run_inside_app counts them)
+DRAWN = "remembered.drawn"  # session key: {widget key: the run that last drew it}
+
+
+def count_run() -> None:
+    """Called on every run of a page (by :func:`run_inside_app`), so that :func:`remembered_widget` knows which widgets the last run drew."""
+    st.session_state[RUN_COUNTER] = st.session_state.get(RUN_COUNTER, 0) + 1
+
+
+def remember_loaded_model(source: str) -> None:
+    """Save ``source`` as the model new sessions open on (call it once the model has loaded)."""
+    if _saved_choices().get("model") != source:
+        set_choice("model", source)
 
 
 def remembered_widget(key: str, widget: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Draw ``widget`` with the remembered choice ``key`` as its value and remember what the user picks.
 
-    The widget gets its own key (``widget.<key>``), seeded from the choice, because Streamlit drops the
-    state of widgets on pages that are not shown.
+    The widget gets its own key (``widget.<key>``). It is seeded from the choice whenever the previous run did
+    not draw it (another page, or this page stopped early, e.g. while another model was picked): Streamlit
+    drops or keeps stale state of widgets that were not drawn, and the browser may hand back a cleared or
+    min-clamped value for them. Only a change the user makes (``on_change``) is saved to disk; a value the
+    widget merely shows is kept in this session.
     """
     widget_key = f"widget.{key}"
-    if widget_key not in st.session_state:
-        remembered = choice(key, kwargs.pop("value", None))
+    default = kwargs.pop("value", None)
+    run = st.session_state.get(RUN_COUNTER, 0)
+    drawn = st.session_state.setdefault(DRAWN, {})
+    if widget_key not in st.session_state or drawn.get(widget_key) not in (run, run - 1):
+        remembered = choice(key, default)
         if remembered is not None:
             st.session_state[widget_key] = remembered
-    kwargs.pop("value", None)
-    value = widget(*args, key=widget_key, **kwargs)
+    drawn[widget_key] = run
+    value = widget(*args, key=widget_key, on_change=lambda: set_choice(key, st.session_state[widget_key]), **kwargs)
     if value != choice(key):
-        set_choice(key, value)
+        set_choice(key, value, persist=False)
     return value
 
 
@@ -170,9 +225,15 @@ def load_model(source: str, dtype: str = "float32", allow_pickle: bool = False, 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def _load_run(run_id: str, stamp: str):
-    from analysis.engine.results import load_run as load
+    """The run with every file's sha256 checked, or the StoreError saying what is damaged; computed once per
+    manifest stamp (a failure is cached too, so a damaged run is not re-hashed on every rerun)."""
+    from analysis.core.store import StoreError
+    from analysis.engine.results import CollectionStore
 
-    return load(run_id)
+    try:
+        return CollectionStore().load(run_id, verify=True)
+    except StoreError as error:
+        return error
 
 
 def _run_stamp(run_id: str) -> str:
@@ -186,8 +247,12 @@ def _run_stamp(run_id: str) -> str:
 
 
 def load_run(run_id: str):
-    """The stored run (``RunResults``), cached per process; raises ``analysis.core.store.StoreError``."""
-    return _load_run(run_id, _run_stamp(run_id))
+    """The stored run (``RunResults``), cached per process and manifest stamp, its files' checksums verified
+    once per stamp; raises ``analysis.core.store.StoreError`` (missing, unfinished or damaged run)."""
+    loaded = _load_run(run_id, _run_stamp(run_id))
+    if isinstance(loaded, Exception):
+        raise type(loaded)(str(loaded))
+    return loaded
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
@@ -232,6 +297,9 @@ def require_run():
     note = views.projection_notice(run)
     if note:
         st.warning(note, icon=":material/compress:")
+    truncated = views.truncation_notice(run)
+    if truncated:
+        st.caption(f":material/content_cut: {truncated}")
     return run
 
 
@@ -257,13 +325,20 @@ UPLOAD_NAMES = "upload.names"  # session key: {saved path: the file name the use
 
 def save_upload(data: bytes, filename: str) -> Path:
     """Keep an uploaded dataset under ``<cache>/uploads/<sha>_<name>`` (content-addressed, so the run id
-    follows the content) and return its path for ``CollectionConfig``."""
-    digest = hashlib.sha256(data).hexdigest()[:12]
+    follows the content) and return its path for ``CollectionConfig``. Written to a temporary name and moved
+    into place; a file already there is reused only if its content hashes to the same sha256 (a short file
+    left by an interrupted write, or one changed since, is written again)."""
+    from analysis.core.store import atomic_write_bytes
+
+    full = hashlib.sha256(data).hexdigest()
     folder = cache_dir() / UPLOADS
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{digest}_{export.sanitize(Path(filename).stem)}{Path(filename).suffix.lower()}"
-    if not path.is_file():
-        path.write_bytes(data)
+    path = folder / f"{full[:12]}_{export.sanitize(Path(filename).stem)}{Path(filename).suffix.lower()}"
+    try:
+        intact = path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == full
+    except OSError:
+        intact = False
+    if not intact:
+        atomic_write_bytes(path, data)
     return path
 
 
@@ -388,15 +463,15 @@ def sidebar() -> None:
     """The model chosen on Setup, the active run and every queued or running job, on every page."""
     with st.container():  # inside st.sidebar (app.py)
         st.caption("ACTIVE")
-        st.markdown(f"**Model (Setup):** `{choice('model')}`")
+        st.markdown(f"**Model (Setup):** `{str(choice('model')).replace('`', '')}`")
         run = active_run()
         if run is None:
             st.markdown("**Run:** none yet")
         else:
             summary = views.run_summary(run)
             sketch = f" · {summary['projection']}" if summary["projection"] != "exact" else ""
-            st.markdown(f"**Run:** `{run.run_id}`  \n{summary['model']} · {summary['modules']} modules{sketch}  \n"
-                        f"safety set: {summary['safety']}  \nutility set: {summary['utility']}")
+            st.markdown(f"**Run:** `{run.run_id}`  \n{plain(summary['model'])} · {summary['modules']} modules{sketch}  \n"
+                        f"safety set: {plain(summary['safety'])}  \nutility set: {plain(summary['utility'])}")
         sidebar_jobs()
 
 

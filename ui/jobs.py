@@ -17,8 +17,9 @@ import streamlit as st
 
 from analysis.core import jobs
 from analysis.core.jobs import JobStatus
+from analysis.core.store import valid_id
 from analysis.core.tasks import Task
-from ui.common import choice, set_choice
+from ui.common import choice, plain, set_choice
 
 POLL_SECONDS = 1.0
 ORDINALS = {1: "next", 2: "2nd", 3: "3rd"}
@@ -38,7 +39,7 @@ def current(kind: str, run_id: str | None = None) -> JobStatus | None:
     if active:
         return active[-1]
     remembered = choice(f"job.{kind}")
-    status = jobs.read(remembered) if remembered else None
+    status = jobs.read(remembered) if remembered and valid_id(remembered) else None  # (a hand-edited state file)
     if status is None or (run_id is not None and status.run_id != run_id):
         return None
     return status
@@ -52,7 +53,7 @@ def queue_text(status: JobStatus) -> str:
              if s.device == status.device and s.submitted <= status.submitted and s.job_id != status.job_id]
     if not ahead:
         return f"Starting its worker process on {status.device} (loading libraries, a few seconds)…"
-    after = ", ".join(f"{s.label} ({s.state})" for s in ahead)
+    after = ", ".join(f"{plain(s.label)} ({s.state})" for s in ahead)
     place = ORDINALS.get(status.position or 1, f"{status.position}th")
     return f"Queued: {place} in line on {status.device}, after: {after}."
 
@@ -74,7 +75,7 @@ def follow(status: JobStatus, live_view: Callable[[dict[str, Any]], None] | None
         if now is None or not now.active:
             st.rerun(scope="app")
             return
-        st.markdown(f"**{'Running' if now.running else 'Queued'}:** {now.label}")
+        st.markdown(f"**{'Running' if now.running else 'Queued'}:** {plain(now.label)}")
         if now.state == jobs.QUEUED:
             st.info(queue_text(now), icon=":material/hourglass_top:")
         else:
@@ -110,9 +111,9 @@ def active_summary() -> list[str]:
     lines = []
     for status in jobs.list_jobs(active_only=True):
         if status.state == jobs.RUNNING:
-            lines.append(f"**Running:** {status.label} · {status.fraction:.0%}")
+            lines.append(f"**Running:** {plain(status.label)} · {status.fraction:.0%}")
         else:
-            lines.append(f"**Queued ({ORDINALS.get(status.position or 1, status.position)}):** {status.label}")
+            lines.append(f"**Queued ({ORDINALS.get(status.position or 1, status.position)}):** {plain(status.label)}")
     return lines
 
 

@@ -38,7 +38,8 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
                        help="read the whole task from this JSON file (as the web app writes it); other options ignored")
     group.add_argument("--job", metavar="DIR", help=argparse.SUPPRESS)  # run as the worker of a queued job
     group.add_argument("--device", default="cpu", help=f"where to compute: {DEVICES_HELP} (default cpu)")
-    group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    group.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="torch CPU threads, >= 1 (default: torch's choice)")
 
 
 def load_task(path: str | Path, task_class: type) -> Task:
@@ -48,12 +49,19 @@ def load_task(path: str | Path, task_class: type) -> Task:
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot read the task file {path}: {error}") from error
     if not isinstance(data, dict):
-        raise ConfigError(f"the task file {path} holds a JSON {type(data).__name__}, not an object of settings")
+        raise ConfigError(f"the task file {path} holds a JSON {type(data).__name__}, not an object of "
+                          f"{task_class.__name__} settings (or {{\"kind\", \"config\"}} as a job writes it)")
     if "config" in data and "kind" in data:
         if data["kind"] != task_class.kind:
             raise ConfigError(f"{path} holds a {data['kind']!r} task, not {task_class.kind!r}")
         data = data["config"]
-    return from_jsonable(task_class, data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"the task file {path}: 'config' is a JSON {type(data).__name__}, not an object")
+    try:
+        return from_jsonable(task_class, data)
+    except TypeError as error:  # a field of the wrong JSON type that the constructor trips over
+        raise ConfigError(f"the task file {path} does not hold valid {task_class.__name__} settings: {error}") \
+            from error
 
 
 def add_task_command(parser: argparse.ArgumentParser, task_class: type) -> None:
@@ -77,8 +85,8 @@ def task_from_options(task_class: type, args: argparse.Namespace) -> Task:
 
 def run_task_command(args: argparse.Namespace, task_class: type) -> int:
     """``python -m analysis <kind> ...``: the task from ``--config FILE`` (with any how-to-run options given
-    beside it, e.g. ``--store``) or the options, announced and run by :func:`run_task`. Bad input (an :class:`~analysis.core.config.InputError`) prints ``error: ...`` and
-    returns 2; so does any other exit code of the same meaning, the same for every task."""
+    beside it, e.g. ``--store``) or the options, announced and run by :func:`run_task`. Bad input (an
+    :class:`~analysis.core.config.InputError`) prints ``error: ...`` and returns 2, the same for every task."""
     try:
         if args.threads is not None and args.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {args.threads}")
@@ -127,7 +135,8 @@ def run_task(task: Task, args: argparse.Namespace, print_result: Callable[[Mappi
 
     In the foreground the first Ctrl-C cancels cleanly (the task keeps its finished work; running the same
     command again resumes), a second one stops at once. Under torchrun the ranks other than 0 run the task
-    quietly (no progress bar, no printed result). Returns the exit code."""
+    quietly (no progress bar, no printed result). Bad input found while running (an
+    :class:`~analysis.core.config.InputError`) prints ``error: ...`` and returns 2. Returns the exit code."""
     from analysis.core import jobs
 
     if getattr(args, "job", None):
@@ -151,6 +160,11 @@ def run_task(task: Task, args: argparse.Namespace, print_result: Callable[[Mappi
             bar.close()
         print(f"Cancelled: {error}. Run the same command again to resume.", file=sys.stderr)
         return 130
+    except InputError as error:  # found while running (a model that does not load, a data file, a busy run)
+        if bar is not None:
+            bar.close()
+        print(f"error: {error}")
+        return 2
     finally:
         signal.signal(signal.SIGINT, previous)
     if bar is not None:

@@ -28,12 +28,12 @@ from typing import Any
 
 from filelock import FileLock
 
-from analysis.core.config import PROJECT_ROOT, cache_dir, to_jsonable
-from analysis.core.store import atomic_write_json, json_default, process_alive
+from analysis.core.config import PROJECT_ROOT, InputError, cache_dir, to_jsonable
+from analysis.core.store import ID_RULE, atomic_write_json, json_default, process_alive, valid_id
 from analysis.core.tasks import Cancelled, CancelToken, Event, Task, TaskContext, Throttle
 
-__all__ = ["ACTIVE", "JobStatus", "Worker", "cancel", "jobs_dir", "list_jobs", "live", "log_tail", "prune", "read",
-           "submit", "wait", "wait_for_turn"]
+__all__ = ["ACTIVE", "InvalidJobId", "JobStatus", "Worker", "cancel", "jobs_dir", "list_jobs", "live", "log_tail",
+           "prune", "read", "submit", "wait", "wait_for_turn"]
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 ACTIVE = (QUEUED, RUNNING)
@@ -53,11 +53,21 @@ def jobs_dir() -> Path:
 _LOCKS: dict[str, FileLock] = {}
 
 
+def _make_jobs_dir() -> Path:
+    """``jobs_dir()``, made if needed; InputError when a file stands where it (or a folder above) should be."""
+    try:
+        jobs_dir().mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"cannot make the jobs folder {jobs_dir()}: a file stands where a folder should be (there "
+                         "or above it); move that file away") from None
+    return jobs_dir()
+
+
 def _queue_lock() -> FileLock:
     """The one lock object per jobs folder in this process (re-entrant), guarding state changes."""
     path = str(jobs_dir() / QUEUE_LOCK)
     if path not in _LOCKS:
-        jobs_dir().mkdir(parents=True, exist_ok=True)
+        _make_jobs_dir()
         _LOCKS[path] = FileLock(path)
     return _LOCKS[path]
 
@@ -97,7 +107,13 @@ class JobStatus:
         return (self.finished or time.time()) - start
 
 
+class InvalidJobId(InputError, ValueError):
+    """A job id that cannot name a job folder (it would leave ``<cache>/jobs``)."""
+
+
 def _folder(job_id: str) -> Path:
+    if not valid_id(job_id):
+        raise InvalidJobId(f"invalid job id {job_id!r}: {ID_RULE}")
     return jobs_dir() / job_id
 
 
@@ -172,7 +188,8 @@ def _read(job_id: str) -> JobStatus | None:
 def list_jobs(kind: str | None = None, active_only: bool = False) -> list[JobStatus]:
     """Jobs, oldest first, with queue positions per device; ``kind``/``active_only`` filter."""
     root = jobs_dir()
-    statuses = [_read(folder.name) for folder in sorted(root.iterdir()) if folder.is_dir()] if root.is_dir() else []
+    statuses = ([_read(folder.name) for folder in sorted(root.iterdir()) if folder.is_dir() and valid_id(folder.name)]
+                if root.is_dir() else [])
     statuses = sorted((s for s in statuses if s is not None), key=lambda s: (s.submitted, s.job_id))
     waiting: dict[str, int] = {}
     for status in statuses:
@@ -218,8 +235,7 @@ def submit(task: Task, label: str = "", device: str = "cpu", threads: int | None
     browser tabs make one job)."""
     run_id = task.run_id()
     prune()
-    root = jobs_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    root = _make_jobs_dir()
     with _queue_lock():
         for status in list_jobs(kind=task.kind, active_only=True):
             if status.run_id == run_id:

@@ -275,9 +275,10 @@ def check_bounds(task: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{field.name} must be a number, got {value!r}")
         if (low is not None and value < low) or (high is not None and value > high):
-            span = f"between {low} and {high}" if low is not None and high is not None else \
-                f">= {low}" if low is not None else f"<= {high}"
-            raise ConfigError(f"{field.name} must be {span}, got {value!r}")
+            kind = "an integer" if isinstance(value, int) else "a number"
+            span = f"from {low:g} to {high:g}" if low is not None and high is not None else \
+                f">= {low:g}" if low is not None else f"<= {high:g}"
+            raise ConfigError(f"{field.name} must be {kind} {span}, got {value!r}")
 
 
 def identity_values(task: Any) -> dict:

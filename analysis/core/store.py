@@ -32,34 +32,42 @@ half-written file under a final name; sizes and sha256 in the manifest detect la
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from analysis.core.config import cache_dir
+from analysis.core.config import InputError, cache_dir
 
 __all__ = [
     "RunBusy", "RunCorrupted", "RunIncomplete", "RunNotFound", "RunStore", "RunWriter", "StoreError", "StoredRun",
     "atomic_save_arrays", "atomic_write_bytes", "atomic_write_json", "file_sha256", "finite_or_none",
-    "json_default", "safetensors_intact",
+    "json_default", "manifest_problem", "safetensors_intact", "valid_id",
 ]
 
 MANIFEST = "manifest.json"
 WORK = "work"
 LOCK = ".lock"
+#: How long a writer retries a lock that is taken (a reader's status probe holds it for microseconds).
+LOCK_WAIT_SECONDS = 1.0
+_TEMPORARY_PID = re.compile(r"\.tmp(\d+)\.\d+$")
 
 
-class StoreError(RuntimeError):
-    """Base class of store problems; the message says what to do."""
+class StoreError(RuntimeError, InputError):
+    """Base class of store problems; the message says what to do. An
+    :class:`~analysis.core.config.InputError`: commands print it and exit 2, pages show it."""
 
 
 class RunNotFound(StoreError):
@@ -75,7 +83,7 @@ class RunCorrupted(StoreError):
 
 
 class RunBusy(StoreError):
-    """Another collection (this or another process) is writing the run right now."""
+    """Another writer (this or another process) holds the run right now; the message names its PID."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,6 +262,56 @@ class StoredRun:
         return self.manifest["run_id"]
 
 
+_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,199}")
+#: What a run or job id may be, in words (ids name folders: nothing that leaves the store).
+ID_RULE = "ids are letters, digits, '_', '.', '+', '=' and '-', at most 200, not starting with '.' or '-'"
+
+
+def valid_id(value: Any) -> bool:
+    """True if ``value`` may name a run or job folder (one plain folder name inside its store: see ID_RULE)."""
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
+def manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with the shape of a parsed manifest (valid JSON need not be a manifest), or None.
+
+    Checked: a JSON object; ``status`` a string; ``config``, ``model``, ``datasets`` objects and ``modules`` a
+    list where present; ``files`` an object of {name: {"size": int >= 0, "sha256": 64 hex chars}}, names
+    plain file names (no folder, nothing hidden)."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    if not isinstance(manifest.get("status", ""), str):
+        return "status is not a string"
+    for key, kind in (("config", dict), ("model", dict), ("datasets", dict), ("modules", list)):
+        if key in manifest and not isinstance(manifest[key], kind):
+            return f"{key} is not a JSON {'object' if kind is dict else 'list'}"
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        return "files is not a JSON object"
+    for name, info in files.items():
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            return f"file name {name!r} is not a plain file name"
+        if not isinstance(info, dict):
+            return f"the entry of {name} is not a JSON object"
+        size, sha = info.get("size"), info.get("sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            return f"{name} has no valid size"
+        if not isinstance(sha, str) or len(sha) != 64:
+            return f"{name} has no valid sha256"
+    return None
+
+
+def _writer_alive(pid: int) -> bool:
+    """True if ``pid`` is a live user process (kernel threads, with an empty command line, write no files)."""
+    try:
+        if not Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False
+    except OSError:
+        if Path("/proc").is_dir():
+            return False
+    return process_alive(pid)
+
+
 class RunStore:
     """Runs on disk under ``root`` (default ``cache_dir() / folder``); see the module docstring."""
 
@@ -268,25 +326,30 @@ class RunStore:
         return StoredRun(folder, manifest)
 
     def path(self, run_id: str) -> Path:
-        if not run_id or "/" in run_id or run_id.startswith("."):
-            raise RunNotFound(f"invalid run id {run_id!r}")
+        if not valid_id(run_id):
+            raise RunNotFound(f"invalid run id {run_id!r}: {ID_RULE}")
         return self.root / run_id
 
     def manifest(self, run_id: str) -> dict:
         path = self.path(run_id) / MANIFEST
         try:
-            return json.loads(path.read_text())
+            manifest = json.loads(path.read_text())
         except FileNotFoundError:
             raise RunNotFound(f"run {run_id} does not exist in {self.root}") from None
         except (OSError, ValueError) as error:
             raise RunCorrupted(f"run {run_id}: manifest.json is unreadable ({error}); delete and recompute") from None
+        problem = manifest_problem(manifest)
+        if problem:
+            raise RunCorrupted(f"run {run_id}: manifest.json is damaged ({problem}); delete it, or collect the same "
+                               "settings again to recompute it")
+        return manifest
 
     def verify(self, run_id: str, full: bool = True) -> list[str]:
         """Problems with a complete run's files: missing, wrong size, and (``full``) wrong sha256."""
         manifest = self.manifest(run_id)
         folder = self.path(run_id)
         problems = []
-        for name, info in manifest.get("files", {}).items():
+        for name, info in manifest.get("files", {}).items():  # (shape checked by manifest())
             path = folder / name
             if not path.is_file():
                 problems.append(f"{name} is missing")
@@ -342,8 +405,13 @@ class RunStore:
         folder = self.path(run_id)
         if not folder.exists():
             return False
-        self._check_unlocked(run_id)
-        shutil.rmtree(folder)
+        if not folder.is_dir():
+            raise RunCorrupted(f"{folder} is a file, not a run folder: remove it by hand")
+        fd = self._acquire(run_id)
+        try:
+            shutil.rmtree(folder)
+        finally:
+            self._release(run_id, fd)
         return True
 
     def run_ids(self) -> list[str]:
@@ -377,38 +445,127 @@ class RunStore:
     def _lock_path(self, run_id: str) -> Path:
         return self.path(run_id) / LOCK
 
+    def _holder(self, run_id: str) -> str:
+        """Who the lock file says holds the run ("PID 123 since 16:50:01"), for messages."""
+        try:
+            info = json.loads(self._lock_path(run_id).read_text() or "{}")
+            pid, since = int(info["pid"]), str(info.get("since", ""))
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+        return f"PID {pid}" + (f" (since {since[11:19] or since})" if since else "")
+
+    def _busy(self, run_id: str, owner: str) -> RunBusy:
+        return RunBusy(f"run {run_id} is already being {self._verb(run_id)} by {owner}: wait for it to finish, "
+                       "or cancel that job (Ctrl-C in its terminal, or Cancel on its page) and run this again")
+
+    def _verb(self, run_id: str) -> str:
+        try:
+            kind = json.loads((self.path(run_id) / MANIFEST).read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        return "collected" if kind in (None, "collect") else "computed"
+
     def _locked(self, run_id: str) -> str | None:
-        """Who is collecting the run right now ("this process" / "process <pid>"), or None."""
+        """Who is writing the run right now ("this process" / "PID <pid> ..."), or None.
+
+        The writer holds an exclusive ``flock`` on ``<run>/.lock`` for its whole lifetime; the OS drops it when
+        the writer's process ends, however it ends, so a stale PID in the file (even one reused by another
+        live process) never blocks the run. Probing takes a shared lock for a moment (no file is created)."""
         with _LOCKS_GUARD:
             if str(self.path(run_id)) in _LOCKS_HELD:
                 return "this process"
         try:
-            pid = int(self._lock_path(run_id).read_text().strip() or 0)
-        except (OSError, ValueError):
+            fd = os.open(self._lock_path(run_id), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
             return None
-        return f"process {pid}" if pid and pid != os.getpid() and process_alive(pid) else None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return self._holder(run_id)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)  # (closing releases the probe's shared lock)
+        return None
 
     def _check_unlocked(self, run_id: str) -> None:
         owner = self._locked(run_id)
         if owner:
-            raise RunBusy(f"run {run_id} is being collected right now by {owner}")
+            raise self._busy(run_id, owner)
+
+    def _acquire(self, run_id: str) -> int:
+        """Take the run's exclusive OS lock (creating the folder); returns the lock file's descriptor, held
+        until :meth:`_release`. Raises RunBusy naming the holder's PID. A reader's probe holds the lock for
+        microseconds, so a taken lock is retried for up to LOCK_WAIT_SECONDS before the run counts as busy."""
+        folder, path = self.path(run_id), self._lock_path(run_id)
+        with _LOCKS_GUARD:
+            if str(folder) in _LOCKS_HELD:
+                raise self._busy(run_id, "this process")
+            _LOCKS_HELD.add(str(folder))
+        try:
+            deadline = time.monotonic() + LOCK_WAIT_SECONDS
+            while True:
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except (FileExistsError, NotADirectoryError):
+                    raise StoreError(f"cannot make the run folder {folder}: a file stands where a folder should "
+                                     "be (there or above it); move that file away") from None
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    if time.monotonic() > deadline:
+                        raise self._busy(run_id, self._holder(run_id)) from None
+                    time.sleep(0.02)
+                    continue
+                except BaseException:
+                    os.close(fd)
+                    raise
+                try:  # the folder may have been deleted (and made again) between open and flock
+                    current = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    current = False
+                if not current:
+                    os.close(fd)
+                    continue
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps({"pid": os.getpid(), "since": _now()}).encode(), 0)
+                return fd
+        except BaseException:
+            with _LOCKS_GUARD:
+                _LOCKS_HELD.discard(str(folder))
+            raise
+
+    def _release(self, run_id: str, fd: int) -> None:
+        """Give the lock back (the file stays: removing it would let two writers lock two different files)."""
+        try:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)
+        finally:
+            with _LOCKS_GUARD:
+                _LOCKS_HELD.discard(str(self.path(run_id)))
+
+    def _remove_dead_temporaries(self, folder: Path) -> None:
+        """Half-written files (``.<name>.tmp<pid>.<thread>``) of writers that are gone; a live process's are kept."""
+        for leftover in list(folder.glob(".*.tmp*")) + list((folder / WORK).glob(".*.tmp*")):
+            match = _TEMPORARY_PID.search(leftover.name)
+            pid = int(match.group(1)) if match else None
+            if pid is not None and pid != os.getpid() and _writer_alive(pid):
+                continue
+            leftover.unlink(missing_ok=True)
 
     def open_run(self, run_id: str, manifest: dict) -> RunWriter:
-        """Start a run, or resume an unfinished one with the same id; returns its writer (holds a lock).
+        """Start a run, or resume an unfinished one with the same id; returns its writer, which holds the
+        run's exclusive OS lock until ``close()`` (RunBusy, naming the holder's PID, if another writer has it).
 
         ``manifest`` is the initial manifest (config, model, datasets, modules ...); on resume the stored
         one is kept. A complete run must be deleted first.
         """
         folder = self.path(run_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        self._check_unlocked(run_id)
-        key = str(folder)
-        with _LOCKS_GUARD:
-            if key in _LOCKS_HELD:
-                raise RunBusy(f"run {run_id} is being collected right now by this process")
-            _LOCKS_HELD.add(key)
+        fd = self._acquire(run_id)
         try:
-            atomic_write_bytes(self._lock_path(run_id), str(os.getpid()).encode(), sync=False)
             try:
                 existing = self.manifest(run_id)
             except StoreError:
@@ -421,22 +578,21 @@ class RunStore:
             else:
                 manifest = dict(existing, resumed=existing.get("resumed", 0) + 1, updated=_now())
             (folder / WORK).mkdir(exist_ok=True)
-            for leftover in list(folder.glob(".*.tmp*")) + list((folder / WORK).glob(".*.tmp*")):
-                leftover.unlink(missing_ok=True)  # half-written files of a killed collection
-            writer = RunWriter(self, run_id, manifest)
+            self._remove_dead_temporaries(folder)
+            writer = RunWriter(self, run_id, manifest, lock_fd=fd)
             writer.write_manifest()
             return writer
         except BaseException:
-            with _LOCKS_GUARD:
-                _LOCKS_HELD.discard(key)
+            self._release(run_id, fd)
             raise
 
 
 class RunWriter:
     """Writes one run: per-batch and per-module checkpoints in ``work/``, then the final files."""
 
-    def __init__(self, store: RunStore, run_id: str, manifest: dict):
+    def __init__(self, store: RunStore, run_id: str, manifest: dict, lock_fd: int | None = None):
         self.store = store
+        self._lock_fd = lock_fd
         self.run_id = run_id
         self.folder = store.path(run_id)
         self.work = self.folder / WORK
@@ -494,11 +650,8 @@ class RunWriter:
         if self._closed:
             return
         self._closed = True
-        try:
-            (self.folder / LOCK).unlink(missing_ok=True)
-        finally:
-            with _LOCKS_GUARD:
-                _LOCKS_HELD.discard(str(self.folder))
+        if self._lock_fd is not None:
+            self.store._release(self.run_id, self._lock_fd)
 
     def __enter__(self) -> RunWriter:
         return self

@@ -112,6 +112,7 @@ def collect(config: CollectionConfig, *, model: LoadedModel | None = None, store
     session_start = time.perf_counter()
     identity = model_identity(config.model)
     if model is None:
+        ctx.report(0.0, f"loading model {config.model.source}")
         model = load_model(config.model)
     elif model.source != config.model.source or model.identity != identity:
         raise ConfigError(f"the given model is {model.source!r} (identity {model.identity}) but the config asks "
@@ -479,6 +480,10 @@ class _Collection:
                 if batch.index not in pending:
                     self.check_cancel(f"after {done} of {self.n_total} samples{where}")
                     shares = next(next_round)  # starts with this batch
+                    self.report(f"capturing batch {batch.index + 1}/{len(self.batches)} ({batch.which}){where}: "
+                                f"forward + backward of {len(samples)} samples"
+                                + (" (the first batch also warms up the model)" if not done else ""),
+                                "capture", done, self.analysed)
                     if self.ranks is not None:
                         self.ranks.send(("go",))
                     mine = _capture_arrays(self.config, self.model, self.examples, self.batches[shares[0]], modules,

@@ -133,11 +133,11 @@ class CollectionConfig:
     layers: str = option("all", help="layers, e.g. 0-29, 0-3,7 or all")
     kinds: str = option("all", flag="--modules", help="module kinds, e.g. q,k,v,o,gate,up,down or all")
     regex: str | None = option(None, help="select modules whose HF path matches (replaces --layers/--modules)")
-    max_length: int = option(128, help="tokens per sample", minimum=16, maximum=1_000_000)
-    batch_size: int = option(8, help="samples per forward + backward", minimum=1, maximum=100_000)
+    max_length: int = option(128, help="tokens per sample", minimum=16, maximum=131_072)
+    batch_size: int = option(8, help="samples per forward + backward", minimum=1, maximum=4096)
     padding_side: str = option("right", help="padding side of a batch", choices=("right", "left"))
     top_k: int = option(8, help="subspace dimension k (at most the smaller side of a module)", minimum=1,
-                        maximum=100_000)
+                        maximum=4096)
     seed: int = option(0, help="sample selection, randomized SVD, bootstrap of the curve")
     gram_route: str = option("auto", help="exact Gram route (auto: the cheaper by the cost model)",
                              choices=("auto", "ghost", "dense"))
@@ -158,7 +158,7 @@ class CollectionConfig:
                                          help="refuse to start when the planned peak memory is above this")
     disk_budget: float | None = option(None, metavar="GiB", run_id=False, minimum=0,
                                        help="refuse to start when the planned factor files need more disk than this")
-    workers: int | None = option(None, run_id=False, minimum=1, maximum=64,
+    workers: int | None = option(None, run_id=False, minimum=1, maximum=256,
                                  help="modules analysed in parallel (off: min(2, CPUs))")
     chunk_mb: int = option(512, run_id=False, minimum=1, maximum=1_048_576,
                            help="memory for one module's dense G_i chunk (MiB)")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from analysis.core.config import ConfigError, ModelConfig
@@ -106,17 +107,45 @@ def _meta_model(model_config: ModelConfig):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from analysis.llm.models import TINY_SOURCES, convert_default_model, resolve_source, tiny_model
+    from analysis.llm.models import (
+        TINY_SOURCES,
+        ModelLoadError,
+        convert_default_model,
+        hub_reachable,
+        resolve_source,
+        tiny_model,
+    )
 
     if model_config.source in TINY_SOURCES:
         with torch.device("meta"):
             return tiny_model(model_config.source, seed=model_config.seed)[0]
     if model_config.source == "default":
         convert_default_model()
-    config = AutoConfig.from_pretrained(resolve_source(model_config.source),
-                                        trust_remote_code=model_config.trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=model_config.trust_remote_code)
+    location = resolve_source(model_config.source)
+    is_folder = Path(location).expanduser().is_dir()
+    reachable = None
+    try:
+        try:  # local files first, as load_model: an unknown id offline is an answer in ms, not a 28 s retry loop
+            config = AutoConfig.from_pretrained(location, trust_remote_code=model_config.trust_remote_code,
+                                                local_files_only=True)
+        except OSError:
+            reachable = False if is_folder else hub_reachable()
+            if not reachable:
+                raise
+            config = AutoConfig.from_pretrained(location, trust_remote_code=model_config.trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=model_config.trust_remote_code)
+    except Exception as error:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError with long texts
+        text = str(error).splitlines()[0][:300] if str(error) else ""
+        if is_folder:
+            hint = "the folder holds no readable Hugging Face config.json (a model checkpoint folder has one)"
+        elif reachable is False or reachable is None:
+            hint = ("it is not in the local Hugging Face cache and cannot be downloaded here; give a local "
+                    "checkpoint folder, or check the id")
+        else:
+            hint = "the hub did not provide its config (check the id)"
+        raise ModelLoadError(f"Could not read the shape of model {location!r}: {hint}. "
+                             f"({type(error).__name__}: {text})") from error
 
 
 @dataclasses.dataclass(frozen=True)

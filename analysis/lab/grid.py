@@ -210,7 +210,7 @@ class DefenceGridTask:
 
     def n_runs(self) -> int:
         """How many distinct fine-tuning runs the cells need (cells with the same run share it)."""
-        return len({(tier, _run_key(self.finetune_config(tier, defence, seed))) for tier, defence, seed
+        return len({(tier, run_key(self.finetune_config(tier, defence, seed))) for tier, defence, seed
                     in self.cells() if variant(defence).trains})
 
     def run_id(self) -> str:
@@ -239,7 +239,7 @@ class GridResult:
         return pd.DataFrame(self.rows)
 
 
-def _run_key(config) -> str:
+def run_key(config) -> str:
     """Identity of a fine-tuning run's config within one grid (cells with equal keys share the run)."""
     return config_hash(to_jsonable(config, placement=False))
 
@@ -262,7 +262,7 @@ def _cell(task: DefenceGridTask, tier: str, defence: str, seed: int, runs: dict[
     item = variant(defence)
     if item.trains:
         config = task.finetune_config(tier, defence, seed)
-        key = _run_key(config)
+        key = run_key(config)
         run = runs.get(key)
         if run is None and compute:
             run = run_finetune(config, ctx.sub(low, middle, f"{tier} / {config.method}"), root=finetune_root)

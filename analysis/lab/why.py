@@ -46,7 +46,7 @@ import torch
 
 from analysis.core.config import ConfigError, ModelConfig, cache_dir, config_hash, from_jsonable
 from analysis.core.options import check_bounds, identity_values, option
-from analysis.core.store import RunStore, finite_or_none
+from analysis.core.store import ID_RULE, RunStore, finite_or_none, valid_id
 from analysis.core.tasks import TaskContext, register_task
 
 __all__ = ["PAIRS", "REFERENCES", "GradientSums", "WhyResults", "WhyTask", "compare_subspaces",
@@ -228,6 +228,8 @@ class WhyTask:
         object.__setattr__(self, "base", ModelConfig.coerce(self.base, "base"))
         if not self.run:
             raise ConfigError("give the fine-tuning run to explain (run id)")
+        if not valid_id(self.run):
+            raise ConfigError(f"run {self.run!r} is not a fine-tuning run id: {ID_RULE}")
         for name in ("k", "n_prompts", "first_tokens", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

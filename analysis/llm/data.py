@@ -97,10 +97,20 @@ SHIPPED: frozenset[str] = frozenset(
 # public loaders
 
 
+#: Largest dataset file read (bytes): far above any prompt set (HarmBench's CSV is ~0.1 MB); a device such as
+#: /dev/zero or a wrong file is refused with this limit instead of filling the memory.
+MAX_FILE_BYTES = 256 * 2**20
+
+
 def _read(path: str | Path) -> tuple[bytes, str]:
     p = Path(path)
     try:
-        return p.read_bytes(), str(p)
+        with open(p, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise DataError(f"is larger than the {MAX_FILE_BYTES // 2**20} MiB a dataset file may have (or not a "
+                            "regular file)", file=str(p), fix="give a JSONL/JSON/CSV/TXT prompt file")
+        return data, str(p)
     except FileNotFoundError:
         raise DataError("file not found", file=str(p), fix="check the path") from None
     except IsADirectoryError:

@@ -43,6 +43,9 @@ HEXPHI_CATEGORIES: tuple[str, ...] = (
 MAX_REPORTED_LINES = 5
 KINDS = ("jsonl", "json", "csv", "advbench", "hexphi", "harmbench", "jailbreakbench", "strongreject", "xstest", "text")
 
+#: What to do with a file of prompts without answers, in the user's terms (not the loader's API).
+PROMPT_ONLY_FIX = ("Add a 'response' to every row to collect gradients or fine-tune on it; a file of prompts alone "
+                   "(no answers) can be used as the harmful or benign prompts of a safety evaluation instead")
 _FIX_ROW = ("expected a JSON object with 'prompt' and 'response' or 'messages' (or Alpaca / Dolly 'instruction' "
             "with 'output' / 'response')")
 _FIX_CSV = "expected a header row with 'prompt' and 'response' columns (or AdvBench 'goal' and 'target')"
@@ -104,7 +107,7 @@ def _row_to_example(
         if "response" not in keys or row["response"] is None:
             if require_response:
                 raise at.error(
-                    "is missing", "response", _FIX_ROW + "; for prompt-only data load with require_response=False"
+                    "is missing", "response", _FIX_ROW + ". " + PROMPT_ONLY_FIX
                 )
             response = ""
         else:
@@ -117,7 +120,7 @@ def _row_to_example(
     if require_response and not messages[-1]["content"].strip():
         field_name = "messages" if "messages" in keys else "response"
         raise at.error(
-            "is empty", field_name, "every row needs a non-empty response; for prompt-only data use require_response=False"
+            "is empty", field_name, "every row needs a non-empty response (the text the gradient is taken of). " + PROMPT_ONLY_FIX
         )
     try:
         return Example(messages=tuple(messages), id=ex_id, category=meta["category"], split=meta["split"])

@@ -453,6 +453,18 @@ def projection_notice(run) -> str | None:
             "sketched gradients, not of weight space.")
 
 
+def truncation_notice(run) -> str | None:
+    """How many samples were cut to ``max_length`` tokens (None when none were): shown above every result page,
+    since a cut response carries less of its loss."""
+    count = int(run.manifest.get("n_truncated") or 0)
+    if not count:
+        return None
+    total = int(run.config.get("n_safety", 0)) + int(run.config.get("n_utility", 0))
+    return (f"{count} of {total} samples were longer than the sequence length ({run.config.get('max_length')} "
+            "tokens) and were truncated: their gradients come from the kept tokens only. Collect with a larger "
+            "sequence length to use them whole.")
+
+
 COMPARE_METRICS = {
     "safety_effective_rank": "safety effective rank", "utility_effective_rank": "utility effective rank",
     "safety_k90": "safety k@0.9", "utility_k90": "utility k@0.9", "cosine_su": "cos(safety, utility)",

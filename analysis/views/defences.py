@@ -61,6 +61,61 @@ def pooled_records(rows: Sequence[dict], evaluations: Mapping[str, Any]) -> dict
     return out
 
 
+def grid_cost(task: Any, stored_rows: Sequence[dict], train_seconds: Sequence[float] = (),
+              eval_seconds: Sequence[float] = ()) -> dict:
+    """What a grid (:class:`analysis.lab.grid.DefenceGridTask`) still has to compute and how long that takes on
+    this machine: {"cells", "todo", "runs", "low_seconds", "high_seconds"}. A cell is stored when its row is in
+    ``stored_rows``; a fine-tuning run is counted once however many cells share it (a post-hoc defence shares its
+    attack's run) and not at all when a stored cell already has it. ``train_seconds`` / ``eval_seconds``: measured
+    durations here (stored runs and evaluations); the total spans their fastest to slowest (None when nothing
+    has been measured yet: no number is made up)."""
+    from analysis.lab.grid import run_key
+
+    stored = {(row["tier"], row["defence"], row.get("seed", task.seed)) for row in stored_rows}
+    cells = task.cells()
+    todo = [cell for cell in cells if cell not in stored]
+    keys = {cell: run_key(task.finetune_config(*cell)) for cell in cells if variant(cell[1]).trains}
+    runs = {keys[cell] for cell in todo if cell in keys} - {keys[cell] for cell in cells if cell in keys
+                                                             and cell not in todo}
+    out = {"cells": len(cells), "todo": len(todo), "runs": len(runs), "low_seconds": None, "high_seconds": None}
+    if todo and (train_seconds or not runs) and eval_seconds:
+        low_train, high_train = (min(train_seconds), max(train_seconds)) if train_seconds else (0.0, 0.0)
+        out["low_seconds"] = len(runs) * low_train + len(todo) * min(eval_seconds)
+        out["high_seconds"] = len(runs) * high_train + len(todo) * max(eval_seconds)
+    return out
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} hours" if seconds >= 5400 else f"{seconds / 60:.0f} minutes"
+
+
+def grid_cost_text(cost: Mapping[str, Any]) -> str:
+    """One sentence from :func:`grid_cost`: the cells, what is left and the total time measured here."""
+    if not cost["todo"]:
+        return f"{cost['cells']} cells, all stored: nothing to compute."
+    text = (f"{cost['cells']} cells, {cost['todo']} still to compute: {cost['runs']} fine-tuning runs and "
+            f"{cost['todo']} evaluations (stored runs and evaluations are reused)")
+    if cost["low_seconds"] is None:
+        return text + "; the time is stated once a run and an evaluation have finished on this machine."
+    return (text + f"; about {_duration(cost['low_seconds'])} to {_duration(cost['high_seconds'])} in total, from "
+            "the runs and evaluations measured on this machine.")
+
+
+def grid_model_warnings(model: str, base: str) -> list[str]:
+    """What is wrong with the grid's two models, in words: an aligned model that is not aligned, and a
+    "before alignment" model equal to it (Safe LoRA's V = aligned - base is then zero)."""
+    warnings = []
+    if model == "default":
+        warnings.append("The “aligned model” is the embedded default, which is not safety-aligned: it already "
+                        "answers harmful requests, so the defences have no refusals to keep and every ASR is high "
+                        "before any attack. Build the aligned variant on “Is the model safe?” and pick it here.")
+    if model == base:
+        warnings.append("The model before alignment is the aligned model itself: the alignment delta V = aligned − "
+                        "base is zero, so Safe LoRA has no subspace to project onto and falls back to the aligned "
+                        "weights in every module.")
+    return warnings
+
+
 def grid_table(rows: Sequence[dict], evaluations: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """Readable table, one row per tier x defence: the metrics under their labels (with units), the seeds and
     the fine-tuning time. Several seeds: the mean of the seeds (rates: pooled over prompts x seeds) and the

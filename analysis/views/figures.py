@@ -42,7 +42,7 @@ KIND_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
 TEMPLATE = go.layout.Template(
     layout=go.Layout(
         font=dict(family=FONT_FAMILY, size=14, color="#222222"),
-        title=dict(font=dict(size=17), x=0.0, xref="paper", xanchor="left", y=0.97, yanchor="top"),
+        title=dict(font=dict(size=17), x=0.015, xref="container", xanchor="left", y=0.97, yanchor="top"),
         colorway=COLORWAY,
         paper_bgcolor="white",
         plot_bgcolor="white",
@@ -62,14 +62,31 @@ def series_color(name: str, index: int = 0) -> str:
     return SERIES_COLORS.get(str(name).lower(), COLORWAY[index % len(COLORWAY)])
 
 
+#: Longest title / subtitle line (characters): a chart in half of a 1400 px wide page is ~600 px wide, which
+#: holds ~50 characters of the 17 px title font and ~65 of the 13 px subtitle font beside a colour bar (Plotly
+#: clips titles, it never wraps them; tests/test_browser_layout.py checks it in Chromium).
+TITLE_CHARS, SUBTITLE_CHARS = 46, 64
+
+
+def wrap_text(text: str, width: int) -> str:
+    """``text`` broken into lines of at most ``width`` characters with Plotly's ``<br>`` (existing breaks kept)."""
+    import textwrap
+
+    return "<br>".join(line for part in str(text).split("<br>") for line in (textwrap.wrap(part, width) or [""]))
+
+
 def new_figure(title: str, x_title: str, y_title: str, subtitle: str = "", **layout: Any) -> go.Figure:
     """An empty figure with the project template, a title (and a subtitle, e.g. the module) and axis titles:
-    the one place for styling."""
+    the one place for styling. Titles are wrapped (TITLE_CHARS, SUBTITLE_CHARS) and the top margin grows with
+    their lines, so nothing is clipped in a half-width chart."""
     figure = go.Figure()
+    title, subtitle = wrap_text(title, TITLE_CHARS), wrap_text(subtitle, SUBTITLE_CHARS) if subtitle else ""
     heading = dict(text=title, subtitle=dict(text=subtitle, font=dict(size=13, color="#555555")))
     figure.update_layout(template=TEMPLATE, title=heading, width=None, height=HEIGHT, **layout)
-    if subtitle:
-        figure.update_layout(margin=dict(t=90))
+    lines = title.count("<br>") + 1
+    sub_lines = subtitle.count("<br>") + 1 if subtitle else 0
+    if lines > 1 or subtitle:
+        figure.update_layout(margin=dict(t=50 + 22 * lines + 18 * sub_lines))
     figure.update_xaxes(title_text=x_title)
     figure.update_yaxes(title_text=y_title)
     return figure
