@@ -9,17 +9,23 @@ from analysis.views import defences as views
 from tests.test_app import APP, no_exceptions, seed_cache
 
 
-def test_the_default_grid_costs_what_was_measured_here():
+def test_the_grid_cost_counts_what_is_left_and_uses_only_times_measured_here():
     task = grid.DefenceGridTask()
-    cost = views.grid_cost(task.cells())
-    assert (len(task.cells()), cost["runs"], cost["evaluations"]) == (21, 15, 21)
-    assert cost["low_seconds"] == 15 * 242 + 21 * 300 and cost["high_seconds"] == 15 * 1377 + 21 * 300
-    text = views.grid_cost_text(task.cells())
-    assert "about 2.8 hours to 7.5 hours in total" in text
-    stored = [cell for cell in task.cells() if cell[0] == "harmful-10"]
-    assert views.grid_cost(task.cells(), stored)["evaluations"] == 14  # stored cells are free
-    assert "nothing to compute" in views.grid_cost_text(task.cells(), task.cells())
-    assert views.grid_cost([("aoa", "safe-lora")])["runs"] == 1  # its plain run has to be trained
+    cost = views.grid_cost(task, [])
+    assert (cost["cells"], cost["todo"], cost["runs"]) == (21, 21, 15)  # safe-lora shares its tier's plain run
+    assert cost["low_seconds"] is None  # nothing measured yet: no number is made up
+    assert "the time is stated once a run and an evaluation have finished" in views.grid_cost_text(cost)
+    measured = views.grid_cost(task, [], train_seconds=[242, 1377], eval_seconds=[300, 310])
+    assert (measured["low_seconds"], measured["high_seconds"]) == (15 * 242 + 21 * 300, 15 * 1377 + 21 * 310)
+    assert "about 2.8 hours to 7.5 hours in total, from the runs and evaluations measured on this machine" in \
+        views.grid_cost_text(measured)
+    harmful = [{"tier": t, "defence": d, "seed": s} for t, d, s in task.cells() if t == "harmful-10"]
+    left = views.grid_cost(task, harmful, [242], [300])
+    assert (left["todo"], left["runs"]) == (14, 10)  # stored cells and their runs are free
+    everything = [{"tier": t, "defence": d, "seed": s} for t, d, s in task.cells()]
+    assert "nothing to compute" in views.grid_cost_text(views.grid_cost(task, everything))
+    only_safe_lora = grid.DefenceGridTask(tiers=("aoa",), defences=("safe-lora",))
+    assert views.grid_cost(only_safe_lora, [])["runs"] == 1  # its plain run has to be trained
 
 
 def test_model_warnings():
@@ -40,4 +46,4 @@ def test_the_page_warns_and_states_the_total(tmp_path, monkeypatch, model, base,
     no_exceptions(at)
     warnings = [w.value for w in at.warning]
     assert any(expected in w for w in warnings) if expected else not warnings
-    assert any("in total on this machine" in c.value and "21 cells" in c.value for c in at.caption)
+    assert any("21 cells" in c.value and "15 fine-tuning runs" in c.value for c in at.caption)

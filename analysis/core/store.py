@@ -277,7 +277,7 @@ def manifest_problem(manifest: Any) -> str | None:
 
     Checked: a JSON object; ``status`` a string; ``config``, ``model``, ``datasets`` objects and ``modules`` a
     list where present; ``files`` an object of {name: {"size": int >= 0, "sha256": 64 hex chars}}, names
-    plain file names (no folder, nothing hidden)."""
+    relative paths inside the run folder (e.g. ``model/config.json``; nothing hidden, no "..")."""
     if not isinstance(manifest, dict):
         return f"a JSON {type(manifest).__name__}, not an object"
     if not isinstance(manifest.get("status", ""), str):
@@ -289,8 +289,8 @@ def manifest_problem(manifest: Any) -> str | None:
     if not isinstance(files, dict):
         return "files is not a JSON object"
     for name, info in files.items():
-        if not name or "/" in name or "\\" in name or name.startswith("."):
-            return f"file name {name!r} is not a plain file name"
+        if not name or "\\" in name or any(not part or part.startswith(".") for part in name.split("/")):
+            return f"file name {name!r} is not a file inside the run folder"
         if not isinstance(info, dict):
             return f"the entry of {name} is not a JSON object"
         size, sha = info.get("size"), info.get("sha256")
