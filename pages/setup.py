@@ -5,12 +5,14 @@ from pathlib import Path
 
 import streamlit as st
 
+from analysis.core import jobs
 from analysis.core.config import InputError, ModelConfig
-from analysis.engine.collect_task import CURVE_AUTO_LAYERS
+from analysis.core.options import default
+from analysis.engine.collect_task import CURVE_AUTO_LAYERS, CollectionConfig
 from analysis.engine.results import CollectionStore
 from analysis.llm.anatomy import ALL_KINDS, SelectionError, select_modules
 from analysis.llm.data import load_shipped
-from analysis.llm.models import ALIGN_MEASURED, ModelLoadError, summarize
+from analysis.llm.models import ModelLoadError, summarize
 from ui import common
 from ui import jobs as ui_jobs
 
@@ -60,21 +62,11 @@ with model_column:
                       format_func=common.MODEL_CHOICES.get, key="widget.model_kind", on_change=remember_model)
     source, allow_pickle, trust_remote_code = picked, False, False
     if picked == "default-aligned" and not common.aligned_model_available():
-        align_job = ui_jobs.current("align")
-        if align_job is not None and align_job.active:
-            st.markdown(f"**{'Building' if align_job.running else 'Waiting to build'}:** {common.plain(align_job.label)}")
-            ui_jobs.follow(align_job)
-        else:
-            if align_job is not None:
-                ui_jobs.show_outcome(align_job, "Alignment")
-            st.warning("The safety-aligned variant has not been built yet. The seeds' claims are about aligned "
-                       f"models, so build it once here (or with `python -m analysis align`; {ALIGN_MEASURED}). "
-                       "Its details are on the page \"Is the model safe?\".")
-            if st.button("Build the aligned model", type="primary", icon=":material/shield:", key="setup.align"):
-                from analysis.lab.align import AlignTask
-
-                ui_jobs.submit(AlignTask(), "Building the safety-aligned default model")
-                st.rerun()
+        st.warning("The safety-aligned variant has not been built yet. The seeds' claims are about aligned models, "
+                   "so build it once here (or with `python -m analysis align`); its details are on the page "
+                   "\"Is the model safe?\".")
+        ui_jobs.aligned_model_panel("Self-distilled refusals and benign answers, then training; its progress shows "
+                                    "the time left.")
         st.stop()
     if picked == "other":
         source = st.text_input("Hugging Face id or local checkpoint folder",
@@ -173,11 +165,11 @@ with left:
         selected = []
 with middle:
     n_safety = common.remembered_widget("n_safety", st.number_input, "Safety samples n", min_value=1,
-                                        value=8)
+                                        value=default(CollectionConfig, "n_safety"))
     n_utility = common.remembered_widget("n_utility", st.number_input, "Utility samples n", min_value=1,
-                                         value=8)
+                                         value=default(CollectionConfig, "n_utility"))
     max_length = common.remembered_widget("max_length", st.number_input, "Sequence length (tokens)",
-                                          min_value=16, max_value=4096, value=128, step=16)
+                                          min_value=16, max_value=4096, value=default(CollectionConfig, "max_length"), step=16)
     size_problems = [
         f"{label} = {n}, but the {which} set ({Path(chosen.source).name or chosen.name}"
         f"{f', split {split}' if split else ''}) has only {len(chosen)} examples: lower it to at most {len(chosen)}."
@@ -188,21 +180,22 @@ with middle:
         st.error(problem)
 with right:
     top_k = common.remembered_widget("top_k", st.number_input, "Subspace dimension k", min_value=1, max_value=256,
-                                     value=8)
-    seed = common.remembered_widget("seed", st.number_input, "Seed", min_value=0, max_value=2**31 - 1, value=0)
+                                     value=default(CollectionConfig, "top_k"))
+    seed = common.remembered_widget("seed", st.number_input, "Seed", min_value=0, max_value=2**31 - 1,
+                                    value=default(CollectionConfig, "seed"))
     with st.expander("Advanced"):
         batch_size = common.remembered_widget("batch_size", st.number_input, "Batch size", min_value=1,
-                                              max_value=256, value=8)
+                                              max_value=256, value=default(CollectionConfig, "batch_size"))
         curve_layers = common.remembered_widget("curve_layers", st.text_input, "Overlap-vs-n curve layers",
-                                                value="auto", help=CURVE_HELP)
+                                                value=default(CollectionConfig, "curve_layers"), help=CURVE_HELP)
         curve_boot = common.remembered_widget("curve_boot", st.number_input, "Bootstrap subsets per n",
-                                              min_value=1, max_value=200, value=10)
+                                              min_value=1, max_value=200, value=default(CollectionConfig, "curve_boot"))
         n_boot = common.remembered_widget("n_boot", st.number_input, "Bootstrap replicates (intervals)",
-                                          min_value=0, max_value=5000, value=200,
+                                          min_value=0, max_value=5000, value=default(CollectionConfig, "n_boot"),
                                           help="95% percentile intervals of every metric, resampling prompts; "
                                                "0: none (seeded by Seed)")
         n_perm = common.remembered_widget("n_perm", st.number_input, "Permutations (null model)", min_value=0,
-                                          max_value=5000, value=200,
+                                          max_value=5000, value=default(CollectionConfig, "n_perm"),
                                           help="p-values of the claims: safety and utility prompts pooled and "
                                                "split at random; 0: none")
         gram_route = common.remembered_widget("gram_route", st.selectbox, "Gram route (both exact)",
@@ -267,27 +260,19 @@ elif not size_problems:
     st.info("Choose a safety set, a utility set and at least one module to collect.")
 
 
-job = ui_jobs.current("collect")
 complete = stored_id is not None and CollectionStore().status(stored_id) == "complete"
-if job is not None and job.active:
-    ui_jobs.follow(job, live_view=common.show_live_collection)
-    if job.run_id != stored_id and config is not None and not complete:
-        st.caption("The settings above differ from the running collection; collecting them queues a second job.")
-if job is not None and not job.active and job.run_id == stored_id and job.state != "done":
-    ui_jobs.show_outcome(job, "Collection")
-if complete:
-    if common.choice("run_id") != stored_id:
-        common.set_choice("run_id", stored_id)
-        st.rerun()
-    if job is not None and job.run_id == stored_id and job.state == "done":
-        ui_jobs.show_outcome(job, "Collection")
-    else:
-        st.success(f"These settings were collected before: run `{stored_id}` is loaded and shown on the other pages.")
-elif config is not None and not (job is not None and job.active and job.run_id == stored_id):
-    if st.button("Collect", type="primary", icon=":material/play_arrow:"):
-        ui_jobs.submit(config, f"{source}: {config.n_safety} safety + {config.n_utility} utility, "
-                               f"{len(selected)} modules")
-        st.rerun()  # redraw with the queued job
+if complete and common.choice("run_id") != stored_id:
+    common.set_choice("run_id", stored_id)
+    st.rerun()
+if config is not None:
+    others = [s for s in jobs.list_jobs(kind="collect", active_only=True) if s.run_id != stored_id]
+    if others:
+        st.caption(f"Another collection is {others[0].state}: {common.plain(others[0].label)} (the sidebar follows "
+                   "it); collecting these settings queues a job of their own.")
+    ui_jobs.job_panel(config, what="Collection", label=f"{source}: {config.n_safety} safety + {config.n_utility} "
+                      f"utility, {len(selected)} modules", stored=complete, run_id=stored_id, button="Collect",
+                      stored_text=f"These settings were collected before: run `{stored_id}` is loaded and shown on "
+                                  "the other pages.", live_view=common.show_live_collection)
 
 run = common.active_run()
 if run is not None and complete and run.run_id == stored_id:

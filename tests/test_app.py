@@ -539,3 +539,17 @@ def test_reload_during_a_collection_keeps_it_running(server, tmp_path):
             assert page.get_by_text("finished in").count() >= 1
         finally:
             browser.close()
+
+
+def test_setup_defaults_are_the_collection_task_defaults(tmp_path, monkeypatch):
+    """Declared once: a fresh Setup offers exactly CollectionConfig's defaults (what the CLI collects)."""
+    from analysis.core.options import default
+
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
+    seed_cache(tmp_path, model="tiny-llama")
+    at = fresh_app().run()
+    no_exceptions(at)
+    for name in ("n_safety", "n_utility", "max_length", "top_k", "seed", "batch_size", "curve_boot", "n_boot",
+                 "n_perm"):
+        assert at.number_input(key=f"widget.{name}").value == default(CollectionConfig, name), name
+    assert at.text_input(key="widget.curve_layers").value == default(CollectionConfig, "curve_layers")
