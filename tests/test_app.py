@@ -41,7 +41,13 @@ def no_exceptions(at: AppTest) -> None:
 
 
 def chart_specs(at: AppTest) -> list[dict]:
-    return [json.loads(element.proto.spec) for element in at.get("plotly_chart")]
+    """The Plotly specs of the page's charts, titles unwrapped (figures break long titles with <br> to fit)."""
+    specs = [json.loads(element.proto.spec) for element in at.get("plotly_chart")]
+    for spec in specs:
+        title = spec.get("layout", {}).get("title", {})
+        if isinstance(title.get("text"), str):
+            title["text"] = title["text"].replace("<br>", " ")
+    return specs
 
 
 @pytest.fixture

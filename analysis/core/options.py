@@ -32,8 +32,7 @@ from typing import Any
 from analysis.core.config import ConfigError, ModelConfig, to_jsonable
 
 __all__ = ["add_options", "check_bounds", "cli_fields", "default", "identity_values", "legacy_fields", "option",
-           "option_values", "options_to_task", "run_options",
-           "without_legacy_defaults"]
+           "option_values", "options_to_task", "run_options", "without_legacy_defaults"]
 
 _MISSING = dataclasses.MISSING
 
@@ -180,7 +179,7 @@ def _list_of(inner: Any) -> Callable[[str], list]:
 def _add_model_group(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
     from analysis.core.config import DEVICE_MAPS, DTYPES
 
-    model = default_model(field)
+    model = _default_model(field)
     group = parser.add_argument_group("model", field.metadata["help"])
     repeatable = field.metadata.get("repeatable", False)
     group.add_argument("--model", dest="model.source", default=argparse.SUPPRESS, metavar="SOURCE",
@@ -199,7 +198,7 @@ def _add_model_group(parser: argparse.ArgumentParser, field: dataclasses.Field) 
                        help="load pickle (.bin) checkpoints, which can run code (default: off, safetensors only)")
 
 
-def default_model(field: dataclasses.Field) -> ModelConfig:
+def _default_model(field: dataclasses.Field) -> ModelConfig:
     if field.default is not _MISSING:
         return field.default
     if field.default_factory is not _MISSING:
@@ -232,7 +231,7 @@ def option_values(cls: type, given: Mapping[str, Any], prefix: str = "", partial
         if _is_model_group(field, hint):
             changes = {key.split(".", 1)[1]: value for key, value in given.items() if key.startswith("model.")}
             if changes:
-                values[field.name] = dataclasses.replace(default_model(field), **changes)
+                values[field.name] = dataclasses.replace(_default_model(field), **changes)
         elif _is_nested(field, hint):
             inner = option_values(_strip_optional(hint), given, prefix=f"{name}.", partial=partial,
                                   exclude=field.metadata.get("exclude", ()))

@@ -72,7 +72,7 @@ def wrap_text(text: str, width: int) -> str:
     """``text`` broken into lines of at most ``width`` characters with Plotly's ``<br>`` (existing breaks kept)."""
     import textwrap
 
-    return "<br>".join(line for part in str(text).split("<br>") for line in (textwrap.wrap(part, width) or [""]))
+    return "<br>".join(line for part in str(text).split("<br>") for line in (textwrap.wrap(part, width, break_on_hyphens=False) or [""]))
 
 
 def new_figure(title: str, x_title: str, y_title: str, subtitle: str = "", **layout: Any) -> go.Figure:
