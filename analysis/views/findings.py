@@ -174,9 +174,18 @@ def findings(run, evidence: Evidence | None = None) -> tuple[pd.DataFrame, str]:
                 "verdict": verdict(result.value, p, null, direction),
                 "n_needed": rs.n_needed(result.value, result.lo, result.hi, min(n_s, n_u), null)
                 if np.isfinite(null) else float("nan"),
-                "shown": f"{format_value(result.value, unit)}{interval}, p = {_p(p)}", "caveat": caveat})
+                "shown": f"{format_value(result.value, unit)}{interval}, p = {_p(p)}{_coverage(evidence, spec.stat)}",
+                "caveat": caveat})
     frame = pd.DataFrame(rows, columns=FINDINGS_COLUMNS)
     return frame, findings_text(run, frame, evidence)
+
+
+def _coverage(evidence, stat: str) -> str:
+    """", over 1 of 210 modules" when the spectral core certified the statistic in only some modules ("" if all)."""
+    masked = evidence.masked.get(stat) if evidence is not None else None
+    if masked is None or not masked.any() or masked.all():
+        return ""
+    return f", over {int((~masked).sum())} of {masked.size} modules (the others not certified by the spectral core)"
 
 
 def _p(p: float) -> str:
