@@ -117,11 +117,10 @@ def active_summary() -> list[str]:
     return lines
 
 
-def measured_cost(kind: str, label_contains: str = "") -> str:
+def measured_cost(kind: str) -> str:
     """"Measured on this machine: ..." from the finished jobs of ``kind`` in the job history (their wall time),
     or "" when none has finished yet. Never a hard-coded number: the machine, the model and the settings vary."""
-    finished = [s for s in jobs.list_jobs(kind=kind) if s.state == jobs.DONE and s.started and s.finished
-                and label_contains in s.label]
+    finished = [s for s in jobs.list_jobs(kind=kind) if s.state == jobs.DONE and s.started and s.finished]
     if not finished:
         return ""
     seconds = sorted(s.finished - s.started for s in finished[-5:])
@@ -140,15 +139,15 @@ def job_panel(task: Task, *, what: str, label: str, stored: bool, stored_text: s
     """The one job lifecycle of a task page: current job -> follow it -> its outcome -> stored? -> start.
 
     ``what`` names the work in outcomes ("Fine-tuning"); ``label`` is the job's label in queues; ``stored``:
-    the result is on disk (``stored_text`` says so, else a default line; None: the page says it itself); ``todo_text``: what starting it does
-    (the measured cost of this kind of job is appended). Returns the job shown (None if there is none); the
-    page decides what to show below (e.g. ``st.stop()`` while ``status.active``)."""
+    the result is on disk (``stored_text`` says so, else a default line; None: the page says it itself);
+    ``todo_text``: what starting it does (the measured cost of this kind of job is appended). Returns the job
+    shown (None if there is none); the page decides what to show below (e.g. ``st.stop()`` while active)."""
     run_id = run_id if run_id is not None else task.run_id()
     status = current(task.kind, run_id)
     if status is not None and status.active:
         follow(status, live_view=live_view, cancel_label=cancel_label)
         return status
-    if status is not None and not (stored and status.state == jobs.DONE and status.run_id != run_id):
+    if status is not None:
         show_outcome(status, what)
     if stored:
         if stored_text is not None and (status is None or status.state != jobs.DONE):
