@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from analysis.lab.config import SPFConfig, preset
     from analysis.lab.defences.spf import project_gradients
     from analysis.lab.finetune_data import seeded
-    from analysis.lab.spf import as_out_in
     from analysis.lab.trainer import FinetuneTrainer
+    from analysis.llm.anatomy import as_out_in
     from analysis.llm.models import load_model
 
     if args.threads:

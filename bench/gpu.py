@@ -195,8 +195,8 @@ def spf_step_check(shape: str, device: str, dtype, batch: int, length: int, k: i
     """A plain AdamW step vs an SPF step (refresh: safety backward + top-k bases; projection only), in ``dtype``."""
     import torch
 
-    from analysis.lab.spf import as_out_in, project_gradients, top_k_basis
-    from analysis.llm.anatomy import find_linear_modules
+    from analysis.lab.spf import project_gradients, top_k_basis
+    from analysis.llm.anatomy import as_out_in, find_linear_modules
     from analysis.llm.formatting import per_sample_loss
 
     model = random_llama(shape, device, dtype)

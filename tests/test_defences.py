@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from analysis.lab import defences as df
-from analysis.lab.spf import as_out_in
+from analysis.llm.anatomy import as_out_in
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

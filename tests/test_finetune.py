@@ -15,8 +15,9 @@ from analysis.lab.config import PRESETS, FinetuneConfig, preset
 from analysis.lab.finetune import FinetuneCancelled, FinetuneTask, run_finetune
 from analysis.lab.finetune_data import safety_indices
 from analysis.lab.results import comparison_table, list_finetune_runs, load_finetune_run
-from analysis.lab.spf import as_out_in, project_gradients, top_k_basis
+from analysis.lab.spf import project_gradients, top_k_basis
 from analysis.lab.trainer import FinetuneTrainer
+from analysis.llm.anatomy import as_out_in
 from analysis.llm.formatting import per_sample_loss, response_losses, tokenize_batch
 from analysis.llm.models import load_model
 

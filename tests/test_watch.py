@@ -182,7 +182,8 @@ def test_projected_update_equals_the_lab_trainer_step(tiny64, tmp_path, mode, sp
     PCGrad projection of the same gradients against the same safety batch, to 1e-6; refreshed every R."""
     from analysis.lab.config import FinetuneConfig, SPFConfig
     from analysis.lab.defences import training_defence
-    from analysis.lab.spf import SPFProjector, as_out_in, spf_modules
+    from analysis.lab.spf import SPFProjector, spf_modules
+    from analysis.llm.anatomy import as_out_in
 
     model = copy.deepcopy(tiny64.model)
     tokenizer = tiny64.tokenizer

@@ -95,7 +95,7 @@ def _linear_weights(model, layers: str, kinds: str) -> dict[str, torch.nn.Parame
 def defend(task: SafeLoraTask, ctx: TaskContext | None = None) -> dict:
     """Project, save the defended model (reused when stored) and return a JSON-able summary."""
     from analysis.lab.loop import save_model
-    from analysis.lab.spf import as_out_in
+    from analysis.llm.anatomy import as_out_in
     from analysis.llm.models import load_model
 
     ctx = ctx if ctx is not None else TaskContext()

@@ -79,27 +79,15 @@ from torch import nn
 
 from analysis.core.config import ConfigError
 from analysis.lab.config import SPFConfig
+from analysis.llm.anatomy import as_out_in
 
 BASIS_RTOL = 1e-6
 #: A safety gradient whose norm (over the SPF modules) is at most this times the fine-tuning gradient's norm is
 #: treated as zero: no basis is kept (e.g. the "kl" safety loss at theta = theta_0).
 ZERO_SAFETY_RTOL = 1e-6
 
-__all__ = ["BASIS_RTOL", "ZERO_SAFETY_RTOL", "SPFModule", "SPFProjector", "as_out_in", "principal_cosines",
+__all__ = ["BASIS_RTOL", "ZERO_SAFETY_RTOL", "SPFModule", "SPFProjector", "principal_cosines",
            "spf_modules", "top_k_basis"]
-
-
-def as_out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
-    """A view of a weight-shaped tensor in (d_out, d_in) orientation (HF Conv1D stores (d_in, d_out))."""
-    from analysis.llm.anatomy import LAYER_TYPES
-
-    layer_type = LAYER_TYPES.get(type(module))
-    convert = getattr(layer_type, "as_out_in", None)
-    if convert is not None:
-        return convert(tensor)
-    from transformers.pytorch_utils import Conv1D
-
-    return tensor.T if isinstance(module, Conv1D) else tensor
 
 
 # --------------------------------------------------------------------------------------------------

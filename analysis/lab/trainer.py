@@ -35,8 +35,8 @@ from analysis.lab.finetune_data import (
     total_steps,
 )
 from analysis.lab.loop import TrainingLoop
-from analysis.lab.spf import ZERO_SAFETY_RTOL, SPFProjector, as_out_in, spf_modules
-from analysis.llm.anatomy import layer_index
+from analysis.lab.spf import ZERO_SAFETY_RTOL, SPFProjector, spf_modules
+from analysis.llm.anatomy import as_out_in, layer_index
 from analysis.llm.models import input_device, place
 
 # --------------------------------------------------------------------------------------------------

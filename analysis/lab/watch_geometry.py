@@ -44,7 +44,7 @@ class WatchedModule:
                 "factor": self.factor, "d_out": int(d_out), "d_in": int(d_in)}
 
     def grad_view(self, tensor: torch.Tensor) -> torch.Tensor:
-        from analysis.lab.spf import as_out_in
+        from analysis.llm.anatomy import as_out_in
 
         return as_out_in(self.module, tensor)
 

@@ -306,7 +306,7 @@ def load_why(task: WhyTask, root: str | Path | None = None) -> WhyResults | None
 
 
 def _weights(model, modules: Sequence) -> dict[str, torch.Tensor]:
-    from analysis.lab.spf import as_out_in
+    from analysis.llm.anatomy import as_out_in
 
     named = dict(model.named_modules())
     return {m.name: as_out_in(named[m.name], named[m.name].weight.detach()) for m in modules}

@@ -172,11 +172,13 @@ def select_modules(
 
 
 def as_out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` shaped like ``module.weight`` (the weight, its grad, a delta) in (d_out, d_in) orientation."""
-    return LAYER_TYPES[type(module)].as_out_in(tensor)
+    """``tensor`` shaped like ``module.weight`` (the weight, its grad, a delta) in (d_out, d_in) orientation: a
+    view through the module's :data:`LAYER_TYPES` entry (a module of another type is taken as (d_out, d_in))."""
+    layer_type = LAYER_TYPES.get(type(module))
+    return layer_type.as_out_in(tensor) if layer_type is not None else tensor
 
 
 def weight_grad_as_out_in(module: nn.Module) -> torch.Tensor | None:
     """The module's ``weight.grad`` in (d_out, d_in) orientation (None if it has none)."""
     grad = module.weight.grad
-    return None if grad is None else LAYER_TYPES[type(module)].as_out_in(grad)
+    return None if grad is None else as_out_in(module, grad)

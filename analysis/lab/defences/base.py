@@ -7,7 +7,7 @@ on the first lookup (lm-evaluation-harness style: ``unknown defence 'x', availab
 plug-in may register one from anywhere. No code outside a defence's own file branches on its name.
 
 Training-time hooks, called by :class:`analysis.lab.trainer.FinetuneTrainer` once per optimizer step, in this
-order (gradients are each module's (d_out, d_in) view, ``spf.as_out_in``; all under ``torch.no_grad``):
+order (gradients are each module's (d_out, d_in) view, ``anatomy.as_out_in``; all under ``torch.no_grad``):
 
 1. every ``spf.refresh`` steps, when the run computes a safety gradient: :meth:`Defence.refresh` with
    ``safety`` = {module: G_safety (d_out, d_in)} of the selected modules (``zero``: its norm is ~0, e.g. the KL

@@ -12,7 +12,7 @@ In a run (method "pcgrad"): the reference g_s is the safety gradient of the last
 step 1) keeps no reference, and nothing is projected until the next refresh. The reference is checkpointed
 (``pcgrad/<module>``). Metrics: pcgrad_dot, pcgrad_cos, pcgrad_removed (:func:`pcgrad_project`).
 
-Shapes: every matrix is a module's (d_out, d_in) view (``spf.as_out_in``).
+Shapes: every matrix is a module's (d_out, d_in) view (``anatomy.as_out_in``).
 """
 
 from __future__ import annotations

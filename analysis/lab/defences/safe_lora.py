@@ -12,7 +12,7 @@ Property: a projected module's delta lies in the subspace, P dW' = dW' (:func:`s
 As a defence (name "safe-lora", post hoc): the grid's ``safe-lora`` row projects the ``plain`` run's model
 with :class:`analysis.lab.safe_lora.SafeLoraTask` (the grid's ``safe_lora_threshold`` / ``safe_lora_rank``).
 
-Shapes: every matrix is a module's (d_out, d_in) view (``spf.as_out_in``).
+Shapes: every matrix is a module's (d_out, d_in) view (``anatomy.as_out_in``).
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ class SPF(Defence):
             and set W = W_old - P' (exact under AdamW; :mod:`analysis.lab.spf`, refinement 1)."""
             import torch
 
-            from analysis.lab.spf import as_out_in
+            from analysis.llm.anatomy import as_out_in
 
             modules = self.projector.modules
             before = {m.name: m.weight.detach().clone() for m in modules}
