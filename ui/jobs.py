@@ -123,14 +123,12 @@ def measured_cost(kind: str) -> str:
     finished = [s for s in jobs.list_jobs(kind=kind) if s.state == jobs.DONE and s.started and s.finished]
     if not finished:
         return ""
+    from analysis.safety.results import format_seconds
+
     seconds = sorted(s.finished - s.started for s in finished[-5:])
-    span = _duration(seconds[0]) if len(seconds) == 1 else f"{_duration(seconds[0])} to {_duration(seconds[-1])}"
+    span = format_seconds(seconds[0]) if len(seconds) == 1 else \
+        f"{format_seconds(seconds[0])} to {format_seconds(seconds[-1])}"
     return f"Measured on this machine: {span} for the last {len(seconds)} {kind} job(s)."
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
-        f"{seconds / 3600:.1f} h"
 
 
 def job_panel(task: Task, *, what: str, label: str, stored: bool, stored_text: str | None = "",
