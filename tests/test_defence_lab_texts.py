@@ -17,7 +17,7 @@ def test_the_grid_cost_counts_what_is_left_and_uses_only_times_measured_here():
     assert "the time is stated once a run and an evaluation have finished" in views.grid_cost_text(cost)
     measured = views.grid_cost(task, [], train_seconds=[242, 1377], eval_seconds=[300, 310])
     assert (measured["low_seconds"], measured["high_seconds"]) == (15 * 242 + 21 * 300, 15 * 1377 + 21 * 310)
-    assert "about 2.8 hours to 7.5 hours in total, from the runs and evaluations measured on this machine" in \
+    assert "about 2 h 45 min to 7 h 32 min in total, from the runs and evaluations measured on this machine" in \
         views.grid_cost_text(measured)
     harmful = [{"tier": t, "defence": d, "seed": s} for t, d, s in task.cells() if t == "harmful-10"]
     left = views.grid_cost(task, harmful, [242], [300])

@@ -8,6 +8,7 @@ import pytest
 from scipy.stats import binomtest
 
 from analysis.core.stats import bootstrap_mean
+from analysis.core.tasks import format_seconds
 from analysis.safety import results as res
 from analysis.safety.keywords import KEYWORD_LISTS
 
@@ -77,7 +78,7 @@ def test_category_table_has_counts_and_intervals():
 @pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (59.4, "59 s"), (1241.2444, "20 min 41 s"),
                                            (3725, "1 h 02 min"), (None, "-"), (float("nan"), "-")])
 def test_format_seconds(seconds, text):
-    assert res.format_seconds(seconds) == text
+    assert format_seconds(seconds) == text
 
 
 def test_an_evaluation_stored_without_intervals_gets_them_on_load(tmp_path):

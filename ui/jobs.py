@@ -123,7 +123,7 @@ def measured_cost(kind: str) -> str:
     finished = [s for s in jobs.list_jobs(kind=kind) if s.state == jobs.DONE and s.started and s.finished]
     if not finished:
         return ""
-    from analysis.safety.results import format_seconds
+    from analysis.core.tasks import format_seconds
 
     seconds = sorted(s.finished - s.started for s in finished[-5:])
     span = format_seconds(seconds[0]) if len(seconds) == 1 else \

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -187,3 +188,15 @@ class Throttle:
             self._last = now
             return True
         return False
+
+
+def format_seconds(seconds: float | None) -> str:
+    """``"41 s"``, ``"20 min 41 s"``, ``"1 h 02 min"``; "-" when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

@@ -61,14 +61,14 @@ from analysis.core.config import (
 )
 from analysis.core.options import identity_values, option
 from analysis.core.store import atomic_write_json, finite_or_none
-from analysis.core.tasks import TaskContext, register_task, resolve_device
+from analysis.core.tasks import TaskContext, format_seconds, register_task, resolve_device
 from analysis.lab.align_data import (  # noqa: F401 - BORDERLINE_PROMPTS, borderline_dataset: public here too
     BORDERLINE_PREFIX,
     BORDERLINE_PROMPTS,
     borderline_dataset,
     load_training_sets,
 )
-from analysis.lab.loop import Clock, TrainingCancelled, TrainingLoop, duration, save_model
+from analysis.lab.loop import Clock, TrainingCancelled, TrainingLoop, save_model
 from analysis.llm.anatomy import layer_index
 from analysis.llm.formatting import pad_rows, pad_token_id, response_losses, tokenize_conversation
 from analysis.llm.models import input_device, place
@@ -363,7 +363,7 @@ def train(model, tokenizer, safety_rows, utility_rows, settings: AlignSettings,
             elapsed = clock.read()[0]
             left = elapsed / (step - first) * (settings.steps - step)
             report_progress(progress, step / settings.steps,
-                    f"step {step}/{settings.steps}, loss {row['loss']:.3f}, about {duration(left)} left")
+                    f"step {step}/{settings.steps}, loss {row['loss']:.3f}, about {format_seconds(left)} left")
 
         def save(step: int, pending: dict | None) -> None:  # noqa: ARG001 - alignment has no pending row
             checkpoint.parent.mkdir(parents=True, exist_ok=True)

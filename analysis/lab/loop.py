@@ -29,7 +29,7 @@ from analysis.lab.config import OPTIMIZERS
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 SCHEDULES = ("constant", "warmup-linear")
 
-__all__ = ["Clock", "TrainingCancelled", "TrainingLoop", "duration", "save_model"]
+__all__ = ["Clock", "TrainingCancelled", "TrainingLoop", "save_model"]
 
 
 class TrainingCancelled(Cancelled):
@@ -50,11 +50,6 @@ class Clock:
 
     def read(self) -> tuple[float, float]:
         return time.perf_counter() - self.wall0, time.process_time() - self.cpu0
-
-
-def duration(seconds: float) -> str:
-    """``"42 s"`` or ``"3.5 min"``."""
-    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 class TrainingLoop:

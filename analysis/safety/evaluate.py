@@ -696,8 +696,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}")
         return 2
     if getattr(args, "estimate", False):
+        from analysis.core.tasks import format_seconds
         from analysis.safety.estimate import estimate_evaluation
-        from analysis.safety.results import format_seconds
 
         if args.threads:
             torch.set_num_threads(args.threads)

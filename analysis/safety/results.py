@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,9 +19,10 @@ import numpy as np
 from analysis.core.config import cache_dir
 from analysis.core.stats import bootstrap_mean, format_interval, format_rate, rate_interval
 from analysis.core.store import RunStore, StoreError, finite_or_none
+from analysis.core.tasks import format_seconds
 from analysis.safety.keywords import KEYWORD_LISTS
 
-__all__ = ["EVAL_FORMAT_VERSION", "EvalResult", "evals_store", "format_report", "format_seconds", "interval_of", "load_evaluation", "load_evaluations",
+__all__ = ["EVAL_FORMAT_VERSION", "EvalResult", "evals_store", "format_report", "interval_of", "load_evaluation", "load_evaluations",
            "mean_text", "metric_intervals", "rate_text", "save_evaluation", "summarise"]
 
 #: Bumped when stored evaluations can no longer be read or compared (2: one run folder per run id).
@@ -279,18 +279,6 @@ def load_evaluations(run_ids, store: RunStore | None = None) -> dict[str, EvalRe
 
 # --------------------------------------------------------------------------------------------------
 # the CLI report
-
-
-def format_seconds(seconds: float | None) -> str:
-    """``"41 s"``, ``"20 min 41 s"``, ``"1 h 02 min"``; "-" when unknown."""
-    if seconds is None or not math.isfinite(seconds):
-        return "-"
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def format_report(results: Sequence[EvalResult], examples: int = 3) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from analysis.core.tasks import format_seconds
 from analysis.lab.defences import ROLES, get, role_of, variant
 from analysis.lab.grid import METRICS
 from analysis.views import figures
@@ -85,10 +86,6 @@ def grid_cost(task: Any, stored_rows: Sequence[dict], train_seconds: Sequence[fl
     return out
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} hours" if seconds >= 5400 else f"{seconds / 60:.0f} minutes"
-
-
 def grid_cost_text(cost: Mapping[str, Any]) -> str:
     """One sentence from :func:`grid_cost`: the cells, what is left and the total time measured here."""
     if not cost["todo"]:
@@ -97,7 +94,7 @@ def grid_cost_text(cost: Mapping[str, Any]) -> str:
             f"{cost['todo']} evaluations (stored runs and evaluations are reused)")
     if cost["low_seconds"] is None:
         return text + "; the time is stated once a run and an evaluation have finished on this machine."
-    return (text + f"; about {_duration(cost['low_seconds'])} to {_duration(cost['high_seconds'])} in total, from "
+    return (text + f"; about {format_seconds(cost['low_seconds'])} to {format_seconds(cost['high_seconds'])} in total, from "
             "the runs and evaluations measured on this machine.")
 
 

@@ -85,7 +85,8 @@ def eval_tables(results: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
     over-refusal as "3/8 = 38% [14-69%]", "likelihoods": utility accuracy likewise, NLLs (nats per response
     token) and judge scores as "1.234 [1.100, 1.390] (n=88)", judge failures, time}; columns empty for every
     model (e.g. no judge) are left out."""
-    from analysis.safety.results import format_seconds, mean_text, rate_text
+    from analysis.core.tasks import format_seconds
+    from analysis.safety.results import mean_text, rate_text
 
     rows = []
     for label, result in results.items():
@@ -108,7 +109,7 @@ def eval_tables(results: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
 
 def estimate_text(estimate: Mapping[str, Any]) -> str:
     """The measured time estimate in words: total, the stages' shares, and what it rests on."""
-    from analysis.safety.results import format_seconds
+    from analysis.core.tasks import format_seconds
 
     speed, total = estimate["speed"], estimate["total"]
     shares = ", ".join(f"{name.replace('_', ' ')} {seconds / total:.0%}" for name, seconds in estimate["stages"].items()
