@@ -3,6 +3,7 @@ the tiny Llama, the planted-harmful known answer, streaming, the task's store / 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -268,7 +269,7 @@ def test_command_line_screens_and_prints_the_riskiest(tmp_path, monkeypatch, cap
 
 
 def test_validation_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
-    from analysis.lab.screen_validate import ValidateScreenTask, load_validation, validate, validate_store
+    from analysis.lab.screen_validate import ValidateScreenTask, load_validation, subsets_dir, validate
 
     monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
     planted = alpaca_pool(tmp_path / "pool.jsonl", n_benign=7, planted=("harmful_prefix", 3))
@@ -291,7 +292,7 @@ def test_validation_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     assert top.manifest["total_steps"] == bottom.manifest["total_steps"] == 1
     assert {k: v for k, v in top.config.items() if k != "train_data"} == \
         {k: v for k, v in bottom.config.items() if k != "train_data"}
-    subset = (validate_store().path(task.run_id()) / "subsets" / "gradient_matching-top3.jsonl")
+    subset = subsets_dir(task) / "gradient_matching-top3.jsonl"
     assert [json.loads(line)["instruction"] for line in subset.read_text().splitlines()] == \
         [json.loads(line)["instruction"] for i, line in enumerate((tmp_path / "pool.jsonl").read_text().splitlines())
          if i in planted]  # the planted harmful rows are the top arm
@@ -301,6 +302,12 @@ def test_validation_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     assert load_validation(task)["verdicts"] == result["verdicts"]
     assert validate(task)["cached"]
     assert events[-1].fraction == 1.0
+    # another validation of the same screening (here: one seed) trains on the same subset files: its arms are
+    # the stored runs, not new ones
+    one_seed = validate(dataclasses.replace(task, seeds=(0,)))
+    assert not one_seed["cached"]
+    assert {(r["arm"], r["finetune_run"]) for r in one_seed["rows"] if r["seed"] == 0} == \
+        {(arm, rows[(arm, 0)]["finetune_run"]) for arm in ("top", "bottom", "random")}
 
 
 def test_views_rank_drill_down_and_agree_on_known_numbers(tmp_path, tiny_llama):

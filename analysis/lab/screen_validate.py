@@ -17,8 +17,9 @@ here when ``top``'s ASR is above the other arm's and the two-sided exact McNemar
 comparisons, so each is also reported against alpha / 2, Bonferroni).
 
 Stored in ``cache_dir()/"screen-validate"/<run_id>``: ``table.json`` (one row per arm and seed, plus pooled rows),
-``verdicts.json``; the subsets as JSON Lines in the input's own format in ``subsets/``.
-(A tiny Wilson / McNemar pair lives here until the shared statistics module lands; see :func:`wilson`.)
+``verdicts.json``. The subsets, as JSON Lines in the input's own format, go to ``_subsets/<screen run>/`` beside
+the runs (:func:`subsets_dir`): one file per subset of one screening, whatever the validation, so a validation with
+another seed list or alpha trains on the same files and reuses the stored fine-tuning runs and evaluations.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from analysis.core.store import RunStore, finite_or_none
 from analysis.core.tasks import TaskContext, register_task
 from analysis.lab.screen import SCORES, SUBSETS, ScreenTask
 
-__all__ = ["ARMS", "ValidateScreenTask", "load_validation", "validate", "validate_store"]
+__all__ = ["ARMS", "ValidateScreenTask", "load_validation", "subsets_dir", "validate", "validate_store"]
 
 FORMAT_VERSION = 1
 ARMS = ("aligned", *SUBSETS)  # "aligned": no fine-tuning
@@ -50,9 +51,10 @@ def validate_store(root: str | Path | None = None) -> RunStore:
     return RunStore(Path(root) if root is not None else cache_dir() / "screen-validate")
 
 
-# --------------------------------------------------------------------------------------------------
-# statistics (local until the shared stats module lands)
-# --------------------------------------------------------------------------------------------------
+def subsets_dir(task: ValidateScreenTask, root: str | Path | None = None) -> Path:
+    """Where the subsets of ``task``'s screening are written: keyed by the screening, not the validation (the
+    file's path is part of a fine-tuning run's id)."""
+    return validate_store(root).root / "_subsets" / task.screen.run_id()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,17 +224,15 @@ def validate(task: ValidateScreenTask, ctx: TaskContext | None = None, *, root: 
     ctx = ctx if ctx is not None else TaskContext()
     store = validate_store(root)
     run_id = task.run_id()
-    if store.status(run_id) == "complete":
+    stored = load_validation(task, root)
+    if stored is not None:
         ctx.report(1.0, "reused a stored validation")
-        folder = store.path(run_id)
-        return {"run_id": run_id, "rows": json.loads((folder / "table.json").read_text()),
-                "verdicts": json.loads((folder / "verdicts.json").read_text()), "cached": True}
+        return {**stored, "cached": True}
     ctx.report(0.0, "screening the pool (reused when stored)")
     screen(task.screen, ctx.sub(0.0, 0.1, "screening"), root=screen_root)
     rows = load_screen(task.screen, root=screen_root).rows
     if task.k > len(rows):
         raise ConfigError(f"k = {task.k} but the screened pool has only {len(rows)} examples")
-    folder = store.path(run_id)
     eval_store = evals_store(evals_root)
     steps = [("aligned", task.seeds[0])] + [(arm, seed) for seed in task.seeds for arm in SUBSETS]
     table, pairs = [], {}
@@ -243,7 +243,7 @@ def validate(task: ValidateScreenTask, ctx: TaskContext | None = None, *, root: 
         if arm == "aligned":
             model = task.screen.model
         else:
-            subset = subset_file(task, rows, arm, seed, folder / "subsets")
+            subset = subset_file(task, rows, arm, seed, subsets_dir(task, root))
             run = run_finetune(task.finetune_config(subset, seed), ctx.sub(low, (low + high) / 2, f"{arm} / seed {seed}"),
                                root=finetune_root)
             row["finetune_run"] = run.run_id
