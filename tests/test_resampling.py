@@ -70,13 +70,15 @@ def test_weights_and_masks_keep_the_set_sizes():
     assert (masks.sum(axis=1) == 5).all() and not (masks[:, :5].all(axis=1)).all()
 
 
-def test_multiple_comparisons_known_values():
+def test_benjamini_hochberg_known_values():
+    from analysis.core.stats import benjamini_hochberg
+
     p = np.array([0.01, 0.04, 0.03, 0.005])
-    # BH: sorted 0.005, 0.01, 0.03, 0.04 -> x4/1, 4/2, 4/3, 4/4 = 0.02, 0.02, 0.04, 0.04 (monotone from the top)
-    assert np.allclose(rs.benjamini_hochberg(p), [0.02, 0.04, 0.04, 0.02])
-    # Holm: 0.005*4, 0.01*3, 0.03*2, 0.04*1 -> 0.02, 0.03, 0.06, 0.06 (running max)
-    assert np.allclose(rs.holm(p), [0.03, 0.06, 0.06, 0.02])
-    assert np.isnan(rs.benjamini_hochberg([np.nan, 0.01])[0])
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4/1, 4/2, 4/3, 4/4 = 0.02, 0.02, 0.04, 0.04 (monotone from the top)
+    assert np.allclose(benjamini_hochberg(p), [0.02, 0.04, 0.04, 0.02])
+    # a NaN (untested module) is no test: the other p-value is alone, q = p
+    assert np.isnan(benjamini_hochberg([np.nan, 0.01])[0]) and benjamini_hochberg([np.nan, 0.01])[1] == 0.01
+    assert np.allclose(benjamini_hochberg([[0.01, 0.04], [0.03, 0.005]]), [[0.02, 0.04], [0.04, 0.02]])  # shape kept
 
 
 def test_p_values_and_needed_n():

@@ -1,7 +1,7 @@
 """Intervals and paired tests for the numbers a user sees: rates (Wilson), means (bootstrap), two models on
 the same prompts (exact McNemar, Newcombe's paired interval, paired bootstrap).
 
-Pure numpy (scipy only for McNemar beyond 1000 discordant pairs), seeded, vectorised; no model, gradient
+Pure numpy (scipy for McNemar beyond 1000 discordant pairs and for the Benjamini-Hochberg step-up), seeded, vectorised; no model, gradient
 or page knows about it. Conventions:
 
 * a rate is ``k`` successes out of ``n`` trials; ``n = 0`` gives NaN everywhere (no data, no claim);
@@ -11,7 +11,7 @@ or page knows about it. Conventions:
 
 References: Wilson (1927); McNemar (1947), exact form = two-sided binomial test on the discordant pairs;
 Newcombe (1998, Stat. Med. 17:2635, method 10) for a paired difference of proportions; Efron & Tibshirani
-(1993) for the percentile bootstrap.
+(1993) for the percentile bootstrap; Benjamini & Hochberg (1995) for the false discovery rate over modules.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["PairedRates", "across_seeds", "bootstrap_mean", "format_interval", "format_rate", "mcnemar_exact", "mcnemar_p",
+__all__ = ["PairedRates", "across_seeds", "benjamini_hochberg", "bootstrap_mean", "format_interval", "format_rate", "mcnemar_exact", "mcnemar_p",
            "paired_bootstrap", "paired_rates", "rate_interval", "wilson_interval"]
 
 DEFAULT_BOOTSTRAP = 2000
@@ -235,3 +235,16 @@ def across_seeds(values: Sequence[float], confidence: float = 0.95) -> dict:
     sd = float(np.std(values, ddof=1))
     half = float(t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "sd": sd, "values": values}
+
+
+def benjamini_hochberg(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values), same shape (scipy's ``false_discovery_control``); reject
+    at false discovery rate alpha where q <= alpha. NaN stays NaN and does not count as a test."""
+    from scipy.stats import false_discovery_control
+
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(p.shape, np.nan)
+    tested = ~np.isnan(p)
+    if tested.any():
+        out[tested] = false_discovery_control(p[tested], method="bh")
+    return out

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from analysis.core.stats import benjamini_hochberg
 from analysis.engine.geometry import resampling as rs
 from analysis.engine.resampling import Evidence
 
@@ -106,7 +107,7 @@ def module_evidence(table: pd.DataFrame, evidence: Evidence, stats: tuple[str, .
 
 
 def _add_tests(frame: pd.DataFrame, name: str, p: np.ndarray) -> None:
-    q = rs.benjamini_hochberg(p)
+    q = benjamini_hochberg(p)
     frame[f"{name}_p"], frame[f"{name}_q"], frame[f"{name}_significant"] = p, q, q <= ALPHA
 
 

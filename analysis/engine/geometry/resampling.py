@@ -29,7 +29,7 @@ import scipy.linalg as sla
 from analysis.engine.geometry.base import GeometryError, as_array, check_k
 
 __all__ = [
-    "SpectralCore", "benjamini_hochberg", "bootstrap_p_value", "captured_share", "core_spectra", "holm",
+    "SpectralCore", "bootstrap_p_value", "captured_share", "core_spectra",
     "n_needed", "percentile_interval", "permutation_masks", "permutation_p_value", "resample_weights",
     "spectrum_stats", "weighted_cosines",
 ]
@@ -89,42 +89,6 @@ def permutation_p_value(observed: float, null_draws: Any) -> float:
         return float("nan")
     return float(min(1.0, 2.0 * (1 + min(np.count_nonzero(r >= observed), np.count_nonzero(r <= observed)))
                      / (r.size + 1)))
-
-
-def benjamini_hochberg(p_values: Any) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (q-values), same shape; reject at FDR alpha where q <= alpha.
-    NaN stays NaN and does not count as a test."""
-    p = np.asarray(p_values, dtype=float)
-    out = np.full(p.shape, np.nan)
-    ok = ~np.isnan(p)
-    m = int(ok.sum())
-    if m == 0:
-        return out
-    values = p[ok]
-    order = np.argsort(values)
-    ranked = values[order] * m / np.arange(1, m + 1)
-    adjusted = np.minimum.accumulate(ranked[::-1])[::-1]
-    result = np.empty(m)
-    result[order] = np.minimum(adjusted, 1.0)
-    out[ok] = result
-    return out
-
-
-def holm(p_values: Any) -> np.ndarray:
-    """Holm step-down adjusted p-values (family-wise error), same shape; NaN stays NaN."""
-    p = np.asarray(p_values, dtype=float)
-    out = np.full(p.shape, np.nan)
-    ok = ~np.isnan(p)
-    m = int(ok.sum())
-    if m == 0:
-        return out
-    values = p[ok]
-    order = np.argsort(values)
-    adjusted = np.maximum.accumulate(values[order] * (m - np.arange(m)))
-    result = np.empty(m)
-    result[order] = np.minimum(adjusted, 1.0)
-    out[ok] = result
-    return out
 
 
 def n_needed(estimate: float, lo: float, hi: float, n: int, null: float = 0.0, level_z: float = 1.96) -> float:
