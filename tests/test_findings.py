@@ -41,6 +41,8 @@ def test_findings_of_a_stored_run(tiny_run):
     assert ((frame["lo"] <= frame["value"] + 1e-9) & (frame["value"] <= frame["hi"] + 1e-9)).all()
     assert frame["rule"].str.contains("supported if").all() and (frame["n"] == "4 + 4").all()
     assert all("small" in c and "not marked as aligned" in c for c in frame["caveat"])
+    # measured on the aligned SmolLM2: median cos(G_s, G_u) +0.268 at n = 32 + 32, +0.403 at 64 + 64
+    assert ["size depends on n" in c for c in frame["caveat"]] == [False] * 3 + [True] + [False] * 4
     assert tiny_run.run_id in text and text.count("\n- **") == 3
 
 

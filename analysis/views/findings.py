@@ -158,6 +158,10 @@ def findings(run, evidence: Evidence | None = None) -> tuple[pd.DataFrame, str]:
                                                "(resampling repeats prompts, which lowers a mean's rank); the "
                                                "permutation test is exact",
                                                _core_caveat(evidence, ev.SUMMARIES[key].stat)) if c)
+            if key == "median_cosine":
+                caveat = "; ".join(c for c in (caveat, "a cosine of two batch means moves away from 0 as n grows "
+                                               "(each mean's per-sample noise shrinks), so its size depends on n; "
+                                               "the test decides its sign") if c)
             if key == "median_diff_sample_phi" or key == "median_sample_phi":
                 caveat = "; ".join(c for c in (caveat, "each safety sample is part of the batch it is compared with "
                                                f"(1/{n_s} of it), which raises its φ") if c)
