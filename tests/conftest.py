@@ -29,6 +29,19 @@ def default_model():
     return load_model("default")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def close_the_image_browser():
+    """Kaleido's Chromium (started by export tests and by pages in-process) is closed before the interpreter
+    exits: left open, its pipe thread once printed a choreographer JSONError after pytest's summary."""
+    yield
+    import sys
+
+    if "kaleido" in sys.modules:
+        from analysis.views import export
+
+        export.stop_image_server()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny matrices: one torch thread is much faster, and robust on a busy 2-core machine."""
