@@ -1,8 +1,8 @@
 """Intervals and paired tests for the numbers a user sees: rates (Wilson), means (bootstrap), two models on
 the same prompts (exact McNemar, Newcombe's paired interval, paired bootstrap).
 
-Pure numpy (scipy for McNemar beyond 1000 discordant pairs and for the Benjamini-Hochberg step-up), seeded, vectorised; no model, gradient
-or page knows about it. Conventions:
+Pure numpy (scipy for McNemar beyond 1000 discordant pairs and for the Benjamini-Hochberg step-up), seeded,
+vectorised; no model, gradient or page knows about it. Conventions:
 
 * a rate is ``k`` successes out of ``n`` trials; ``n = 0`` gives NaN everywhere (no data, no claim);
 * intervals are two-sided at ``confidence`` (default 0.95) and returned as ``(low, high)`` floats;
