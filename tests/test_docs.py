@@ -29,12 +29,18 @@ def test_the_design_notes_name_only_modules_and_functions_that_exist():
 
 
 def test_one_measured_alignment_time_everywhere():
+    """Every mention of how long the alignment takes quotes the measured figures of ALIGN_MEASURED."""
     from analysis.llm.models import ALIGN_MEASURED
 
-    assert "22 min 48 s" in ALIGN_MEASURED
+    measured = ("6 min 08 s", "22 min 48 s", "6-23 min")
+    assert all(figure in ALIGN_MEASURED for figure in measured)
     files = [ROOT / "README.md", ROOT / "Makefile", DESIGN, *ROOT.glob("pages/*.py"), *ROOT.glob("analysis/**/*.py")]
-    stale = [f"{path.relative_to(ROOT)}: {match.group(0)}" for path in files
-             for match in re.finditer(r"(~|about )?\d+\s*(–|-)?\s*\d*\s*min(ute)?s?\b[^\n]{0,20}", path.read_text())
-             if re.search(r"align", path.read_text()[max(0, match.start() - 200):match.end() + 50], re.I)
-             and "22 min 48 s" not in match.group(0) and "23 minutes" not in match.group(0)]
+    stale = []
+    for path in files:
+        text = path.read_text()
+        for figure in measured:
+            text = text.replace(figure, "<measured>")
+        stale += [f"{path.relative_to(ROOT)}: {match.group(0)}"
+                  for match in re.finditer(r"(~|about )?\d+\s*(–|-)?\s*\d*\s*min(ute)?s?\b[^\n]{0,20}", text)
+                  if re.search(r"align", text[max(0, match.start() - 200):match.end() + 50], re.I)]
     assert not stale, stale

