@@ -3,6 +3,7 @@
 import streamlit as st
 
 from analysis.core.config import InputError
+from analysis.core.options import default
 from analysis.lab import screen as lab_screen
 from analysis.lab import screen_validate as lab_validate
 from analysis.llm.data import load_shipped
@@ -50,15 +51,15 @@ with left:
 with middle:
     n_examples = st.number_input("Examples to score (0: all)", min_value=0, max_value=100_000, value=0,
                                  key="widget.screen.n")
-    n_anchors = st.number_input("Anchor prompts (harmful)", min_value=2, max_value=154, value=32,
-                                key="widget.screen.n_anchors")
+    n_anchors = st.number_input("Anchor prompts (harmful)", min_value=2, max_value=154,
+                                value=default(lab_screen.ScreenTask, "n_anchors"), key="widget.screen.n_anchors")
 with right:
-    k = st.number_input("Safety subspace size k (per module)", min_value=1, max_value=64, value=8,
-                        key="widget.screen.k")
+    k = st.number_input("Safety subspace size k (per module)", min_value=1, max_value=64,
+                        value=default(lab_screen.ScreenTask, "k"), key="widget.screen.k")
     kinds = st.text_input("Module kinds", value="all", key="widget.screen.kinds",
                           help="e.g. 'q,v,down'; 'all' scores every linear module of the blocks")
-    max_length = st.number_input("Tokens per example (longer: truncated)", min_value=16, max_value=4096, value=256,
-                                 key="widget.screen.max_length")
+    max_length = st.number_input("Tokens per example (longer: truncated)", min_value=16, max_value=4096,
+                                 value=default(lab_screen.ScreenTask, "max_length"), key="widget.screen.max_length")
 
 with st.expander("Anchors: the harmful prompts the gradients are compared with"):
     ANCHORS = {"safety": "safety.jsonl (analysis split): harmful prompts with refusals; compliance = “Sure, here is …”",
@@ -163,18 +164,23 @@ st.caption("Fine-tune the aligned model on the k riskiest, the k least risky and
            "evaluations per seed.")
 cols = st.columns(3)
 with cols[0]:
-    v_k = st.number_input("k per arm", min_value=1, max_value=len(rows), value=min(100, len(rows)),
+    v_k = st.number_input("k per arm", min_value=1, max_value=len(rows),
+                          value=min(default(lab_validate.ValidateScreenTask, "k"), len(rows)),
                           key="widget.screen.validate_k")
-    v_seeds = st.multiselect("Seeds", [0, 1, 2, 3], default=[0, 1], key="widget.screen.validate_seeds")
+    v_seeds = st.multiselect("Seeds", [0, 1, 2, 3], default=list(default(lab_validate.ValidateScreenTask, "seeds")),
+                             key="widget.screen.validate_seeds")
 with cols[1]:
     v_steps = st.number_input("Max fine-tuning steps (0: the preset's)", min_value=0, max_value=1000, value=0,
                               key="widget.screen.validate_steps",
                               help="preset harmful-100: 5 epochs of batch 10, lr 5e-5 (50 steps for k = 100)")
-    v_utility = st.toggle("Score utility answers too", value=True, key="widget.screen.validate_utility")
+    v_utility = st.toggle("Score utility answers too", value=default(lab_validate.ValidateScreenTask, "utility_accuracy"),
+                          key="widget.screen.validate_utility")
 with cols[2]:
-    v_harmful = st.number_input("Held-out harmful prompts", min_value=1, max_value=88, value=44,
+    v_harmful = st.number_input("Held-out harmful prompts", min_value=1, max_value=88,
+                                value=default(lab_validate.ValidateScreenTask, "n_harmful"),
                                 key="widget.screen.validate_harmful")
-    v_benign = st.number_input("Benign-sensitive prompts", min_value=1, max_value=64, value=32,
+    v_benign = st.number_input("Benign-sensitive prompts", min_value=1, max_value=64,
+                               value=default(lab_validate.ValidateScreenTask, "n_benign"),
                                key="widget.screen.validate_benign")
 try:
     validation = lab_validate.ValidateScreenTask(screen=task, score=score, k=int(v_k), seeds=tuple(v_seeds or [0]),

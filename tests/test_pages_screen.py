@@ -5,6 +5,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from analysis.core import jobs
+from analysis.core.options import default
+from analysis.lab.screen import ScreenTask
+from analysis.lab.screen_validate import ValidateScreenTask
 from tests.conftest import stop_all_jobs, wait_for_job
 from tests.test_app import chart_specs, fresh_app, no_exceptions, seed_cache
 
@@ -24,6 +27,8 @@ def test_screen_page_runs_the_job_and_shows_ranking_figures_drilldown_and_export
     at.switch_page("pages/screen.py").run()
     no_exceptions(at)
     assert at.selectbox(key="widget.screen.model").value == "tiny-llama"
+    for name in ("n_anchors", "k", "max_length"):  # the page's defaults are the task's
+        assert at.number_input(key=f"widget.screen.{name}").value == default(ScreenTask, name), name
     at.number_input(key="widget.screen.n").set_value(10).run()
     at.number_input(key="widget.screen.n_anchors").set_value(4).run()
     next(b for b in at.button if b.label == "Screen").click().run()
@@ -53,7 +58,12 @@ def test_screen_page_runs_the_job_and_shows_ranking_figures_drilldown_and_export
     downloads = [d for d in at.get("download_button") if d.proto.label.startswith(("top-", "bottom-", "random-"))]
     assert [d.proto.label for d in downloads] == ["top-10 (.jsonl)", "bottom-10 (.jsonl)", "random-10 (.jsonl)"]
 
-    # 5 · validation: top / bottom / random 3, one seed, one fine-tuning step each
+    # 5 · validation: the task's defaults (k capped by the 10 rows), then top / bottom / random 3, one seed, one step
+    assert at.number_input(key="widget.screen.validate_k").value == min(default(ValidateScreenTask, "k"), 10)
+    assert at.multiselect(key="widget.screen.validate_seeds").value == list(default(ValidateScreenTask, "seeds"))
+    for key, name in (("validate_harmful", "n_harmful"), ("validate_benign", "n_benign")):
+        assert at.number_input(key=f"widget.screen.{key}").value == default(ValidateScreenTask, name), name
+    assert at.toggle(key="widget.screen.validate_utility").value == default(ValidateScreenTask, "utility_accuracy")
     at.number_input(key="widget.screen.validate_k").set_value(3).run()
     at.multiselect(key="widget.screen.validate_seeds").set_value([0]).run()
     at.number_input(key="widget.screen.validate_steps").set_value(1).run()
