@@ -86,6 +86,36 @@ def _safety_batch(tokenizer):
     return conversations, tokenize_batch(tokenizer, conversations, MAX_LENGTH)
 
 
+def _assert_rows_equal_the_engine(run, snapshot, reference, lr=None):
+    """Each recorded row = the engine's offline numbers on the snapshot's weights and gradients of that step
+    (capture_batch -> mean G_i, geometry.cosine, analyse.batch_svd) to 1e-6; with ``lr`` (plain SGD) the
+    first-order loss change is -lr <G_s, G>."""
+    names = [m["name"] for m in run.modules]
+    _, batch = _safety_batch(reference.tokenizer)
+    offline = copy.deepcopy(reference.model).eval()
+    for row_index, step in enumerate(run.steps):
+        offline.load_state_dict(snapshot.weights[step], strict=False)
+        factors = capture_batch(offline, batch, names)
+        grads = snapshot.grads[step]
+        dot_sum = gg_sum = ss_sum = 0.0
+        for j, name in enumerate(names):
+            G_s = sum(factors.sample_gradient(name, i) for i in range(factors.n_samples)) / factors.n_samples
+            G = grads[f"{name}.weight"]
+            _, U_k, _ = batch_svd(G_s.numpy(), SETTINGS["k"])
+            share = float(np.sum((U_k.T @ G.numpy()) ** 2) / np.sum(G.numpy() ** 2))
+            assert run.per_module["cos"][row_index, j] == pytest.approx(geo.cosine(G_s, G), abs=1e-6)
+            assert run.per_module["share"][row_index, j] == pytest.approx(share, abs=1e-6)
+            dot = float((G_s * G).sum())
+            if lr is not None:
+                assert run.per_module["dloss"][row_index, j] == pytest.approx(-lr * dot, rel=1e-6, abs=1e-12)
+            dot_sum, gg_sum, ss_sum = dot_sum + dot, gg_sum + float(G.pow(2).sum()), ss_sum + float(G_s.pow(2).sum())
+        totals = run.totals[run.totals["step"] == step].iloc[0]
+        assert totals["cos"] == pytest.approx(dot_sum / np.sqrt(gg_sum * ss_sum), abs=1e-6)
+        if lr is not None:
+            assert totals["dloss"] == pytest.approx(totals["dloss_sgd"], rel=1e-6)  # SGD: the update is -lr G
+        assert totals["safety_loss"] == pytest.approx(float(factors.losses.mean()), abs=1e-9)
+
+
 def test_config_is_validated():
     with pytest.raises(ConfigError, match="mode"):
         WatchConfig(mode="spff")
@@ -114,27 +144,7 @@ def test_trainer_rows_equal_the_engine_offline_numbers(tiny64, tmp_path):
     names = [m["name"] for m in run.modules]
     assert len(names) == 14  # 2 layers x (q, k, v, o, gate, up, down)
 
-    _, batch = _safety_batch(tokenizer)
-    offline = copy.deepcopy(tiny64.model).eval()
-    for row_index, step in enumerate(run.steps):
-        offline.load_state_dict(snapshot.weights[step], strict=False)
-        factors = capture_batch(offline, batch, names)
-        grads = snapshot.grads[step]
-        dot_sum = gg_sum = ss_sum = 0.0
-        for j, name in enumerate(names):
-            G_s = sum(factors.sample_gradient(name, i) for i in range(factors.n_samples)) / factors.n_samples
-            G = grads[f"{name}.weight"]
-            _, U_k, _ = batch_svd(G_s.numpy(), SETTINGS["k"])
-            share = float(np.sum((U_k.T @ G.numpy()) ** 2) / np.sum(G.numpy() ** 2))
-            assert run.per_module["cos"][row_index, j] == pytest.approx(geo.cosine(G_s, G), abs=1e-6)
-            assert run.per_module["share"][row_index, j] == pytest.approx(share, abs=1e-6)
-            dot = float((G_s * G).sum())
-            assert run.per_module["dloss"][row_index, j] == pytest.approx(-0.05 * dot, rel=1e-6, abs=1e-12)
-            dot_sum, gg_sum, ss_sum = dot_sum + dot, gg_sum + float(G.pow(2).sum()), ss_sum + float(G_s.pow(2).sum())
-        totals = run.totals[run.totals["step"] == step].iloc[0]
-        assert totals["cos"] == pytest.approx(dot_sum / np.sqrt(gg_sum * ss_sum), abs=1e-6)
-        assert totals["dloss"] == pytest.approx(totals["dloss_sgd"], rel=1e-6)  # SGD: the update is -lr G
-        assert totals["safety_loss"] == pytest.approx(float(factors.losses.mean()), abs=1e-9)
+    _assert_rows_equal_the_engine(run, snapshot, tiny64, lr=0.05)
     assert np.allclose(run.per_module["drift"][0], 1.0)  # step 0 against itself
 
 
@@ -252,8 +262,9 @@ def test_lora_run_records_its_adapter_factors(tiny_llama, tmp_path):
     assert np.isfinite(cos[1:]).all()
 
 
-def test_trl_sft_trainer_records_one_row_per_interval(tiny_llama, tmp_path):
-    """Done-when 1 (TRL): a 10-step SFTTrainer run on chat messages records steps 0, 5 (interval 5)."""
+def test_trl_sft_trainer_records_one_row_per_interval(tiny64, tmp_path):
+    """Done-when 1 (TRL): a 10-step SFTTrainer run on chat messages records steps 0, 5 (interval 5), and its rows
+    equal the engine's offline numbers on the same weights and gradients (AdamW: no SGD loss change)."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
@@ -263,13 +274,15 @@ def test_trl_sft_trainer_records_one_row_per_interval(tiny_llama, tmp_path):
     config = trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=10, per_device_train_batch_size=2,
                            learning_rate=1e-3, max_length=MAX_LENGTH, report_to="none", use_cpu=True,
                            save_strategy="no", logging_steps=1000, disable_tqdm=True, dataloader_num_workers=0)
+    snapshot = Snapshot([0, 5])
     watch = SafetyGeometryCallback(run_dir=tmp_path / "w" / "trl", interval=5, **SETTINGS)
-    trainer = trl.SFTTrainer(model=copy.deepcopy(tiny_llama.model), args=config, processing_class=tiny_llama.tokenizer,
-                             train_dataset=Dataset.from_list([{"messages": m} for m in messages]), callbacks=[watch])
+    trainer = trl.SFTTrainer(model=copy.deepcopy(tiny64.model), args=config, processing_class=tiny64.tokenizer,
+                             train_dataset=Dataset.from_list([{"messages": m} for m in messages]),
+                             callbacks=[snapshot, watch])
     trainer.train()
     run = read_watch_run(tmp_path / "w" / "trl")
     assert run.status == "complete" and run.steps == [0, 5]
-    assert np.isfinite(run.per_module["cos"]).all() and np.isfinite(run.totals["share"]).all()
+    _assert_rows_equal_the_engine(run, snapshot, tiny64)
 
 
 def test_a_complete_run_folder_is_not_overwritten(tiny_llama, tmp_path):
