@@ -139,3 +139,14 @@ def test_page_answers_say_what_is_tested(tiny_run):
     module = views.default_module(tiny_run)
     assert "95% CI" in views.low_rank_answer(tiny_run, 0.9, module)
     assert "95% CI" in views.conflict_answer(tiny_run, module)
+
+
+def test_a_module_without_a_certified_interval_says_so(tiny_run, monkeypatch):
+    """Regression (seen on the aligned model, 210 modules, n = 32): a module whose k@0.9 the spectral core does
+    not certify read 'k = 7 (95% CI nan–nan)'; it now says why there is no interval."""
+    module = views.default_module(tiny_run)
+    frame = views.module_intervals(tiny_run).copy()
+    frame.loc[frame["label"] == module, ["safety_k90_lo", "safety_k90_hi"]] = np.nan
+    monkeypatch.setattr(views, "module_intervals", lambda run: frame)
+    answer = views.low_rank_answer(tiny_run, 0.9, module)
+    assert "nan" not in answer and "no 95% CI: the spectral core does not certify k@0.9" in answer

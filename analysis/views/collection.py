@@ -185,7 +185,9 @@ def low_rank_answer(run, eta: float = 0.9, module: str | None = None, metric: st
         ci = {"safety": "", "utility": ""}
         if modules is not None and modules["safety_k90_lo"].notna().any():
             m = modules[modules["label"] == module].iloc[0]
-            ci = {w: f" (95% CI {m[f'{w}_k90_lo']:.0f}–{m[f'{w}_k90_hi']:.0f})" for w in ci}
+            ci = {w: f" (95% CI {m[f'{w}_k90_lo']:.0f}–{m[f'{w}_k90_hi']:.0f})"
+                  if np.isfinite(m[f"{w}_k90_lo"]) and np.isfinite(m[f"{w}_k90_hi"])
+                  else " (no 95% CI: the spectral core does not certify k@0.9 in this module at this n)" for w in ci}
         return (f"{module}: {eta:.0%} of the safety gradient's energy lies in k = {int(row[f'safety_{column}'])}"
                 f"{ci['safety']} of {min(int(row['d_out']), int(row['d_in']))} directions; utility needs k = "
                 f"{int(row[f'utility_{column}'])}{ci['utility']} (effective rank {row['safety_effective_rank']:.1f} vs "
