@@ -29,9 +29,12 @@ else:
 results = findings_views.claim_results(run, evidence)
 frame, text = findings_views.findings(run, evidence)
 st.markdown(text)
-shown = frame[["claim", "measure", "shown", "verdict", "n_needed", "test"]]
+shown = frame[["claim", "verdict", "measure", "shown", "n_needed", "test"]]  # the verdict before the long texts
 st.dataframe(shown, hide_index=True, width="stretch",
-             column_config={"shown": st.column_config.TextColumn("value (95% CI), p"),
+             column_config={"claim": st.column_config.TextColumn("claim", width=50),
+                            "verdict": st.column_config.TextColumn("verdict", width=150),
+                            "measure": st.column_config.TextColumn("measure", width="medium"),
+                            "shown": st.column_config.TextColumn("value (95% CI), p", width="large"),
                             "n_needed": st.column_config.NumberColumn("n per set needed (estimate)", format="%.0f",
                                                                       help="n per set at which the 95% interval "
                                                                            "would exclude 'no effect', extrapolated "
@@ -43,18 +46,16 @@ with st.expander("Decision rules and caveats"):
 common.data_downloads(frame, run.run_id, "findings")
 
 st.subheader("Observed value against its null distribution")
-figures = efig.claim_figures(run, results)
+figures = efig.claim_figures(run, results, columns=3)
 for column, (claim, figure) in zip(st.columns(len(figures)), figures.items()):
     with column:
         common.show_figure(figure, run.run_id, f"null_{claim}")
 
 st.subheader("Module by module")
 modules = findings_views.module_table(run, evidence)
-counts = findings_views.significance_counts(modules)
-if counts:
-    st.markdown("  \n".join(
-        f"**{name}**: significant in {c['significant']} of {c['modules']} modules after correction "
-        f"({c['below']} below 0, {c['above']} above)" for name, c in counts.items()))
+lines = findings_views.significance_lines(modules)
+if lines:
+    st.markdown("  \n".join(lines))
 left, right = st.columns(2)
 with left:
     common.show_figure(efig.module_interval_figure(modules, "diff_k90", "k@0.9, safety − utility", "directions",

@@ -1,4 +1,5 @@
-"""At 1400 px wide, no figure title or subtitle is clipped (Plotly clips long titles, it never wraps them)."""
+"""At 1400 px wide, no figure title, subtitle or x-axis title is clipped (Plotly clips long titles, it never
+wraps them)."""
 
 import os
 import shutil
@@ -13,7 +14,7 @@ pytestmark = [pytest.mark.browser,
 
 CLIPPED = """() => [...document.querySelectorAll('.js-plotly-plot')].flatMap(plot => {
     const box = plot.getBoundingClientRect();
-    return [...plot.querySelectorAll('.gtitle, .gtitle-subtitle')]
+    return [...plot.querySelectorAll('.gtitle, .gtitle-subtitle, .xtitle')]
         .filter(title => { const r = title.getBoundingClientRect(); return r.width > 0 && (r.left < box.left - 1 || r.right > box.right + 1); })
         .map(title => title.textContent);
 })"""
@@ -33,7 +34,7 @@ def test_no_figure_title_is_clipped_at_1400_px(server, tmp_path, monkeypatch, ti
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            for path, charts in (("conflicts", 6), ("single_sample", 2), ("spectra", 2)):
+            for path, charts in (("conflicts", 6), ("single_sample", 2), ("spectra", 2), ("findings", 5)):
                 page.goto(f"{server}/{path}", timeout=60_000)
                 page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .gtitle').length >= {charts}",
                                        timeout=180_000)

@@ -150,3 +150,23 @@ def test_a_module_without_a_certified_interval_says_so(tiny_run, monkeypatch):
     monkeypatch.setattr(views, "module_intervals", lambda run: frame)
     answer = views.low_rank_answer(tiny_run, 0.9, module)
     assert "nan" not in answer and "no 95% CI: the spectral core does not certify k@0.9" in answer
+
+
+def test_module_significance_lines_name_the_tests_and_count_only_tested_modules(tiny_run):
+    """Regression: the Findings page printed column names ('diff_k90: significant in 0 of 210 modules') and
+    counted modules the spectral core never tested; the lines now name the statistic and its test, count the
+    tested modules and say how many were not tested."""
+    modules = fv.module_table(tiny_run).copy()
+    first = modules.index[0]
+    modules.loc[first, ["diff_k90", "diff_k90_p", "diff_k90_q"]] = np.nan
+    modules.loc[first, "diff_k90_significant"] = False
+    lines = fv.significance_lines(modules)
+    assert len(lines) == len(fv.MODULE_TESTS) and not any("diff_" in line or "_zero" in line for line in lines)
+    k90 = next(line for line in lines if line.startswith("**k@0.9"))
+    n = len(modules)
+    assert f"of {n - 1} tested modules" in k90 and f"1 of {n} not tested" in k90
+    modules["diff_effective_rank_p"] = np.nan
+    rank = next(line for line in fv.significance_lines(modules) if line.startswith("**effective rank"))
+    assert f"tested in none of the {n} modules" in rank
+    cosine = next(line for line in lines if line.startswith("**cos(G_s, G_u)"))
+    assert f"of {n} tested modules" in cosine and "not tested" not in cosine

@@ -16,37 +16,43 @@ __all__ = ["cer_with_interval", "claim_figures", "module_interval_figure", "null
            "significance_heatmap"]
 
 
-def null_distribution_figure(result: ev.SummaryResult, title: str, unit: str = "") -> go.Figure:
+def null_distribution_figure(result: ev.SummaryResult, title: str, unit: str = "", columns: int = 2) -> go.Figure:
     """Histogram of the distribution the p-value is read from (permutation draws, or the bootstrap draws for a
-    bootstrap test) with the observed value and the null value as vertical lines."""
+    bootstrap test) with the observed value (solid) and the null value (dashed) as vertical lines, their values
+    in the subtitle; ``title`` names the statistic (the x axis says only "value": long names do not fit it)."""
     draws = np.asarray(result.null_draws, dtype=float)
     draws = draws[np.isfinite(draws)]
     if draws.size == 0:
         return fig.empty_figure(title, "no replicates stored for this run (collect it with n_boot, n_perm > 0)")
     permutation = result.test.startswith("permutation")
-    figure = fig.new_figure(title, result.name, "draws",
+    lines = f"solid line: observed {fv.format_value(result.value, unit)}"
+    if np.isfinite(result.null):
+        lines += f"; dashed: no effect {fv.format_value(result.null, unit)}"
+    figure = fig.new_figure(title, f"value{f' ({unit})' if unit else ''}", "draws",
                             f"{'permutation null' if permutation else 'bootstrap distribution'} "
-                            f"({draws.size} draws); p = {fv._p(result.p)}")
+                            f"({draws.size} draws); {lines}; p = {fv._p(result.p)}", columns=columns)
     figure.add_trace(go.Histogram(x=draws, nbinsx=40, marker_color=fig.BASELINE_COLOR if permutation else
                                   fig.series_color("safety"), opacity=0.75,
                                   name="permutation null" if permutation else "bootstrap replicates"))
-    figure.add_vline(x=result.value, line=dict(color=fig.series_color("safety"), width=3),
-                     annotation_text=f"observed {fv.format_value(result.value, unit)}", annotation_position="top")
+    figure.add_vline(x=result.value, line=dict(color=fig.series_color("safety"), width=3))
     if np.isfinite(result.null):
-        figure.add_vline(x=result.null, line=dict(color="black", dash="dash", width=1.5),
-                         annotation_text=f"no effect {fv.format_value(result.null, unit)}",
-                         annotation_position="bottom")
+        figure.add_vline(x=result.null, line=dict(color="black", dash="dash", width=1.5))
+    marks = [x for x in (result.value, result.null) if np.isfinite(x)]
+    low, high = min(draws.min(), *marks), max(draws.max(), *marks)
+    pad = 0.1 * ((high - low) or 1.0)  # neither line on the plot's edge
+    figure.update_xaxes(range=[low - pad, high + pad])
     figure.update_layout(showlegend=False, bargap=0.02)
     return figure
 
 
-def claim_figures(run, results: dict[str, ev.SummaryResult] | None = None) -> dict[str, go.Figure]:
-    """{claim: null-distribution figure of its deciding statistic} (see ``findings.ROWS``)."""
+def claim_figures(run, results: dict[str, ev.SummaryResult] | None = None, columns: int = 2) -> dict[str, go.Figure]:
+    """{claim: null-distribution figure of its deciding statistic} (see ``findings.ROWS``), for ``columns``
+    charts side by side."""
     results = results if results is not None else fv.claim_results(run)
     out = {}
     for claim, specs in fv.ROWS.items():
         key, _, unit = specs[0]
-        out[claim] = null_distribution_figure(results[key], f"Claim {claim}: {results[key].name}", unit)
+        out[claim] = null_distribution_figure(results[key], f"Claim {claim}: {results[key].name}", unit, columns)
     return out
 
 
@@ -58,8 +64,11 @@ def module_interval_figure(modules: pd.DataFrame, stat: str, title: str, y_title
         return fig.empty_figure(title, "no values")
     value = modules[stat].astype(float)
     lo, hi = modules.get(f"{stat}_lo"), modules.get(f"{stat}_hi")
+    shown = int(value.notna().sum())
     figure = fig.new_figure(title, "module", y_title, "error bars: 95% bootstrap interval over prompts"
-                            + ("; ◆ significant after Benjamini-Hochberg" if significant else ""))
+                            + ("; ◆ significant after Benjamini-Hochberg" if significant else "")
+                            + (f"; {shown} of {len(value)} modules have a value (the others are not certified by "
+                               "the spectral core)" if shown < len(value) else ""))
     error = None
     if lo is not None and lo.notna().any():
         error = dict(type="data", symmetric=False, array=(hi - value).clip(lower=0), arrayminus=(value - lo).clip(lower=0),

@@ -75,12 +75,16 @@ def wrap_text(text: str, width: int) -> str:
     return "<br>".join(line for part in str(text).split("<br>") for line in (textwrap.wrap(part, width, break_on_hyphens=False) or [""]))
 
 
-def new_figure(title: str, x_title: str, y_title: str, subtitle: str = "", **layout: Any) -> go.Figure:
+def new_figure(title: str, x_title: str, y_title: str, subtitle: str = "", columns: int = 2,
+               **layout: Any) -> go.Figure:
     """An empty figure with the project template, a title (and a subtitle, e.g. the module) and axis titles:
-    the one place for styling. Titles are wrapped (TITLE_CHARS, SUBTITLE_CHARS) and the top margin grows with
-    their lines, so nothing is clipped in a half-width chart."""
+    the one place for styling. Titles are wrapped (TITLE_CHARS, SUBTITLE_CHARS for a half-width chart, scaled
+    for one of ``columns`` charts side by side at 1400 px) and the top margin grows with their lines, so
+    nothing is clipped."""
     figure = go.Figure()
-    title, subtitle = wrap_text(title, TITLE_CHARS), wrap_text(subtitle, SUBTITLE_CHARS) if subtitle else ""
+    scale = 2 / max(2, columns)
+    title = wrap_text(title, int(TITLE_CHARS * scale))
+    subtitle = wrap_text(subtitle, int(SUBTITLE_CHARS * scale)) if subtitle else ""
     heading = dict(text=title, subtitle=dict(text=subtitle, font=dict(size=13, color="#555555")))
     figure.update_layout(template=TEMPLATE, title=heading, width=None, height=HEIGHT, **layout)
     lines = title.count("<br>") + 1

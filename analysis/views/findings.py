@@ -32,8 +32,9 @@ from analysis.engine import evidence as ev
 from analysis.engine.geometry import resampling as rs
 from analysis.engine.resampling import Evidence, load_evidence
 
-__all__ = ["ALPHA", "CLAIMS", "ROWS", "claim_results", "FINDINGS_COLUMNS", "SMALL_N", "VERDICTS", "claim_verdicts", "findings",
-           "findings_text", "format_value", "module_table", "verdict"]
+__all__ = ["ALPHA", "CLAIMS", "ROWS", "claim_results", "FINDINGS_COLUMNS", "MODULE_TESTS", "SMALL_N", "VERDICTS",
+           "claim_verdicts", "findings", "findings_text", "format_value", "module_table", "significance_counts",
+           "significance_lines", "verdict"]
 
 ALPHA = ev.ALPHA
 #: The claims, as stated by the seeds, keyed by their roman number.
@@ -229,14 +230,43 @@ def module_table(run, evidence: Evidence | None = None) -> pd.DataFrame:
     return ev.module_evidence(run.table, evidence)
 
 
+#: The per-module tests of :func:`module_table` in words: statistic -> label (the test named).
+MODULE_TESTS = {
+    "diff_k90": "k@0.9, safety − utility (permutation test)",
+    "diff_effective_rank": "effective rank, safety − utility (permutation test)",
+    "diff_gram_effective_rank": "sample-span effective rank, safety − utility (permutation test)",
+    "cosine_su_zero": "cos(G_s, G_u) against 0 (bootstrap test)",
+    "diff_sample_phi": "single-sample φ, safety − utility sample (permutation test)",
+}
+
+
 def significance_counts(modules: pd.DataFrame) -> dict[str, Any]:
-    """How many modules are significant after correction for each tested statistic, and in which direction."""
+    """For each tested statistic: its label, how many modules were tested (a finite p; spectral statistics
+    only where the core certifies them), how many are significant after correction, in which direction."""
     out = {}
-    for stat in ("diff_k90", "diff_effective_rank", "diff_gram_effective_rank", "cosine_su_zero", "diff_sample_phi"):
+    for stat, label in MODULE_TESTS.items():
         column = f"{stat}_significant"
         if column in modules:
             value = modules[stat.replace("_zero", "")]
             sig = modules[column].fillna(False).astype(bool)
-            out[stat] = {"significant": int(sig.sum()), "below": int((sig & (value < 0)).sum()),
-                         "above": int((sig & (value > 0)).sum()), "modules": len(modules)}
+            tested = int(np.isfinite(modules[f"{stat}_p"].to_numpy(dtype=float)).sum())
+            out[stat] = {"label": label, "significant": int(sig.sum()), "below": int((sig & (value < 0)).sum()),
+                         "above": int((sig & (value > 0)).sum()), "tested": tested, "modules": len(modules)}
     return out
+
+
+def significance_lines(modules: pd.DataFrame) -> list[str]:
+    """One Markdown line per tested statistic: "**label**: significant in 3 of 28 tested modules after
+    correction (0 below 0, 3 above)", saying how many modules could not be tested."""
+    lines = []
+    for c in significance_counts(modules).values():
+        if not c["tested"]:
+            lines.append(f"**{c['label']}**: tested in none of the {c['modules']} modules (not certified by the "
+                         "spectral core)")
+            continue
+        line = (f"**{c['label']}**: significant in {c['significant']} of {c['tested']} tested modules after "
+                f"correction ({c['below']} below 0, {c['above']} above)")
+        if c["tested"] < c["modules"]:
+            line += f"; {c['modules'] - c['tested']} of {c['modules']} not tested (not certified by the spectral core)"
+        lines.append(line)
+    return lines
