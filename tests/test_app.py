@@ -324,7 +324,7 @@ def test_spectra_page(collected):
     spectrum = next(s for s in specs if s["layout"]["title"]["text"].startswith("Singular"))
     assert spectrum["layout"]["yaxis"]["type"] == "log"
     assert any("energy lies in" in i.value for i in at.info)
-    assert any("tied in" in i.value and "Verdict: counted per module" in i.value for i in at.info)
+    assert any("tied in" in i.value and "Described (point estimates, no test): counted per module" in i.value for i in at.info)
     at.radio(key="widget.rank_metric").set_value("top1_energy").run()
     no_exceptions(at)
     ratio = next(s for s in chart_specs(at) if s["layout"]["title"]["text"].startswith("Safety / utility ratio"))

@@ -149,7 +149,13 @@ def test_a_module_without_a_certified_interval_says_so(tiny_run, monkeypatch):
     frame.loc[frame["label"] == module, ["safety_k90_lo", "safety_k90_hi"]] = np.nan
     monkeypatch.setattr(views, "module_intervals", lambda run: frame)
     answer = views.low_rank_answer(tiny_run, 0.9, module)
-    assert "nan" not in answer and "no 95% CI: the spectral core does not certify k@0.9" in answer
+    assert "nan" not in answer and "no 95% CI for safety: the spectral core does not certify k@0.9" in answer
+    # the across-module sentence counts only the modules the test could use
+    frame.loc[frame["label"] == module, ["diff_k90_p", "diff_k90_q"]] = np.nan
+    frame.loc[frame["label"] == module, "diff_k90_significant"] = False
+    summary = views.low_rank_answer(tiny_run, 0.9)
+    n = len(frame)
+    assert f"of {n - 1} tested modules" in summary and f"1 of {n} modules not tested" in summary
 
 
 def test_module_significance_lines_name_the_tests_and_count_only_tested_modules(tiny_run):

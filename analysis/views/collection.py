@@ -163,8 +163,9 @@ def rank_comparison(run, metric: str = "k_eta", eta: float = 0.9) -> dict[str, A
             "utility": (float(utility.median()), float(utility.min()), float(utility.max()))}
 
 
-def _verdict(counts: Mapping[str, Any]) -> str:
-    """The per-module verdict: a strict majority of all modules, else no verdict."""
+def _majority(counts: Mapping[str, Any]) -> str:
+    """The per-module majority of the point estimates (a strict majority of all modules): a description, not a
+    test (the tests are in :func:`_tested_sentence` and on the Findings page)."""
     n = counts["n"]
     if counts["lower"] * 2 > n:
         return f"counted per module, safety is lower-rank than utility in most modules ({counts['lower']} of {n})"
@@ -185,9 +186,12 @@ def low_rank_answer(run, eta: float = 0.9, module: str | None = None, metric: st
         ci = {"safety": "", "utility": ""}
         if modules is not None and modules["safety_k90_lo"].notna().any():
             m = modules[modules["label"] == module].iloc[0]
-            ci = {w: f" (95% CI {m[f'{w}_k90_lo']:.0f}–{m[f'{w}_k90_hi']:.0f})"
-                  if np.isfinite(m[f"{w}_k90_lo"]) and np.isfinite(m[f"{w}_k90_hi"])
-                  else " (no 95% CI: the spectral core does not certify k@0.9 in this module at this n)" for w in ci}
+            certified = {w: np.isfinite(m[f"{w}_k90_lo"]) and np.isfinite(m[f"{w}_k90_hi"]) for w in ci}
+            ci = {w: f" (95% CI {m[f'{w}_k90_lo']:.0f}–{m[f'{w}_k90_hi']:.0f})" if certified[w] else "" for w in ci}
+            if not all(certified.values()):
+                missing = " and ".join(w for w in ci if not certified[w])
+                ci["utility"] += (f"; no 95% CI for {missing}: the spectral core does not certify k@0.9 in this "
+                                  "module at this n")
         return (f"{module}: {eta:.0%} of the safety gradient's energy lies in k = {int(row[f'safety_{column}'])}"
                 f"{ci['safety']} of {min(int(row['d_out']), int(row['d_in']))} directions; utility needs k = "
                 f"{int(row[f'utility_{column}'])}{ci['utility']} (effective rank {row['safety_effective_rank']:.1f} vs "
@@ -203,7 +207,7 @@ def low_rank_answer(run, eta: float = 0.9, module: str | None = None, metric: st
     (s_med, s_min, s_max), (u_med, u_min, u_max) = counts["safety"], counts["utility"]
     return (f"Module by module, {lower} in {counts['lower']} of {n} modules, the reverse in {counts['higher']}, "
             f"tied in {counts['ties']}; median ratio safety/utility = {counts['median_ratio']:.2f}. "
-            f"Verdict: {_verdict(counts)}. Each set on its own: safety median {name} = {number(s_med)} "
+            f"Described (point estimates, no test): {_majority(counts)}. Each set on its own: safety median {name} = {number(s_med)} "
             f"(range {number(s_min)}–{number(s_max)}), utility median {name} = {number(u_med)} "
             f"(range {number(u_min)}–{number(u_max)}); the two medians are taken separately and need not agree "
             "with the module-by-module count." + _tested_sentence(run, {"k_eta": "diff_k90",
@@ -214,16 +218,23 @@ def low_rank_answer(run, eta: float = 0.9, module: str | None = None, metric: st
 
 
 def _tested_sentence(run, stat: str | None, what: str, test: str) -> str:
-    """' Tested: <what> in X of M modules after Benjamini-Hochberg (<test>, alpha = 0.05): A below 0, B above.'
-    or '' when the run has no tests for ``stat``."""
+    """' Tested: <what> in X of T tested modules after Benjamini-Hochberg (<test>, alpha = 0.05; A below 0, B
+    above); U of M not tested ...' (counts from :func:`analysis.views.findings.significance_counts`), or ''
+    when the run has no tests for ``stat``."""
+    from analysis.views import findings as fv
+
     modules = module_intervals(run) if stat else None
-    if modules is None or f"{stat}_significant" not in modules:
+    c = fv.significance_counts(modules).get(stat) if modules is not None else None
+    if c is None:
         return ""
-    value = modules[stat.replace("_zero", "")].astype(float)
-    significant = modules[f"{stat}_significant"].fillna(False).astype(bool)
-    return (f" Tested: {what} in {int(significant.sum())} of {len(modules)} modules after Benjamini-Hochberg "
-            f"({test}, α = 0.05; {int((significant & (value < 0)).sum())} below 0, "
-            f"{int((significant & (value > 0)).sum())} above); the Findings page tests the claim across modules.")
+    if not c["tested"]:
+        return (f" Tested: in none of the {c['modules']} modules (the spectral core certifies this statistic in none "
+                "at this n); the Findings page tests the claim across modules.")
+    untested = c["modules"] - c["tested"]
+    return (f" Tested: {what} in {c['significant']} of {c['tested']} tested modules after Benjamini-Hochberg "
+            f"({test}, α = 0.05; {c['below']} below 0, {c['above']} above)"
+            + (f"; {untested} of {c['modules']} modules not tested (not certified by the spectral core)" if untested
+               else "") + "; the Findings page tests the claim across modules.")
 
 
 # -------------------------------------------------------------------------------------------------
