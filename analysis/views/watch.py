@@ -160,7 +160,8 @@ def drift_figure(run: WatchRun) -> go.Figure:
     if "dloss" in frame:
         figure.add_trace(go.Scatter(x=frame["step"], y=frame["dloss"], name="refusal-loss change (1st order)",
                                     mode="lines+markers", line=dict(color=OKABE_ITO["purple"]), yaxis="y2"))
-        figure.update_layout(yaxis2=dict(title="nats per update", overlaying="y", side="right", showgrid=False))
+        figure.update_layout(yaxis2=dict(title="nats per update", overlaying="y", side="right", showgrid=False,
+                                         tickmode="auto", nticks=6, tickformat=".2g"))  # own ticks, not the left axis
     figure.update_layout(yaxis=dict(range=[0, 1.05]))
     return _step_axis(figure, frame["step"])
 
@@ -184,7 +185,7 @@ def refusal_figure(run: WatchRun) -> go.Figure:
         figure.add_trace(go.Scatter(x=evals["step"], y=evals["refusal_rate"], name="keyword refusal rate",
                                     mode="lines+markers", line=dict(color=OKABE_ITO["blue"]), yaxis="y2"))
         figure.update_layout(yaxis2=dict(title="refusal rate", overlaying="y", side="right", range=[0, 1.05],
-                                         tickformat=".0%", showgrid=False))
+                                         tickformat=".0%", tickvals=[0, 0.25, 0.5, 0.75, 1], showgrid=False))
     return _step_axis(figure, list(measured["step"]) + list(evals["step"]))
 
 
