@@ -195,3 +195,28 @@ def test_safety_page_measures_a_time_estimate_before_evaluating(cache):
     no_exceptions(at)
     assert any("at most about" in c.value and "new tokens/s at batch" in c.value for c in at.caption)
     assert not any("1–3 minutes" in c.value for c in at.caption)  # no built-in throughput
+
+
+def test_page_defaults_are_the_task_defaults(tmp_path, monkeypatch):
+    """The Safety page's generation lengths are EvalConfig's; the Fine-tune page's training and SPF settings are
+    the chosen preset's (nothing typed in on the pages; issue 18)."""
+    from analysis.core.options import default
+    from analysis.safety.evaluate import EvalConfig
+
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path))
+    seed_cache(tmp_path, model="tiny-llama", **{"eval.models": ["tiny-llama"], "ft.model": "tiny-llama"})
+    at = fresh_app()
+    at.switch_page("pages/safety.py").run()
+    no_exceptions(at)
+    assert at.number_input(key="widget.eval.max_new_tokens").value == default(EvalConfig, "max_new_tokens")
+    assert (at.number_input(key="widget.eval.utility_max_new_tokens").value
+            == default(EvalConfig, "utility_max_new_tokens"))
+    at.switch_page("pages/finetune.py").run()
+    no_exceptions(at)
+    preset = at.selectbox(key="widget.ft.preset").value
+    base = finetune.preset(preset)
+    assert at.number_input(key=f"widget.ft.lr.{preset}").value == base.lr
+    assert at.number_input(key=f"widget.ft.epochs.{preset}").value == base.epochs
+    assert at.number_input(key=f"widget.ft.batch.{preset}").value == base.batch_size
+    assert [at.number_input(key=f"widget.ft.{name}").value for name in ("k", "refresh", "safety_batch")] == [
+        base.spf.k, base.spf.refresh, base.spf.safety_batch]
