@@ -69,3 +69,27 @@ def test_seeds_are_pooled_prompt_by_prompt_and_the_table_counts_prompts_times_se
     table = grid_table(rows, evaluations)
     assert table.loc[1, "ASR (keyword)"].startswith("164/176 = 93%") and "(seeds: 50%, 50%)" in table.loc[1, "ASR (keyword)"]
     assert list(table["seeds"]) == ["0", "0, 1", "0, 1"]
+
+
+def test_a_mean_over_seeds_carries_a_student_t_interval():
+    """utility NLL 2.5 and 2.7 over two seeds: mean 2.6, sd 0.1414, t(1, 0.975) = 12.706 -> 2.6 -/+ 1.271."""
+    rows = [{**row("plain", None, 0.5), "seed": 0}, {**row("plain", None, 0.5), "utility_nll": 2.7, "seed": 1}]
+    shown = grid_table(rows).loc[0, "utility NLL (nats/token)"]
+    assert shown.startswith("2.600 [1.329, 3.871] (t over 2 seeds)") and shown.endswith("(seeds: 2.50, 2.70)")
+
+
+def test_the_command_line_prints_what_the_page_shows(monkeypatch, capsys):
+    """`python -m analysis defences` prints the rates as k/n with Wilson intervals, the paired verdicts and '-'
+    for an unknown time (it printed bare fractions and 'nan' before)."""
+    from analysis.lab import grid
+    from analysis.safety import results
+
+    evaluations = {"e0": evaluation(4), "e1": evaluation(80)}
+    monkeypatch.setattr(results, "load_evaluations", lambda ids: {i: evaluations.get(i) for i in ids})
+    grid.print_grid({"rows": [row("none", "e0", 4 / 88), {**row("plain", "e1", 80 / 88), "train_seconds": 12.0}],
+                     "folder": "F"})
+    out = capsys.readouterr().out
+    assert "harmful-10 / none\n  ASR (keyword): 4/88 = 5% [" in out and "fine-tuning (s, mean): -" in out
+    assert "fine-tuning (s, mean): 12.0" in out and "nan" not in out
+    assert "harmful-10, plain vs none: ASR rose by 86 points" in out and "**" not in out
+    assert out.rstrip().endswith("stored in F")

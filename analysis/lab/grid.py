@@ -354,8 +354,20 @@ def stored_grids(root: str | Path | None = None) -> list[GridResult]:
 
 
 def print_grid(result: Mapping[str, Any]) -> None:
-    """What ``defences`` prints: the table and where it is stored."""
-    table = pd.DataFrame(result["rows"])
-    columns = ["tier", "defence", *METRICS, "train_seconds"]
-    print(table[[c for c in columns if c in table]].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    """What ``defences`` prints: what the Defence lab page shows (one row per tier x defence, rates as
+    "k/n = x% [Wilson 95%]" pooled over prompts x seeds with the per-seed values; the paired verdicts), and where
+    it is stored."""
+    from analysis.lab.grid_report import grid_paired_verdicts, grid_table
+    from analysis.safety.results import load_evaluations
+
+    rows = result["rows"]
+    evaluations = load_evaluations(row.get("eval_run") for row in rows)
+    table = grid_table(rows, evaluations)
+    for _, row in table.iterrows():  # one block per cell: the texts are too wide for one table line
+        print(f"{row.iloc[0]} / {row.iloc[1]}")
+        for label, value in row.iloc[2:].items():
+            shown = value if isinstance(value, str) else "-" if pd.isna(value) else f"{value:.1f}"
+            print(f"  {label}: {shown}")
+    for line in grid_paired_verdicts(rows, evaluations):
+        print(line.replace("**", ""))
     print(f"stored in {result['folder']}")
