@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -431,6 +432,14 @@ def test_comparison_shares_seed_data_and_initial_eval(tmp_path):
     table = comparison_table([plain, spf])
     assert table["method"].tolist() == ["plain", "spf"] and table["asr_final"].notna().all()
     assert spf.spf_removed().shape == (2, len(spf.manifest["spf_modules"]))
+    # the command line prints every rate with its n and Wilson interval, every NLL mean with its interval
+    from analysis.lab.results import format_run
+
+    text = format_run(spf)
+    n = spf.final_eval["n_harmful"]
+    assert re.search(rf"ASR \(keyword\): \d+/{n} = \d+% \[\d+-\d+%\] -> \d+/{n} = \d+% \[\d+-\d+%\]", text), text
+    assert re.search(r"refusal NLL \(nats/token\): [\d.]+ \[[\d.]+, [\d.]+\] \(n=\d+\) ->", text), text
+    assert "SPF removed on average" in text and "SPF removed" not in format_run(plain)
 
 
 def test_lora_plain_run_saves_a_merged_model(tmp_path):

@@ -91,7 +91,7 @@ from analysis.lab.results import (
     comparison_table,
     finetune_root,
     finetune_store,
-    format_summary,
+    format_run,
     list_finetune_runs,
     load_finetune_run,
     stored_runs,
@@ -400,10 +400,10 @@ class FinetuneTask:
 
 
 def print_finetune(result: Mapping[str, Any]) -> None:
-    """What ``finetune`` prints: where each arm's run is and the comparison table."""
-    import pandas as pd
-
+    """What ``finetune`` prints: where each arm's run is, and each run's numbers with their n and intervals
+    (the paired tests between the arms are on the Fine-tune page)."""
     for method, run_id in result["runs"].items():
         print(f"{method}: {'stored run reused' if result['cached'][method] else 'done'} -> {finetune_root() / run_id}")
-    print()
-    print(format_summary(pd.DataFrame(result["table"])))
+    for run_id in result["runs"].values():
+        print()
+        print(format_run(load_finetune_run(run_id)))

@@ -194,19 +194,24 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
-def format_summary(table) -> str:
-    """Text table of ``comparison_table`` rows."""
-    lines = [f"{'run':12s} {'method':44s} {'ASR 0':>6s} {'ASR':>6s} {'ASR(a)':>7s} {'overref':>8s} "
-             f"{'refNLL 0->1':>13s} {'affNLL 0->1':>13s} {'utilNLL 0->1':>13s} {'removed':>8s} {'wall/cpu s':>12s}"]
-    for _, r in table.iterrows():
-        method = r["method"] + (f" {r['spf']}" if r["spf"] else "")
-        lines.append(
-            f"{str(r['run']):12s} {method:44s} {_fmt(r['asr_initial'], '.0%'):>6s} {_fmt(r['asr_final'], '.0%'):>6s} "
-            f"{_fmt(r['asr_arditi_final'], '.0%'):>7s} {_fmt(r['over_refusal_final'], '.0%'):>8s} "
-            f"{_fmt(r['refusal_nll_initial'], '.2f'):>6s}->{_fmt(r['refusal_nll_final'], '.2f'):<6s} "
-            f"{_fmt(r['affirmative_nll_initial'], '.2f'):>6s}->{_fmt(r['affirmative_nll_final'], '.2f'):<6s} "
-            f"{_fmt(r['utility_nll_initial'], '.2f'):>6s}->{_fmt(r['utility_nll_final'], '.2f'):<6s} "
-            f"{_fmt(r['spf_removed_mean'], '.1%'):>8s} "
-            f"{_fmt(r['train_seconds'], '.0f'):>5s}/{_fmt(r['train_cpu_seconds'], '.0f'):<6s}")
+def format_run(result: FinetuneResults) -> str:
+    """What ``finetune`` prints for one run: keyword ASR and over-refusal before -> after fine-tuning as
+    "k/n = x% [Wilson 95%]", the NLL means with their bootstrap intervals, the SPF share removed and the time."""
+    from analysis.safety.results import mean_text, rate_text
+
+    initial, final = result.initial_eval or {}, result.final_eval or {}
+    settings = _settings_text(result.config)
+    lines = [f"{result.config.get('preset')} / {result.method}{f' ({settings})' if settings else ''}, before -> after:"]
+    for key, label in (("asr", "ASR (keyword)"), ("over_refusal", "over-refusal")):
+        lines.append(f"  {label}: {rate_text(initial, key)} -> {rate_text(final, key)}")
+    for key, label in (("refusal_nll", "refusal NLL"), ("affirmative_nll", "affirmative NLL"),
+                       ("utility_nll", "utility NLL")):
+        lines.append(f"  {label} (nats/token): {mean_text(initial, key)} -> {mean_text(final, key)}")
+    history = result.history
+    if "spf_removed_mean" in history and history["spf_removed_mean"].notna().any():
+        lines.append(f"  SPF removed on average {float(history['spf_removed_mean'].mean()):.1%} of the update")
+    timings = result.manifest.get("timings", {})
+    lines.append(f"  fine-tuning: {_fmt(timings.get('wall_seconds'), '.0f')} s wall, "
+                 f"{_fmt(timings.get('cpu_seconds'), '.0f')} s CPU")
     return "\n".join(lines)
 
