@@ -301,6 +301,14 @@ def test_cli_with_a_config_file_gives_the_same_run_as_with_options(tmp_path, dat
     config = CollectionConfig(model="tiny-llama", safety=safety, utility=utility, n_safety=5, n_utility=4,
                               batch_size=3, max_length=48, top_k=3, curve_boot=3, padding_side="left", kinds="q,down")
     assert f"run {config.run_id()}:" in printed and "median k@0.9" in printed
+    # the single-sample and cosine summaries are the pages' (one definition) with their intervals
+    from analysis.engine import evidence as ev
+    from analysis.engine.resampling import load_evidence
+
+    run = CollectionStore(tmp_path / "a").load(config.run_id())
+    phi = ev.summary(run.table, load_evidence(run), "median_sample_phi")
+    assert f"{ev.SUMMARIES['median_sample_phi'].name}: {phi.value:.3f} [{phi.lo:.3f}, {phi.hi:.3f}]" in printed
+    assert f"python -m analysis findings --run {config.run_id()}" in printed
     task_file = tmp_path / "task.json"
     task_file.write_text(json.dumps({"kind": "collect", "config": to_jsonable(config)}))  # a job's task.json
     assert main(["collect", "--config", str(task_file), "--store", str(tmp_path / "b")]) == 0

@@ -29,19 +29,37 @@ def print_summary(results) -> None:
     rows = [
         ("median k@0.9", table["safety_k90"].median(), table["utility_k90"].median()),
         ("median effective rank", table["safety_effective_rank"].median(), table["utility_effective_rank"].median()),
-        ("mean single-sample phi", table["safety_sample_phi_mean"].mean(), table["utility_sample_phi_mean"].mean()),
-        ("mean |<u1_i, u1>|", table["safety_sample_top1_mean"].mean(), table["utility_sample_top1_mean"].mean()),
     ]
-    print(f"  {'':26s} {'safety':>10s} {'utility':>10s}")
+    print(f"  point estimates, over modules  {'safety':>10s} {'utility':>10s}")
     for name, safety, utility in rows:
-        print(f"  {name:26s} {safety:10.3f} {utility:10.3f}")
-    negative = (table["cosine_su"] < 0).mean()
-    print(f"  cos(G_safety, G_utility): median {table['cosine_su'].median():+.3f}, negative in {negative:.0%} of modules")
+        print(f"  {name:30s} {safety:10.3f} {utility:10.3f}")
     print(f"  overlap phi(safety, utility top-k): median {table['phi_su'].median():.3f} "
           f"(random baseline median {table['phi_baseline'].median():.4f})")
-    print(f"  per-sample cross cosines negative: {table['cross_cos_frac_negative'].mean():.0%} on average")
+    _print_intervals(results)
+    print(f"  verdicts by stated tests, with n: python -m analysis findings --run {results.run_id}")
     for message in results.messages:
         print(f"  note: {message}")
+
+
+def _print_intervals(results) -> None:
+    """The across-module summaries of :data:`analysis.engine.evidence.SUMMARIES` that the pages show (one
+    definition each), with their 95% bootstrap intervals over prompts when the run has resampling."""
+    from analysis.engine import evidence as ev
+    from analysis.engine.resampling import load_evidence
+
+    try:
+        evidence = load_evidence(results)
+    except (OSError, KeyError, ValueError):
+        evidence = None
+    print("  with 95% bootstrap intervals over prompts:" if evidence is not None else "  (no resampling stored):")
+    for key, spec_text in (("median_cosine", "+.3f"), ("median_pair_share", ".0%"), ("median_sample_phi", ".3f"),
+                           ("median_sample_top1", ".3f")):
+        spec = ev.SUMMARIES[key]
+        if evidence is None:
+            print(f"    {spec.name}: {results.table[spec.stat].astype(float).median():{spec_text}}")
+            continue
+        result = ev.summary(results.table, evidence, key)
+        print(f"    {spec.name}: {result.value:{spec_text}} [{result.lo:{spec_text}}, {result.hi:{spec_text}}]")
 
 
 def run(args: argparse.Namespace) -> int:
