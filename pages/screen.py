@@ -201,7 +201,7 @@ v_job = ui_jobs.job_panel(validation, what="The validation", label=f"validate: {
 if v_stored is None or (v_job is not None and v_job.active):
     st.stop()
 for verdict in v_stored["verdicts"]:
-    (st.success if verdict["significant"] else st.info)(verdict["words"])
+    (st.success if verdict["significant"] else st.warning if verdict.get("opposite") else st.info)(verdict["words"])
 common.show_figure(views.validation_figure(v_stored["rows"], subtitle=f"{score}, k = {int(v_k)}"), export_id,
                    f"validation_{validation_id}")
 common.show_table(views.validation_frame(v_stored["rows"]))
