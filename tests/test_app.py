@@ -1,5 +1,6 @@
 """The dashboard in Streamlit's AppTest (no browser) on the tiny model, and one end-to-end run in Chromium."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -452,6 +453,19 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--
                  "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run"]
 
 
+@contextlib.contextmanager
+def chromium():
+    """Debian's Chromium driven by Playwright (never ``playwright install``), closed on exit."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -492,33 +506,27 @@ def server(tmp_path):
 @pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK) or shutil.which("chromium") is None,
                     reason="Debian chromium not installed")
 def test_end_to_end_in_chromium(server, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
-            # a deep link as the server's first request still gets app.py's navigation (not the pages/ folder)
-            page.goto(f"{server}/runs", timeout=60_000)
-            page.get_by_text("Setup: what do I analyse?").wait_for(timeout=120_000)
-            assert page.get_by_text("single sample", exact=True).count() == 0
-            page.goto(server, timeout=60_000)
-            page.get_by_text("Tiny random Llama").click(timeout=120_000)  # first render can be slow on a busy machine
-            page.get_by_text("Linear modules").first.wait_for(timeout=120_000)
-            page.get_by_role("button", name="Collect").wait_for(timeout=120_000)
-            page.wait_for_function("() => document.body.innerText.includes('llama')", timeout=60_000)
-            page.get_by_role("button", name="Collect").click()
-            page.get_by_text("First answers").wait_for(timeout=300_000)
-            page.get_by_role("link", name="Is safety low-rank?").first.click()
-            page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 2", timeout=60_000)
-            page.get_by_role("button", name="Export").first.click()
-            with page.expect_download(timeout=60_000) as download:
-                page.get_by_role("button", name="PNG").first.click()
-            path = download.value.path()
-            assert download.value.suggested_filename.endswith(".png")
-            assert Path(path).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        # a deep link as the server's first request still gets app.py's navigation (not the pages/ folder)
+        page.goto(f"{server}/runs", timeout=60_000)
+        page.get_by_text("Setup: what do I analyse?").wait_for(timeout=120_000)
+        assert page.get_by_text("single sample", exact=True).count() == 0
+        page.goto(server, timeout=60_000)
+        page.get_by_text("Tiny random Llama").click(timeout=120_000)  # first render can be slow on a busy machine
+        page.get_by_text("Linear modules").first.wait_for(timeout=120_000)
+        page.get_by_role("button", name="Collect").wait_for(timeout=120_000)
+        page.wait_for_function("() => document.body.innerText.includes('llama')", timeout=60_000)
+        page.get_by_role("button", name="Collect").click()
+        page.get_by_text("First answers").wait_for(timeout=300_000)
+        page.get_by_role("link", name="Is safety low-rank?").first.click()
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 2", timeout=60_000)
+        page.get_by_role("button", name="Export").first.click()
+        with page.expect_download(timeout=60_000) as download:
+            page.get_by_role("button", name="PNG").first.click()
+        path = download.value.path()
+        assert download.value.suggested_filename.endswith(".png")
+        assert Path(path).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 @pytest.mark.browser
@@ -527,24 +535,18 @@ def test_end_to_end_in_chromium(server, tmp_path):
 def test_reload_during_a_collection_keeps_it_running(server, tmp_path):
     """The collection runs in its own worker process: reloading the page (a new session) finds it running and
     follows it to the end."""
-    from playwright.sync_api import sync_playwright
-
     seed_cache(tmp_path, model="tiny-llama", **{**SMALL, "n_safety": 24, "n_utility": 24, "batch_size": 2})
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(server, timeout=60_000)
-            main = page.get_by_test_id("stMainBlockContainer")  # the sidebar lists running jobs too
-            page.get_by_role("button", name="Collect").click(timeout=120_000)
-            main.get_by_text("Running:").wait_for(timeout=120_000)
-            page.reload(timeout=60_000)
-            main.get_by_text("Running:").wait_for(timeout=120_000)  # still running after the reload
-            page.get_by_role("button", name="Cancel").wait_for(timeout=60_000)
-            page.get_by_text("First answers").wait_for(timeout=300_000)
-            assert page.get_by_text("finished in").count() >= 1
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server, timeout=60_000)
+        main = page.get_by_test_id("stMainBlockContainer")  # the sidebar lists running jobs too
+        page.get_by_role("button", name="Collect").click(timeout=120_000)
+        main.get_by_text("Running:").wait_for(timeout=120_000)
+        page.reload(timeout=60_000)
+        main.get_by_text("Running:").wait_for(timeout=120_000)  # still running after the reload
+        page.get_by_role("button", name="Cancel").wait_for(timeout=60_000)
+        page.get_by_text("First answers").wait_for(timeout=300_000)
+        assert page.get_by_text("finished in").count() >= 1
 
 
 def test_setup_defaults_are_the_collection_task_defaults(tmp_path, monkeypatch):

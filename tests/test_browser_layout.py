@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.test_app import CHROMIUM, CHROMIUM_ARGS, SMALL, seed_cache, server  # noqa: F401 - the server fixture
+from tests.test_app import CHROMIUM, SMALL, chromium, seed_cache, server  # noqa: F401 - the server fixture
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK) or shutil.which("chromium") is None,
@@ -21,8 +21,6 @@ CLIPPED = """() => [...document.querySelectorAll('.js-plotly-plot')].flatMap(plo
 
 
 def test_no_figure_title_is_clipped_at_1400_px(server, tmp_path, monkeypatch, tiny_llama):  # noqa: F811
-    from playwright.sync_api import sync_playwright
-
     from analysis.engine.collect import collect
     from analysis.engine.collect_task import CollectionConfig
 
@@ -30,15 +28,11 @@ def test_no_figure_title_is_clipped_at_1400_px(server, tmp_path, monkeypatch, ti
     run = collect(CollectionConfig(model="tiny-llama", safety_split="analysis", utility_split="analysis", **SMALL),
                   model=tiny_llama)
     seed_cache(tmp_path, model="tiny-gpt2", run_id=run.run_id, **SMALL)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            for path, charts in (("conflicts", 6), ("single_sample", 2), ("spectra", 2), ("findings", 5)):
-                page.goto(f"{server}/{path}", timeout=60_000)
-                page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .gtitle').length >= {charts}",
-                                       timeout=180_000)
-                page.wait_for_timeout(1000)
-                assert page.evaluate(CLIPPED) == [], path
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        for path, charts in (("conflicts", 6), ("single_sample", 2), ("spectra", 2), ("findings", 5)):
+            page.goto(f"{server}/{path}", timeout=60_000)
+            page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .gtitle').length >= {charts}",
+                                   timeout=180_000)
+            page.wait_for_timeout(1000)
+            assert page.evaluate(CLIPPED) == [], path

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.test_app import CHROMIUM, CHROMIUM_ARGS, SMALL, server  # noqa: F401 - the server fixture
+from tests.test_app import CHROMIUM, SMALL, chromium, server  # noqa: F401 - the server fixture
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK) or shutil.which("chromium") is None,
@@ -24,43 +24,37 @@ def settings(page) -> dict:
 
 
 def test_setup_walk_keeps_settings_across_model_switches_reloads_and_tabs(server, tmp_path):  # noqa: F811
-    from playwright.sync_api import sync_playwright
-
     expected = {"Safety samples n": str(SMALL["n_safety"]), "Utility samples n": str(SMALL["n_utility"]),
                 "Sequence length (tokens)": str(SMALL["max_length"]), "Subspace dimension k": str(SMALL["top_k"]),
                 "Layers": "all"}
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(server, timeout=60_000)
-            assert settings(page) == expected
-            page.get_by_text("Other: Hugging Face id or local folder").click()
-            page.get_by_text("Type a hub id").wait_for(timeout=60_000)
-            page.get_by_text("Tiny random GPT-2").click()
-            page.get_by_text("Linear modules").first.wait_for(timeout=120_000)
-            page.wait_for_timeout(1500)
-            assert settings(page) == expected
-            page.get_by_text("Other: Hugging Face id or local folder").click()
-            field = page.get_by_label("Hugging Face id or local checkpoint folder")
-            field.fill("nonexistent/model-xyz")
-            field.press("Enter")
-            page.get_by_text("Could not load model").first.wait_for(timeout=120_000)
-            page.get_by_text("Tiny random GPT-2").click()
-            page.get_by_text("Linear modules").first.wait_for(timeout=120_000)
-            page.wait_for_timeout(1500)
-            page.get_by_label("Safety samples n").click()  # one more click: nothing clamped gets written
-            page.wait_for_timeout(1000)
-            assert settings(page) == expected
-            page.reload()
-            assert settings(page) == expected
-            other = browser.new_page(viewport={"width": 1400, "height": 1000})
-            other.goto(server, timeout=60_000)
-            assert settings(other) == expected
-            assert other.get_by_text("Could not load model").count() == 0
-            saved = json.loads((tmp_path / "ui_state.json").read_text())
-            assert saved["model"] == "tiny-gpt2"
-            assert {saved[key] for key in ("n_safety", "n_utility")} == {SMALL["n_safety"]}
-            assert saved["max_length"] == SMALL["max_length"] and saved["top_k"] == SMALL["top_k"]
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server, timeout=60_000)
+        assert settings(page) == expected
+        page.get_by_text("Other: Hugging Face id or local folder").click()
+        page.get_by_text("Type a hub id").wait_for(timeout=60_000)
+        page.get_by_text("Tiny random GPT-2").click()
+        page.get_by_text("Linear modules").first.wait_for(timeout=120_000)
+        page.wait_for_timeout(1500)
+        assert settings(page) == expected
+        page.get_by_text("Other: Hugging Face id or local folder").click()
+        field = page.get_by_label("Hugging Face id or local checkpoint folder")
+        field.fill("nonexistent/model-xyz")
+        field.press("Enter")
+        page.get_by_text("Could not load model").first.wait_for(timeout=120_000)
+        page.get_by_text("Tiny random GPT-2").click()
+        page.get_by_text("Linear modules").first.wait_for(timeout=120_000)
+        page.wait_for_timeout(1500)
+        page.get_by_label("Safety samples n").click()  # one more click: nothing clamped gets written
+        page.wait_for_timeout(1000)
+        assert settings(page) == expected
+        page.reload()
+        assert settings(page) == expected
+        other = browser.new_page(viewport={"width": 1400, "height": 1000})
+        other.goto(server, timeout=60_000)
+        assert settings(other) == expected
+        assert other.get_by_text("Could not load model").count() == 0
+        saved = json.loads((tmp_path / "ui_state.json").read_text())
+        assert saved["model"] == "tiny-gpt2"
+        assert {saved[key] for key in ("n_safety", "n_utility")} == {SMALL["n_safety"]}
+        assert saved["max_length"] == SMALL["max_length"] and saved["top_k"] == SMALL["top_k"]
