@@ -4,7 +4,6 @@ SPF's removed shares, the fine-tuned model), the stored runs, and comparison tab
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -188,15 +187,10 @@ def comparison_table(results: Sequence[FinetuneResults]):
     return pd.DataFrame(rows)
 
 
-def _fmt(value: Any, spec: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return format(value, spec)
-
-
 def format_run(result: FinetuneResults) -> str:
     """What ``finetune`` prints for one run: keyword ASR and over-refusal before -> after fine-tuning as
     "k/n = x% [Wilson 95%]", the NLL means with their bootstrap intervals, the SPF share removed and the time."""
+    from analysis.core.tasks import format_seconds
     from analysis.safety.results import mean_text, rate_text
 
     initial, final = result.initial_eval or {}, result.final_eval or {}
@@ -211,7 +205,7 @@ def format_run(result: FinetuneResults) -> str:
     if "spf_removed_mean" in history and history["spf_removed_mean"].notna().any():
         lines.append(f"  SPF removed on average {float(history['spf_removed_mean'].mean()):.1%} of the update")
     timings = result.manifest.get("timings", {})
-    lines.append(f"  fine-tuning: {_fmt(timings.get('wall_seconds'), '.0f')} s wall, "
-                 f"{_fmt(timings.get('cpu_seconds'), '.0f')} s CPU")
+    lines.append(f"  fine-tuning: {format_seconds(timings.get('wall_seconds'))} wall, "
+                 f"{format_seconds(timings.get('cpu_seconds'))} CPU")
     return "\n".join(lines)
 
