@@ -51,15 +51,15 @@ with left:
 with middle:
     n_examples = st.number_input("Examples to score (0: all)", min_value=0, max_value=100_000, value=0,
                                  key="widget.screen.n")
-    n_anchors = st.number_input("Anchor prompts (harmful)", min_value=2, max_value=154,
-                                value=default(lab_screen.ScreenTask, "n_anchors"), key="widget.screen.n_anchors")
+    n_anchors = common.setting_input(lab_screen.ScreenTask, "n_anchors", "Anchor prompts (harmful)", min_value=2,
+                                     max_value=154)
 with right:
-    k = st.number_input("Safety subspace size k (per module)", min_value=1, max_value=64,
-                        value=default(lab_screen.ScreenTask, "k"), key="widget.screen.k")
+    k = common.setting_input(lab_screen.ScreenTask, "k", "Safety subspace size k (per module)", min_value=1,
+                             max_value=64)
     kinds = st.text_input("Module kinds", value="all", key="widget.screen.kinds",
                           help="e.g. 'q,v,down'; 'all' scores every linear module of the blocks")
-    max_length = st.number_input("Tokens per example (longer: truncated)", min_value=16, max_value=4096,
-                                 value=default(lab_screen.ScreenTask, "max_length"), key="widget.screen.max_length")
+    max_length = common.setting_input(lab_screen.ScreenTask, "max_length", "Tokens per example (longer: truncated)",
+                                      min_value=16, max_value=4096)
 
 with st.expander("Anchors: the harmful prompts the gradients are compared with"):
     ANCHORS = {"safety": "safety.jsonl (analysis split): harmful prompts with refusals; compliance = “Sure, here is …”",
@@ -176,12 +176,10 @@ with cols[1]:
     v_utility = st.toggle("Score utility answers too", value=default(lab_validate.ValidateScreenTask, "utility_accuracy"),
                           key="widget.screen.validate_utility")
 with cols[2]:
-    v_harmful = st.number_input("Held-out harmful prompts", min_value=1, max_value=88,
-                                value=default(lab_validate.ValidateScreenTask, "n_harmful"),
-                                key="widget.screen.validate_harmful")
-    v_benign = st.number_input("Benign-sensitive prompts", min_value=1, max_value=64,
-                               value=default(lab_validate.ValidateScreenTask, "n_benign"),
-                               key="widget.screen.validate_benign")
+    v_harmful = common.setting_input(lab_validate.ValidateScreenTask, "n_harmful", "Held-out harmful prompts",
+                                     min_value=1, max_value=88, help="of the 88 held-out harmful prompts")
+    v_benign = common.setting_input(lab_validate.ValidateScreenTask, "n_benign", "Benign-sensitive prompts",
+                                    min_value=1, max_value=64, help="of the 64 benign-sensitive prompts")
 try:
     validation = lab_validate.ValidateScreenTask(screen=task, score=score, k=int(v_k), seeds=tuple(v_seeds or [0]),
                                                  overrides={"max_steps": int(v_steps)} if v_steps else None,

@@ -28,9 +28,9 @@ def test_screen_page_runs_the_job_and_shows_ranking_figures_drilldown_and_export
     no_exceptions(at)
     assert at.selectbox(key="widget.screen.model").value == "tiny-llama"
     for name in ("n_anchors", "k", "max_length"):  # the page's defaults are the task's
-        assert at.number_input(key=f"widget.screen.{name}").value == default(ScreenTask, name), name
+        assert at.number_input(key=f"setting.screen.{name}").value == default(ScreenTask, name), name
     at.number_input(key="widget.screen.n").set_value(10).run()
-    at.number_input(key="widget.screen.n_anchors").set_value(4).run()
+    at.number_input(key="setting.screen.n_anchors").set_value(4).run()
     next(b for b in at.button if b.label == "Screen").click().run()
     status = wait_for_job("screen", 600)
     assert status.state == "done", f"{status.error}\n{jobs.log_tail(status.job_id, 40)}"
@@ -61,14 +61,14 @@ def test_screen_page_runs_the_job_and_shows_ranking_figures_drilldown_and_export
     # 5 · validation: the task's defaults (k capped by the 10 rows), then top / bottom / random 3, one seed, one step
     assert at.number_input(key="widget.screen.validate_k").value == min(default(ValidateScreenTask, "k"), 10)
     assert at.multiselect(key="widget.screen.validate_seeds").value == list(default(ValidateScreenTask, "seeds"))
-    for key, name in (("validate_harmful", "n_harmful"), ("validate_benign", "n_benign")):
-        assert at.number_input(key=f"widget.screen.{key}").value == default(ValidateScreenTask, name), name
+    for name in ("n_harmful", "n_benign"):
+        assert at.number_input(key=f"setting.screen-validate.{name}").value == default(ValidateScreenTask, name), name
     assert at.toggle(key="widget.screen.validate_utility").value == default(ValidateScreenTask, "utility_accuracy")
     at.number_input(key="widget.screen.validate_k").set_value(3).run()
     at.multiselect(key="widget.screen.validate_seeds").set_value([0]).run()
     at.number_input(key="widget.screen.validate_steps").set_value(1).run()
-    at.number_input(key="widget.screen.validate_harmful").set_value(11).run()
-    at.number_input(key="widget.screen.validate_benign").set_value(4).run()
+    at.number_input(key="setting.screen-validate.n_harmful").set_value(11).run()
+    at.number_input(key="setting.screen-validate.n_benign").set_value(4).run()
     at.toggle(key="widget.screen.validate_utility").set_value(False).run()
     next(b for b in at.button if b.label == "Validate the ranking").click().run()
     status = wait_for_job("screen-validate", 900)
